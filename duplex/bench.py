@@ -1,0 +1,191 @@
+"""Engine benchmarks that print JSON and compare against a bound or baseline measured in the same run.
+
+- decode: ms/token of the model vs the memory-bandwidth bound (a mat-vec over the same weight bytes).
+- ttft:   end of user turn -> first reply token, shared cache (incremental prefill) vs re-prefilling
+          the whole history as a stateless chat API must.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import torch
+
+from .models import LoadedModel, load_model
+from .sampling import Sampler, SamplingConfig
+from .sequence import SequenceConfig, SharedSequence, Speaker
+from .template import TurnTemplate
+
+__all__ = ["bench_decode", "bench_ttft", "memory_bound_ms"]
+
+log = logging.getLogger(__name__)
+
+_FILLER = (
+    "I went to the market this morning and bought apples, bread, some cheese and a bunch of "
+    "flowers for my sister, who is visiting from Lisbon next week with her two children. "
+)
+
+
+def _progress(out: TextIO | None, msg: str) -> None:
+    if out is not None:
+        print(f"[bench] {msg}", file=out, flush=True)
+
+
+def memory_bound_ms(weight_bytes: int, dtype: torch.dtype, device: torch.device, reps: int = 10) -> float:
+    """Time one mat-vec that reads ``weight_bytes`` of weights: the floor for one decode step."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    cols = 4096
+    rows = max(1, weight_bytes // (elem * cols))
+    w = torch.randn(rows, cols, dtype=torch.float32).to(dtype=dtype, device=device)
+    x = torch.randn(cols, dtype=torch.float32).to(dtype=dtype, device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 2):
+            _sync(device)
+            t = time.perf_counter()
+            torch.mv(w, x)
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+    del w
+    return min(times[2:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _decode_ms_per_token(lm: LoadedModel, tokens: int) -> float:
+    seq = SharedSequence(lm, TurnTemplate.from_tokenizer(lm.tokenizer))
+    seq.add_message(Speaker.USER, "Tell me a long story about a lighthouse keeper.")
+    seq.begin_turn(Speaker.AGENT)
+    sampler = Sampler(SamplingConfig())
+    for _ in range(4):  # warm-up
+        seq.step(sampler)
+    times = []
+    for _ in range(tokens):
+        _sync(lm.device)
+        t = time.perf_counter()
+        seq.step(sampler)
+        _sync(lm.device)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def bench_decode(model: str | None = None, device: str = "auto", dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+                 tokens: int = 48, progress: TextIO | None = sys.stderr) -> dict[str, Any]:
+    """Decode speed per dtype next to its bandwidth bound; the headline is the fastest dtype."""
+    rows = []
+    for dt in dtypes:
+        _progress(progress, f"loading {model or 'default'} in {dt}")
+        lm = load_model(model, device=device, dtype=dt)
+        _progress(progress, f"decoding {tokens} tokens ({dt})")
+        ms = _decode_ms_per_token(lm, tokens)
+        bound = memory_bound_ms(lm.weight_bytes, lm.dtype, lm.device)
+        rows.append({"dtype": dt, "ms_per_token": round(ms, 2), "bound_ms_per_token": round(bound, 2),
+                     "ratio": round(ms / bound, 3), "weight_mb": round(lm.weight_bytes / 1e6, 1)})
+        _progress(progress, f"{dt}: {ms:.1f} ms/token, bound {bound:.1f} ms")
+        del lm
+    best = min(rows, key=lambda r: r["ms_per_token"])
+    return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(load_device(device)),
+            "threads": torch.get_num_threads(), **best, "all_dtypes": rows}
+
+
+def load_device(device: str) -> torch.device:
+    from .models import resolve_device
+
+    return resolve_device(device)
+
+
+def _history_sequence(lm: LoadedModel, history_tokens: int) -> tuple[SharedSequence, list[int]]:
+    """A sequence holding ``history_tokens`` of alternating turns, plus the final user turn's ids."""
+    seq = SharedSequence(lm, TurnTemplate.from_tokenizer(lm.tokenizer),
+                         SequenceConfig(max_tokens=max(8192, history_tokens * 2), keep_recent_tokens=4096))
+    seq.add_message(Speaker.SYSTEM, "You are a helpful assistant.")
+    filler = lm.tokenizer.encode(_FILLER, add_special_tokens=False)
+    speaker = Speaker.USER
+    while len(seq) < history_tokens:
+        seq.begin_turn(speaker)
+        seq.append(filler[: max(1, min(len(filler), history_tokens - len(seq)))])
+        seq.end_turn(speaker)
+        speaker = Speaker.AGENT if speaker is Speaker.USER else Speaker.USER
+    last = lm.tokenizer.encode("So what should I cook for them tonight?", add_special_tokens=False)
+    return seq, last
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t) * 1000
+
+
+def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "auto",
+               histories: tuple[int, ...] = (100, 1000, 4000), reps: int = 3,
+               progress: TextIO | None = sys.stderr) -> dict[str, Any]:
+    """TTFT at several history lengths: shared cache vs full re-prefill, same model, same run."""
+    lm = load_model(model, device=device, dtype=dtype)
+    sampler = Sampler(SamplingConfig())
+    rows = []
+    for n in histories:
+        _progress(progress, f"history {n} tokens")
+        seq, last = _history_sequence(lm, n)
+        seq.begin_turn(Speaker.USER)
+        seq.append(last)  # prefilled while the user was still speaking
+        base = len(seq)
+        shared, full = [], []
+        for _ in range(reps):
+            def shared_turn() -> None:
+                # user turn ends: close it, open the agent turn, sample the first token
+                seq.hand_over(Speaker.AGENT)
+                seq.sample(sampler)  # emitted here; its own forward pass comes after
+
+            shared.append(_timed(shared_turn, lm.device))
+            seq.truncate_to(base)
+            seq.reopen(Speaker.USER, seq.open_turn[1] if seq.open_turn else _last_turn(seq))
+            history_ids = seq.ids
+
+            tail = list(seq.template.user.footer) + list(seq.template.agent.header)
+
+            def stateless() -> None:
+                _reprefill_first_token(lm, history_ids + tail, sampler)
+
+            full.append(_timed(stateless, lm.device))
+        row = {"history_tokens": len(seq), "shared_cache_ms": round(statistics.median(shared), 1),
+               "reprefill_ms": round(statistics.median(full), 1)}
+        row["speedup"] = round(row["reprefill_ms"] / row["shared_cache_ms"], 1)
+        rows.append(row)
+        _progress(progress, str(row))
+    first, last_row = rows[0], rows[-1]
+    return {
+        "benchmark": "ttft", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+        "rows": rows,
+        "shared_growth_ratio": round(last_row["shared_cache_ms"] / first["shared_cache_ms"], 2),
+        "speedup_at_longest": last_row["speedup"],
+        "targets": {"shared_growth_ratio_max": 1.5, "speedup_at_longest_min": 10.0},
+    }
+
+
+@torch.inference_mode()
+def _reprefill_first_token(lm: LoadedModel, ids: list[int], sampler: Sampler, chunk: int = 512) -> int:
+    """What a stateless chat API does at every turn: encode the whole history, then sample."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    logits = None
+    for i in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[i:i + chunk]], device=lm.device)
+        out = lm.model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[0, -1]
+    assert logits is not None
+    return sampler(logits)
+
+
+def _last_turn(seq: SharedSequence) -> int:
+    return seq.spans()[-1].turn

@@ -1,0 +1,165 @@
+"""The ``duplex`` command line: serve, chat, talk, transcribe, client, bench, eval."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    what = args.what
+    if what == "decode":
+        result = bench.bench_decode(args.model, device=args.device, tokens=args.tokens)
+    elif what == "ttft":
+        result = bench.bench_ttft(args.model, device=args.device, dtype=args.dtype)
+    elif what == "bargein":
+        from .bench_session import bench_bargein
+
+        result = asyncio.run(bench_bargein(args.model, device=args.device, dtype=args.dtype, trials=args.trials))
+    elif what == "asr":
+        from .audio.commands import bench_asr
+
+        result = bench_asr()
+    elif what == "tts":
+        from .audio.commands import bench_tts
+
+        result = bench_tts()
+    elif what == "pipeline":
+        from .bench_pipeline import bench_pipeline
+
+        result = asyncio.run(bench_pipeline(args.model, trials=args.trials))
+    elif what == "server":
+        from .bench_server import bench_server
+
+        result = asyncio.run(bench_server(args.model))
+    else:  # pragma: no cover - argparse restricts choices
+        raise SystemExit(f"unknown benchmark {what}")
+    _print_json(result)
+    return 0
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from .audio.commands import transcribe_file
+
+    transcribe_file(args.file, model=args.asr_model)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return asyncio.run(run_chat(args))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    return asyncio.run(run_server(args))
+
+
+def _cmd_talk(args: argparse.Namespace) -> int:
+    from .talk import run_talk
+
+    return asyncio.run(run_talk(args))
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from .client import run_client_cli
+
+    return asyncio.run(run_client_cli(args))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model id or local path (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duplex", description="A full-duplex streaming agent.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("chat", _cmd_chat, "full-duplex text chat in the terminal")
+    _add_model_args(p)
+    p.add_argument("--policy", default="silence")
+    p.add_argument("--instructions", default=None)
+
+    p = add("serve", _cmd_serve, "WebSocket server + browser voice chat")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--policy", default="eou")
+    p.add_argument("--auth-token", default=None, help="require this token (or env DUPLEX_AUTH_TOKEN)")
+    p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
+    p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path")
+
+    p = add("talk", _cmd_talk, "local voice chat with microphone and speaker")
+    _add_model_args(p)
+    p.add_argument("--policy", default="eou")
+    p.add_argument("--headphones", action="store_true", help="no echo: allow barge-in while the agent speaks")
+    p.add_argument("--tts", default=None)
+
+    p = add("transcribe", _cmd_transcribe, "stream a WAV file through the ASR")
+    p.add_argument("file")
+    p.add_argument("--asr-model", default=None)
+
+    p = add("client", _cmd_client, "connect to a duplex server")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    p.add_argument("--auth-token", default=None)
+    p.add_argument("--text", default=None, help="send one message, print the reply, exit")
+
+    p = add("bench", _cmd_bench, "benchmarks (JSON on stdout)")
+    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "pipeline", "server"])
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="JSON output (always on; accepted for clarity)")
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--trials", type=int, default=20)
+
+    try:
+        from .eval.cli import add_eval_parser
+    except ImportError:
+        pass
+    else:
+        add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports, tracebacks only with -v
+        if args.verbose:
+            raise
+        from .models import ModelNotFoundError
+
+        prefix = "model error" if isinstance(exc, ModelNotFoundError) else type(exc).__name__
+        print(f"duplex: {prefix}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Streaming ASR (LocalAgreement-2) and the VAD-gated speech input, with fakes and for real."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jiwer
+import numpy as np
+import pytest
+
+from duplex.audio.asr import StreamingAsr, load_whisper
+from duplex.audio.commands import librivox_samples, normalize_text
+from duplex.audio.convert import read_wav, to_mono_16k
+from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
+from duplex.audio.fakes import EnergyVad, FakeWhisper
+from duplex.audio.speech_input import AsyncSpeechInput, SpeechInput
+from duplex.audio.vad import VadSegmenter, WebRtcVad
+
+SR = 16000
+
+
+def _tone(seconds: float) -> np.ndarray:
+    return (0.3 * np.sin(np.arange(int(SR * seconds)) * 0.2)).astype(np.float32)
+
+
+def _silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(SR * seconds), np.float32)
+
+
+def _noise(seconds: float, amp: float = 0.1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(0, amp, int(SR * seconds)), -1, 1).astype(np.float32)
+
+
+def _feed(pipeline: SpeechInput, audio: np.ndarray, chunk: int = 1600) -> list:
+    events = []
+    for i in range(0, len(audio), chunk):
+        events += pipeline.push(audio[i : i + chunk])
+    return events + pipeline.flush()
+
+
+# -- LocalAgreement with a scripted whisper -------------------------------------------------
+
+
+def test_local_agreement_commits_after_two_agreeing_passes() -> None:
+    asr = StreamingAsr(FakeWhisper())
+    asr.push(_tone(0.6), t_s=10.0)
+    first = asr.process()
+    assert first and not any(w.committed for w in first)  # nothing agreed yet
+    asr.push(_tone(0.6))
+    second = asr.process()
+    committed = [w for w in second if w.committed]
+    assert [w.text for w in committed] == ["w0"]
+    assert committed[0].start_s == pytest.approx(10.0) and committed[0].end_s == pytest.approx(10.5)
+    final = asr.finish()
+    assert all(w.committed for w in final)
+    assert [w.text for w in final] == ["w1", "w2~19200"]
+    assert asr.committed_text.startswith("w0 w1")
+    assert asr.finish() == []
+
+
+def test_long_utterance_keeps_buffer_bounded_and_times_increasing() -> None:
+    asr = StreamingAsr(FakeWhisper(), buffer_trim_s=4.0, max_buffer_s=6.0)
+    committed: list[AsrWord] = []
+    for _ in range(40):  # 40 s of continuous "speech"
+        asr.push(_tone(1.0))
+        committed += [w for w in asr.process() if w.committed]
+        assert asr.buffer_s <= 7.0
+    committed += asr.finish()
+    starts = [w.start_s for w in committed]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert starts[-1] > 35.0  # times are absolute, not buffer-relative
+
+
+def test_hallucination_filter_drops_no_speech_segments() -> None:
+    asr = StreamingAsr(FakeWhisper(no_speech_prob=0.9))
+    asr.push(_tone(2.0))
+    assert asr.process() == [] and asr.finish() == []
+
+
+# -- VAD-gated pipeline ----------------------------------------------------------------------
+
+
+def test_speech_input_gates_whisper_with_vad() -> None:
+    whisper = FakeWhisper()
+    pipeline = SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(whisper), asr_interval_ms=500)
+    assert _feed(pipeline, _silence(3.0)) == []
+    assert whisper.calls == []  # silence never reaches whisper
+
+    audio = np.concatenate([_silence(1.0), _tone(2.0), _silence(1.0), _tone(1.2), _silence(1.0)])
+    events = _feed(pipeline, audio, chunk=777)
+    kinds = [type(e).__name__ for e in events if not isinstance(e, AsrWord)]
+    assert kinds == ["SpeechStarted", "SpeechStopped"] * 2
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    assert starts[0].t_s == pytest.approx(4.0, abs=0.05)  # stream time continues across pushes
+    words = [e for e in events if isinstance(e, AsrWord) and e.committed]
+    assert len(words) >= 5
+    for w in words:  # every word lies inside a turn (plus prefix padding)
+        assert any(s.t_s - 0.35 <= w.start_s and w.end_s <= e.t_s + 0.05
+                   for s, e in zip(starts, stops)), w
+    # whisper only ever saw one turn at a time (<= 2 s + padding + trailing silence)
+    assert max(c["n_samples"] for c in whisper.calls) <= SR * 3.0
+
+
+def test_noise_produces_no_turn_and_no_words() -> None:
+    whisper = FakeWhisper()
+    pipeline = SpeechInput(VadSegmenter(WebRtcVad()), StreamingAsr(whisper))
+    assert _feed(pipeline, _noise(4.0, amp=0.2)) == []
+    assert whisper.calls == []
+
+
+async def test_async_speech_input_events_and_close() -> None:
+    pipeline = SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(FakeWhisper()), 500)
+    audio = np.concatenate([_silence(0.5), _tone(1.5), _silence(1.0)])
+    async with AsyncSpeechInput(pipeline) as speech:
+        for i in range(0, len(audio), 1600):
+            await speech.push(audio[i : i + 1600])
+        await speech.flush()
+        seen: list = []
+        async with asyncio.timeout(30):  # hang guard only
+            async for event in speech:
+                seen.append(event)
+                # the turn's final words come right after SpeechStopped (one last pass)
+                if any(isinstance(e, SpeechStopped) for e in seen[:-1]) and isinstance(event, AsrWord):
+                    break
+    assert isinstance(seen[0], SpeechStarted)
+    assert any(isinstance(e, AsrWord) and e.committed for e in seen)
+    with pytest.raises(RuntimeError, match="closed"):
+        await speech.push(audio)
+
+
+async def test_async_speech_input_cancellable_mid_pass() -> None:
+    whisper = FakeWhisper(delay_s=0.5)
+    speech = AsyncSpeechInput(SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(whisper), 200))
+    await speech.push(np.concatenate([_tone(1.0), _silence(0.2)]))
+    first = await speech.get()
+    assert isinstance(first, SpeechStarted)
+    await asyncio.sleep(0.05)  # a whisper pass is now running on the worker thread
+    await speech.aclose()
+    rest = [e async for e in speech]
+    assert all(not isinstance(e, SpeechStarted) for e in rest)
+    with pytest.raises(EOFError):
+        await speech.get()
+
+
+# -- real models -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return load_whisper()
+
+
+def _speech_input(model) -> SpeechInput:
+    return SpeechInput(VadSegmenter(WebRtcVad()), StreamingAsr(model))
+
+
+@pytest.mark.integration
+def test_streaming_wer_on_librivox(whisper) -> None:
+    try:
+        samples = librivox_samples()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    refs, hyps = [], []
+    pipeline = _speech_input(whisper)
+    for path, ref in samples:
+        audio = np.concatenate([_silence(0.5), read_wav(path), _silence(1.0)])
+        events = _feed(pipeline, audio)
+        assert sum(isinstance(e, SpeechStarted) for e in events) >= 1
+        words = [e.text for e in events if isinstance(e, AsrWord) and e.committed]
+        refs.append(normalize_text(ref))
+        hyps.append(normalize_text(" ".join(words)))
+    wer = jiwer.wer(refs, hyps)
+    assert wer <= 0.15, (wer, hyps)
+
+
+@pytest.mark.integration
+def test_tts_to_asr_round_trip(whisper) -> None:
+    from duplex.audio.tts import PiperTts
+
+    sentence = "Please turn on the kitchen lights and set a timer for ten minutes."
+    pcm, rate = PiperTts().synthesize(sentence)
+    audio = np.concatenate([_silence(0.5), to_mono_16k(pcm, rate), _silence(1.0)])
+    events = _feed(_speech_input(whisper), audio)
+    words = [e.text for e in events if isinstance(e, AsrWord) and e.committed]
+    assert jiwer.wer(normalize_text(sentence), normalize_text(" ".join(words))) <= 0.15, words
+
+
+@pytest.mark.integration
+def test_real_pipeline_ignores_noise_and_silence(whisper) -> None:
+    pipeline = _speech_input(whisper)
+    audio = np.concatenate([_silence(1.0), _noise(3.0, 0.05), _noise(2.0, 0.3, seed=3)])
+    assert _feed(pipeline, audio) == []
+    assert pipeline.asr.passes == 0

@@ -1,0 +1,137 @@
+"""The shared sequence on the tiny model: streaming equals offline, exact rollback, bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplex.sampling import Sampler, SamplingConfig
+from duplex.sequence import SequenceConfig, SharedSequence, Speaker, Status
+from duplex.template import TurnTemplate
+
+TEXT = "The quick brown fox jumps over the lazy dog while the band plays a slow song in the park."
+
+
+def _seq(lm, **cfg) -> SharedSequence:
+    return SharedSequence(lm, TurnTemplate.from_tokenizer(lm.tokenizer), SequenceConfig(**cfg) if cfg else None)
+
+
+def _full_logits(lm, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_streaming_prefill_equals_offline(tiny_lm, chunk):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.SYSTEM, "You are terse.")
+    seq.begin_turn(Speaker.USER)
+    ids = tiny_lm.tokenizer.encode(TEXT, add_special_tokens=False)
+    for i in range(0, len(ids), chunk):
+        seq.append(ids[i:i + chunk])
+    assert seq.cache_length == len(seq) == len(seq.ids)
+    offline = _full_logits(tiny_lm, seq.ids)
+    torch.testing.assert_close(seq.logits, offline, rtol=1e-4, atol=1e-4)
+
+
+def test_rollback_then_reappend_is_identical(tiny_lm):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.SYSTEM, "sys")
+    seq.begin_turn(Speaker.USER)
+    seq.append_text(TEXT)
+    before_logits = seq.logits.clone()
+    before_spans = seq.spans()
+    before_ids = seq.ids
+    tail = before_ids[-5:]
+    seq.rollback(5)
+    assert len(seq) == seq.cache_length == len(before_ids) - 5
+    seq.append(tail)
+    assert seq.ids == before_ids
+    assert seq.spans() == before_spans
+    torch.testing.assert_close(seq.logits, before_logits, rtol=0, atol=1e-5)
+
+
+def test_rollback_lazily_recomputes_logits(tiny_lm):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.SYSTEM, "sys")
+    seq.begin_turn(Speaker.USER)
+    seq.append_text(TEXT)
+    seq.rollback(4)
+    torch.testing.assert_close(seq.logits, _full_logits(tiny_lm, seq.ids), rtol=1e-4, atol=1e-4)
+
+
+def test_rollback_cannot_touch_system_prompt(tiny_lm):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.SYSTEM, "sys")
+    with pytest.raises(ValueError):
+        seq.rollback(1)
+
+
+def test_turn_markers_come_from_chat_template(tiny_lm):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.SYSTEM, "Be kind.")
+    seq.add_message(Speaker.USER, "Hi there")
+    expected = tiny_lm.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}], tokenize=False
+    )
+    assert seq.text() == expected
+
+
+def test_eviction_keeps_memory_bounded_over_long_stream(tiny_lm):
+    seq = _seq(tiny_lm, max_tokens=512, keep_recent_tokens=256, prefill_chunk_tokens=64)
+    seq.add_message(Speaker.SYSTEM, "You are a very patient listener.")
+    sink = seq.ids
+    ids = tiny_lm.tokenizer.encode(TEXT, add_special_tokens=False)
+    streamed = 0
+    peak = 0
+    while streamed < 10_000:
+        seq.begin_turn(Speaker.USER)
+        for i in range(0, len(ids), 5):
+            seq.append(ids[i:i + 5])
+            peak = max(peak, seq.cache_length)
+        seq.end_turn(Speaker.USER)
+        streamed += len(ids)
+        assert seq.cache_length == len(seq)
+    assert peak <= 512 + 5
+    assert seq.evicted_tokens >= 10_000 - 512
+    assert seq.ids[:len(sink)] == sink  # the system prompt (attention sink) survives
+    # after eviction the cache still matches a fresh forward pass over the kept tokens
+    torch.testing.assert_close(seq.logits, _full_logits(tiny_lm, seq.ids), rtol=1e-4, atol=1e-4)
+
+
+def _generate(lm, seed: int, **kw) -> list[int]:
+    seq = _seq(lm)
+    seq.add_message(Speaker.USER, "Tell me a story")
+    seq.begin_turn(Speaker.AGENT)
+    sampler = Sampler(SamplingConfig(seed=seed, **kw))
+    return [seq.step(sampler) for _ in range(12)]
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 50},
+                                {"temperature": 0.8, "top_p": 0.9}])
+def test_decoding_is_deterministic_under_seed(tiny_lm, kw):
+    assert _generate(tiny_lm, 7, **kw) == _generate(tiny_lm, 7, **kw)
+
+
+def test_different_seeds_differ_when_sampling(tiny_lm):
+    assert _generate(tiny_lm, 1, temperature=1.5) != _generate(tiny_lm, 2, temperature=1.5)
+
+
+def test_generated_tokens_are_unspoken_until_marked(tiny_lm):
+    seq = _seq(tiny_lm)
+    seq.add_message(Speaker.USER, "Hi")
+    turn = seq.begin_turn(Speaker.AGENT)
+    sampler = Sampler(SamplingConfig())
+    for _ in range(4):
+        seq.step(sampler)
+    pos = seq.positions(turn, Status.UNSPOKEN)
+    assert len(pos) == 4
+    seq.set_status(pos[0], pos[2], Status.SPOKEN)
+    assert len(seq.positions(turn, Status.SPOKEN)) == 2
+
+
+def test_sampling_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1)
