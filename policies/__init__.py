@@ -1,0 +1,12 @@
+"""Read/write interaction policies, registered by name (``make_policy("eou")``)."""
+
+from __future__ import annotations
+
+from .base import (Action, Backchannel, BargeInRules, Continue, Listen, Observation, Policy, Speak, Yield,
+                   available_policies, make_policy, register_policy)
+from .simple import EouPolicy, HalfDuplexPolicy, SilencePolicy
+
+__all__ = [
+    "Action", "Backchannel", "BargeInRules", "Continue", "EouPolicy", "HalfDuplexPolicy", "Listen", "Observation",
+    "Policy", "SilencePolicy", "Speak", "Yield", "available_policies", "make_policy", "register_policy",
+]

@@ -1,0 +1,160 @@
+"""Typed session inputs and outputs. Every class serializes straight to JSON via :func:`to_dict`.
+
+Inputs are what a transport tells a session (text, words, speech onsets, playback marks, cancel);
+outputs are past-tense facts the session reports. Speech events and ASR words come from
+:mod:`duplex.audio.events` unchanged, so the audio stack needs no knowledge of sessions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .audio.events import AsrWord, SpeechStarted, SpeechStopped
+
+__all__ = [
+    "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "Interrupted", "PlaybackMark", "PolicyDecided",
+    "SessionEvent", "SessionInput", "SpeechStarted", "SpeechStopped", "StateChanged", "TextInput",
+    "TurnEnded", "TurnStarted", "UpdateSession", "UserTranscript", "to_dict",
+]
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    """Typed text. ``final`` ends the user's turn (Enter); partial chunks stream while typing."""
+
+    text: str
+    final: bool = True
+    type: str = "text_input"
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackMark:
+    """The user has received the first ``heard_tokens`` content tokens of agent turn ``turn``."""
+
+    turn: int
+    heard_tokens: int
+    done: bool = False  # playback of this turn finished
+    type: str = "playback_mark"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Stop the agent's reply now (like the Realtime API's ``response.cancel``)."""
+
+    type: str = "cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSession:
+    """Change instructions, policy or sampling; unspecified fields keep their value."""
+
+    instructions: str | None = None
+    policy: str | None = None
+    policy_params: dict[str, Any] | None = None
+    temperature: float | None = None
+    max_reply_tokens: int | None = None
+    type: str = "update_session"
+
+
+SessionInput = TextInput | AsrWord | SpeechStarted | SpeechStopped | PlaybackMark | Cancel | UpdateSession
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    state: str  # listening | thinking | speaking | interrupted
+    t: float
+    type: str = "state_changed"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    speaker: str
+    turn: int
+    t: float
+    type: str = "turn_started"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnded:
+    speaker: str
+    turn: int
+    text: str
+    reason: str  # completed | interrupted | cancelled | max_tokens | stop_sequence
+    t: float
+    type: str = "turn_ended"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTextDelta:
+    """Agent text covering content tokens [token_start, token_end) of ``turn``."""
+
+    turn: int
+    text: str
+    token_start: int
+    token_end: int
+    t: float
+    type: str = "agent_text_delta"
+
+
+@dataclass(frozen=True, slots=True)
+class UserTranscript:
+    turn: int
+    text: str
+    committed: bool
+    t: float
+    type: str = "user_transcript"
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """The agent stopped; ``kept_text`` is what stays in the conversation (what the user got)."""
+
+    turn: int
+    kept_text: str
+    kept_tokens: int
+    dropped_tokens: int
+    t: float
+    reason: str = "barge_in"
+    type: str = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    code: str
+    message: str
+    t: float
+    type: str = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecided:
+    """Every decision that changed something, with its observation: training data for policies."""
+
+    observation: dict[str, Any]
+    action: dict[str, Any]
+    t: float
+    type: str = "policy_decided"
+
+
+SessionEvent = (StateChanged | TurnStarted | TurnEnded | AgentTextDelta | UserTranscript | Interrupted
+                | ErrorEvent | PolicyDecided)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> JSON-ready dict (enums become their values, numpy arrays are not expected)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, Enum):
+            v = v.value
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = to_dict(v)
+        out[f.name] = v
+    return out
+
+

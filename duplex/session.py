@@ -1,0 +1,573 @@
+"""One conversation: an asyncio task that is the only writer of its shared sequence.
+
+Inputs (text, ASR words, speech onsets, playback marks, cancel) are queued by :meth:`submit`;
+speech onsets and cancel jump the queue (pipecat's "system frames") so a barge-in never waits
+behind data. The loop asks the policy what to do, decodes one token at a time on the engine
+worker, and on Yield rolls the sequence back to what the user actually received, closing the agent
+turn with a visible truncation marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import Clock, MonotonicClock
+from .detok import IncrementalDetokenizer, WordBuffer
+from .engine import Engine
+from .events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, Interrupted, PlaybackMark, PolicyDecided,
+                     SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted,
+                     UpdateSession, UserTranscript)
+from .policies import Action, Continue, Listen, Observation, Policy, Speak, Yield, make_policy
+from .sampling import Sampler, SamplingConfig
+from .sequence import SequenceConfig, SharedSequence, Speaker, Status
+
+__all__ = ["DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Keep your answers short."
+TRUNCATION_MARKER = "… [interrupted]"
+_URGENT = (SpeechStarted, Cancel)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Per-session settings. ``audio_output``: agent tokens count as heard only via playback marks."""
+
+    instructions: str = DEFAULT_INSTRUCTIONS
+    policy: str = "silence"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=160))
+    audio_output: bool = False
+    truncate_wait_ms: float = 400.0
+    tick_ms: float = 20.0
+    max_text_chars: int = 16_000
+    log_decisions: bool = False
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    type: str = "session_config"
+
+
+@dataclass(slots=True)
+class _AgentTurn:
+    """Book-keeping for the agent turn being generated or played."""
+
+    turn: int
+    content_start: int  # sequence position of the first content token
+    tokens: list[int] = field(default_factory=list)
+    char_ends: list[int] = field(default_factory=list)  # cumulative text length after each token
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    delivered_tokens: int = 0
+    generating: bool = True
+    playback_done: bool = False
+
+
+class Session:
+    """Drive with :meth:`start`, feed with :meth:`submit`, read :meth:`events`, end with :meth:`close`."""
+
+    def __init__(self, engine: Engine, config: SessionConfig | None = None, clock: Clock | None = None,
+                 session_id: str | None = None) -> None:
+        self.engine = engine
+        self.config = config or SessionConfig()
+        self.clock = clock or MonotonicClock()
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.policy: Policy = make_policy(self.config.policy, **self.config.policy_params)
+        self._sampler = Sampler(self.config.sampling)
+        self._urgent: collections.deque[Any] = collections.deque()
+        self._inputs: collections.deque[Any] = collections.deque()
+        self._wake = asyncio.Event()
+        self._out: asyncio.Queue[SessionEvent | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.seq: SharedSequence | None = None
+        self.state = "listening"
+        # user side
+        self._user_turn: int | None = None
+        self._user_committed: list[str] = []
+        self._user_tentative = ""
+        self._typed_pending = ""
+        self._user_final = False
+        self._user_speaking = False
+        self._speech_end_t: float | None = None
+        self._eou_prob: float | None = None
+        self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
+        # agent side
+        self._agent: _AgentTurn | None = None
+        self._detok = IncrementalDetokenizer(engine.tokenizer)
+        self._words = WordBuffer()
+        self._overlap_start_t: float | None = None
+        self._overlap_end_t: float | None = None
+        self._truncate_deadline: float | None = None
+        self._last_logged: tuple[str, int] | None = None
+
+    # ---- public API ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"session-{self.id}")
+        await self._ready.wait()
+
+    def submit(self, event: Any) -> bool:
+        """Queue an input; returns False (and emits an error event) if it was rejected."""
+        error = self._validate(event)
+        if error is not None:
+            self._emit(ErrorEvent(error[0], error[1], self.clock.now()))
+            return False
+        (self._urgent if isinstance(event, _URGENT) else self._inputs).append(event)
+        self._wake.set()
+        return True
+
+    async def events(self) -> AsyncIterator[SessionEvent]:
+        while True:
+            ev = await self._out.get()
+            if ev is None:
+                return
+            yield ev
+
+    def get_nowait(self) -> SessionEvent | None:
+        try:
+            return self._out.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._out.put_nowait(None)
+
+    @property
+    def transcript(self) -> str:
+        return self.seq.text() if self.seq is not None else ""
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _validate(self, ev: Any) -> tuple[str, str] | None:
+        if not isinstance(ev, (TextInput, AsrWord, SpeechStarted, SpeechStopped, PlaybackMark, Cancel, UpdateSession)):
+            return "unknown_event", f"unknown input event {type(ev).__name__}"
+        if isinstance(ev, TextInput):
+            if not isinstance(ev.text, str):
+                return "invalid_text", "text must be a string"
+            if ev.final and not ev.text.strip() and not (self._typed_pending.strip() or self._user_committed):
+                return "empty_text", "text input is empty"
+            if len(ev.text) > self.config.max_text_chars:
+                return "text_too_long", (f"text input has {len(ev.text)} characters; the limit is "
+                                         f"{self.config.max_text_chars}. Split it into smaller chunks.")
+        if isinstance(ev, PlaybackMark) and ev.heard_tokens < 0:
+            return "invalid_playback_mark", "heard_tokens must be >= 0"
+        if isinstance(ev, UpdateSession) and ev.policy is not None:
+            try:
+                make_policy(ev.policy, **(ev.policy_params or {}))
+            except (ValueError, TypeError) as exc:
+                return "invalid_policy", str(exc)
+        return None
+
+    # ---- main loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            self.seq = await self.engine.start_sequence(self.config.instructions, self.config.sequence)
+        finally:
+            self._ready.set()
+        self._emit(StateChanged("listening", self.clock.now()))
+        while True:
+            try:
+                await self._handle_inputs()
+                action = self._decide()
+                if isinstance(action, Yield):
+                    await self._yield(action.reason)
+                elif isinstance(action, Continue):
+                    if action.reason == "backchannel" and not self._user_speaking and self._overlap_start_t is not None:
+                        self._end_overlap_as_backchannel()
+                    if self._agent is not None and self._agent.generating:
+                        await self._speak(1)
+                        continue
+                elif isinstance(action, Speak) and self._agent_can_generate():
+                    await self._speak(action.n_tokens)
+                    continue
+                await self._finish_truncate_if_due()
+                await self._wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the session
+                log.exception("session %s step failed", self.id)
+                self._emit(ErrorEvent("internal_error", f"{type(exc).__name__}: {exc}", self.clock.now()))
+                await self.clock.sleep(self.config.tick_ms / 1000)
+
+    async def _wait(self) -> None:
+        """Sleep until an input arrives, or a tick passes when a time-based decision is pending."""
+        if self._urgent or self._inputs:
+            return
+        self._wake.clear()
+        timed = self._time_matters()
+        waiter = asyncio.ensure_future(self._wake.wait())
+        tasks = {waiter}
+        if timed:
+            tasks.add(asyncio.ensure_future(self.clock.sleep(self.config.tick_ms / 1000)))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _time_matters(self) -> bool:
+        has_user = bool(self._user_committed or self._user_tentative or self._typed_pending.strip() or self._held_ids)
+        return (has_user and not self._user_speaking) or self._overlap_start_t is not None \
+            or self._truncate_deadline is not None or self._agent is not None
+
+    def _agent_can_generate(self) -> bool:
+        if self._truncate_deadline is not None:
+            return False
+        if self._agent is None:
+            return bool(self._user_committed or self._typed_pending.strip() or self._held_ids or self._user_tentative)
+        return self._agent.generating
+
+    # ---- inputs --------------------------------------------------------------------------------
+    async def _handle_inputs(self) -> None:
+        while self._urgent or self._inputs:
+            ev = self._urgent.popleft() if self._urgent else self._inputs.popleft()
+            await self._handle(ev)
+
+    async def _handle(self, ev: Any) -> None:
+        now = self.clock.now()
+        if isinstance(ev, SpeechStarted):
+            self._user_speaking = True
+            self._speech_end_t = None
+            if self._agent_speaking() and self._overlap_start_t is None:
+                self._overlap_start_t = now
+        elif isinstance(ev, SpeechStopped):
+            self._user_speaking = False
+            self._speech_end_t = now
+            if self._overlap_start_t is not None:
+                self._overlap_end_t = now
+        elif isinstance(ev, AsrWord):
+            await self._user_word(ev.text, ev.committed)
+        elif isinstance(ev, TextInput):
+            await self._user_text(ev)
+        elif isinstance(ev, PlaybackMark):
+            self._playback(ev)
+        elif isinstance(ev, Cancel):
+            if self._agent_speaking():
+                await self._yield("cancelled")
+        elif isinstance(ev, UpdateSession):
+            await self._update(ev)
+
+    def _user_text_so_far(self) -> str:
+        return " ".join(self._user_committed)
+
+    async def _user_word(self, text: str, committed: bool) -> None:
+        text = text.strip()
+        if not text:
+            return
+        if not committed:
+            self._user_tentative = text if not self._user_tentative else f"{self._user_tentative} {text}"
+            self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
+            return
+        self._user_tentative = ""
+        prefix = " " if self._user_committed else ""
+        self._user_committed.append(text)
+        await self._prefill_user(prefix + text)
+        self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), True, self.clock.now()))
+
+    async def _user_text(self, ev: TextInput) -> None:
+        now = self.clock.now()
+        self._typed_pending += ev.text
+        if ev.final:
+            text, self._typed_pending = self._typed_pending, ""
+            self._user_final = True
+            self._speech_end_t = now
+        else:
+            cut = self._typed_pending.rfind(" ")
+            if cut <= 0:
+                return  # prefill whole words only: token boundaries of partial words are unstable
+            text, self._typed_pending = self._typed_pending[:cut], self._typed_pending[cut:]
+            self._speech_end_t = now
+        words = text.split()
+        if not words:
+            return
+        had_words = bool(self._user_committed)
+        self._user_committed.extend(words)
+        await self._prefill_user((" " if had_words else "") + " ".join(words))
+        if self._agent_speaking() and self._overlap_start_t is None:
+            self._overlap_start_t = now  # typing over the agent counts as overlap
+        self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), ev.final, now))
+
+    async def _prefill_user(self, text: str) -> None:
+        """Committed user text goes into the cache now, unless the agent's turn is still open."""
+        assert self.seq is not None
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        if self._agent is not None and (self._agent.generating or self._truncate_deadline is not None):
+            self._held_ids.extend(ids)
+            return
+        self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+
+    def _append_user_sync(self, ids: list[int]) -> float:
+        assert self.seq is not None
+        if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
+            self._user_turn = self.seq.begin_turn(Speaker.USER)
+        self.seq.append(ids)
+        return self.seq.end_of_turn_probability()
+
+    def _current_user_turn_id(self) -> int:
+        return self._user_turn if self._user_turn is not None else -1
+
+    def _partial_text(self) -> str:
+        parts = [self._user_text_so_far(), self._user_tentative, self._typed_pending.strip()]
+        return " ".join(p for p in parts if p)
+
+    def _playback(self, ev: PlaybackMark) -> None:
+        agent = self._agent
+        if agent is None or ev.turn != agent.turn:
+            return
+        heard = min(ev.heard_tokens, len(agent.tokens))
+        if heard > agent.delivered_tokens and self._truncate_deadline is None:
+            assert self.seq is not None
+            self.seq.set_status(agent.content_start + agent.delivered_tokens, agent.content_start + heard, Status.SPOKEN)
+        if self._truncate_deadline is not None:
+            agent.delivered_tokens = heard  # the client's final word on what was heard
+            self._truncate_deadline = self.clock.now()  # finish now
+            return
+        agent.delivered_tokens = max(agent.delivered_tokens, heard)
+        if ev.done and not agent.generating:
+            agent.playback_done = True
+            self._agent = None
+            self._set_state("listening")
+
+    async def _update(self, ev: UpdateSession) -> None:
+        changes: dict[str, Any] = {}
+        if ev.policy is not None or ev.policy_params is not None:
+            name = ev.policy or self.config.policy
+            params = ev.policy_params if ev.policy_params is not None else self.config.policy_params
+            self.policy = make_policy(name, **params)
+            changes.update(policy=name, policy_params=params)
+        if ev.temperature is not None or ev.max_reply_tokens is not None:
+            sampling = dataclasses.replace(
+                self.config.sampling,
+                temperature=ev.temperature if ev.temperature is not None else self.config.sampling.temperature,
+                max_tokens=ev.max_reply_tokens or self.config.sampling.max_tokens)
+            self._sampler = Sampler(sampling)
+            changes["sampling"] = sampling
+        if ev.instructions is not None:
+            changes["instructions"] = ev.instructions
+            assert self.seq is not None
+            if self.seq.open_turn is None and self._agent is None:
+                await self.engine.run(self.seq.add_message, Speaker.SYSTEM, ev.instructions)
+        self.config = dataclasses.replace(self.config, **changes)
+
+    # ---- policy --------------------------------------------------------------------------------
+    def _agent_speaking(self) -> bool:
+        return self._agent is not None and (self._agent.generating or
+                                            (self.config.audio_output and not self._agent.playback_done))
+
+    def observe(self) -> Observation:
+        now = self.clock.now()
+        agent = self._agent
+        overlap = 0.0
+        if self._overlap_start_t is not None:
+            overlap = (self._overlap_end_t or now) - self._overlap_start_t
+        silence = None if self._user_speaking or self._speech_end_t is None else max(0.0, now - self._speech_end_t)
+        partial = self._partial_text()
+        return Observation(
+            t=now, user_speaking=self._user_speaking, agent_speaking=self._agent_speaking(), silence_s=silence,
+            overlap_s=overlap, user_turn_words=len(partial.split()), partial_text=partial,
+            user_turn_final=self._user_final,
+            agent_pending_tokens=(len(agent.tokens) - agent.delivered_tokens) if agent else 0,
+            agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
+        )
+
+    def _decide(self) -> Action:
+        obs = self.observe()
+        action = self.policy.decide(obs)
+        if self.config.log_decisions:
+            key = (action.type, obs.user_turn_words)
+            if key != self._last_logged:
+                self._last_logged = key
+                self._emit(PolicyDecided(obs.to_dict(), dataclasses.asdict(action), obs.t))
+        if isinstance(action, Yield) and not self._agent_speaking():
+            return Listen()
+        return action
+
+    def _end_overlap_as_backchannel(self) -> None:
+        """The overlap was a backchannel: forget its words so the agent does not answer "yeah"."""
+        self._overlap_start_t = self._overlap_end_t = None
+        self._user_committed.clear()
+        self._user_tentative = ""
+        self._held_ids.clear()
+        self._user_final = False
+
+    # ---- speaking ------------------------------------------------------------------------------
+    async def _speak(self, n_tokens: int) -> None:
+        assert self.seq is not None
+        if self._agent is None:
+            await self._take_turn()
+        agent = self._agent
+        assert agent is not None
+        for _ in range(max(1, n_tokens)):
+            if self._urgent:
+                return  # a barge-in or cancel is waiting: let the loop handle it first
+            token = await self.engine.run(self.seq.sample, self._sampler)
+            if self._agent is not agent or not agent.generating:
+                return
+            if token in self.seq.template.end_of_agent_turn_ids:
+                await self._complete_turn("completed")
+                return
+            agent.tokens.append(token)
+            piece = self._detok.push(token)
+            agent.text += piece
+            agent.char_ends.append(len(agent.text))
+            self._emit_words(self._words.push(piece))
+            await self.engine.run(self.seq.append, [token], Status.UNSPOKEN)
+            stop = self._hit_stop()
+            if stop or len(agent.tokens) >= self._sampler.config.max_tokens:
+                await self._complete_turn("stop_sequence" if stop else "max_tokens")
+                return
+
+    async def _take_turn(self) -> None:
+        assert self.seq is not None
+        now = self.clock.now()
+        if self._typed_pending.strip():
+            text, self._typed_pending = self._typed_pending, ""
+            prefix = " " if self._user_committed else ""
+            self._user_committed.extend(text.split())
+            await self._prefill_user(prefix + text.strip())
+        if self._held_ids:
+            ids, self._held_ids = self._held_ids, []
+            self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+        user_text = self._user_text_so_far()
+        user_turn = self._user_turn
+        turn = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
+        if user_turn is not None:
+            self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
+        self._user_turn = None
+        self._user_committed = []
+        self._user_tentative = ""
+        self._user_final = False
+        self._eou_prob = None
+        self._speech_end_t = None
+        self._overlap_start_t = self._overlap_end_t = None
+        content_start = len(self.seq)
+        self._agent = _AgentTurn(turn=turn, content_start=content_start)
+        self._detok.reset()
+        self._words = WordBuffer()
+        self._emit(TurnStarted("agent", turn, now))
+        self._set_state("speaking")
+
+    def _emit_words(self, text: str) -> None:
+        agent = self._agent
+        if not text or agent is None:
+            return
+        start = agent.emitted_tokens
+        agent.emitted_chars += len(text)
+        end = start
+        while end < len(agent.char_ends) and agent.char_ends[end] <= agent.emitted_chars:
+            end += 1
+        end = max(end, start + 1) if agent.tokens else end
+        end = min(end, len(agent.tokens))
+        agent.emitted_tokens = end
+        self._emit(AgentTextDelta(agent.turn, text, start, end, self.clock.now()))
+        if not self.config.audio_output:
+            agent.delivered_tokens = end
+            assert self.seq is not None
+            self.seq.set_status(agent.content_start + start, agent.content_start + end, Status.SPOKEN)
+
+    def _hit_stop(self) -> bool:
+        agent = self._agent
+        stops = self._sampler.config.stop
+        return bool(agent and stops and any(s in agent.text for s in stops))
+
+    async def _complete_turn(self, reason: str) -> None:
+        assert self.seq is not None and self._agent is not None
+        agent = self._agent
+        tail = self._detok.flush()
+        agent.text += tail
+        if agent.char_ends:
+            agent.char_ends[-1] = len(agent.text)
+        self._emit_words(self._words.push(tail) + self._words.flush())
+        agent.emitted_tokens = len(agent.tokens)
+        if not self.config.audio_output:
+            agent.delivered_tokens = len(agent.tokens)
+        agent.generating = False
+        self._overlap_start_t = self._overlap_end_t = None
+        await self.engine.run(self.seq.end_turn, Speaker.AGENT)
+        self._emit(TurnEnded("agent", agent.turn, agent.text, reason, self.clock.now()))
+        if self.config.audio_output and not agent.playback_done:
+            return  # still "speaking" until the client reports playback done
+        self._agent = None
+        self._set_state("listening")
+        await self._release_held()
+
+    async def _release_held(self) -> None:
+        if self._held_ids:
+            ids, self._held_ids = self._held_ids, []
+            self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+
+    # ---- barge-in ------------------------------------------------------------------------------
+    async def _yield(self, reason: str) -> None:
+        """Stop now and tell the client; roll back once we know what the user heard."""
+        agent = self._agent
+        if agent is None or self._truncate_deadline is not None:
+            return
+        agent.generating = False
+        now = self.clock.now()
+        kept = agent.delivered_tokens
+        self._emit(Interrupted(agent.turn, self._text_of(agent, kept), kept, len(agent.tokens) - kept, now,
+                               reason="cancelled" if reason == "cancelled" else "barge_in"))
+        self._set_state("interrupted")
+        wait = self.config.truncate_wait_ms / 1000 if self.config.audio_output else 0.0
+        self._truncate_deadline = now + wait
+        self._overlap_start_t = self._overlap_end_t = None
+        await self._finish_truncate_if_due()
+
+    def _text_of(self, agent: _AgentTurn, n_tokens: int) -> str:
+        return self.engine.tokenizer.decode(agent.tokens[:n_tokens], skip_special_tokens=True)
+
+    async def _finish_truncate_if_due(self) -> None:
+        if self._truncate_deadline is None or self.clock.now() < self._truncate_deadline:
+            return
+        agent = self._agent
+        assert agent is not None and self.seq is not None
+        kept = min(agent.delivered_tokens, len(agent.tokens))
+        await self.engine.run(self._truncate_sync, agent, kept)
+        self._emit(TurnEnded("agent", agent.turn, self._text_of(agent, kept), "interrupted", self.clock.now()))
+        self._truncate_deadline = None
+        self._agent = None
+        self._detok.reset()
+        self._words = WordBuffer()
+        self._set_state("listening")
+        await self._release_held()
+
+    def _truncate_sync(self, agent: _AgentTurn, kept: int) -> None:
+        """Crop the agent turn to ``kept`` content tokens, add the marker, close it. If a user turn
+        was opened after it (the agent finished generating but was still being played), re-append
+        that user turn after the truncated agent turn."""
+        seq = self.seq
+        assert seq is not None
+        user_ids: list[int] = []
+        open_turn = seq.open_turn
+        if open_turn is not None and open_turn[0] is Speaker.USER and open_turn[1] != agent.turn:
+            user_ids = [seq.ids[p] for p in seq.positions(open_turn[1])][len(seq.template.user.header):]
+        seq.truncate_to(agent.content_start + kept)
+        seq.reopen(Speaker.AGENT, agent.turn)
+        seq.set_status(agent.content_start, agent.content_start + kept, Status.SPOKEN)
+        seq.append_text(TRUNCATION_MARKER)
+        seq.end_turn(Speaker.AGENT)
+        if user_ids:
+            self._user_turn = seq.begin_turn(Speaker.USER)
+            seq.append(user_ids)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self._emit(StateChanged(state, self.clock.now()))
+
+    def _emit(self, ev: SessionEvent) -> None:
+        self._out.put_nowait(ev)

@@ -1,0 +1,166 @@
+"""The read/write interaction policy interface: pure ``decide(observation) -> action``.
+
+Policies do no I/O and read no clock: time arrives inside the :class:`Observation`. That makes
+live sessions, tests with a fake clock and offline evaluation replays behave identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "Action", "Backchannel", "BargeInRules", "Continue", "Listen", "Observation", "Policy", "Speak", "Yield",
+    "available_policies", "make_policy", "register_policy",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """Everything a policy may look at, at time ``t`` (seconds)."""
+
+    t: float
+    user_speaking: bool = False
+    agent_speaking: bool = False  # generating, or its audio is still playing
+    silence_s: float | None = None  # since the user's speech (or typing) ended; None while speaking
+    overlap_s: float = 0.0  # user speech while the agent speaks, in the current overlap
+    user_turn_words: int = 0  # words so far in the current user turn (committed + tentative)
+    partial_text: str = ""  # current user turn text, tentative words included
+    user_turn_final: bool = False  # an explicit end of turn (typed text submitted)
+    agent_pending_tokens: int = 0  # generated, not yet delivered to the user
+    agent_spoken_tokens: int = 0  # delivered to the user in the current agent turn
+    eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
+    type: str = "observation"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    type: str = "listen"
+
+
+@dataclass(frozen=True, slots=True)
+class Speak:
+    """Take or keep the floor and generate up to ``n_tokens`` more tokens before asking again."""
+
+    n_tokens: int = 1
+    type: str = "speak"
+
+
+@dataclass(frozen=True, slots=True)
+class Yield:
+    """Stop speaking now; the session rolls back to what the user heard."""
+
+    reason: str = "barge_in"
+    type: str = "yield"
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Keep speaking through user sound judged to be a backchannel."""
+
+    reason: str = "backchannel"
+    type: str = "continue"
+
+
+@dataclass(frozen=True, slots=True)
+class Backchannel:
+    """Emit a short acknowledgement without taking the turn."""
+
+    text: str = "mm-hm"
+    type: str = "backchannel"
+
+
+Action = Listen | Speak | Yield | Continue | Backchannel
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, obs: Observation) -> Action:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Callable[..., Policy]] = {}
+
+
+def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
+    def deco(factory: Callable[..., Policy]) -> Callable[..., Policy]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
+    return _REGISTRY[name](**params)
+
+
+# Acknowledgement tokens. Used only together with duration and word count: "yeah" said for two
+# seconds, or followed by more words, is a turn, not a backchannel.
+_ACK_WORDS = frozenset({
+    "mm", "mhm", "mm-hm", "mmhm", "hm", "hmm", "uh-huh", "uhhuh", "uh", "huh", "yeah", "yep", "yes", "ok",
+    "okay", "right", "sure", "aha", "ah", "oh", "wow", "cool", "nice", "great", "true", "exactly", "totally",
+    "i", "see", "got", "it", "indeed", "alright", "good",
+})
+# Words that mean "stop now" whatever their length.
+_STOP_WORDS = frozenset({"stop", "wait", "hold", "no", "pause", "quiet", "enough", "sorry", "excuse", "actually"})
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,!?;:\"'()").lower() for w in text.split() if w.strip(".,!?;:\"'()")]
+
+
+@dataclass(frozen=True, slots=True)
+class BargeInRules:
+    """Shared by every overlapping policy: when user sound during agent speech becomes a barge-in.
+
+    Yield when the overlap lasts ``min_overlap_ms`` or holds ``min_words`` words, or at once on a
+    stop word. A short overlap of at most ``backchannel_max_words`` acknowledgement words that has
+    already ended is a backchannel: keep talking.
+    """
+
+    min_overlap_ms: float = 600.0
+    min_words: int = 3
+    backchannel_max_words: int = 2
+    backchannel_max_ms: float = 1000.0
+    type: str = "barge_in_rules"
+
+    def decide(self, obs: Observation) -> Action | None:
+        """None when nothing overlaps; otherwise Yield or Continue."""
+        if not obs.agent_speaking or (obs.overlap_s <= 0 and not obs.user_speaking):
+            return None
+        words = _words(obs.partial_text)
+        if obs.user_turn_final and words:
+            return Yield("text")  # typed and submitted over the agent: an explicit barge-in
+        if any(w in _STOP_WORDS for w in words[:2]):
+            return Yield("stop_word")
+        content = [w for w in words if w not in _ACK_WORDS]
+        if len(content) >= 1 and len(words) >= self.min_words:
+            return Yield("words")
+        if obs.user_speaking:
+            if obs.overlap_s * 1000 >= self.min_overlap_ms and (content or len(words) > self.backchannel_max_words
+                                                              or obs.overlap_s * 1000 >= self.backchannel_max_ms):
+                return Yield("overlap")
+            if obs.overlap_s * 1000 >= self.min_overlap_ms and not words:
+                return Yield("overlap")  # long sound, no transcript yet: assume a turn
+            return Continue("pending")
+        # the overlap has ended: judge what it was
+        if len(words) <= self.backchannel_max_words and not content and obs.overlap_s * 1000 <= self.backchannel_max_ms:
+            return Continue("backchannel")
+        if content:
+            return Yield("words")
+        return Continue("backchannel")

@@ -1,0 +1,100 @@
+"""Built-in policies: silence endpointing, model end-of-turn probability, and half-duplex."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .base import Action, BargeInRules, Continue, Listen, Observation, Speak, register_policy
+
+__all__ = ["EouPolicy", "HalfDuplexPolicy", "SilencePolicy"]
+
+
+def _user_has_turn(obs: Observation) -> bool:
+    return obs.user_turn_words > 0 or bool(obs.partial_text.strip())
+
+
+@register_policy("silence")
+@dataclass(slots=True)
+class SilencePolicy:
+    """Reply after a fixed silence gap (OpenAI server-VAD style, default 500 ms)."""
+
+    gap_ms: float = 500.0
+    speak_chunk_tokens: int = 1
+    barge_in: BargeInRules = field(default_factory=BargeInRules)
+    name: str = "silence"
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def decide(self, obs: Observation) -> Action:
+        if (b := self.barge_in.decide(obs)) is not None:
+            return b
+        if obs.agent_speaking:
+            return Speak(self.speak_chunk_tokens)
+        if not _user_has_turn(obs) or obs.user_speaking:
+            return Listen()
+        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms):
+            return Speak(self.speak_chunk_tokens)
+        return Listen()
+
+
+@register_policy("eou")
+@dataclass(slots=True)
+class EouPolicy:
+    """Silence gap scaled by the model's end-of-turn probability: short when the user's words
+    look finished, long for prefixes like "I'd like to book a table for..."."""
+
+    short_gap_ms: float = 200.0
+    long_gap_ms: float = 1500.0
+    confident: float = 0.5
+    unlikely: float = 0.05
+    speak_chunk_tokens: int = 1
+    barge_in: BargeInRules = field(default_factory=BargeInRules)
+    name: str = "eou"
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def gap_ms(self, eou_prob: float | None) -> float:
+        if eou_prob is None:
+            return (self.short_gap_ms + self.long_gap_ms) / 2
+        if eou_prob >= self.confident:
+            return self.short_gap_ms
+        if eou_prob <= self.unlikely:
+            return self.long_gap_ms
+        frac = (eou_prob - self.unlikely) / (self.confident - self.unlikely)
+        return self.long_gap_ms + frac * (self.short_gap_ms - self.long_gap_ms)
+
+    def decide(self, obs: Observation) -> Action:
+        if (b := self.barge_in.decide(obs)) is not None:
+            return b
+        if obs.agent_speaking:
+            return Speak(self.speak_chunk_tokens)
+        if not _user_has_turn(obs) or obs.user_speaking:
+            return Listen()
+        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms(obs.eou_prob)):
+            return Speak(self.speak_chunk_tokens)
+        return Listen()
+
+
+@register_policy("half-duplex")
+@dataclass(slots=True)
+class HalfDuplexPolicy:
+    """Baseline that never overlaps: it ignores the user while it speaks (no barge-in)."""
+
+    gap_ms: float = 500.0
+    speak_chunk_tokens: int = 1
+    name: str = "half-duplex"
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def decide(self, obs: Observation) -> Action:
+        if obs.agent_speaking:
+            return Continue("half_duplex") if obs.user_speaking or obs.overlap_s > 0 else Speak(self.speak_chunk_tokens)
+        if not _user_has_turn(obs) or obs.user_speaking:
+            return Listen()
+        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms):
+            return Speak(self.speak_chunk_tokens)
+        return Listen()
