@@ -33,11 +33,16 @@ class TextInput:
 
 @dataclass(frozen=True, slots=True)
 class PlaybackMark:
-    """The user has received the first ``heard_tokens`` content tokens of agent turn ``turn``."""
+    """The user has received the first ``heard_tokens`` content tokens of agent turn ``turn``.
+
+    ``final`` marks the client's answer to an interruption (playback stopped here; like the Realtime
+    API's ``conversation.item.truncate``): the session rolls back to it at once instead of waiting.
+    """
 
     turn: int
     heard_tokens: int
     done: bool = False  # playback of this turn finished
+    final: bool = False
     type: str = "playback_mark"
 
 

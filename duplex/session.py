@@ -183,9 +183,10 @@ class Session:
             try:
                 await self._handle_inputs()
                 action = self._decide()
-                if isinstance(action, Yield):
+                if isinstance(action, Yield) and self._truncate_deadline is None:
                     await self._yield(action.reason)
-                elif isinstance(action, Continue):
+                    continue
+                if isinstance(action, Continue):
                     if action.reason == "backchannel" and not self._user_speaking and self._overlap_start_t is not None:
                         self._end_overlap_as_backchannel()
                     if self._agent is not None and self._agent.generating:
@@ -333,8 +334,11 @@ class Session:
             assert self.seq is not None
             self.seq.set_status(agent.content_start + agent.delivered_tokens, agent.content_start + heard, Status.SPOKEN)
         if self._truncate_deadline is not None:
-            agent.delivered_tokens = heard  # the client's final word on what was heard
-            self._truncate_deadline = self.clock.now()  # finish now
+            if ev.final:
+                agent.delivered_tokens = heard  # the client's final word on what was heard
+                self._truncate_deadline = self.clock.now()  # finish now
+            else:
+                agent.delivered_tokens = max(agent.delivered_tokens, heard)
             return
         agent.delivered_tokens = max(agent.delivered_tokens, heard)
         if ev.done and not agent.generating:
@@ -425,11 +429,36 @@ class Session:
             agent.text += piece
             agent.char_ends.append(len(agent.text))
             self._emit_words(self._words.push(piece))
-            await self.engine.run(self.seq.append, [token], Status.UNSPOKEN)
+            await self._step_listening(self.engine.run(self.seq.append, [token], Status.UNSPOKEN))
+            if not agent.generating:
+                return  # interrupted while the step ran
             stop = self._hit_stop()
             if stop or len(agent.tokens) >= self._sampler.config.max_tokens:
                 await self._complete_turn("stop_sequence" if stop else "max_tokens")
                 return
+
+    async def _step_listening(self, step: Any) -> None:
+        """Await a decode step while still reacting to inputs: a barge-in that arrives mid-step is
+        decided and announced at once; the rollback then queues behind the step on the worker."""
+        fut = asyncio.ensure_future(step)
+        try:
+            while not fut.done():
+                self._wake.clear()
+                if self._urgent or self._inputs:
+                    await self._handle_inputs()
+                    action = self._decide()
+                    if isinstance(action, Yield) and self._truncate_deadline is None:
+                        await self._yield(action.reason)
+                    continue
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+            fut.result()
+        finally:
+            if not fut.done():
+                fut.cancel()
 
     async def _take_turn(self) -> None:
         assert self.seq is not None

@@ -141,7 +141,9 @@ class BargeInRules:
 
     def decide(self, obs: Observation) -> Action | None:
         """None when nothing overlaps; otherwise Yield or Continue."""
-        if not obs.agent_speaking or (obs.overlap_s <= 0 and not obs.user_speaking):
+        if not obs.agent_speaking:
+            return None
+        if obs.overlap_s <= 0 and not obs.user_speaking and not obs.partial_text.strip():
             return None
         words = _words(obs.partial_text)
         if obs.user_turn_final and words:

@@ -1,0 +1,461 @@
+"""``duplex serve``: one process serves the browser page at ``/`` and the WebSocket at ``/ws``.
+
+Every connection gets a :class:`~duplex.server_session.ServerSession` (its own Session, speech
+input and TTS stream) and all of them share one :class:`~duplex.engine.Engine`, one whisper model
+and one TTS voice. Wire format: ``docs/protocol.md``; parsing lives in :mod:`duplex.protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http
+import importlib.resources
+import json
+import logging
+import mimetypes
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad
+from .engine import Engine
+from .protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
+                       ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
+from .server_outbox import TokenBucket
+from .server_session import ServerLimits, ServerSession
+from .session import DEFAULT_INSTRUCTIONS, SessionConfig
+
+__all__ = ["DuplexServer", "LockedWhisper", "ServerLimits", "run_server"]
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+CLOSE_NORMAL = frozenset({1000, 1001})
+CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
+CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
+_STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
+
+
+class LockedWhisper:
+    """One whisper model shared by all sessions: passes run one at a time and fully materialized
+    (faster-whisper's segments are lazy, so the work happens while iterating)."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self.model = getattr(model, "model", None)
+
+    def transcribe(self, audio: Any, **kwargs: Any) -> tuple[list[Any], Any]:
+        with self._lock:
+            segments, info = self._model.transcribe(audio, **kwargs)
+            return list(segments), info
+
+
+def _web_dir() -> Path:
+    return Path(str(importlib.resources.files("duplex.web")))
+
+
+class _Connection:
+    """One WebSocket: reads client messages into its session, drains the session's outbox."""
+
+    def __init__(self, server: DuplexServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.hub: ServerSession | None = None
+        self._sender: asyncio.Task[None] | None = None
+        limits = server.limits
+        self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst)
+        self._bytes = TokenBucket(limits.bytes_per_s, max(limits.bytes_burst, float(limits.max_message_bytes)))
+        self._limited = 0
+        self._last_limit_notice = -1e9
+        self._closing_reason: str | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.ws.request.path).query if self.ws.request else "")
+        resume_id = (query.get("session_id") or [None])[0]
+        hub = None
+        if resume_id:
+            hub = await self.server._take_over(self, resume_id, (query.get("resume_token") or [""])[0])
+        if hub is not None:
+            last = (query.get("last_seq") or [None])[0]
+            await self._attach_existing(hub, int(last) if last and last.isdigit() else None)
+        else:
+            if resume_id:
+                await self._send_direct(error_event("session_not_found", "no session to resume with that id/token; "
+                                                    "started a new one"))
+            await self._attach_new()
+        try:
+            async for message in self.ws:
+                await self._on_message(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._stop_sender()
+            await self.server._connection_ended(self)
+
+    async def _attach_new(self) -> None:
+        hub = self.server._new_session()
+        hub.owner = self
+        self.hub = hub
+        hub.send({"type": "session.created", "session": hub.describe(), "protocol": 1})
+        await hub.start()
+        self._start_sender()
+
+    async def _attach_existing(self, hub: ServerSession, last_seq: int | None) -> None:
+        hub.owner = self
+        hub.detached_at = None
+        self.hub = hub
+        replay, complete = hub.outbox.replay_after(last_seq) if last_seq is not None else ([], True)
+        await self._send_direct({"type": "session.resumed", "session": hub.describe(), "replayed": len(replay),
+                                 "replay_complete": complete, "seq": 0})
+        for text in replay:
+            await self.ws.send(text)
+        self._start_sender()
+
+    async def _send_direct(self, event: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(event, separators=(",", ":")))
+
+    def _start_sender(self) -> None:
+        assert self.hub is not None
+        self._sender = asyncio.create_task(self._send_loop(self.hub), name=f"send-{self.hub.id}")
+
+    async def _stop_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            try:
+                await self._sender
+            except (asyncio.CancelledError, ConnectionClosed):
+                pass
+            except Exception:  # noqa: BLE001 - the send loop already ended; nothing to salvage
+                log.debug("send loop ended with an error", exc_info=True)
+            self._sender = None
+
+    async def _send_loop(self, hub: ServerSession) -> None:
+        try:
+            while True:
+                await self.ws.send(await hub.outbox.get())
+        except ConnectionClosed:
+            pass
+
+    async def shutdown(self, code: int, reason: str, flush_s: float) -> None:
+        """Flush what is queued (bounded wait), then close the socket."""
+        if self.hub is not None and self._sender is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.hub.outbox.drained(), flush_s)
+        self._closing_reason = reason
+        await self.ws.close(code, reason)
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close from a synchronous context (overflow callback): the reader loop ends the rest."""
+        self._closing_reason = reason
+        self.server._spawn(self.ws.close(code, reason), f"close-{reason}")
+
+    # ---- incoming -------------------------------------------------------------------------
+    async def _on_message(self, message: str | bytes) -> None:
+        hub = self.hub
+        assert hub is not None
+        now = time.monotonic()
+        if not (self._messages.take(1, now) and self._bytes.take(len(message), now)):
+            self._limited += 1
+            if now - self._last_limit_notice >= 1.0:
+                self._last_limit_notice = now
+                hub.send(error_event("rate_limited", f"too many messages or bytes per second; {self._limited} "
+                                     "message(s) dropped so far", dropped=self._limited))
+            return
+        try:
+            if isinstance(message, bytes):
+                await hub.handle_audio(message)
+            else:
+                await self._dispatch(hub, parse_client_message(message))
+        except ProtocolError as exc:
+            hub.send_error(exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - contain per connection
+            log.exception("connection %s: handling a message failed", hub.id)
+            hub.send_error("internal_error", f"{type(exc).__name__}: {exc}")
+
+    async def _dispatch(self, hub: ServerSession, msg: ClientMessage) -> None:
+        if isinstance(msg, InputText):
+            hub.handle_text(msg)
+        elif isinstance(msg, AudioAppend):
+            await hub.handle_audio(msg.pcm)
+        elif isinstance(msg, PlaybackMarkMsg):
+            hub.handle_mark(msg)
+        elif isinstance(msg, Truncate):
+            hub.handle_truncate(msg)
+        elif isinstance(msg, ResponseCancel):
+            hub.handle_cancel()
+        elif isinstance(msg, AudioCommit):
+            await hub.handle_commit()
+        elif isinstance(msg, SessionUpdate):
+            await hub.handle_update(msg)
+        elif isinstance(msg, SessionResume):
+            await self._resume(msg)
+
+    async def _resume(self, msg: SessionResume) -> None:
+        target = await self.server._take_over(self, msg.session_id, msg.resume_token)
+        if target is None:
+            raise ProtocolError("session_not_found", f"no resumable session {msg.session_id!r} "
+                                "(wrong token, expired, or closed)")
+        if target is self.hub:
+            raise ProtocolError("invalid_state", "this connection already holds that session")
+        await self._stop_sender()
+        old = self.hub
+        if old is not None:
+            old.owner = None
+            await self.server._discard(old)
+        await self._attach_existing(target, msg.last_seq)
+
+
+class DuplexServer:
+    """WebSocket + static-file server. ``await start(host, port)``; ``await close()``.
+
+    ``tts``: a TTS engine (``duplex.audio.load_tts()``, a fake) or None for text-only output.
+    ``asr``: a whisper-like model with ``transcribe`` (or None: no audio input); ``vad_factory``
+    makes one frame VAD per session (default WebRTC).
+    """
+
+    def __init__(self, engine: Engine, *, config: SessionConfig | None = None, tts: Any | None = None,
+                 asr: Any | None = None, vad_factory: Callable[[], Any] | None = None,
+                 speech_factory: Callable[[], SpeechInput] | None = None, limits: ServerLimits | None = None,
+                 auth_token: str | None = None, web_dir: str | Path | None = None) -> None:
+        self.engine = engine
+        self.config = config or SessionConfig(policy="eou")
+        self.limits = limits or ServerLimits()
+        self.auth_token = auth_token or None
+        self.tts = tts
+        self.web_dir = Path(web_dir) if web_dir is not None else _web_dir()
+        if speech_factory is None and asr is not None:
+            shared = asr if isinstance(asr, LockedWhisper) else LockedWhisper(asr)
+            make_vad = vad_factory or WebRtcVad
+            speech_factory = lambda: SpeechInput(VadSegmenter(make_vad()), StreamingAsr(shared))  # noqa: E731
+        self.speech_factory = speech_factory
+        self.sessions: dict[str, ServerSession] = {}
+        self._connections: set[_Connection] = set()
+        self._tts_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-tts") if tts else None
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/"
+
+    def ws_url(self, host: str = "127.0.0.1") -> str:
+        return f"ws://{host}:{self.port}{WS_PATH}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        lim = self.limits
+        self._server = await serve(
+            self._handle, host, port, process_request=self._process_request, max_size=lim.max_message_bytes,
+            ping_interval=lim.ping_interval_s, ping_timeout=lim.ping_timeout_s, close_timeout=lim.close_timeout_s,
+            compression=None, max_queue=64)
+        self._reaper = asyncio.create_task(self._reap_detached(), name="duplex-reaper")
+        log.info("duplex server listening on %s", self.url(host))
+
+    async def close(self) -> None:
+        """Stop accepting, close every session, flush what is queued, close the sockets."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for hub in list(self.sessions.values()):
+            await hub.close("server_shutdown")
+        await asyncio.gather(*(c.shutdown(1001, "server shutting down", self.limits.close_timeout_s)
+                               for c in list(self._connections)), return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sessions.clear()
+        if self._tts_executor is not None:
+            self._tts_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """Owned fire-and-forget (closing a socket from a sync callback); cancelled on close."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- HTTP: auth + static files --------------------------------------------------------
+    def _authorized(self, request: Request) -> bool:
+        if not self.auth_token:
+            return True
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        given = (query.get("token") or [""])[0]
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return secrets.compare_digest(given.encode(), self.auth_token.encode())
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urllib.parse.urlsplit(request.path).path
+        if path == WS_PATH:
+            if self._closing:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            if not self._authorized(request):
+                resp = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong auth token\n")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="duplex"'
+                return resp
+            return None
+        if path == "/healthz":
+            return self._response(200, b'{"status":"ok","sessions":%d}' % len(self.sessions), "application/json")
+        return self._static(path)
+
+    def _static(self, path: str) -> Response:
+        name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
+        target = (self.web_dir / name).resolve()
+        root = self.web_dir.resolve()
+        if root not in target.parents or target.suffix not in _STATIC_SUFFIXES or not target.is_file():
+            return self._response(404, b"not found\n", "text/plain; charset=utf-8")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or target.suffix == ".js":
+            ctype = ("text/javascript" if target.suffix == ".js" else ctype) + "; charset=utf-8"
+        return self._response(200, target.read_bytes(), ctype)
+
+    @staticmethod
+    def _response(status: int, body: bytes, ctype: str) -> Response:
+        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-cache"),
+                           ("Connection", "close")])
+        return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+    # ---- sessions -------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = _Connection(self, ws)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:  # noqa: BLE001 - one bad client never takes the server down
+            log.exception("connection failed")
+        finally:
+            self._connections.discard(conn)
+
+    def _new_session(self) -> ServerSession:
+        hub = ServerSession(self.engine, self.config, limits=self.limits, tts=self.tts,
+                            tts_executor=self._tts_executor, speech_factory=self.speech_factory,
+                            on_overflow=self._overflowed)
+        self.sessions[hub.id] = hub
+        return hub
+
+    def _overflowed(self, hub: ServerSession) -> None:
+        owner = hub.owner
+        if isinstance(owner, _Connection):
+            owner.abort(CLOSE_SEND_OVERFLOW, "send_queue_overflow")
+        else:
+            self._spawn(self._discard(hub, "send_queue_overflow"), f"discard-{hub.id}")
+
+    async def _take_over(self, conn: _Connection, session_id: str, token: str) -> ServerSession | None:
+        hub = self.sessions.get(session_id)
+        if hub is None or hub.closed or not secrets.compare_digest(token.encode(), hub.resume_token.encode()):
+            return None
+        old = hub.owner
+        if isinstance(old, _Connection) and old is not conn:
+            hub.owner = None
+            await old._stop_sender()
+            old.hub = None
+            self._spawn(old.ws.close(CLOSE_TAKEN_OVER, "session resumed on another connection"), "close-taken-over")
+        return hub
+
+    async def _discard(self, hub: ServerSession, reason: str = "closed") -> None:
+        self.sessions.pop(hub.id, None)
+        await hub.close(reason)
+
+    async def _connection_ended(self, conn: _Connection) -> None:
+        hub = conn.hub
+        if hub is None or hub.owner is not conn:
+            return
+        code = conn.ws.close_code
+        if self._closing or code in CLOSE_NORMAL or conn._closing_reason is not None or hub.outbox.overflowed:
+            await self._discard(hub, conn._closing_reason or "client_closed")
+        else:
+            log.info("session %s detached (close code %s); resumable for %.0f s", hub.id, code,
+                     self.limits.resume_ttl_s)
+            hub.detach()
+
+    async def _reap_detached(self) -> None:
+        """Close sessions whose client has not come back within the resume TTL."""
+        ttl = self.limits.resume_ttl_s
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, ttl / 4)))
+            now = time.monotonic()
+            for hub in list(self.sessions.values()):
+                if hub.owner is None and hub.detached_at is not None and now - hub.detached_at > ttl:
+                    log.info("session %s expired", hub.id)
+                    await self._discard(hub, "expired")
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
+    tts = asr = None
+    tts_name = getattr(args, "tts", None)
+    if tts_name != "none":
+        from .audio import load_tts
+
+        try:
+            tts = load_tts(tts_name)
+        except Exception as exc:  # noqa: BLE001 - serve text-only rather than not at all
+            log.warning("no TTS (%s): agent replies will be text only", exc)
+    asr_name = getattr(args, "asr_model", None)
+    if asr_name != "none":
+        from .audio import load_whisper
+
+        try:
+            asr = load_whisper(asr_name)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("no ASR (%s): audio input disabled", exc)
+    return tts, asr
+
+
+async def run_server(args: argparse.Namespace) -> int:
+    """``duplex serve``: load the models, serve until SIGINT/SIGTERM, shut down gracefully."""
+    print(f"loading model {args.model or 'default'} ...", file=sys.stderr)
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype))
+    tts, asr = await loop.run_in_executor(None, _load_audio, args)
+    token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
+    config = SessionConfig(policy=getattr(args, "policy", "eou") or "eou",
+                           instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
+    server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start(args.host, args.port)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        suffix = f"?token={urllib.parse.quote(token)}" if token else ""
+        print(f"duplex: voice chat at {server.url(shown)}{suffix}  (WebSocket {server.ws_url(shown)}; "
+              f"tts={getattr(tts, 'name', 'off')}, asr={'on' if asr else 'off'}; Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print("duplex: shutting down ...", file=sys.stderr)
+    finally:
+        await server.close()
+        engine.close()
+    return 0

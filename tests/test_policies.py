@@ -1,0 +1,96 @@
+"""Pure policy decisions for the four Full-Duplex-Bench situations, without any model."""
+
+from __future__ import annotations
+
+import pytest
+
+from duplex.policies import (BargeInRules, Continue, Listen, Observation, Speak, Yield, available_policies,
+                             make_policy)
+
+
+def obs(**kw) -> Observation:
+    return Observation(t=10.0, **kw)
+
+
+@pytest.mark.parametrize("name", ["silence", "eou", "half-duplex"])
+def test_registered(name):
+    assert name in available_policies()
+    assert make_policy(name).name == name
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown policy 'nope'.*silence"):
+        make_policy("nope")
+
+
+def test_pause_mid_utterance_keeps_listening():
+    paused = obs(silence_s=0.3, user_turn_words=6, partial_text="I'd like to book a table for", eou_prob=0.01)
+    assert isinstance(make_policy("silence").decide(paused), Listen)
+    assert isinstance(make_policy("eou").decide(paused), Listen)
+    # the eou policy waits even longer than the silence policy when the prefix looks unfinished
+    assert isinstance(make_policy("eou").decide(obs(silence_s=0.8, user_turn_words=6,
+                                                    partial_text="I'd like to book a table for",
+                                                    eou_prob=0.01)), Listen)
+
+
+def test_smooth_end_of_turn_speaks():
+    done = obs(silence_s=0.55, user_turn_words=5, partial_text="what time is it now", eou_prob=0.9)
+    assert isinstance(make_policy("silence").decide(done), Speak)
+    # eou reacts sooner than the fixed 500 ms gap when the model is confident
+    early = obs(silence_s=0.25, user_turn_words=5, partial_text="what time is it now", eou_prob=0.9)
+    assert isinstance(make_policy("eou").decide(early), Speak)
+    assert isinstance(make_policy("silence").decide(early), Listen)
+
+
+def test_no_reply_while_user_speaks_or_without_words():
+    assert isinstance(make_policy("silence").decide(obs(user_speaking=True, user_turn_words=3, partial_text="a b c")), Listen)
+    assert isinstance(make_policy("silence").decide(obs(silence_s=5.0)), Listen)
+
+
+def test_typed_text_is_answered_at_once():
+    assert isinstance(make_policy("silence").decide(obs(user_turn_final=True, user_turn_words=2, partial_text="hi there")), Speak)
+
+
+@pytest.mark.parametrize("text", ["yeah", "mm-hm", "uh-huh", "okay", "right"])
+def test_backchannel_does_not_stop_the_agent(text):
+    bc = obs(agent_speaking=True, overlap_s=0.4, partial_text=text, user_turn_words=1)
+    for name in ("silence", "eou"):
+        action = make_policy(name).decide(bc)
+        assert isinstance(action, Continue) and action.reason == "backchannel"
+
+
+def test_short_sound_still_in_progress_is_pending_not_a_barge_in():
+    action = make_policy("silence").decide(obs(agent_speaking=True, user_speaking=True, overlap_s=0.3))
+    assert isinstance(action, Continue)
+
+
+@pytest.mark.parametrize("kw", [
+    {"user_speaking": True, "overlap_s": 0.8, "partial_text": ""},  # long sound, no transcript yet
+    {"user_speaking": True, "overlap_s": 0.7, "partial_text": "can you tell"},  # content words
+    {"user_speaking": False, "overlap_s": 0.5, "partial_text": "what about tomorrow"},
+    {"user_speaking": True, "overlap_s": 0.1, "partial_text": "stop"},  # stop word: at once
+    {"user_speaking": True, "overlap_s": 1.2, "partial_text": "yeah"},  # "yeah" held for over a second
+])
+def test_interruption_yields(kw):
+    o = obs(agent_speaking=True, user_turn_words=len(kw["partial_text"].split()), **kw)
+    for name in ("silence", "eou"):
+        assert isinstance(make_policy(name).decide(o), Yield), (name, kw)
+
+
+def test_half_duplex_never_yields():
+    o = obs(agent_speaking=True, user_speaking=True, overlap_s=3.0, partial_text="stop stop please stop", user_turn_words=4)
+    assert isinstance(make_policy("half-duplex").decide(o), Continue)
+
+
+def test_barge_in_rules_are_configurable():
+    rules = BargeInRules(min_overlap_ms=200)
+    o = obs(agent_speaking=True, user_speaking=True, overlap_s=0.25, partial_text="")
+    assert isinstance(rules.decide(o), Yield)
+    assert rules.decide(obs(agent_speaking=False)) is None
+
+
+def test_eou_gap_interpolates_between_bounds():
+    p = make_policy("eou", short_gap_ms=200, long_gap_ms=1200)
+    assert p.gap_ms(0.9) == 200
+    assert p.gap_ms(0.01) == 1200
+    assert 200 < p.gap_ms(0.2) < 1200

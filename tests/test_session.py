@@ -1,0 +1,211 @@
+"""The session loop on the tiny model with a manual clock: turn-taking, backchannels, barge-in
+rollback, cancellation and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from duplex.clock import ManualClock
+from duplex.events import (AsrWord, Cancel, PlaybackMark, SpeechStarted, SpeechStopped, TextInput,
+                           UpdateSession)
+from duplex.sampling import SamplingConfig
+from duplex.sequence import Speaker, Status
+from duplex.session import TRUNCATION_MARKER, Session, SessionConfig
+from tests.fakes import collect_until, settle
+
+
+def _is(type_: str, **attrs):
+    return lambda ev: ev.type == type_ and all(getattr(ev, k) == v for k, v in attrs.items())
+
+
+async def _session(engine, clock=None, max_tokens=24, **cfg) -> Session:
+    config = SessionConfig(instructions="You are terse.", sampling=SamplingConfig(max_tokens=max_tokens), **cfg)
+    s = Session(engine, config, clock=clock or ManualClock())
+    await s.start()
+    return s
+
+
+async def test_text_turn_streams_a_reply_with_contiguous_token_spans(tiny_engine):
+    s = await _session(tiny_engine)
+    s.submit(TextInput("hello there"))
+    events = await collect_until(s, _is("turn_ended", speaker="agent"))
+    types = [e.type for e in events]
+    assert types.index("turn_ended") < types.index("turn_started")  # user turn closes, agent opens
+    deltas = [e for e in events if e.type == "agent_text_delta"]
+    assert deltas and deltas[0].token_start == 0
+    for a, b in zip(deltas, deltas[1:]):
+        assert a.token_end == b.token_start
+    assert "".join(d.text for d in deltas) == events[-1].text
+    assert events[-1].reason == "max_tokens" and deltas[-1].token_end == 24
+    await s.close()
+
+
+async def test_pause_waits_for_the_silence_gap(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock)
+    s.submit(SpeechStarted(0.0))
+    s.submit(AsrWord("what", 0.0, 0.3, True))
+    s.submit(AsrWord("time", 0.3, 0.6, True))
+    s.submit(SpeechStopped(0.6))
+    await collect_until(s, lambda e: e.type == "user_transcript" and e.text == "what time")
+    clock.advance(0.3)  # a pause shorter than the 500 ms gap
+    assert not [e for e in await settle(s) if e.type == "turn_started"]
+    obs = s.observe()
+    assert obs.silence_s == pytest.approx(0.3) and 0.0 <= obs.eou_prob <= 1.0
+    clock.advance(0.3)  # now past the gap: a smooth end of turn
+    await collect_until(s, _is("turn_started", speaker="agent"))
+    await s.close()
+
+
+async def test_user_resuming_after_a_pause_keeps_one_turn(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock)
+    for ev in (SpeechStarted(0), AsrWord("book", 0, 0.2, True), SpeechStopped(0.3)):
+        s.submit(ev)
+    await collect_until(s, _is("user_transcript", text="book"))
+    clock.advance(0.3)
+    s.submit(SpeechStarted(0.6))
+    s.submit(AsrWord("a table", 0.6, 0.9, True))
+    s.submit(SpeechStopped(1.0))
+    await collect_until(s, _is("user_transcript", text="book a table"))
+    clock.advance(0.6)
+    events = await collect_until(s, _is("turn_ended", speaker="user"))
+    assert events[-1].text == "book a table"
+    await s.close()
+
+
+async def test_backchannel_does_not_interrupt(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000)
+    s.submit(TextInput("tell me everything"))
+    await collect_until(s, _is("agent_text_delta"))
+    s.submit(SpeechStarted(1.0))
+    s.submit(AsrWord("yeah", 1.0, 1.3, True))
+    await settle(s)
+    clock.advance(0.3)
+    s.submit(SpeechStopped(1.3))
+    events = await settle(s, rounds=30)
+    assert not [e for e in events if e.type in ("interrupted", "turn_started")]
+    assert s.state == "speaking"
+    assert s.observe().user_turn_words == 0  # the backchannel is not queued as a new turn
+    s.submit(Cancel())
+    ev = (await collect_until(s, _is("interrupted")))[-1]
+    assert ev.reason == "cancelled"
+    await s.close()
+
+
+async def test_text_barge_in_keeps_exactly_what_was_shown(tiny_engine):
+    s = await _session(tiny_engine, max_tokens=4000)
+    s.submit(TextInput("tell me a long story"))
+    seen = await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 5)
+    turn = seen[-1].turn
+    s.submit(TextInput("stop, another question"))
+    events = seen + await collect_until(s, _is("turn_ended", speaker="agent"))
+    cut = next(i for i, e in enumerate(events) if e.type == "interrupted")
+    shown = [e for e in events[:cut] if e.type == "agent_text_delta"]
+    inter = events[cut]
+    assert inter.kept_tokens == shown[-1].token_end
+    assert inter.kept_text == "".join(d.text for d in shown)
+    assert events[-1].reason == "interrupted"
+    seq = s.seq
+    assert len(seq.positions(turn, Status.SPOKEN)) == inter.kept_tokens
+    assert not seq.positions(turn, Status.UNSPOKEN)
+    expected_tail = inter.kept_text + TRUNCATION_MARKER
+    turn_text = seq.text(seq.turn_start(turn), seq.positions(turn)[-1] + 1)
+    assert expected_tail in turn_text
+    # the barge-in text is then answered in a new agent turn
+    events = await collect_until(s, _is("turn_started", speaker="agent"))
+    user_turn = [e for e in events if e.type == "turn_ended" and e.speaker == "user"][-1]
+    assert user_turn.text == "stop, another question"
+    await s.close()
+
+
+async def test_audio_barge_in_rolls_back_to_the_final_playback_mark(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    seen = await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 6)
+    turn = seen[-1].turn
+    s.submit(PlaybackMark(turn, 4))
+    s.submit(SpeechStarted(2.0))
+    await settle(s)
+    clock.advance(0.7)  # sustained overlap beyond the 600 ms barge-in threshold
+    inter = (await collect_until(s, _is("interrupted")))[-1]
+    assert inter.kept_tokens == 4
+    s.submit(PlaybackMark(turn, 3, final=True))  # the client stopped playback: it had really played 3
+    ended = (await collect_until(s, _is("turn_ended", speaker="agent")))[-1]
+    assert ended.reason == "interrupted"
+    seq = s.seq
+    spoken = seq.positions(turn, Status.SPOKEN)
+    assert len(spoken) == 3
+    assert not seq.positions(turn, Status.UNSPOKEN)
+    header = len(seq.template.agent.header)
+    marker = tiny_engine.tokenizer.encode(TRUNCATION_MARKER, add_special_tokens=False)
+    footer = list(seq.template.agent.footer)
+    assert len(seq.positions(turn)) == header + 3 + len(marker) + len(footer)
+    assert seq.cache_length == len(seq)
+    await s.close()
+
+
+async def test_audio_barge_in_without_final_mark_uses_last_mark_after_timeout(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    seen = await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4)
+    turn = seen[-1].turn
+    s.submit(PlaybackMark(turn, 2))
+    s.submit(Cancel())
+    await collect_until(s, _is("interrupted"))
+    assert not [e for e in await settle(s) if e.type == "turn_ended"]  # still waiting for the client
+    clock.advance(0.5)
+    await collect_until(s, _is("turn_ended", speaker="agent"))
+    assert len(s.seq.positions(turn, Status.SPOKEN)) == 2
+    await s.close()
+
+
+async def test_close_leaves_no_orphan_tasks(tiny_engine):
+    before = asyncio.all_tasks()
+    s = await _session(tiny_engine, max_tokens=4000)
+    s.submit(TextInput("go on"))
+    await collect_until(s, _is("agent_text_delta"))
+    await s.close()
+    await asyncio.sleep(0)
+    leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert not leftover
+
+
+async def test_bad_inputs_get_errors_and_the_session_carries_on(tiny_engine):
+    s = await _session(tiny_engine)
+    assert not s.submit(object())
+    assert not s.submit(TextInput(""))
+    assert not s.submit(TextInput("x" * 1_000_000))
+    assert not s.submit(UpdateSession(policy="no-such-policy"))
+    errors = [e for e in await settle(s) if e.type == "error"]
+    assert [e.code for e in errors] == ["unknown_event", "empty_text", "text_too_long", "invalid_policy"]
+    assert "1000000" in errors[2].message
+    assert s.submit(TextInput("still there?"))
+    await collect_until(s, _is("turn_started", speaker="agent"))
+    await s.close()
+
+
+async def test_policy_can_be_switched_live(tiny_engine):
+    s = await _session(tiny_engine)
+    s.submit(UpdateSession(policy="eou", policy_params={"short_gap_ms": 100}))
+    await settle(s)
+    assert s.policy.name == "eou" and s.config.policy == "eou"
+    await s.close()
+
+
+async def test_user_speech_while_agent_generates_waits_outside_the_cache(tiny_engine):
+    s = await _session(tiny_engine, max_tokens=4000, policy="half-duplex")
+    s.submit(TextInput("first"))
+    await collect_until(s, _is("agent_text_delta"))
+    s.submit(TextInput("second message"))
+    await settle(s)
+    assert s.seq.open_turn[0] is Speaker.AGENT  # no user tokens interleaved into the open agent turn
+    assert s.state == "speaking"  # half-duplex does not yield
+    s.submit(Cancel())
+    await collect_until(s, _is("turn_started", speaker="agent"))  # then "second message" is answered
+    await s.close()
