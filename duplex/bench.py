@@ -36,23 +36,41 @@ def _progress(out: TextIO | None, msg: str) -> None:
         print(f"[bench] {msg}", file=out, flush=True)
 
 
-def memory_bound_ms(weight_bytes: int, dtype: torch.dtype, device: torch.device, reps: int = 10) -> float:
-    """Time one mat-vec that reads ``weight_bytes`` of weights: the floor for one decode step."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+def memory_bound_ms(weight_bytes: int, dtype: torch.dtype, device: torch.device, reps: int = 10,
+                    int8: bool = False) -> float:
+    """Time one mat-vec that reads ``weight_bytes`` of weights in the model's storage format
+    (``int8``: the same fused int8 kernel the quantized model uses): the floor for a decode step."""
+    elem = 1 if int8 else torch.tensor([], dtype=dtype).element_size()
     cols = 4096
     rows = max(1, weight_bytes // (elem * cols))
-    w = torch.randn(rows, cols, dtype=torch.float32).to(dtype=dtype, device=device)
-    x = torch.randn(cols, dtype=torch.float32).to(dtype=dtype, device=device)
+    x = torch.randn(1, cols, dtype=torch.float32).to(dtype=dtype, device=device)
+    if int8:
+        w = torch.randint(-127, 127, (rows, cols), dtype=torch.int8, device=device)
+        scales = torch.rand(rows, device=device).to(dtype)
+
+        def op() -> None:
+            torch._weight_int8pack_mm(x, w, scales)
+    else:
+        w = torch.randn(rows, cols, dtype=torch.float32).to(dtype=dtype, device=device)
+
+        def op() -> None:
+            torch.nn.functional.linear(x, w)
     times = []
     with torch.inference_mode():
         for _ in range(reps + 2):
             _sync(device)
             t = time.perf_counter()
-            torch.mv(w, x)
+            op()
             _sync(device)
             times.append((time.perf_counter() - t) * 1000)
     del w
     return min(times[2:])
+
+
+def bandwidth_gbps(device: torch.device, mbytes: int = 512) -> float:
+    """Streaming read bandwidth (an fp32 mat-vec over ``mbytes``), best of several runs."""
+    ms = memory_bound_ms(mbytes * 1_000_000, torch.float32, device)
+    return mbytes / 1000 / (ms / 1000)
 
 
 def _sync(device: torch.device) -> None:
@@ -77,23 +95,38 @@ def _decode_ms_per_token(lm: LoadedModel, tokens: int) -> float:
     return statistics.median(times)
 
 
-def bench_decode(model: str | None = None, device: str = "auto", dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+_VARIANTS = (("float32", None), ("bfloat16", None), ("bfloat16", "int8"))
+
+
+def bench_decode(model: str | None = None, device: str = "auto",
+                 variants: tuple[tuple[str, str | None], ...] = _VARIANTS,
                  tokens: int = 48, progress: TextIO | None = sys.stderr) -> dict[str, Any]:
-    """Decode speed per dtype next to its bandwidth bound; the headline is the fastest dtype."""
+    """Decode speed per weight format next to its bound; the headline is the fastest format.
+
+    ``bound_ms_per_token``: one mat-vec over the same weight bytes in the same storage format.
+    ``bandwidth_bound_ms``: the same bytes at the best streaming bandwidth measured in this run
+    (an fp32 mat-vec), i.e. the physical floor whatever the kernel."""
+    dev = load_device(device)
+    gbps = bandwidth_gbps(dev)
+    _progress(progress, f"streaming bandwidth {gbps:.1f} GB/s")
     rows = []
-    for dt in dtypes:
-        _progress(progress, f"loading {model or 'default'} in {dt}")
-        lm = load_model(model, device=device, dtype=dt)
-        _progress(progress, f"decoding {tokens} tokens ({dt})")
+    for dt, quant in variants:
+        label = dt if quant is None else f"{dt}+{quant}"
+        _progress(progress, f"loading {model or 'default'} as {label}")
+        lm = load_model(model, device=device, dtype=dt, quantize=quant)
+        _progress(progress, f"decoding {tokens} tokens ({label})")
         ms = _decode_ms_per_token(lm, tokens)
-        bound = memory_bound_ms(lm.weight_bytes, lm.dtype, lm.device)
-        rows.append({"dtype": dt, "ms_per_token": round(ms, 2), "bound_ms_per_token": round(bound, 2),
-                     "ratio": round(ms / bound, 3), "weight_mb": round(lm.weight_bytes / 1e6, 1)})
-        _progress(progress, f"{dt}: {ms:.1f} ms/token, bound {bound:.1f} ms")
+        bound = memory_bound_ms(lm.weight_bytes, lm.dtype, lm.device, int8=quant == "int8")
+        bw_bound = lm.weight_bytes / 1e9 / gbps * 1000
+        rows.append({"dtype": label, "ms_per_token": round(ms, 2), "bound_ms_per_token": round(bound, 2),
+                     "ratio": round(ms / bound, 3), "bandwidth_bound_ms": round(bw_bound, 2),
+                     "bandwidth_ratio": round(ms / bw_bound, 2), "weight_mb": round(lm.weight_bytes / 1e6, 1)})
+        _progress(progress, f"{label}: {ms:.1f} ms/token, bound {bound:.1f} ms, bandwidth bound {bw_bound:.1f} ms")
         del lm
     best = min(rows, key=lambda r: r["ms_per_token"])
-    return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(load_device(device)),
-            "threads": torch.get_num_threads(), **best, "all_dtypes": rows}
+    return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(dev),
+            "threads": torch.get_num_threads(), "bandwidth_gbps": round(gbps, 1), **best,
+            "all_variants": rows}
 
 
 def load_device(device: str) -> torch.device:

@@ -46,8 +46,9 @@ class Engine:
             torch.set_num_threads(self._threads)
 
     @classmethod
-    def load(cls, name_or_path: str | None = None, device: str = "auto", dtype: str = "auto") -> Engine:
-        return cls(load_model(name_or_path, device=device, dtype=dtype))
+    def load(cls, name_or_path: str | None = None, device: str = "auto", dtype: str = "auto",
+             quantize: str | None = "auto") -> Engine:
+        return cls(load_model(name_or_path, device=device, dtype=dtype, quantize=quantize))
 
     @property
     def tokenizer(self) -> Any:
