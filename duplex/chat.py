@@ -75,7 +75,8 @@ async def _render(session: Session, printer: _Printer) -> None:
 
 async def run_chat(args: argparse.Namespace) -> int:
     print(f"loading model {args.model or 'default'} ...", file=sys.stderr)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype,
+                         quantize=None if args.quantize == "none" else args.quantize)
     config = SessionConfig(policy=args.policy, instructions=args.instructions or DEFAULT_INSTRUCTIONS)
     printer = _Printer(sys.stdout, args.policy)
     printer.line(HELP)

@@ -86,6 +86,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model id or local path (default: packaged SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--quantize", default="auto", help="auto (int8 on CPU) | none | int8")
 
 
 def build_parser() -> argparse.ArgumentParser:

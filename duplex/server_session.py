@@ -314,7 +314,7 @@ class ServerSession:
         audio = self._turns.get(msg.turn)
         if msg.turn == self._agent_turn and audio is not None and not audio.interrupted:
             session.submit(Cancel())
-        session.submit(PlaybackMark(msg.turn, heard))
+        session.submit(PlaybackMark(msg.turn, heard, final=True))
 
     async def handle_update(self, msg: SessionUpdate) -> None:
         self._require_session()

@@ -234,7 +234,9 @@ class VoiceSession:
         if heard == state.heard and not done and not state.interrupted:
             return
         state.heard = heard
-        self.session.submit(PlaybackMark(turn, heard, done=done and not state.interrupted))
+        # After an interruption the first report is the transport's final word (``final``): the
+        # session rolls back to it at once.
+        self.session.submit(PlaybackMark(turn, heard, done=done and not state.interrupted, final=state.interrupted))
         if done or state.interrupted:
             del self._turns[turn]  # the session has its final word on this turn
 

@@ -136,7 +136,8 @@ async def test_concurrent_sessions_are_isolated(make_server) -> None:
     await asyncio.gather(*(c.connect() for c in clients))
     assert len({c.session_id for c in clients}) == 4
 
-    async def chat(i: int, client: DuplexClient) -> tuple[str, str]:
+    async def chat(i: int, client: DuplexClient) -> tuple[str, bool]:
+        await client.update_session(max_reply_tokens=40)
         await client.send_text(f"client number {i} says hello")
         events = await _until(client, "response.done")
         user = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
