@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class _Feed:
 
 @dataclass(frozen=True, slots=True)
 class _Finish:
-    pass
+    t_s: float = float("nan")  # stream time the turn ended (its SpeechStopped)
 
 
 class SpeechInput:
@@ -45,6 +46,14 @@ class SpeechInput:
 
     ``push`` = ``segment`` (cheap: VAD, returns turn events at once) + ``recognize`` (whisper
     passes, every ``asr_interval_ms`` of new speech, and a final pass at each turn end).
+
+    ``segment`` and ``recognize`` may run on different threads (``AsyncSpeechInput`` does, so
+    turn events never wait behind a whisper pass); a lock guards the hand-over between them.
+
+    Pauses: once the VAD has heard ``skip_pass_after_silence_ms`` of silence, periodic passes
+    stop (the final pass redoes that audio anyway); at ``speculate_after_silence_ms`` one pass
+    runs ahead of the turn end, and if nothing voiced follows, the turn's final pass reuses it,
+    so the final words are ready about when the VAD confirms the end. ``None`` disables either.
     """
 
     def __init__(
@@ -53,28 +62,41 @@ class SpeechInput:
         asr: StreamingAsr,
         asr_interval_ms: int = 1000,
         history_s: float = 3.0,
+        skip_pass_after_silence_ms: float | None = 100.0,
+        speculate_after_silence_ms: float | None = 150.0,
     ) -> None:
         self.segmenter = vad_segmenter
         self.asr = asr
         self.asr_interval_ms = asr_interval_ms
+        self.skip_pass_after_silence_ms = skip_pass_after_silence_ms
+        self.speculate_after_silence_ms = speculate_after_silence_ms
         self._history_s = max(history_s, vad_segmenter.prefix_padding_s + 2.0)
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         """New stream: stream time restarts at 0 and all turn state is dropped."""
-        self.segmenter.reset()
-        self.asr.reset()
-        self._history = np.zeros(0, dtype=np.float32)
-        self._history_start_s = 0.0
-        self._in_turn = False
-        self._fed_until_s = 0.0
-        self._work: list[_Feed | _Finish] = []
-        self._unprocessed_s = 0.0  # speech fed since the last whisper pass
+        with self._lock:
+            self.segmenter.reset()
+            self.asr.reset()
+            self._history = np.zeros(0, dtype=np.float32)
+            self._history_start_s = 0.0
+            self._in_turn = False
+            self._fed_until_s = 0.0
+            self._work: list[_Feed | _Finish] = []
+            self._unprocessed_s = 0.0  # speech fed since the last whisper pass
+            self._speculated_end_s: float | None = None  # last voiced end a speculative pass saw
+            self._finalized_until_s = float("-inf")
 
     @property
     def t_s(self) -> float:
         """Stream time at the end of the audio pushed so far."""
         return self._history_start_s + len(self._history) / _SR
+
+    @property
+    def finalized_until_s(self) -> float:
+        """End time (``SpeechStopped.t_s``) of the latest turn whose final pass has been done."""
+        return self._finalized_until_s
 
     def push(self, samples_16k: np.ndarray) -> list[SpeechEvent]:
         """Consume float32 16 kHz mono audio of any length; return events in stream order."""
@@ -82,35 +104,59 @@ class SpeechInput:
 
     def flush(self) -> list[SpeechEvent]:
         """End of stream: close an open turn and commit its words."""
-        events: list[SpeechEvent] = []
-        for event in self.segmenter.flush():
-            events.append(event)
-            self._on_event(event)
-        return events + self.recognize()
+        return self.close_turn() + self.recognize()
+
+    def close_turn(self) -> list[SpeechEvent]:
+        """The VAD half of ``flush``: end an open turn now; its final pass is left to ``recognize``."""
+        with self._lock:
+            events: list[SpeechEvent] = list(self.segmenter.flush())
+            for event in events:
+                self._on_event(event)
+        return events
 
     def segment(self, samples_16k: np.ndarray) -> list[SpeechEvent]:
         """Run the VAD only and queue speech audio for ``recognize``; never calls whisper."""
         samples = np.asarray(samples_16k, dtype=np.float32).reshape(-1)
-        self._append_history(samples)
-        events: list[SpeechEvent] = list(self.segmenter.push(samples))
-        for event in events:
-            self._on_event(event)
-        if self._in_turn:
-            self._feed_until(self.t_s)
+        with self._lock:
+            self._append_history(samples)
+            events: list[SpeechEvent] = list(self.segmenter.push(samples))
+            for event in events:
+                self._on_event(event)
+            if self._in_turn:
+                self._feed_until(self.t_s)
         return events
 
     def recognize(self) -> list[SpeechEvent]:
         """Do the queued whisper work; returns committed and tentative words."""
+        with self._lock:
+            work, self._work = self._work, []
+            in_turn = self._in_turn
+            silence_ms = self.segmenter.trailing_silence_ms
+            voiced_end_s = self.segmenter.last_voiced_end_s
         events: list[SpeechEvent] = []
-        work, self._work = self._work, []
         for item in work:
             if isinstance(item, _Feed):
                 self.asr.push(item.samples, t_s=item.t_s)
                 self._unprocessed_s += len(item.samples) / _SR
             else:
-                events.extend(self.asr.finish())
+                spec = self._speculated_end_s
+                reuse = spec is not None and abs(spec - item.t_s) < 1e-6
+                events.extend(self.asr.finish(reuse_last_pass=reuse))
                 self._unprocessed_s = 0.0
-        if self._in_turn and self._unprocessed_s * 1000 >= self.asr_interval_ms:
+                self._speculated_end_s = None
+                if item.t_s == item.t_s:  # not NaN
+                    self._finalized_until_s = max(self._finalized_until_s, item.t_s)
+        if not in_turn:
+            return events
+        speculate = self.speculate_after_silence_ms
+        skip = self.skip_pass_after_silence_ms
+        if (speculate is not None and silence_ms >= speculate and self.asr.has_new_audio
+                and self._speculated_end_s != voiced_end_s):
+            # A pause: run the final pass now; the turn end reuses it if only silence follows.
+            self._speculated_end_s = voiced_end_s
+            self._unprocessed_s = 0.0
+            events.extend(self.asr.process())
+        elif self._unprocessed_s * 1000 >= self.asr_interval_ms and (skip is None or silence_ms < skip):
             self._unprocessed_s = 0.0
             events.extend(self.asr.process())
         return events
@@ -130,7 +176,7 @@ class SpeechInput:
         else:
             self._feed_until(self.t_s)
             self._in_turn = False
-            self._work.append(_Finish())
+            self._work.append(_Finish(event.t_s))
 
     def _feed_until(self, end_s: float) -> None:
         i0 = max(0, int(round((self._fed_until_s - self._history_start_s) * _SR)))
@@ -157,10 +203,15 @@ class _Closed:
 
 
 class AsyncSpeechInput:
-    """Runs a ``SpeechInput`` on one private worker thread; events come out of ``events()``.
+    """Drives a ``SpeechInput``: the VAD on the event loop, whisper on one private worker thread.
 
-    ``push`` never waits for whisper: audio queues up and is coalesced, so a slow pass makes
-    the next one bigger instead of stalling the transport. Close with ``aclose()``.
+    Two tasks, so turn events are never late: the VAD task segments each pushed block at once
+    (``segment`` is cheap) and emits SpeechStarted/SpeechStopped immediately, even while a
+    whisper pass is running; the ASR task runs ``recognize`` on the worker thread whenever new
+    work is queued. ``push`` never waits for whisper: audio queues up and is coalesced, so a
+    slow pass makes the next one bigger instead of stalling the transport. Words of a turn may
+    therefore arrive after a later SpeechStarted (their times say which turn they belong to).
+    Close with ``aclose()``.
     """
 
     def __init__(self, pipeline: SpeechInput) -> None:
@@ -168,7 +219,9 @@ class AsyncSpeechInput:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-asr")
         self._inbox: asyncio.Queue[np.ndarray | _Flush] = asyncio.Queue()
         self._outbox: asyncio.Queue[SpeechEvent | _Closed] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._asr_wake = asyncio.Event()
+        self._asr_flush = False  # the pipeline has no close_turn(): run its flush() on the worker
+        self._tasks: list[asyncio.Task[None]] = []
         self._error: BaseException | None = None
         self._closed = False
 
@@ -211,16 +264,11 @@ class AsyncSpeechInput:
         return self.events()
 
     async def aclose(self) -> None:
-        """Cancel the worker task, release the thread pool, end the event iterators."""
+        """Cancel the worker tasks, release the thread pool, end the event iterators."""
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._cancel_tasks()
         # A whisper pass already running finishes in the background; its result is dropped.
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._outbox.put_nowait(_Closed())
@@ -228,11 +276,36 @@ class AsyncSpeechInput:
     def _ensure_started(self) -> None:
         if self._closed:
             raise RuntimeError("AsyncSpeechInput is closed")
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="speech-input")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run(), name="speech-input-vad"),
+                           loop.create_task(self._run_asr(), name="speech-input-asr")]
+
+    async def _cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def _fail(self, exc: Exception) -> None:
+        logger.error("speech input worker failed", exc_info=exc)
+        if self._closed:
+            return
+        self._error = exc
+        self._closed = True
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._outbox.put_nowait(_Closed())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """VAD task: segment every block as it arrives (cheap, on the loop), wake the ASR task."""
         try:
             while True:
                 batch: list[np.ndarray] = []
@@ -247,19 +320,35 @@ class AsyncSpeechInput:
                         break
                     item = self._inbox.get_nowait()
                 if batch:
-                    audio = np.concatenate(batch)
-                    for event in await loop.run_in_executor(self._executor, self.pipeline.segment, audio):
-                        self._outbox.put_nowait(event)
-                    for event in await loop.run_in_executor(self._executor, self.pipeline.recognize):
+                    for event in self.pipeline.segment(np.concatenate(batch)):
                         self._outbox.put_nowait(event)
                 if flush:
-                    for event in await loop.run_in_executor(self._executor, self.pipeline.flush):
-                        self._outbox.put_nowait(event)
+                    close_turn = getattr(self.pipeline, "close_turn", None)
+                    if close_turn is None:
+                        self._asr_flush = True
+                    else:
+                        for event in close_turn():
+                            self._outbox.put_nowait(event)
+                self._asr_wake.set()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # surface worker failures to the consumer, then stop
-            logger.exception("speech input worker failed")
-            self._error = exc
-            self._closed = True
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._outbox.put_nowait(_Closed())
+        except Exception as exc:  # surface failures to the consumer, then stop
+            self._fail(exc)
+
+    async def _run_asr(self) -> None:
+        """ASR task: run the queued whisper work on the worker thread, one batch at a time."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._asr_wake.wait()
+                self._asr_wake.clear()
+                work = self.pipeline.recognize
+                if self._asr_flush:
+                    self._asr_flush = False
+                    work = self.pipeline.flush
+                for event in await loop.run_in_executor(self._executor, work):
+                    self._outbox.put_nowait(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(exc)

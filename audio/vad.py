@@ -177,6 +177,21 @@ class VadSegmenter:
         """Stream time of the end of all audio pushed so far."""
         return self._samples_seen / TARGET_SAMPLE_RATE_HZ
 
+    @property
+    def trailing_silence_ms(self) -> float:
+        """Unvoiced audio classified since the last voiced frame (0 right after speech).
+
+        Counts whole classified frames only, so it lags ``t_s`` by less than one frame; before any
+        voiced frame it is the whole stream. Lets ASR skip or anticipate passes at a pause.
+        """
+        frame_ms = 1000 * self._frame_samples / TARGET_SAMPLE_RATE_HZ
+        return (self._frames_done - self._last_voiced_end_frame) * frame_ms
+
+    @property
+    def last_voiced_end_s(self) -> float:
+        """Stream time of the end of the latest voiced frame (0.0 before any)."""
+        return self._frame_time(self._last_voiced_end_frame)
+
     def reset(self) -> None:
         """Forget everything, including stream time (a new stream starts at 0)."""
         self.vad.reset()

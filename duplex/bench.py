@@ -172,7 +172,7 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
         seq.begin_turn(Speaker.USER)
         seq.append(last)  # prefilled while the user was still speaking
         base = len(seq)
-        shared, full = [], []
+        shared, full, prepared = [], [], []
         for _ in range(reps):
             def shared_turn() -> None:
                 # user turn ends: close it, open the agent turn, sample the first token
@@ -190,7 +190,14 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
                 _reprefill_first_token(lm, history_ids + tail, sampler)
 
             full.append(_timed(stateless, lm.device))
+            # the session's speculative path: footer + agent header were prefilled during the
+            # user's end-of-turn silence, so the turn end itself only samples
+            seq.hand_over(Speaker.AGENT)
+            prepared.append(_timed(lambda: seq.sample(sampler), lm.device))
+            seq.truncate_to(base)
+            seq.reopen(Speaker.USER, _last_turn(seq))
         row = {"history_tokens": len(seq), "shared_cache_ms": round(statistics.median(shared), 1),
+               "shared_cache_prepared_ms": round(statistics.median(prepared), 2),
                "reprefill_ms": round(statistics.median(full), 1)}
         row["speedup"] = round(row["reprefill_ms"] / row["shared_cache_ms"], 1)
         rows.append(row)

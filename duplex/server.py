@@ -158,13 +158,36 @@ class _Connection:
         if self.hub is not None and self._sender is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.hub.outbox.drained(), flush_s)
+        await self.close(code, reason)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code``; a reader too stuck to take the close frame gets the TCP reset."""
         self._closing_reason = reason
-        await self.ws.close(code, reason)
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), self.server.limits.close_timeout_s)
+        except (asyncio.TimeoutError, ConnectionClosed, OSError):
+            pass
+        finally:
+            if self.ws.transport is not None and not self.ws.transport.is_closing():
+                self.ws.transport.abort()
 
     def abort(self, code: int, reason: str) -> None:
         """Close from a synchronous context (overflow callback): the reader loop ends the rest."""
         self._closing_reason = reason
-        self.server._spawn(self.ws.close(code, reason), f"close-{reason}")
+        self.server._spawn(self.close(code, reason), f"close-{reason}")
+
+    def ended_by_client(self) -> bool:
+        """True when the connection ended on purpose (normal close by the client, or closed by
+        us for cause); False for a network drop or keepalive timeout, which keep the session."""
+        protocol = self.ws.protocol
+        sent, rcvd = protocol.close_sent, protocol.close_rcvd
+        if self._closing_reason is not None:
+            return True
+        if rcvd is not None and protocol.close_rcvd_then_sent is not False:
+            return rcvd.code in CLOSE_NORMAL
+        if sent is not None:
+            return "keepalive" not in sent.reason
+        return False
 
     # ---- incoming -------------------------------------------------------------------------
     async def _on_message(self, message: str | bytes) -> None:
@@ -380,7 +403,8 @@ class DuplexServer:
             hub.owner = None
             await old._stop_sender()
             old.hub = None
-            self._spawn(old.ws.close(CLOSE_TAKEN_OVER, "session resumed on another connection"), "close-taken-over")
+            old._closing_reason = "taken_over"
+            self._spawn(old.close(CLOSE_TAKEN_OVER, "session resumed on another connection"), "close-taken-over")
         return hub
 
     async def _discard(self, hub: ServerSession, reason: str = "closed") -> None:
@@ -392,8 +416,9 @@ class DuplexServer:
         if hub is None or hub.owner is not conn:
             return
         code = conn.ws.close_code
-        if self._closing or code in CLOSE_NORMAL or conn._closing_reason is not None or hub.outbox.overflowed:
-            await self._discard(hub, conn._closing_reason or "client_closed")
+        if self._closing or conn.ended_by_client() or hub.outbox.overflowed:
+            await self._discard(hub, conn._closing_reason or ("send_queue_overflow" if hub.outbox.overflowed
+                                                              else f"connection_closed_{code}"))
         else:
             log.info("session %s detached (close code %s); resumable for %.0f s", hub.id, code,
                      self.limits.resume_ttl_s)

@@ -95,6 +95,7 @@ class ServerSession:
         self.detached_at: float | None = None
         self.pristine = True  # no user input yet: output modalities may still change
         self.closed = False
+        self.close_reason: str | None = None
         self.input_sample_rate_hz = 16_000
         self.input_channels = 1
         self._mapper = EventMapper()
@@ -139,6 +140,7 @@ class ServerSession:
         if self.closed:
             return
         self.closed = True
+        self.close_reason = reason
         await self._stop_session()
         for task in list(self._tasks.values()):
             task.cancel()

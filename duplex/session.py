@@ -50,6 +50,7 @@ class SessionConfig:
     tick_ms: float = 20.0
     max_text_chars: int = 16_000
     log_decisions: bool = False
+    speculative_handover: bool = True  # prefill the turn hand-over while the user is silent
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     type: str = "session_config"
 
@@ -92,13 +93,14 @@ class Session:
         # user side
         self._user_turn: int | None = None
         self._user_committed: list[str] = []
-        self._user_tentative = ""
+        self._tentative: list[tuple[float, str]] = []  # (start_s, text) of uncommitted ASR words
         self._typed_pending = ""
         self._user_final = False
         self._user_speaking = False
         self._speech_end_t: float | None = None
         self._eou_prob: float | None = None
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
+        self._prepared: int | None = None  # agent turn opened speculatively during user silence
         # agent side
         self._agent: _AgentTurn | None = None
         self._detok = IncrementalDetokenizer(engine.tokenizer)
@@ -196,6 +198,8 @@ class Session:
                     await self._speak(action.n_tokens)
                     continue
                 await self._finish_truncate_if_due()
+                if await self._maybe_prepare_reply():
+                    continue  # time passed while preparing: decide again before sleeping
                 await self._wait()
             except asyncio.CancelledError:
                 raise
@@ -229,7 +233,7 @@ class Session:
         if self._truncate_deadline is not None:
             return False
         if self._agent is None:
-            return bool(self._user_committed or self._typed_pending.strip() or self._held_ids or self._user_tentative)
+            return bool(self._user_committed or self._typed_pending.strip() or self._held_ids)
         return self._agent.generating
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ class Session:
             if self._overlap_start_t is not None:
                 self._overlap_end_t = now
         elif isinstance(ev, AsrWord):
-            await self._user_word(ev.text, ev.committed)
+            await self._user_word(ev)
         elif isinstance(ev, TextInput):
             await self._user_text(ev)
         elif isinstance(ev, PlaybackMark):
@@ -265,15 +269,19 @@ class Session:
     def _user_text_so_far(self) -> str:
         return " ".join(self._user_committed)
 
-    async def _user_word(self, text: str, committed: bool) -> None:
-        text = text.strip()
+    async def _user_word(self, word: AsrWord) -> None:
+        """Committed words go into the cache; tentative ones only into the observation. A new ASR
+        pass re-sends its whole tentative tail, recognisable by a start time that does not advance."""
+        text = word.text.strip()
         if not text:
             return
-        if not committed:
-            self._user_tentative = text if not self._user_tentative else f"{self._user_tentative} {text}"
+        if not word.committed:
+            if self._tentative and word.start_s <= self._tentative[-1][0]:
+                self._tentative = []
+            self._tentative.append((word.start_s, text))
             self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
             return
-        self._user_tentative = ""
+        self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s]
         prefix = " " if self._user_committed else ""
         self._user_committed.append(text)
         await self._prefill_user(prefix + text)
@@ -311,8 +319,32 @@ class Session:
             return
         self._eou_prob = await self.engine.run(self._append_user_sync, ids)
 
+    async def _maybe_prepare_reply(self) -> bool:
+        """While the user is silent after committed words, prefill the user-turn footer and the
+        agent header now, so that when the policy says Speak only sampling is left (TTFT no longer
+        pays a forward pass). Undone by one cache crop if the user goes on."""
+        seq = self.seq
+        if (not self.config.speculative_handover or seq is None or self._prepared is not None
+                or self._user_speaking or not self._user_committed or self._held_ids or self._agent is not None
+                or self._truncate_deadline is not None or self._typed_pending.strip()
+                or seq.open_turn is None or seq.open_turn[0] is not Speaker.USER):
+            return False
+        self._prepared = await self.engine.run(seq.hand_over, Speaker.AGENT)
+        return True
+
+    def _unprepare_sync(self) -> None:
+        """Roll back a speculative hand-over (worker thread)."""
+        if self._prepared is None or self.seq is None or self._user_turn is None:
+            self._prepared = None
+            return
+        template = self.seq.template
+        self.seq.rollback(len(template.user.footer) + len(template.agent.header))
+        self.seq.reopen(Speaker.USER, self._user_turn)
+        self._prepared = None
+
     def _append_user_sync(self, ids: list[int]) -> float:
         assert self.seq is not None
+        self._unprepare_sync()
         if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
             self._user_turn = self.seq.begin_turn(Speaker.USER)
         self.seq.append(ids)
@@ -320,6 +352,10 @@ class Session:
 
     def _current_user_turn_id(self) -> int:
         return self._user_turn if self._user_turn is not None else -1
+
+    @property
+    def _user_tentative(self) -> str:
+        return " ".join(w for _, w in self._tentative)
 
     def _partial_text(self) -> str:
         parts = [self._user_text_so_far(), self._user_tentative, self._typed_pending.strip()]
@@ -404,7 +440,7 @@ class Session:
         """The overlap was a backchannel: forget its words so the agent does not answer "yeah"."""
         self._overlap_start_t = self._overlap_end_t = None
         self._user_committed.clear()
-        self._user_tentative = ""
+        self._tentative = []
         self._held_ids.clear()
         self._user_final = False
 
@@ -473,12 +509,15 @@ class Session:
             self._eou_prob = await self.engine.run(self._append_user_sync, ids)
         user_text = self._user_text_so_far()
         user_turn = self._user_turn
-        turn = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
+        if self._prepared is not None:
+            turn, self._prepared = self._prepared, None
+        else:
+            turn = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
         if user_turn is not None:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
         self._user_turn = None
         self._user_committed = []
-        self._user_tentative = ""
+        self._tentative = []
         self._user_final = False
         self._eou_prob = None
         self._speech_end_t = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,28 +104,45 @@ VoiceOutput = SessionEvent | SpeechStarted | SpeechStopped | SpeechFinalized | A
 
 class _PhraseInput:
     """Wraps a ``SpeechInput``: merges the words of each pass into one phrase and marks the end
-    of each utterance's final pass with :class:`SpeechFinalized`. Runs on the ASR thread."""
+    of each utterance's final pass with :class:`SpeechFinalized`.
+
+    ``segment``/``close_turn`` run on the event loop and ``recognize``/``flush`` on the ASR
+    thread (see ``AsyncSpeechInput``); a stop is finalized only once the inner pipeline reports
+    its final pass done (``finalized_until_s``), whichever thread saw it first."""
 
     def __init__(self, inner: SpeechInput) -> None:
         self.inner = inner
         self._stops: list[float] = []
+        self._lock = threading.Lock()
 
     def segment(self, samples_16k: np.ndarray) -> list[SpeechEvent]:
-        events = self.inner.segment(samples_16k)
-        self._stops += [e.t_s for e in events if isinstance(e, SpeechStopped)]
-        return events
+        return self._note_stops(self.inner.segment(samples_16k))
+
+    def close_turn(self) -> list[SpeechEvent]:
+        return self._note_stops(self.inner.close_turn())
 
     def recognize(self) -> list[SpeechEvent | SpeechFinalized]:
         out: list[SpeechEvent | SpeechFinalized] = list(_merge_words(self.inner.recognize()))
-        out += [SpeechFinalized(t) for t in self._stops]
-        self._stops = []
-        return out
+        return out + self._finalized()
 
     def flush(self) -> list[SpeechEvent | SpeechFinalized]:
-        events = self.inner.flush()  # closes an open turn and runs its final pass
-        stops = self._stops + [e.t_s for e in events if isinstance(e, SpeechStopped)]
-        self._stops = []
-        return [*_merge_words(events), *(SpeechFinalized(t) for t in stops)]
+        events = self._note_stops(self.inner.close_turn())
+        out: list[SpeechEvent | SpeechFinalized] = [*events, *_merge_words(self.inner.recognize())]
+        return out + self._finalized()
+
+    def _note_stops(self, events: list[SpeechEvent]) -> list[SpeechEvent]:
+        stops = [e.t_s for e in events if isinstance(e, SpeechStopped)]
+        if stops:
+            with self._lock:
+                self._stops += stops
+        return events
+
+    def _finalized(self) -> list[SpeechFinalized]:
+        done_s = self.inner.finalized_until_s
+        with self._lock:
+            ready = [t for t in self._stops if t <= done_s]
+            self._stops = [t for t in self._stops if t > done_s]
+        return [SpeechFinalized(t) for t in ready]
 
 
 def _merge_words(events: list[SpeechEvent]) -> list[SpeechEvent]:

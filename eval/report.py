@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import agent_outputs
+from .runner import timeline_path
 
 __all__ = ["write_report"]
 
@@ -151,8 +152,7 @@ def write_report(run_dir: str | Path, max_timelines: int | None = None) -> Path:
     for sid in scenarios[: max_timelines if max_timelines is not None else len(scenarios)]:
         per_policy = []
         for p in policies:
-            safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in p)
-            path = run / "episodes" / safe / f"{sid}.jsonl"
+            path = timeline_path(str(run), p, sid)
             if path.exists():
                 per_policy.append((p, [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]))
         if per_policy:

@@ -24,7 +24,7 @@ from .metrics import EpisodeMetrics, MetricsConfig, episode_metrics, summarize
 from .scenario import load_scenario, render_user_audio, resolve_cues
 from .user_input import schedule_user_input
 
-__all__ = ["PolicySpec", "RunSpec", "git_commit", "parse_policy", "read_timeline", "run_chunk", "run_eval",
+__all__ = ["PolicySpec", "RunSpec", "git_commit", "parse_policy", "read_timeline", "run_chunk", "timeline_path", "run_eval",
            "write_summary", "write_timeline"]
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _load(spec: RunSpec) -> _Resources:
                       tts, VoiceBank())
 
 
-def _timeline_path(out_dir: str, label: str, scenario_id: str) -> Path:
+def timeline_path(out_dir: str, label: str, scenario_id: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
     return Path(out_dir) / "episodes" / safe / f"{scenario_id}.jsonl"
 
@@ -155,7 +155,7 @@ def _run_scenarios(spec: RunSpec, res: _Resources, paths: list[str],
             result = asyncio.run(replay_episode(scenario, user, schedule, cues, p.name, p.params, res.lm, res.tts,
                                                 config, template=res.template))
             records = [dict(r, policy=p.label) if r.get("type") == "episode" else r for r in result.records]
-            write_timeline(_timeline_path(spec.out_dir, p.label, scenario.id), records)
+            write_timeline(timeline_path(spec.out_dir, p.label, scenario.id), records)
             m = episode_metrics(records)
             out.append({**m.to_dict(), **result.stats, "wall_s": time.perf_counter() - t0})
             if on_episode is not None:

@@ -27,9 +27,9 @@ from duplex.session import TRUNCATION_MARKER, SessionConfig
 GUARD_S = 60.0
 
 
-def _config(**kw: Any) -> SessionConfig:
+def _config(max_tokens: int = 60, **kw: Any) -> SessionConfig:
     kw.setdefault("policy", "silence")
-    kw.setdefault("sampling", SamplingConfig(temperature=1.0, max_tokens=160))
+    kw.setdefault("sampling", SamplingConfig(temperature=1.0, max_tokens=max_tokens))
     return SessionConfig(**kw)
 
 
@@ -137,7 +137,6 @@ async def test_concurrent_sessions_are_isolated(make_server) -> None:
     assert len({c.session_id for c in clients}) == 4
 
     async def chat(i: int, client: DuplexClient) -> tuple[str, bool]:
-        await client.update_session(max_reply_tokens=40)
         await client.send_text(f"client number {i} says hello")
         events = await _until(client, "response.done")
         user = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
@@ -162,7 +161,7 @@ def _agent_turn_tokens(server: DuplexServer, session_id: str, turn: int) -> tupl
 
 
 async def test_text_barge_in_rolls_back_to_kept_tokens(make_server) -> None:
-    server = await make_server()
+    server = await make_server(config=_config(max_tokens=160))
     async with DuplexClient(server.ws_url()) as client:
         await client.send_text("tell me a long story please")
         first = await _until(client, "response.output_text.delta")
@@ -207,7 +206,7 @@ def _heard(headers: list[dict[str, Any]], pos: int) -> int:
 
 
 async def test_audio_truncate_rolls_back_to_played_position(make_server) -> None:
-    server = await make_server(tts=FakeTts(chars_per_s=40.0))
+    server = await make_server(tts=FakeTts(chars_per_s=40.0), config=_config(max_tokens=160))
     client = await _audio_session(server)
     try:
         await client.send_text("tell me a long story please")
@@ -230,7 +229,7 @@ async def test_audio_truncate_rolls_back_to_played_position(make_server) -> None
 
 async def test_barge_in_waits_for_the_clients_played_position(make_server) -> None:
     """Server yields on a typed barge-in, says so at once, rolls back to the client's mark."""
-    server = await make_server(tts=FakeTts(chars_per_s=40.0), config=_config(truncate_wait_ms=60_000))
+    server = await make_server(tts=FakeTts(chars_per_s=40.0), config=_config(max_tokens=160, truncate_wait_ms=60_000))
     client = await _audio_session(server)
     try:
         await client.send_text("tell me a long story please")
@@ -299,7 +298,7 @@ async def test_audio_input_transcribed_and_answered(make_server) -> None:
 
 async def test_audio_barge_in_with_fake_speech(make_server) -> None:
     server = await make_server(tts=FakeTts(chars_per_s=40.0), asr=FakeWhisper(), vad_factory=EnergyVad,
-                               config=_config(truncate_wait_ms=60_000))
+                               config=_config(max_tokens=160, truncate_wait_ms=60_000))
     client = await _audio_session(server)
     try:
         await client.send_text("tell me a long story please")
@@ -322,8 +321,6 @@ async def test_resume_after_dropped_connection(make_server) -> None:
     client = DuplexClient(server.ws_url())
     await client.connect()
     sid = client.session_id
-    await client.update_session(max_reply_tokens=120)
-    await _until(client, "session.updated")
     await client.send_text("tell me a long story please")
     before = await _until(client, "response.output_text.delta")
     client._ws.transport.abort()  # noqa: SLF001 - simulate a network drop (no close frame)

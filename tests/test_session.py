@@ -209,3 +209,23 @@ async def test_user_speech_while_agent_generates_waits_outside_the_cache(tiny_en
     s.submit(Cancel())
     await collect_until(s, _is("turn_started", speaker="agent"))  # then "second message" is answered
     await s.close()
+
+
+async def test_speculative_handover_is_undone_exactly_when_the_user_goes_on(tiny_engine):
+    async def run(speculative: bool) -> list[int]:
+        clock = ManualClock()
+        s = await _session(tiny_engine, clock, speculative_handover=speculative)
+        for ev in (SpeechStarted(0), AsrWord("book", 0, 0.2, True), SpeechStopped(0.3)):
+            s.submit(ev)
+        await collect_until(s, _is("user_transcript", text="book"))
+        await settle(s)
+        if speculative:
+            assert s.seq.open_turn[0] is Speaker.AGENT  # footer + agent header already prefilled
+        s.submit(SpeechStarted(0.6))
+        s.submit(AsrWord("a table", 0.6, 0.9, True))
+        await collect_until(s, _is("user_transcript", text="book a table"))
+        ids = s.seq.ids
+        await s.close()
+        return ids
+
+    assert await run(True) == await run(False)

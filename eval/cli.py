@@ -1,0 +1,108 @@
+"""``duplex eval``: make-scenarios, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+__all__ = ["add_eval_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    from .make import make_scenarios
+
+    voices = args.voices.split(",") if args.voices else None
+    paths = make_scenarios(args.out, args.n, seed=args.seed, voices=voices, progress=not args.quiet)
+    print(f"wrote {len(paths)} scenarios to {args.out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunSpec, parse_policy, run_eval
+    from .virtual import CLOCK_MODES
+
+    if args.clock not in CLOCK_MODES:
+        raise SystemExit(f"--clock must be one of {', '.join(CLOCK_MODES)}")
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("duplex eval run: --ray needs the 'ray' package (pip install 'ray>=2.9'); "
+                  "or drop --ray to use the local process pool (--workers N)")
+            return 2
+    policies = tuple(parse_policy(p) for p in (args.policy or ["silence", "eou", "half-duplex"]))
+    spec = RunSpec(out_dir=args.out, policies=policies, clock=args.clock, seed=args.seed, model=args.model,
+                   device=args.device, dtype=args.dtype, asr=args.asr_model, vad=args.vad, tts=args.tts,
+                   max_reply_tokens=args.max_reply_tokens, temperature=args.temperature,
+                   instructions=args.instructions, threads=args.threads)
+    summary = run_eval(spec, args.scenarios, workers=args.workers, ray_address=args.ray, progress=not args.quiet,
+                       report=not args.no_report)
+    _print_table(summary)
+    print(f"wall time {summary['meta']['wall_s']:.1f} s; results in {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir, max_timelines=args.max_timelines)
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    from .report import _TABLE_COLS
+
+    keys = [k for k, _ in _TABLE_COLS]
+    print("policy".ljust(16) + " ".join(k[:12].rjust(12) for k in keys))
+    for row in summary["rows"]:
+        vals = [row.get(k) for k in keys]
+        print(row["policy"][:16].ljust(16) + " ".join(("-" if v is None else f"{v:.3f}").rjust(12) for v in vals))
+    print(json.dumps({r["policy"]: {c: f"{r[f'n_{c}']}/{r[f'n_{c}_total']}" for c in
+                                    ("pause", "backchannel", "turn_taking", "interruption")} for r in summary["rows"]}))
+
+
+def add_eval_parser(subparsers: Any) -> None:
+    """Add ``eval`` with ``make-scenarios``, ``run`` and ``report`` to the ``duplex`` CLI."""
+    p = subparsers.add_parser("eval", help="offline policy evaluation (scenarios, replay, metrics, report)")
+    sub = p.add_subparsers(dest="eval_command", required=True)
+
+    m = sub.add_parser("make-scenarios", help="synthesise Full-Duplex-Bench style scenarios")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n", type=int, default=10, help="scenarios per category")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--voices", default=None, help="comma list, e.g. piper:joe,flite:slt (default: all available)")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=_cmd_make)
+
+    r = sub.add_parser("run", help="replay scenarios with policies on a virtual clock")
+    r.add_argument("--scenarios", required=True)
+    r.add_argument("--policy", action="append", help="NAME or NAME:key=value,... (repeatable; default: "
+                                                      "silence, eou, half-duplex)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--workers", type=int, default=1, help="local processes (1 = in this process)")
+    r.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="run episodes as Ray tasks")
+    r.add_argument("--clock", default="ideal", help="ideal (compute counts as 0) | measured")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model", default=None, help="HF id/path (default: packaged SmolLM2-135M-Instruct)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="auto")
+    r.add_argument("--asr-model", default="tiny.en", help="tiny.en | base | path | fake")
+    r.add_argument("--vad", default="webrtc", help="webrtc | energy")
+    r.add_argument("--tts", default="piper", help="piper | flite | espeak-ng | fake")
+    r.add_argument("--max-reply-tokens", type=int, default=48)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--instructions", default=None)
+    r.add_argument("--threads", type=int, default=1, help="torch/whisper threads per worker")
+    r.add_argument("--no-report", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="rebuild report.html from a run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("--max-timelines", type=int, default=None)
+    rep.set_defaults(func=_cmd_report)
