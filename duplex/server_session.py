@@ -179,6 +179,8 @@ class ServerSession:
 
     # ---- outgoing -------------------------------------------------------------------------
     def _put(self, event: dict[str, Any]) -> None:
+        if self.outbox.overflowed:
+            return  # the connection is being closed for it (close code 1008); the session with it
         try:
             self.outbox.put_event(event)
         except OutboxOverflow:

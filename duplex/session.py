@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Clock, MonotonicClock
@@ -25,50 +24,15 @@ from .events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, Interrupted, P
                      SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted,
                      UpdateSession, UserTranscript)
 from .policies import Action, Continue, Listen, Observation, Policy, Speak, Yield, make_policy
-from .sampling import Sampler, SamplingConfig
-from .sequence import SequenceConfig, SharedSequence, Speaker, Status
+from .sampling import Sampler
+from .sequence import SharedSequence, Speaker, Status
+from .session_config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Keep your answers short."
-TRUNCATION_MARKER = "… [interrupted]"
 _URGENT = (SpeechStarted, Cancel)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    """Per-session settings. ``audio_output``: agent tokens count as heard only via playback marks."""
-
-    instructions: str = DEFAULT_INSTRUCTIONS
-    policy: str = "silence"
-    policy_params: dict[str, Any] = field(default_factory=dict)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=160))
-    audio_output: bool = False
-    truncate_wait_ms: float = 400.0
-    tick_ms: float = 20.0
-    max_text_chars: int = 16_000
-    log_decisions: bool = False
-    speculative_handover: bool = True  # prefill the turn hand-over while the user is silent
-    sequence: SequenceConfig = field(default_factory=SequenceConfig)
-    type: str = "session_config"
-
-
-@dataclass(slots=True)
-class _AgentTurn:
-    """Book-keeping for the agent turn being generated or played."""
-
-    turn: int
-    content_start: int  # sequence position of the first content token
-    tokens: list[int] = field(default_factory=list)
-    char_ends: list[int] = field(default_factory=list)  # cumulative text length after each token
-    text: str = ""
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    delivered_tokens: int = 0
-    generating: bool = True
-    playback_done: bool = False
 
 
 class Session:
@@ -102,7 +66,7 @@ class Session:
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
         self._prepared: int | None = None  # agent turn opened speculatively during user silence
         # agent side
-        self._agent: _AgentTurn | None = None
+        self._agent: AgentTurnState | None = None
         self._detok = IncrementalDetokenizer(engine.tokenizer)
         self._words = WordBuffer()
         self._overlap_start_t: float | None = None
@@ -523,7 +487,7 @@ class Session:
         self._speech_end_t = None
         self._overlap_start_t = self._overlap_end_t = None
         content_start = len(self.seq)
-        self._agent = _AgentTurn(turn=turn, content_start=content_start)
+        self._agent = AgentTurnState(turn=turn, content_start=content_start)
         self._detok.reset()
         self._words = WordBuffer()
         self._emit(TurnStarted("agent", turn, now))
@@ -595,7 +559,7 @@ class Session:
         self._overlap_start_t = self._overlap_end_t = None
         await self._finish_truncate_if_due()
 
-    def _text_of(self, agent: _AgentTurn, n_tokens: int) -> str:
+    def _text_of(self, agent: AgentTurnState, n_tokens: int) -> str:
         return self.engine.tokenizer.decode(agent.tokens[:n_tokens], skip_special_tokens=True)
 
     async def _finish_truncate_if_due(self) -> None:
@@ -613,7 +577,7 @@ class Session:
         self._set_state("listening")
         await self._release_held()
 
-    def _truncate_sync(self, agent: _AgentTurn, kept: int) -> None:
+    def _truncate_sync(self, agent: AgentTurnState, kept: int) -> None:
         """Crop the agent turn to ``kept`` content tokens, add the marker, close it. If a user turn
         was opened after it (the agent finished generating but was still being played), re-append
         that user turn after the truncated agent turn."""

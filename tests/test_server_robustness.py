@@ -128,7 +128,7 @@ def _small_socket(port: int) -> socket.socket:
 
 async def test_slow_reader_drops_audio_oldest_first_but_never_text(make_server) -> None:
     limit = 1 << 20
-    server = await make_server(tts=FakeTts(chars_per_s=1.0), config=_config(max_tokens=160),
+    server = await make_server(tts=FakeTts(chars_per_s=3.0), config=_config(max_tokens=160),
                                limits=ServerLimits(max_queued_audio_bytes=limit))
     async with connect(server.ws_url(), sock=_small_socket(server.port), max_queue=1, max_size=None) as ws:
         created = json.loads(await ws.recv())
@@ -167,7 +167,7 @@ async def test_slow_reader_drops_audio_oldest_first_but_never_text(make_server) 
 
 
 async def test_text_queue_overflow_closes_the_connection_not_the_server(make_server) -> None:
-    server = await make_server(tts=FakeTts(chars_per_s=1.0), config=_config(max_tokens=160),
+    server = await make_server(tts=FakeTts(chars_per_s=3.0), config=_config(max_tokens=160),
                                limits=ServerLimits(max_queued_audio_bytes=1 << 20, max_queued_events=8))
     async with connect(server.ws_url(), sock=_small_socket(server.port), max_queue=1, max_size=None) as ws:
         hub = server.sessions[json.loads(await ws.recv())["session"]["id"]]

@@ -1,0 +1,48 @@
+"""Session settings and the per-turn book-keeping the session loop keeps for the agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampling import SamplingConfig
+from .sequence import SequenceConfig
+
+__all__ = ["DEFAULT_INSTRUCTIONS", "SessionConfig", "TRUNCATION_MARKER", "AgentTurnState"]
+
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Keep your answers short."
+TRUNCATION_MARKER = "… [interrupted]"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Per-session settings. ``audio_output``: agent tokens count as heard only via playback marks."""
+
+    instructions: str = DEFAULT_INSTRUCTIONS
+    policy: str = "silence"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=160))
+    audio_output: bool = False
+    truncate_wait_ms: float = 400.0
+    tick_ms: float = 20.0
+    max_text_chars: int = 16_000
+    log_decisions: bool = False
+    speculative_handover: bool = True  # prefill the turn hand-over while the user is silent
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    type: str = "session_config"
+
+
+@dataclass(slots=True)
+class AgentTurnState:
+    """Book-keeping for the agent turn being generated or played."""
+
+    turn: int
+    content_start: int  # sequence position of the first content token
+    tokens: list[int] = field(default_factory=list)
+    char_ends: list[int] = field(default_factory=list)  # cumulative text length after each token
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    delivered_tokens: int = 0
+    generating: bool = True
+    playback_done: bool = False
