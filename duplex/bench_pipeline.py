@@ -27,19 +27,19 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .audio.asr import StreamingAsr, load_whisper
+from .audio.asr import load_whisper
 from .audio.commands import librivox_samples
 from .audio.convert import read_wav, to_mono_16k
 from .audio.events import SpeechStarted, SpeechStopped
-from .audio.speech_input import SpeechInput
 from .audio.tts import TtsEngine, load_tts
 from .audio.vad import VadSegmenter, WebRtcVad
 from .engine import Engine
 from .events import AgentTextDelta, TurnStarted, UserTranscript
 from .sampling import Sampler, SamplingConfig
 from .sequence import SharedSequence, Speaker
-from .session import DEFAULT_INSTRUCTIONS, SessionConfig
-from .voice import AudioOut, SpeechFinalized, VoiceConfig, VoiceSession
+from .session import DEFAULT_INSTRUCTIONS
+from .voice import (VAD_MIN_SILENCE_MS, VOICE_POLICY, VOICE_POLICY_PARAMS, AudioOut, SpeechFinalized, VoiceConfig,
+                    VoiceSession, default_voice_config, make_speech_input)
 
 __all__ = ["QUESTIONS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "bench_pipeline", "make_speech_input", "speech_end_s"]
 
@@ -55,12 +55,6 @@ QUESTIONS = (
     "How do I make a cup of tea?",
     "What is the tallest mountain in the world?",
 )
-# Voice turn-taking: the VAD's 300 ms and the final ASR pass already are the acoustic gap, so the
-# model's end-of-turn belief only adds time when the words look unfinished.
-VAD_MIN_SILENCE_MS = 300
-VOICE_POLICY = "eou"
-VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 700.0, "confident": 0.2,
-                                       "unlikely": 0.02}
 _STAGES = ("vad", "asr_final", "policy", "llm_first_text", "tts_first_chunk")
 _BASELINE_STAGES = ("vad", "asr", "prefill", "generate_sentence", "tts")
 
@@ -113,13 +107,7 @@ def _utterances(tts: TtsEngine, n_questions: int) -> list[_Utterance]:
 
 
 def _voice_config() -> VoiceConfig:
-    session = SessionConfig(instructions=DEFAULT_INSTRUCTIONS, policy=VOICE_POLICY, policy_params=VOICE_POLICY_PARAMS,
-                            sampling=SamplingConfig(temperature=0.0, max_tokens=48))
-    return VoiceConfig(session=session, first_clause_words=2)
-
-
-def make_speech_input(whisper: Any, min_silence_ms: int = VAD_MIN_SILENCE_MS) -> SpeechInput:
-    return SpeechInput(VadSegmenter(WebRtcVad(), min_silence_ms=min_silence_ms), StreamingAsr(whisper))
+    return default_voice_config(sampling=SamplingConfig(temperature=0.0, max_tokens=48))
 
 
 async def _trial(engine: Engine, whisper: Any, tts: TtsEngine, utt: _Utterance, lead_s: float = 0.5,

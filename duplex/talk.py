@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio.asr import StreamingAsr, load_whisper
+from .audio.asr import load_whisper
 from .audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStream, find_device
-from .audio.speech_input import SpeechInput
 from .audio.tts import load_tts
-from .audio.vad import VadSegmenter, WebRtcVad
 from .engine import Engine
-from .session import DEFAULT_INSTRUCTIONS, SessionConfig
-from .voice import AudioCleared, AudioOut, VoiceConfig, VoiceSession
+from .voice import AudioCleared, AudioOut, VoiceSession, default_voice_config, make_speech_input
 
 __all__ = ["MicGate", "PlaybackTracker", "run_talk"]
 
@@ -110,12 +107,8 @@ async def run_talk(args: argparse.Namespace) -> int:
         engine.close()
         print(f"duplex talk: {exc}", file=sys.stderr)
         return EXIT_NO_DEVICE
-    from .bench_pipeline import VAD_MIN_SILENCE_MS, VOICE_POLICY, VOICE_POLICY_PARAMS
-
-    params = VOICE_POLICY_PARAMS if args.policy == VOICE_POLICY else {}
-    session = SessionConfig(instructions=DEFAULT_INSTRUCTIONS, policy=args.policy, policy_params=params)
-    speech = SpeechInput(VadSegmenter(WebRtcVad(), min_silence_ms=VAD_MIN_SILENCE_MS), StreamingAsr(whisper))
-    voice = VoiceSession(engine, speech, tts, VoiceConfig(session=session))
+    speech = make_speech_input(whisper)
+    voice = VoiceSession(engine, speech, tts, default_voice_config(args.policy))
     mode = "headphones: talk over the agent to interrupt" if args.headphones else \
         "speaker: the mic is muted while the agent talks; press Enter to interrupt"
     print(f"listening ({mode}). Ctrl-C to quit.", file=sys.stderr)

@@ -26,26 +26,37 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
 from .audio.clauses import ClauseChunker
 from .audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
 from .audio.playback import PlaybackLedger
+from .audio.asr import StreamingAsr
 from .audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput
 from .audio.tts import StreamingTts, TtsEngine
+from .audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from .clock import Clock, MonotonicClock
 from .engine import Engine
 from .events import AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TurnEnded, TurnStarted
-from .session import Session, SessionConfig
+from .session import DEFAULT_INSTRUCTIONS, Session, SessionConfig
 
-__all__ = ["AudioCleared", "AudioDone", "AudioOut", "SpeechFinalized", "VoiceConfig", "VoiceOutput",
-           "VoiceSession"]
+__all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "AudioCleared", "AudioDone", "AudioOut",
+           "SpeechFinalized", "VoiceConfig", "VoiceOutput", "VoiceSession", "default_voice_config",
+           "make_speech_input", "voice_session_config"]
 
 log = logging.getLogger(__name__)
 
 _SR = 16_000
+
+# Voice turn-taking defaults (``duplex talk``, the server's voice sessions, ``bench pipeline``): the
+# VAD's 300 ms and the final ASR pass already are the acoustic gap, so the model's end-of-turn
+# belief only adds time when the words look unfinished.
+VAD_MIN_SILENCE_MS = 300
+VOICE_POLICY = "eou"
+VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 700.0, "confident": 0.2,
+                                       "unlikely": 0.02}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,26 @@ class VoiceConfig:
     clause_words: int = 14
     hold_stop_for_final_words: bool = True
     type: str = "voice_config"
+
+
+def voice_session_config(policy: str = VOICE_POLICY, **overrides: Any) -> SessionConfig:
+    """Session settings for a voice conversation: the voice policy gets its tuned parameters."""
+    params = dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
+    overrides.setdefault("instructions", DEFAULT_INSTRUCTIONS)
+    overrides.setdefault("policy_params", params)
+    return SessionConfig(policy=policy, **overrides)
+
+
+def default_voice_config(policy: str = VOICE_POLICY, **session_overrides: Any) -> VoiceConfig:
+    """The voice defaults in one place (talk, server and the pipeline benchmark use them)."""
+    return VoiceConfig(session=voice_session_config(policy, **session_overrides), first_clause_words=2)
+
+
+def make_speech_input(whisper: Any, min_silence_ms: int = VAD_MIN_SILENCE_MS, vad: FrameVad | None = None,
+                      **speech_options: Any) -> SpeechInput:
+    """VAD (WebRTC unless given) + streaming whisper with the voice defaults."""
+    segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=min_silence_ms)
+    return SpeechInput(segmenter, StreamingAsr(whisper), **speech_options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +226,8 @@ class VoiceSession:
         self.tts: StreamingTts | None = None
         if tts is not None:
             chunker = ClauseChunker(max_words=self.config.clause_words,
-                                    first_max_words=self.config.first_clause_words)
+                                    first_max_words=self.config.first_clause_words,
+                                    word_deltas=True)  # session deltas end on word boundaries
             self.tts = StreamingTts(tts, chunker)
         self._tts_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-tts")
         self._tts_inbox: asyncio.Queue[_TtsText | _TtsFlush] = asyncio.Queue()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 import jiwer
 import numpy as np
@@ -193,3 +196,88 @@ def test_real_pipeline_ignores_noise_and_silence(whisper) -> None:
     audio = np.concatenate([_silence(1.0), _noise(3.0, 0.05), _noise(2.0, 0.3, seed=3)])
     assert _feed(pipeline, audio) == []
     assert pipeline.asr.passes == 0
+
+
+# -- latency structure (no timing asserts: ordering and pass counts only) -------------------
+
+
+def _speech(speculate: bool) -> tuple[SpeechInput, FakeWhisper]:
+    whisper = FakeWhisper()
+    spec = 150.0 if speculate else None
+    pipeline = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=500), StreamingAsr(whisper), asr_interval_ms=400,
+                           speculate_after_silence_ms=spec)
+    return pipeline, whisper
+
+
+def test_speculative_final_pass_is_reused_at_turn_end() -> None:
+    audio = np.concatenate([_silence(0.5), _tone(1.7), _silence(1.0)])
+    words: dict[bool, list[str]] = {}
+    for speculate in (False, True):
+        pipeline, whisper = _speech(speculate)
+        events: list = []
+        stop_needed_pass = False
+        for i in range(0, len(audio), 320):
+            n_calls = len(whisper.calls)
+            out = pipeline.push(audio[i : i + 320])
+            if any(isinstance(e, SpeechStopped) for e in out):
+                stop_needed_pass = len(whisper.calls) > n_calls
+            events += out
+        events += pipeline.flush()
+        # (the fake names a cut-off last word by buffer length: compare the words themselves)
+        words[speculate] = [e.text.split("~")[0] for e in events if isinstance(e, AsrWord) and e.committed]
+        # with speculation the final words were ready when the VAD confirmed the end
+        assert stop_needed_pass is not speculate
+    assert words[True] == words[False] and words[True]
+
+
+def test_speculation_is_not_reused_when_speech_resumes() -> None:
+    pipeline, whisper = _speech(True)
+    audio = np.concatenate([_silence(0.5), _tone(1.0), _silence(0.3), _tone(1.0), _silence(1.0)])
+    events = _feed(pipeline, audio, chunk=320)
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    assert len(stops) == 1  # a 300 ms pause is not a turn end at 500 ms
+    words = [e for e in events if isinstance(e, AsrWord) and e.committed]
+    # the early pass at the pause was not taken for the final one: the second part is there too
+    assert words[-1].end_s == pytest.approx(stops[0].t_s, abs=0.05)
+
+
+def test_no_periodic_pass_in_a_pause() -> None:
+    audio = np.concatenate([_silence(0.5), _tone(0.5), _silence(0.6)])
+    calls = {}
+    for skip in (None, 100.0):
+        whisper = FakeWhisper()
+        pipeline = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=500), StreamingAsr(whisper),
+                               asr_interval_ms=1000, skip_pass_after_silence_ms=skip, speculate_after_silence_ms=None)
+        _feed(pipeline, audio, chunk=320)
+        calls[skip] = len(whisper.calls)
+    # 1 s of fed audio (padding + speech) is only reached in the pause: that pass is skipped
+    assert calls == {None: 2, 100.0: 1}
+
+
+@dataclass
+class _GatedWhisper(FakeWhisper):
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def transcribe(self, audio: np.ndarray, **kwargs: Any) -> Any:
+        self.gate.wait(30)  # hang guard only
+        return super().transcribe(audio, **kwargs)
+
+
+async def test_vad_events_do_not_wait_for_whisper() -> None:
+    whisper = _GatedWhisper()
+    speech = AsyncSpeechInput(SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=300), StreamingAsr(whisper), 200))
+    audio = np.concatenate([_silence(0.3), _tone(1.0), _silence(0.6)])
+    try:
+        for i in range(0, len(audio), 320):
+            await speech.push(audio[i : i + 320])
+        async with asyncio.timeout(30):  # hang guard only
+            first, second = await speech.get(), await speech.get()
+        assert isinstance(first, SpeechStarted) and isinstance(second, SpeechStopped)
+        assert not whisper.gate.is_set()  # the stop came while every whisper pass was still blocked
+        whisper.gate.set()
+        async with asyncio.timeout(30):
+            while not (isinstance(ev := await speech.get(), AsrWord) and ev.committed):
+                pass
+    finally:
+        whisper.gate.set()
+        await speech.aclose()

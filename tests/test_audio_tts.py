@@ -171,3 +171,11 @@ def test_command_line_fallbacks(engine_cls) -> None:
     assert pcm.dtype == np.int16 and rate in (8000, 16000, 22050)
     assert len(pcm) > rate // 2 and np.abs(pcm).max() > 1000
     assert len(engine_cls().synthesize("...")[0]) == 0
+
+
+def test_word_deltas_cut_the_first_clause_at_its_quota() -> None:
+    chunker = ClauseChunker(first_max_words=2, word_deltas=True)
+    assert chunker.push("The", 0, 1) == []
+    (clause,) = chunker.push(" capital", 1, 3)  # no need to wait for the third word
+    assert clause.text == "The capital" and (clause.token_start, clause.token_end) == (0, 3)
+    assert ClauseChunker(first_max_words=2).push("The capital", 0, 2) == []  # plain deltas: wait

@@ -106,3 +106,15 @@ def test_real_speech_with_inserted_silences(make_vad) -> None:
         # clips carry a little leading/trailing silence of their own
         assert clip_start - 0.05 <= start.t_s <= clip_start + 0.5
         assert clip_end - 0.6 <= stop.t_s <= clip_end + 0.05
+
+
+def test_trailing_silence_and_last_voiced_end() -> None:
+    from duplex.audio.fakes import EnergyVad
+
+    seg = VadSegmenter(EnergyVad(), min_silence_ms=500)
+    tone = (0.3 * np.sin(np.arange(8000) * 0.2)).astype(np.float32)
+    seg.push(tone)
+    assert seg.trailing_silence_ms == 0.0 and seg.last_voiced_end_s == pytest.approx(0.5)
+    seg.push(np.zeros(3200, np.float32))
+    assert seg.trailing_silence_ms == pytest.approx(200.0)
+    assert seg.in_speech and seg.last_voiced_end_s == pytest.approx(0.5)
