@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="eou")
     p.add_argument("--auth-token", default=None, help="require this token (or env DUPLEX_AUTH_TOKEN)")
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
-    p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path")
+    p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
+    p.add_argument("--instructions", default=None)
 
     p = add("talk", _cmd_talk, "local voice chat with microphone and speaker")
     _add_model_args(p)

@@ -62,6 +62,7 @@ class UpdateSession:
     policy_params: dict[str, Any] | None = None
     temperature: float | None = None
     max_reply_tokens: int | None = None
+    audio_output: bool | None = None  # agent tokens count as heard only via playback marks
     type: str = "update_session"
 
 

@@ -18,6 +18,7 @@ import mimetypes
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -87,6 +88,11 @@ class _Connection:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
+        size = self.server.limits.send_buffer_bytes
+        sock = self.ws.transport.get_extra_info("socket") if size else None
+        if sock is not None:
+            # small kernel buffers make a slow reader visible early (and bound memory for real)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.ws.request.path).query if self.ws.request else "")
         resume_id = (query.get("session_id") or [None])[0]
         hub = None
@@ -462,7 +468,9 @@ async def run_server(args: argparse.Namespace) -> int:
     """``duplex serve``: load the models, serve until SIGINT/SIGTERM, shut down gracefully."""
     print(f"loading model {args.model or 'default'} ...", file=sys.stderr)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype))
+    quantize = getattr(args, "quantize", "auto")
+    engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype,
+                                                                  quantize=None if quantize == "none" else quantize))
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = SessionConfig(policy=getattr(args, "policy", "eou") or "eou",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .audio import AsyncSpeechInput, AudioFormatError, PlaybackLedger, SpeechInput, StreamingTts, to_mono_16k
-from .audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
+from .audio.events import SpeechStarted, SpeechStopped, TtsChunk
 from .engine import Engine
 from .events import (AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TextInput, TurnEnded,
                      TurnStarted, UpdateSession)
@@ -47,6 +47,7 @@ class ServerLimits:
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
     close_timeout_s: float = 2.0
+    send_buffer_bytes: int | None = None  # SO_SNDBUF per connection; None = kernel autotuning
     type: str = "server_limits"
 
 
@@ -93,7 +94,6 @@ class ServerSession:
         self.session: Session | None = None
         self.owner: object | None = None  # the connection currently draining the outbox
         self.detached_at: float | None = None
-        self.pristine = True  # no user input yet: output modalities may still change
         self.closed = False
         self.close_reason: str | None = None
         self.input_sample_rate_hz = 16_000
@@ -298,8 +298,7 @@ class ServerSession:
 
     def handle_text(self, msg: InputText) -> None:
         session = self._require_session()
-        if session.submit(TextInput(msg.text, final=msg.final)):
-            self.pristine = False
+        session.submit(TextInput(msg.text, final=msg.final))
 
     def handle_cancel(self) -> None:
         self._require_session().submit(Cancel())
@@ -335,9 +334,7 @@ class ServerSession:
             if want_audio and self._tts_engine is None:
                 raise ProtocolError("audio_output_unavailable", "this server runs without TTS (--tts none)")
             if want_audio != self.audio_output:
-                if not self.pristine:
-                    raise ProtocolError("invalid_state", "output_modalities can only change before the first input")
-                await self._restart(dataclasses.replace(self.config, audio_output=want_audio))
+                await self._set_audio_output(want_audio)
         update = UpdateSession(instructions=msg.instructions, policy=msg.policy, policy_params=msg.policy_params,
                                temperature=msg.temperature, max_reply_tokens=msg.max_reply_tokens)
         if any(v is not None for v in (msg.instructions, msg.policy, msg.policy_params, msg.temperature,
@@ -349,8 +346,14 @@ class ServerSession:
             self.config = dataclasses.replace(self.config, **changes)
         self._put({"type": "session.updated", "session": self.describe()})
 
-    async def _restart(self, config: SessionConfig) -> None:
-        await self._stop_session()
+    async def _set_audio_output(self, enabled: bool) -> None:
+        """Switch agent audio on/off between agent turns (the session reads ``config.audio_output``
+        live: with audio on, tokens count as heard only through playback marks)."""
+        session = self._require_session()
+        if session.state != "listening" or self._agent_turn is not None:
+            raise ProtocolError("invalid_state", "output_modalities can only change while the agent is not speaking")
+        self.config = dataclasses.replace(self.config, audio_output=enabled)
+        session.submit(UpdateSession(audio_output=enabled))
         task = self._tasks.pop("tts", None)
         if task is not None:
             task.cancel()
@@ -359,9 +362,9 @@ class ServerSession:
             except asyncio.CancelledError:
                 pass
         self._tts = None
-        self.config = config
-        self._mapper = EventMapper()
-        await self.start()
+        if enabled and self._tts_engine is not None:
+            self._tts = StreamingTts(self._tts_engine)
+            self._tasks["tts"] = asyncio.create_task(self._run_tts(), name=f"tts-{self.id}")
 
     async def handle_audio(self, pcm: bytes) -> None:
         """Upstream audio in the declared input format -> VAD/ASR (created on first use)."""
@@ -389,12 +392,9 @@ class ServerSession:
                     return
                 session.submit(ev)
                 if isinstance(ev, SpeechStarted):
-                    self.pristine = False
                     self._put({"type": "input_audio_buffer.speech_started", "audio_start_ms": round(ev.t_s * 1000)})
                 elif isinstance(ev, SpeechStopped):
                     self._put({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": round(ev.t_s * 1000)})
-                elif isinstance(ev, AsrWord):
-                    self.pristine = False
         except Exception as exc:  # noqa: BLE001 - the ASR worker failed: say so, keep text working
             log.exception("session %s: speech input failed", self.id)
             self.send_error("asr_failed", f"{type(exc).__name__}: {exc}")

@@ -360,6 +360,8 @@ class Session:
                 max_tokens=ev.max_reply_tokens or self.config.sampling.max_tokens)
             self._sampler = Sampler(sampling)
             changes["sampling"] = sampling
+        if ev.audio_output is not None:
+            changes["audio_output"] = ev.audio_output
         if ev.instructions is not None:
             changes["instructions"] = ev.instructions
             assert self.seq is not None

@@ -10,11 +10,13 @@ import json
 import socket
 from typing import Any
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
+from duplex.audio.fakes import EnergyVad, FakeWhisper
+from duplex.audio.tts import Speech
 from duplex.client import DuplexClient, DuplexClientError
 from duplex.server import ServerLimits
 
@@ -117,6 +119,19 @@ async def test_rate_limit_sends_error_and_keeps_connection(make_server) -> None:
         assert await client.reply("hello again", timeout=GUARD_S) is not None
 
 
+class BlockTts:
+    """Fake TTS: a fixed, large block of audio per clause (500 kB), whatever the text."""
+
+    name = "block"
+    sample_rate_hz = 16000
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        return self.synthesize_speech(text).pcm, self.sample_rate_hz
+
+    def synthesize_speech(self, text: str, should_stop: Any = None) -> Speech:
+        return Speech((np.sin(np.arange(250_000) * 0.05) * 8000).astype(np.int16), self.sample_rate_hz)
+
+
 def _small_socket(port: int) -> socket.socket:
     """A client socket with a tiny receive buffer, so an unread socket backs up fast."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -128,8 +143,8 @@ def _small_socket(port: int) -> socket.socket:
 
 async def test_slow_reader_drops_audio_oldest_first_but_never_text(make_server) -> None:
     limit = 1 << 20
-    server = await make_server(tts=FakeTts(chars_per_s=3.0), config=_config(max_tokens=160),
-                               limits=ServerLimits(max_queued_audio_bytes=limit))
+    server = await make_server(tts=BlockTts(), config=_config(max_tokens=160),
+                               limits=ServerLimits(max_queued_audio_bytes=limit, send_buffer_bytes=32_768))
     async with connect(server.ws_url(), sock=_small_socket(server.port), max_queue=1, max_size=None) as ws:
         created = json.loads(await ws.recv())
         hub = server.sessions[created["session"]["id"]]
@@ -167,8 +182,9 @@ async def test_slow_reader_drops_audio_oldest_first_but_never_text(make_server) 
 
 
 async def test_text_queue_overflow_closes_the_connection_not_the_server(make_server) -> None:
-    server = await make_server(tts=FakeTts(chars_per_s=3.0), config=_config(max_tokens=160),
-                               limits=ServerLimits(max_queued_audio_bytes=1 << 20, max_queued_events=8))
+    server = await make_server(tts=BlockTts(), config=_config(max_tokens=160),
+                               limits=ServerLimits(max_queued_audio_bytes=1 << 20, max_queued_events=8,
+                                                   send_buffer_bytes=32_768))
     async with connect(server.ws_url(), sock=_small_socket(server.port), max_queue=1, max_size=None) as ws:
         hub = server.sessions[json.loads(await ws.recv())["session"]["id"]]
         await ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["text", "audio"]}}))
@@ -183,3 +199,25 @@ async def test_text_queue_overflow_closes_the_connection_not_the_server(make_ser
         assert info.value.rcvd is None or info.value.rcvd.code == 1008
     async with DuplexClient(server.ws_url()) as client:
         assert await client.reply("hi", timeout=GUARD_S) is not None
+
+
+async def test_outbox_drops_oldest_audio_and_never_events() -> None:
+    from duplex.server_outbox import Outbox, OutboxOverflow
+
+    box = Outbox(max_events=3, max_audio_bytes=2500)
+    box.put_event({"type": "a"})
+    for turn in (1, 2, 3):
+        box.put_audio({"turn": turn}, b"\x00" * 1000, turn, 500)
+    assert box.pending_audio_bytes <= 2500 and box.dropped.frames == 1
+    box.put_event({"type": "b"})
+    with pytest.raises(OutboxOverflow):
+        box.put_event({"type": "c"})  # a, the audio.dropped notice and b fill the event cap
+    out = [box.get_nowait() for _ in range(5)]
+    texts = [json.loads(o) for o in out if isinstance(o, str)]
+    frames = [o for o in out if isinstance(o, bytes)]
+    assert [t["type"] for t in texts] == ["a", "audio.dropped", "b"]
+    assert texts[1]["frames"] == 1 and texts[1]["turn"] == 1
+    from duplex.protocol import decode_audio_frame
+
+    assert [decode_audio_frame(f)[0]["turn"] for f in frames] == [2, 3]  # the oldest (turn 1) went
+    assert box.get_nowait() is None

@@ -24,6 +24,8 @@ const state = {
   waitingSince: null, // local time the user's turn ended
   latency: {},
   micStarted: false,
+  configured: false, // mic frames wait until the session has our audio settings
+  pendingFrames: [],
   errors: [],
 };
 window.duplex = { state, send, startAudio };
@@ -47,6 +49,7 @@ function connect(resume = false) {
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   ws.onopen = () => setStatus("connected");
+  state.configured = false;
   ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onAudio(e.data));
   ws.onclose = (e) => {
     setStatus(`disconnected (${e.code})`);
@@ -72,9 +75,15 @@ function onEvent(ev) {
       state.session = ev.session;
       setStatus(`connected · session ${ev.session.id}`);
       if (ev.type === "session.created") configureSession();
+      else {
+        state.configured = true;
+        flushFrames();
+      }
       break;
     case "session.updated":
       state.session = { ...state.session, ...ev.session };
+      state.configured = true;
+      flushFrames();
       break;
     case "state.changed":
       state.serverState = ev.state;
@@ -383,7 +392,10 @@ async function startAudio() {
       state.sentSamples += frame.byteLength / 2;
       state.sentTimes.push([state.sentSamples, performance.now()]);
       if (state.sentTimes.length > 3000) state.sentTimes.splice(0, 1000);
-      if (state.ws && state.ws.readyState === WebSocket.OPEN && !$("mute").checked) state.ws.send(frame);
+      if ($("mute").checked) return;
+      state.pendingFrames.push(frame);
+      if (state.pendingFrames.length > 500) state.pendingFrames.shift(); // keep the last 10 s
+      flushFrames();
     };
     source.connect(node);
     if (ctx.state !== "running") await ctx.resume().catch(() => {});
@@ -398,6 +410,11 @@ async function startAudio() {
     $("start").disabled = false;
     note("error", `microphone: ${err.message || err}`);
   }
+}
+
+function flushFrames() {
+  if (!state.configured || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  while (state.pendingFrames.length) state.ws.send(state.pendingFrames.shift());
 }
 
 // ---- typed input ----------------------------------------------------------------------

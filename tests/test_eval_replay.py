@@ -1,0 +1,166 @@
+"""Scenario files, the virtual-clock replay (determinism) and a small end-to-end smoke evaluation on
+the tiny model with the fake VAD/ASR/TTS (tone bursts stand in for speech)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter
+from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
+from duplex.eval.replay import ReplayConfig, replay_episode
+from duplex.eval.runner import RunSpec, parse_policy, read_timeline, run_eval
+from duplex.eval.scenario import (AudioItem, Cue, Scenario, TypedChunk, TypedItem, load_scenario, load_scenarios,
+                                  render_user_audio, resolve_cues, save_scenario)
+from duplex.eval.user_input import schedule_user_input
+
+SR = 16_000
+
+
+def _burst_wav(path: Path, seconds: float) -> None:
+    n = int(seconds * SR)
+    pcm = (np.sin(np.arange(n) * 2 * np.pi * 220 / SR) * 0.3 * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(pcm.tobytes())
+
+
+def write_tone_scenarios(directory: Path) -> None:
+    """One scenario per category; speech = tone bursts (exact for EnergyVad + FakeWhisper)."""
+    (directory / "audio").mkdir(parents=True, exist_ok=True)
+    for name, secs in (("q", 1.5), ("half", 1.0), ("bc", 0.3), ("int", 1.5)):
+        _burst_wav(directory / "audio" / f"{name}.wav", secs)
+    q = AudioItem(0.5, "audio/q.wav", "a question")
+    scenarios = [
+        Scenario("turn_taking-0", "turn_taking", (q,), (Cue("end_of_turn", item=0),), 10.0),
+        Scenario("pause-0", "pause", (AudioItem(0.5, "audio/half.wav"), AudioItem(3.0, "audio/half.wav")),
+                 (Cue("pause", item=0), Cue("end_of_turn", item=1)), 12.0),
+        Scenario("backchannel-0", "backchannel", (q, AudioItem(4.5, "audio/bc.wav", "mm-hm")),
+                 (Cue("end_of_turn", item=0), Cue("backchannel", item=1)), 12.0),
+        Scenario("interruption-0", "interruption", (q, AudioItem(4.5, "audio/int.wav", "wait")),
+                 (Cue("end_of_turn", item=0), Cue("interruption", item=1)), 12.0),
+    ]
+    for s in scenarios:
+        save_scenario(s, directory / f"{s.id}.json")
+
+
+@pytest.fixture(scope="module")
+def tone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("scenarios")
+    write_tone_scenarios(d)
+    return d
+
+
+def _speech() -> SpeechInput:
+    return SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(FakeWhisper()))
+
+
+def test_scenario_round_trip_and_cue_resolution(tone_dir: Path, tmp_path: Path):
+    s = load_scenario(tone_dir / "interruption-0.json")
+    user = render_user_audio(s)
+    eot, interruption = resolve_cues(s, user)
+    assert eot.t == pytest.approx(2.0, abs=0.02) and eot.start == pytest.approx(0.5, abs=0.02)
+    assert (interruption.t, interruption.end) == (pytest.approx(4.5, abs=0.02), pytest.approx(6.0, abs=0.02))
+    typed = Scenario("typed-0", "turn_taking", (TypedItem((TypedChunk(1.0, "hello "), TypedChunk(1.4, "there", True))),),
+                     (Cue("end_of_turn", t=1.4),), 5.0)
+    save_scenario(typed, tmp_path / "typed-0.json")
+    again = load_scenario(tmp_path / "typed-0.json")
+    assert again.items == typed.items and again.cues == typed.cues
+    schedule = schedule_user_input(render_user_audio(again), _speech(), measured=False)
+    assert [(x.t, x.event.text, x.event.final) for x in schedule.inputs] == [(1.0, "hello ", False), (1.4, "there", True)]
+    assert len(load_scenarios(tone_dir)) == 4
+
+
+def test_user_input_schedule_holds_speech_stopped_until_final_words(tone_dir: Path):
+    s = load_scenario(tone_dir / "turn_taking-0.json")
+    schedule = schedule_user_input(render_user_audio(s), _speech(), measured=False)
+    types = [x.event.type for x in schedule.inputs]
+    assert types[0] == "speech_started" and types[-1] == "speech_stopped"
+    committed = [x for x in schedule.inputs if x.event.type == "asr_word" and x.event.committed]
+    assert committed and committed[-1].t <= schedule.inputs[-1].t
+    assert " ".join(x.event.text for x in committed) == "w0 w1 w2"
+
+
+def _replay(scenario_path: Path, lm, clock: str = "ideal", policy: str = "silence") -> list[dict]:
+    s = load_scenario(scenario_path)
+    user = render_user_audio(s)
+    schedule = schedule_user_input(user, _speech(), measured=clock == "measured")
+    config = ReplayConfig(clock=clock, seed=3, max_reply_tokens=16, temperature=1.0)
+    result = asyncio.run(replay_episode(s, user, schedule, resolve_cues(s, user), policy, {}, lm, FakeTts(), config))
+    return list(result.records)
+
+
+def test_ideal_clock_replay_is_bit_identical(tone_dir: Path, tiny_lm):
+    a = _replay(tone_dir / "interruption-0.json", tiny_lm)
+    b = _replay(tone_dir / "interruption-0.json", tiny_lm)
+    assert json.dumps(a) == json.dumps(b)
+    types = {r["type"] for r in a}
+    assert {"policy_decided", "agent_text_delta", "agent_audio", "interrupted", "agent_audio_halted"} <= types
+    decided = next(r for r in a if r["type"] == "policy_decided")
+    assert "silence_s" in decided["observation"] and "type" in decided["action"]
+    assert [r["t"] for r in a] == sorted(r["t"] for r in a)
+
+
+def test_measured_clock_charges_compute_to_the_agent(tone_dir: Path, tiny_lm):
+    ideal = _replay(tone_dir / "turn_taking-0.json", tiny_lm)
+    measured = _replay(tone_dir / "turn_taking-0.json", tiny_lm, clock="measured")
+    first = lambda recs: next(r["t"] for r in recs if r["type"] == "agent_text_delta")  # noqa: E731
+    assert first(measured) > first(ideal)
+    assert measured[-1]["type"] == "episode_end" and measured[-1]["compute_s"]["engine"] > 0
+
+
+def test_parse_policy_with_parameters():
+    p = parse_policy("eou:short_gap_ms=300,confident=0.6")
+    assert (p.label, p.name, p.params) == ("eou:short_gap_ms=300,confident=0.6", "eou",
+                                           {"short_gap_ms": 300, "confident": 0.6})
+    with pytest.raises(ValueError):
+        parse_policy("no-such-policy")
+
+
+def test_smoke_evaluation_writes_timelines_summary_and_report(tone_dir: Path, tmp_path: Path, tiny_lm):
+    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("silence"), parse_policy("half-duplex")),
+                   model="tiny", asr="fake", vad="energy", tts="fake", max_reply_tokens=24, temperature=1.0)
+    summary = run_eval(spec, tone_dir, workers=1)
+    run = tmp_path / "run"
+    assert {r["policy"] for r in summary["rows"]} == {"silence", "half-duplex"}
+    assert summary["meta"]["clock"] == "ideal" and summary["policies"]["silence"]["params"]["gap_ms"] == 500.0
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert rows["silence"]["tor_turn_taking"] == 1.0 and rows["silence"]["turn_taking_latency_s"] > 0
+    assert rows["silence"]["yield_rate"] == 1.0 and rows["half-duplex"]["yield_rate"] == 0.0
+    assert rows["half-duplex"]["stop_latency_s"] > rows["silence"]["stop_latency_s"]
+    timeline = read_timeline(run / "episodes" / "silence" / "pause-0.jsonl")
+    assert timeline[0]["type"] == "episode" and timeline[-1]["type"] == "episode_end"
+    assert len((run / "episodes.jsonl").read_text().splitlines()) == 8
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_cli_wires_eval_subcommands(tone_dir: Path, tmp_path: Path):
+    from duplex.cli import build_parser, main
+
+    args = build_parser().parse_args(["eval", "run", "--scenarios", "x", "--policy", "eou", "--out", "y",
+                                      "--clock", "measured", "--workers", "2"])
+    assert args.policy == ["eou"] and args.clock == "measured" and callable(args.func)
+    assert main(["eval", "report", str(tmp_path / "missing")]) == 1  # a clear error, not a traceback
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="needs the flite binary")
+def test_make_scenarios_writes_loadable_annotated_scenarios(tmp_path: Path):
+    from duplex.eval.make import make_scenarios
+
+    paths = make_scenarios(tmp_path, 1, seed=7, voices=["flite:kal", "flite:slt"])
+    assert len(paths) == 4
+    again = make_scenarios(tmp_path / "again", 1, seed=7, voices=["flite:kal", "flite:slt"])
+    assert [p.read_text() for p in paths] == [p.read_text() for p in again]  # deterministic under the seed
+    for s in load_scenarios(tmp_path):
+        cue = s.primary_cue()
+        assert cue is not None and cue.t is not None and s.duration_s > cue.t
+        if s.category in ("pause", "backchannel", "interruption"):
+            assert cue.end is not None and cue.end > cue.t
