@@ -217,6 +217,7 @@ def _reprefill_first_token(lm: LoadedModel, ids: list[int], sampler: Sampler, ch
     """What a stateless chat API does at every turn: encode the whole history, then sample."""
     from transformers import DynamicCache
 
+    lm.model.set_attn_implementation(lm.attn_implementation)  # the loaded prefill kernel
     cache = DynamicCache(config=lm.model.config)
     logits = None
     for i in range(0, len(ids), chunk):

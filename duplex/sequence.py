@@ -11,6 +11,7 @@ This module is synchronous torch code; :mod:`duplex.engine` runs it on the devic
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import Enum
@@ -46,7 +47,27 @@ def _transformers_major() -> int:
 
 
 _TRANSFORMERS_MAJOR = _transformers_major()
-_EAGER_DECODE_MIN_CONTEXT = 512
+_DECODE_MAX_QUERY = 16
+_DECODE_MIN_CONTEXT = 512
+
+
+def _decode_attention_for(lm: LoadedModel) -> str | None:
+    """Attention kernel for decode steps on CPU: ``$DUPLEX_DECODE_ATTN`` = eager (default; measured
+    faster than sdpa for one query over a long cache), sdpa (keep the loaded kernel) or gqa
+    (:mod:`duplex.attention`, plain full-attention models only)."""
+    choice = os.environ.get("DUPLEX_DECODE_ATTN", "eager")
+    if choice == "sdpa":
+        return None
+    if choice == "gqa":
+        cfg = lm.model.config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            return None
+        from .attention import register
+
+        return register()
+    if choice != "eager":
+        raise ValueError(f"DUPLEX_DECODE_ATTN must be eager, sdpa or gqa, not {choice!r}")
+    return "eager"
 
 
 class Speaker(str, Enum):
@@ -109,6 +130,7 @@ class SharedSequence:
         self._open: tuple[Speaker, int] | None = None  # (speaker, turn id) of the open turn
         self.evicted_tokens = 0
         self._prefill_attn = lm.attn_implementation
+        self._decode_attn = _decode_attention_for(lm)
 
     # ---- read side -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -322,9 +344,11 @@ class SharedSequence:
     def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
         device = self.lm.device
         if device.type == "cpu":
-            # PyTorch's CPU flash-attention kernel is slow for a single query against a long
-            # cache (110 ms vs 60 ms eager at 4k tokens, bf16); chunked prefill keeps sdpa.
-            want = "eager" if len(ids) == 1 and start_pos > _EAGER_DECODE_MIN_CONTEXT else self._prefill_attn
+            # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
+            # cache (110 ms vs 60 ms eager for one token at 4k context, bf16): decode steps and
+            # turn hand-overs use the GQA kernel of duplex.attention; chunked prefill keeps sdpa.
+            short = len(ids) <= _DECODE_MAX_QUERY and start_pos >= _DECODE_MIN_CONTEXT
+            want = self._decode_attn if short and self._decode_attn else self._prefill_attn
             if self.lm.model.config._attn_implementation != want:
                 self.lm.model.set_attn_implementation(want)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)

@@ -47,17 +47,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from pathlib import Path
 
+    from .report import write_report
+    from .runner import rebuild_summary
+
+    if args.rebuild or not (Path(args.run_dir) / "summary.json").exists():
+        _print_table(rebuild_summary(args.run_dir))
     path = write_report(args.run_dir, max_timelines=args.max_timelines)
     print(f"wrote {path}")
     return 0
 
 
 def _print_table(summary: dict[str, Any]) -> None:
-    from .report import _TABLE_COLS
+    from .report import TABLE_COLUMNS
 
-    keys = [k for k, _ in _TABLE_COLS]
+    keys = [k for k, _ in TABLE_COLUMNS]
     print("policy".ljust(16) + " ".join(k[:12].rjust(12) for k in keys))
     for row in summary["rows"]:
         vals = [row.get(k) for k in keys]
@@ -105,4 +110,6 @@ def add_eval_parser(subparsers: Any) -> None:
     rep = sub.add_parser("report", help="rebuild report.html from a run directory")
     rep.add_argument("run_dir")
     rep.add_argument("--max-timelines", type=int, default=None)
+    rep.add_argument("--rebuild", action="store_true", help="recompute metrics from the episode timelines "
+                                                             "(also works on a run that was cut short)")
     rep.set_defaults(func=_cmd_report)

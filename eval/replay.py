@@ -15,6 +15,7 @@ import asyncio
 import heapq
 import itertools
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -164,8 +165,7 @@ class _Driver:
             self._halt(ev.turn, ev.t)
 
     def _synthesize(self, turn: int, t: float, fn: Any, *args: Any) -> float:
-        import time
-
+        """Run a TTS step on the TTS worker's virtual timeline; lay its chunks out for playback."""
         t0 = time.perf_counter()
         chunks = fn(*args)
         dt = time.perf_counter() - t0
@@ -208,13 +208,17 @@ class _Driver:
             kept.append(seg)
         state.segments = kept
         self._record({"type": "agent_audio_halted", "t": t, "turn": turn, "cut": cut})
-        heard = state.ledger.heard_token(played) or 0 if state.ledger.queued_samples else 0
+        heard = (state.ledger.heard_token(played) or 0) if state.ledger.queued_samples else 0
         self._mark(PlaybackMark(turn, heard, final=True))
 
-    def _audio_records(self) -> list[dict[str, Any]]:
+    def _audio_records(self, until: float) -> list[dict[str, Any]]:
+        """Played audio per chunk; the episode ends at ``until``, and so does its audio."""
         out = []
         for turn, state in self.turns.items():
             for seg in state.segments:
+                if seg.start >= until:
+                    continue
+                seg.end = min(seg.end, until)
                 c = seg.chunk
                 words = [m.start() for m in _WORD.finditer(c.text)]
                 span = max(seg.offset_s - seg.onset_s, 0.0)
@@ -240,7 +244,9 @@ class _Driver:
             self._record({"type": "user_speech", "t": on, "end": off, "item": i, "text": text})
         for ti in self.schedule.inputs:
             self._at(ti.t, "input", ti.event)
-        await self.session.start()
+        # Not awaited here: on the measured clock the system prompt's prefill finishes in virtual
+        # time, which only this loop advances.
+        starting = asyncio.ensure_future(self.session.start())
         try:
             while True:
                 await self._settle()
@@ -252,11 +258,14 @@ class _Driver:
                 while self.heap and self.heap[0][0] <= self.clock.now():
                     _, _, kind, payload = heapq.heappop(self.heap)
                     self._apply(kind, payload)
+            await starting
         finally:
+            if not starting.done():
+                starting.cancel()
             await self.session.close()
             self._drain()
-        self.records.extend(self._audio_records())
-        end = {"type": "episode_end", "t": max(s.duration_s, self.clock.now())}
+        self.records.extend(self._audio_records(s.duration_s))
+        end: dict[str, Any] = {"type": "episode_end", "t": s.duration_s}
         if self.measured:
             end["compute_s"] = {"engine": self.engine.stage.compute_s, "tts": self.tts_compute_s,
                                 "asr": self.schedule.asr_compute_s}

@@ -15,11 +15,11 @@ from typing import Any
 from .metrics import agent_outputs
 from .runner import timeline_path
 
-__all__ = ["write_report"]
+__all__ = ["TABLE_COLUMNS", "write_report"]
 
 log = logging.getLogger(__name__)
 
-_TABLE_COLS = [
+TABLE_COLUMNS = [
     ("tor_pause", "TOR pause ↓"), ("tor_backchannel", "TOR backchannel ↓"), ("tor_turn_taking", "TOR turn-taking ↑"),
     ("tor_interruption", "TOR interruption ↑"), ("turn_taking_latency_s", "turn-taking latency s"),
     ("stop_latency_s", "stop latency s"), ("response_latency_s", "response latency s"),
@@ -132,19 +132,19 @@ def write_report(run_dir: str | Path, max_timelines: int | None = None) -> Path:
     meta = summary["meta"]
     parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in meta.items()
                                      if not isinstance(v, dict)) + "</table>")
-    parts.append("<h2>Summary</h2><table><tr><th>policy</th>" + "".join(f"<th>{html.escape(lbl)}</th>" for _, lbl in _TABLE_COLS)
+    parts.append("<h2>Summary</h2><table><tr><th>policy</th>" + "".join(f"<th>{html.escape(lbl)}</th>" for _, lbl in TABLE_COLUMNS)
                  + "<th>episodes</th></tr>")
     for r in rows:
-        parts.append(f"<tr><td>{html.escape(r['policy'])}</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in _TABLE_COLS)
+        parts.append(f"<tr><td>{html.escape(r['policy'])}</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in TABLE_COLUMNS)
                      + f"<td>{r.get('episodes')}</td></tr>")
     parts.append("</table><p>Valid cues per category (agent speaking at the cue for backchannel/interruption): "
                  + "; ".join(f"{html.escape(r['policy'])}: " + ", ".join(f"{c} {r.get(f'n_{c}')}/{r.get(f'n_{c}_total')}"
                              for c in ("pause", "backchannel", "turn_taking", "interruption")) for r in rows) + "</p>")
     parts.append("<h3>Policy parameters</h3><pre>" + html.escape(json.dumps(summary["policies"], indent=1)) + "</pre>")
     parts.append("<h2>Metrics per policy</h2>")
-    parts.append(f"<img src='{_bars(rows, _TABLE_COLS[:4], 'Turn-over rate per category', 'TOR')}'>")
-    parts.append(f"<img src='{_bars(rows, _TABLE_COLS[4:7], 'Latencies (mean)', 'seconds')}'>")
-    parts.append(f"<img src='{_bars(rows, _TABLE_COLS[7:], 'Rates and overlap', 'value')}'>")
+    parts.append(f"<img src='{_bars(rows, TABLE_COLUMNS[:4], 'Turn-over rate per category', 'TOR')}'>")
+    parts.append(f"<img src='{_bars(rows, TABLE_COLUMNS[4:7], 'Latencies (mean)', 'seconds')}'>")
+    parts.append(f"<img src='{_bars(rows, TABLE_COLUMNS[7:], 'Rates and overlap', 'value')}'>")
     parts.append("<h2>Latency CDFs</h2>")
     parts.append(f"<img src='{_cdfs(episodes, policies)}'>")
     parts.append("<h2>Timelines</h2>")

@@ -24,7 +24,7 @@ from .metrics import EpisodeMetrics, MetricsConfig, episode_metrics, summarize
 from .scenario import load_scenario, render_user_audio, resolve_cues
 from .user_input import schedule_user_input
 
-__all__ = ["PolicySpec", "RunSpec", "git_commit", "parse_policy", "read_timeline", "run_chunk", "timeline_path", "run_eval",
+__all__ = ["PolicySpec", "RunSpec", "git_commit", "parse_policy", "read_timeline", "rebuild_summary", "run_chunk", "timeline_path", "run_eval",
            "write_summary", "write_timeline"]
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def _run_scenarios(spec: RunSpec, res: _Resources, paths: list[str],
             t0 = time.perf_counter()
             result = asyncio.run(replay_episode(scenario, user, schedule, cues, p.name, p.params, res.lm, res.tts,
                                                 config, template=res.template))
-            records = [dict(r, policy=p.label) if r.get("type") == "episode" else r for r in result.records]
+            records = [dict(r, policy=p.label, policy_name=p.name) if r.get("type") == "episode" else r
+                       for r in result.records]
             write_timeline(timeline_path(spec.out_dir, p.label, scenario.id), records)
             m = episode_metrics(records)
             out.append({**m.to_dict(), **result.stats, "wall_s": time.perf_counter() - t0})
@@ -166,6 +167,12 @@ def _run_scenarios(spec: RunSpec, res: _Resources, paths: list[str],
 def run_chunk(spec: RunSpec, paths: list[str]) -> list[dict[str, Any]]:
     """Worker entry point (process pool or Ray task): load models, replay ``paths``."""
     logging.basicConfig(level=logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per chunk load would bury the run's own bar
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
     return _run_scenarios(spec, _load(spec), paths)
 
 
@@ -226,13 +233,57 @@ def _ray_chunks(spec: RunSpec, chunks: list[list[str]], address: str, bar: Any) 
             ray.shutdown()
 
 
+def _interleave(paths: list[str]) -> list[str]:
+    """Round-robin over categories, so a run cut short still covers every category evenly."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            groups.setdefault(str(json.load(f).get("category")), []).append(p)
+    lists = [groups[k] for k in sorted(groups)]
+    return [x[i] for i in range(max((len(x) for x in lists), default=0)) for x in lists if i < len(x)]
+
+
+def rebuild_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Recompute episodes.jsonl and summary.json from the timelines on disk (e.g. after changing the
+    metrics, or for a run that was cut short); keeps the old summary's metadata where there is one."""
+    run = Path(run_dir)
+    rows, headers = [], {}
+    for path in sorted(run.glob("episodes/*/*.jsonl")):
+        records = read_timeline(path)
+        if not records or records[-1].get("type") != "episode_end":
+            continue  # an episode still being written
+        head = records[0]
+        headers[head["policy"]] = head
+        compute = records[-1].get("compute_s", {})
+        rows.append({**episode_metrics(records).to_dict(), "engine_compute_s": compute.get("engine", 0.0),
+                     "tts_compute_s": compute.get("tts", 0.0), "asr_compute_s": compute.get("asr", 0.0)})
+    if not rows:
+        raise FileNotFoundError(f"no finished episode timelines under {run}/episodes")
+    old = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    head = next(iter(headers.values()))
+    policies = tuple(PolicySpec(label, h.get("policy_name", label.partition(":")[0]), {})
+                     for label, h in sorted(headers.items()))
+    spec = RunSpec(out_dir=str(run), policies=policies, clock=head.get("clock", "ideal"), seed=head.get("seed", 0),
+                   max_reply_tokens=head.get("max_reply_tokens", 48))
+    meta = {k: v for k, v in old.get("meta", {}).items() if k in ("scenarios_dir", "wall_s", "workers", "ray")}
+    meta.update(n_episodes=len(rows), rebuilt_from_timelines=True, git_commit=git_commit(Path(__file__).parent))
+    rows.sort(key=lambda r: (r["policy"], r["scenario"]))
+    summary = write_summary(spec, rows, meta)
+    for label, h in headers.items():  # the parameters the episodes actually ran with
+        summary["policies"][label] = {"name": h.get("policy_name", label), "params": h.get("policy_params", {})}
+    if "meta" in old:
+        summary["meta"] = {**old["meta"], **summary["meta"], **meta}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+    return summary
+
+
 def run_eval(spec: RunSpec, scenarios_dir: str | Path, workers: int = 1, ray_address: str | None = None,
              progress: bool = False, report: bool = True) -> dict[str, Any]:
     """Replay all scenarios in ``scenarios_dir`` with every policy; write timelines, episodes.jsonl,
     summary.json (and report.html); return the summary."""
     from tqdm import tqdm
 
-    paths = sorted(str(p) for p in Path(scenarios_dir).glob("*.json") if p.name not in ("summary.json",))
+    paths = _interleave(sorted(str(p) for p in Path(scenarios_dir).glob("*.json") if p.name != "summary.json"))
     if not paths:
         raise FileNotFoundError(f"no scenario *.json files in {scenarios_dir}")
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
@@ -245,7 +296,13 @@ def run_eval(spec: RunSpec, scenarios_dir: str | Path, workers: int = 1, ray_add
             chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
             rows = _ray_chunks(spec, chunks, ray_address, bar)
         elif workers <= 1:
-            rows = _run_scenarios(spec, _load(spec), paths, on_episode=lambda: bar.update(1))
+            import torch
+
+            threads = torch.get_num_threads()
+            try:
+                rows = _run_scenarios(spec, _load(spec), paths, on_episode=lambda: bar.update(1))
+            finally:
+                torch.set_num_threads(threads)  # _load set this process's threads for the run
         else:
             size = max(1, min(4, math.ceil(len(paths) / workers)))
             chunks = [paths[i:i + size] for i in range(0, len(paths), size)]

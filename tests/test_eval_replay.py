@@ -15,7 +15,7 @@ import pytest
 from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter
 from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
 from duplex.eval.replay import ReplayConfig, replay_episode
-from duplex.eval.runner import RunSpec, parse_policy, read_timeline, run_eval
+from duplex.eval.runner import RunSpec, parse_policy, read_timeline, rebuild_summary, run_eval
 from duplex.eval.scenario import (AudioItem, Cue, Scenario, TypedChunk, TypedItem, load_scenario, load_scenarios,
                                   render_user_audio, resolve_cues, save_scenario)
 from duplex.eval.user_input import schedule_user_input
@@ -138,8 +138,11 @@ def test_smoke_evaluation_writes_timelines_summary_and_report(tone_dir: Path, tm
     assert rows["half-duplex"]["stop_latency_s"] > rows["silence"]["stop_latency_s"]
     timeline = read_timeline(run / "episodes" / "silence" / "pause-0.jsonl")
     assert timeline[0]["type"] == "episode" and timeline[-1]["type"] == "episode_end"
-    assert len((run / "episodes.jsonl").read_text().splitlines()) == 8
+    episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    assert sorted((e["policy"], e["scenario"]) for e in episodes) == sorted(
+        (p, s) for p in ("silence", "half-duplex") for s in ("backchannel-0", "interruption-0", "pause-0", "turn_taking-0"))
     assert "data:image/png;base64," in (run / "report.html").read_text()
+    assert rebuild_summary(run)["rows"] == summary["rows"]  # the timelines alone reproduce the metrics
 
 
 def test_cli_wires_eval_subcommands(tone_dir: Path, tmp_path: Path):

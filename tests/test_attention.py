@@ -1,0 +1,22 @@
+"""The GQA decode kernel equals PyTorch's reference attention for short query blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplex.attention import gqa_decode_attention
+
+
+@pytest.mark.parametrize("q,n", [(1, 1), (1, 37), (3, 10), (6, 64)])
+def test_matches_causal_sdpa_on_the_last_positions(q, n):
+    torch.manual_seed(0)
+    query = torch.randn(1, 6, q, 16)
+    key = torch.randn(1, 2, n, 16)
+    value = torch.randn(1, 2, n, 16)
+    out, _ = gqa_decode_attention(None, query, key, value, None)
+    k = key.repeat_interleave(3, dim=1)
+    v = value.repeat_interleave(3, dim=1)
+    mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
