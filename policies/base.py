@@ -112,7 +112,7 @@ def make_policy(name: str, **params: Any) -> Policy:
 # Acknowledgement tokens. Used only together with duration and word count: "yeah" said for two
 # seconds, or followed by more words, is a turn, not a backchannel.
 _ACK_WORDS = frozenset({
-    "mm", "mhm", "mm-hm", "mmhm", "hm", "hmm", "uh-huh", "uhhuh", "uh", "huh", "yeah", "yep", "yes", "ok",
+    "mm", "mhm", "mm-hm", "mmhm", "mm-hmm", "mhmm", "hmm-hmm", "uh-uh", "hm", "hmm", "uh-huh", "uhhuh", "uh", "huh", "yeah", "yep", "yes", "ok",
     "okay", "right", "sure", "aha", "ah", "oh", "wow", "cool", "nice", "great", "true", "exactly", "totally",
     "i", "see", "got", "it", "indeed", "alright", "good",
 })

@@ -167,3 +167,19 @@ def test_make_scenarios_writes_loadable_annotated_scenarios(tmp_path: Path):
         assert cue is not None and cue.t is not None and s.duration_s > cue.t
         if s.category in ("pause", "backchannel", "interruption"):
             assert cue.end is not None and cue.end > cue.t
+
+
+@pytest.mark.integration
+def test_real_pipeline_takes_the_turn_after_a_spoken_question(tmp_path: Path):
+    """SmolLM2 + whisper tiny.en + Piper on one synthesised turn-taking scenario, measured clock."""
+    from duplex.eval.make import make_scenarios
+
+    make_scenarios(tmp_path / "scn", 1, seed=1, voices=["piper:joe"], categories=("turn_taking",))
+    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("eou"),), clock="measured",
+                   max_reply_tokens=16)
+    (row,) = run_eval(spec, tmp_path / "scn", workers=1, report=False)["rows"]
+    assert row["tor_turn_taking"] == 1.0 and row["turn_taking_latency_s"] > 0
+    timeline = read_timeline(tmp_path / "run" / "episodes" / "eou" / "turn_taking-0000.jsonl")
+    heard = " ".join(r["event"]["text"] for r in timeline if r["type"] == "input"
+                     and r["event"]["type"] == "asr_word" and r["event"]["committed"])
+    assert len(heard.split()) >= 3  # whisper understood the synthesised question
