@@ -52,10 +52,10 @@ _DECODE_MIN_CONTEXT = 512
 
 
 def _decode_attention_for(lm: LoadedModel) -> str | None:
-    """Attention kernel for decode steps on CPU: ``$DUPLEX_DECODE_ATTN`` = eager (default; measured
-    faster than sdpa for one query over a long cache), sdpa (keep the loaded kernel) or gqa
-    (:mod:`duplex.attention`, plain full-attention models only)."""
-    choice = os.environ.get("DUPLEX_DECODE_ATTN", "eager")
+    """Attention kernel for decode steps and hand-overs on CPU, from ``$DUPLEX_DECODE_ATTN``:
+    gqa (default: :mod:`duplex.attention`; TTFT at 4k history 62 ms vs 108 ms sdpa, 110 ms eager),
+    eager, or sdpa (keep the loaded kernel)."""
+    choice = os.environ.get("DUPLEX_DECODE_ATTN", "gqa")
     if choice == "sdpa":
         return None
     if choice == "gqa":
