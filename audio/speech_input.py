@@ -21,7 +21,7 @@ from .convert import TARGET_SAMPLE_RATE_HZ
 from .events import AsrWord, SpeechStarted, SpeechStopped
 from .vad import VadSegmenter
 
-__all__ = ["AsyncSpeechInput", "SpeechEvent", "SpeechInput"]
+__all__ = ["AsyncSpeechInput", "SpeechEvent", "SpeechInput", "merge_words"]
 
 logger = logging.getLogger(__name__)
 
@@ -352,3 +352,16 @@ class AsyncSpeechInput:
             raise
         except Exception as exc:
             self._fail(exc)
+
+
+def merge_words(events: list[SpeechEvent]) -> list[SpeechEvent]:
+    """Consecutive words with the same ``committed`` flag become one phrase, so a whisper pass is
+    prefilled in one forward step rather than one per word."""
+    out: list[SpeechEvent] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if isinstance(ev, AsrWord) and isinstance(prev, AsrWord) and prev.committed == ev.committed:
+            out[-1] = AsrWord(f"{prev.text} {ev.text}", prev.start_s, ev.end_s, ev.committed)
+        else:
+            out.append(ev)
+    return out

@@ -34,7 +34,7 @@ from .audio.clauses import ClauseChunker
 from .audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
 from .audio.playback import PlaybackLedger
 from .audio.asr import StreamingAsr
-from .audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput
+from .audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
 from .audio.tts import StreamingTts, TtsEngine
 from .audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from .clock import Clock, MonotonicClock
@@ -153,12 +153,12 @@ class _PhraseInput:
         return self._note_stops(self.inner.close_turn())
 
     def recognize(self) -> list[SpeechEvent | SpeechFinalized]:
-        out: list[SpeechEvent | SpeechFinalized] = list(_merge_words(self.inner.recognize()))
+        out: list[SpeechEvent | SpeechFinalized] = list(merge_words(self.inner.recognize()))
         return out + self._finalized()
 
     def flush(self) -> list[SpeechEvent | SpeechFinalized]:
         events = self._note_stops(self.inner.close_turn())
-        out: list[SpeechEvent | SpeechFinalized] = [*events, *_merge_words(self.inner.recognize())]
+        out: list[SpeechEvent | SpeechFinalized] = [*events, *merge_words(self.inner.recognize())]
         return out + self._finalized()
 
     def _note_stops(self, events: list[SpeechEvent]) -> list[SpeechEvent]:
@@ -174,18 +174,6 @@ class _PhraseInput:
             ready = [t for t in self._stops if t <= done_s]
             self._stops = [t for t in self._stops if t > done_s]
         return [SpeechFinalized(t) for t in ready]
-
-
-def _merge_words(events: list[SpeechEvent]) -> list[SpeechEvent]:
-    """Consecutive words with the same ``committed`` flag become one phrase."""
-    out: list[SpeechEvent] = []
-    for ev in events:
-        prev = out[-1] if out else None
-        if isinstance(ev, AsrWord) and isinstance(prev, AsrWord) and prev.committed == ev.committed:
-            out[-1] = AsrWord(f"{prev.text} {ev.text}", prev.start_s, ev.end_s, ev.committed)
-        else:
-            out.append(ev)
-    return out
 
 
 @dataclass(slots=True)

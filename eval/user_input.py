@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 
 from duplex.audio import SpeechInput
+from duplex.audio.speech_input import merge_words
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 from duplex.events import TextInput
 
 from .scenario import RenderedUser
 from .virtual import StageTimer
 
-__all__ = ["TimedInput", "UserSchedule", "merge_words", "schedule_user_input"]
+__all__ = ["TimedInput", "UserSchedule", "schedule_user_input"]
 
 _SR = 16_000
 
@@ -44,18 +45,6 @@ class UserSchedule:
     asr_compute_s: float
     asr_calls: int
     type: str = "user_schedule"
-
-
-def merge_words(events: list[Any]) -> list[Any]:
-    """Consecutive words with the same ``committed`` flag become one phrase (one prefill step)."""
-    out: list[Any] = []
-    for ev in events:
-        prev = out[-1] if out else None
-        if isinstance(ev, AsrWord) and isinstance(prev, AsrWord) and prev.committed == ev.committed:
-            out[-1] = AsrWord(f"{prev.text} {ev.text}", prev.start_s, ev.end_s, ev.committed)
-        else:
-            out.append(ev)
-    return out
 
 
 def schedule_user_input(user: RenderedUser, speech: SpeechInput | None, measured: bool,
