@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, resolve_device
 from .sampling import Sampler, SamplingConfig
 from .sequence import SequenceConfig, SharedSequence, Speaker
 from .template import TurnTemplate
@@ -63,7 +63,6 @@ def memory_bound_ms(weight_bytes: int, dtype: torch.dtype, device: torch.device,
             op()
             _sync(device)
             times.append((time.perf_counter() - t) * 1000)
-    del w
     return min(times[2:])
 
 
@@ -106,7 +105,7 @@ def bench_decode(model: str | None = None, device: str = "auto",
     ``bound_ms_per_token``: one mat-vec over the same weight bytes in the same storage format.
     ``bandwidth_bound_ms``: the same bytes at the best streaming bandwidth measured in this run
     (an fp32 mat-vec), i.e. the physical floor whatever the kernel."""
-    dev = load_device(device)
+    dev = resolve_device(device)
     gbps = bandwidth_gbps(dev)
     _progress(progress, f"streaming bandwidth {gbps:.1f} GB/s")
     rows = []
@@ -127,12 +126,6 @@ def bench_decode(model: str | None = None, device: str = "auto",
     return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(dev),
             "threads": torch.get_num_threads(), "bandwidth_gbps": round(gbps, 1), **best,
             "all_variants": rows}
-
-
-def load_device(device: str) -> torch.device:
-    from .models import resolve_device
-
-    return resolve_device(device)
 
 
 def _history_sequence(lm: LoadedModel, history_tokens: int) -> tuple[SharedSequence, list[int]]:

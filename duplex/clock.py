@@ -27,7 +27,8 @@ class MonotonicClock:
 
 
 class ManualClock:
-    """Time moves only when :meth:`advance` is called; sleepers wake when their deadline passes."""
+    """Time moves only when :meth:`advance` / :meth:`advance_to` is called; sleepers wake when their
+    deadline passes. Used by tests and by the offline evaluation's virtual timeline."""
 
     def __init__(self, start: float = 0.0) -> None:
         self._t = start
@@ -37,15 +38,32 @@ class ManualClock:
         return self._t
 
     async def sleep(self, seconds: float) -> None:
+        await self.sleep_until(self._t + max(0.0, seconds))
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._t:
+            await asyncio.sleep(0)  # still a scheduling point, as a zero-length worker call would be
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self._t + max(0.0, seconds), fut))
+        self._sleepers.append((deadline, fut))
         try:
             await fut
         finally:
             self._sleepers = [(d, f) for d, f in self._sleepers if f is not fut]
 
+    @property
+    def pending(self) -> int:
+        return sum(1 for _, f in self._sleepers if not f.done())
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d, f in self._sleepers if not f.done()]
+        return min(deadlines) if deadlines else None
+
     def advance(self, seconds: float) -> None:
-        self._t += seconds
+        self.advance_to(self._t + seconds)
+
+    def advance_to(self, t: float) -> None:
+        self._t = max(self._t, t)
         for deadline, fut in list(self._sleepers):
             if deadline <= self._t and not fut.done():
                 fut.set_result(None)

@@ -289,6 +289,24 @@ class SharedSequence:
         """Mark an existing turn open again (after rolling back its footer)."""
         self._open = (speaker, turn)
 
+    def truncate_turn(self, turn: int, content_start: int, kept: int, marker_ids: Seq[int]) -> int | None:
+        """Crop agent ``turn`` to its first ``kept`` content tokens (marked spoken), append the
+        truncation marker and close it. A user turn opened after it (the agent had finished
+        generating while its audio still played) is re-appended; returns that turn's new id."""
+        user_ids: list[int] = []
+        if self._open is not None and self._open[0] is Speaker.USER and self._open[1] != turn:
+            user_ids = [self._ids[p] for p in self.positions(self._open[1])][len(self.template.user.header):]
+        self.truncate_to(content_start + kept)
+        self.reopen(Speaker.AGENT, turn)
+        self.set_status(content_start, content_start + kept, Status.SPOKEN)
+        self.append(marker_ids)
+        self.end_turn(Speaker.AGENT)
+        if not user_ids:
+            return None
+        new_turn = self.begin_turn(Speaker.USER)
+        self.append(user_ids)
+        return new_turn
+
     def maybe_evict(self) -> bool:
         """Over the token budget: keep the system prompt + a recent window starting at a turn
         boundary, and re-encode them so positions stay inside the model's trained range."""

@@ -580,23 +580,11 @@ class Session:
         await self._release_held()
 
     def _truncate_sync(self, agent: AgentTurnState, kept: int) -> None:
-        """Crop the agent turn to ``kept`` content tokens, add the marker, close it. If a user turn
-        was opened after it (the agent finished generating but was still being played), re-append
-        that user turn after the truncated agent turn."""
-        seq = self.seq
-        assert seq is not None
-        user_ids: list[int] = []
-        open_turn = seq.open_turn
-        if open_turn is not None and open_turn[0] is Speaker.USER and open_turn[1] != agent.turn:
-            user_ids = [seq.ids[p] for p in seq.positions(open_turn[1])][len(seq.template.user.header):]
-        seq.truncate_to(agent.content_start + kept)
-        seq.reopen(Speaker.AGENT, agent.turn)
-        seq.set_status(agent.content_start, agent.content_start + kept, Status.SPOKEN)
-        seq.append_text(TRUNCATION_MARKER)
-        seq.end_turn(Speaker.AGENT)
-        if user_ids:
-            self._user_turn = seq.begin_turn(Speaker.USER)
-            seq.append(user_ids)
+        assert self.seq is not None
+        marker = self.engine.tokenizer.encode(TRUNCATION_MARKER, add_special_tokens=False)
+        reopened = self.seq.truncate_turn(agent.turn, agent.content_start, kept, marker)
+        if reopened is not None:
+            self._user_turn = reopened
 
     def _set_state(self, state: str) -> None:
         if state != self.state:

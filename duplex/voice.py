@@ -31,7 +31,7 @@ from typing import Any, cast
 import numpy as np
 
 from .audio.clauses import ClauseChunker
-from .audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
+from .audio.events import SpeechStarted, SpeechStopped, TtsChunk
 from .audio.playback import PlaybackLedger
 from .audio.asr import StreamingAsr
 from .audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words

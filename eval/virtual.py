@@ -8,11 +8,11 @@ which isolates the policy from the hardware and makes replays bit-identical.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from duplex.clock import ManualClock
 from duplex.models import LoadedModel
 from duplex.sequence import SequenceConfig, SharedSequence, Speaker
 from duplex.template import TurnTemplate
@@ -23,43 +23,8 @@ T = TypeVar("T")
 CLOCK_MODES = ("ideal", "measured")
 
 
-class VirtualClock:
-    """The ``Clock`` protocol on virtual seconds; sleepers wake in :meth:`advance_to`."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._t = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def now(self) -> float:
-        return self._t
-
-    async def sleep(self, seconds: float) -> None:
-        await self.sleep_until(self._t + max(0.0, seconds))
-
-    async def sleep_until(self, deadline: float) -> None:
-        if deadline <= self._t:
-            await asyncio.sleep(0)  # still a scheduling point, as a zero-length worker call would be
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((deadline, fut))
-        try:
-            await fut
-        finally:
-            self._sleepers = [(d, f) for d, f in self._sleepers if f is not fut]
-
-    @property
-    def pending(self) -> int:
-        return sum(1 for _, f in self._sleepers if not f.done())
-
-    def next_deadline(self) -> float | None:
-        deadlines = [d for d, f in self._sleepers if not f.done()]
-        return min(deadlines) if deadlines else None
-
-    def advance_to(self, t: float) -> None:
-        self._t = max(self._t, t)
-        for deadline, fut in list(self._sleepers):
-            if deadline <= self._t and not fut.done():
-                fut.set_result(None)
+class VirtualClock(ManualClock):
+    """The evaluation's timeline: the shared manual clock, advanced by the replay driver."""
 
 
 class StageTimer:

@@ -14,6 +14,16 @@ def _user_has_turn(obs: Observation) -> bool:
     return obs.user_turn_words > 0 or bool(obs.partial_text.strip())
 
 
+def _take_turn_after(obs: Observation, gap_ms: float, speak_chunk_tokens: int) -> Action:
+    """The agent is silent: reply once the user has said something and then been silent for
+    ``gap_ms`` (or submitted typed text)."""
+    if not _user_has_turn(obs) or obs.user_speaking:
+        return Listen()
+    if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= gap_ms):
+        return Speak(speak_chunk_tokens)
+    return Listen()
+
+
 @register_policy("silence")
 @dataclass(slots=True)
 class SilencePolicy:
@@ -32,11 +42,7 @@ class SilencePolicy:
             return b
         if obs.agent_speaking:
             return Speak(self.speak_chunk_tokens)
-        if not _user_has_turn(obs) or obs.user_speaking:
-            return Listen()
-        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms):
-            return Speak(self.speak_chunk_tokens)
-        return Listen()
+        return _take_turn_after(obs, self.gap_ms, self.speak_chunk_tokens)
 
 
 @register_policy("eou")
@@ -71,11 +77,7 @@ class EouPolicy:
             return b
         if obs.agent_speaking:
             return Speak(self.speak_chunk_tokens)
-        if not _user_has_turn(obs) or obs.user_speaking:
-            return Listen()
-        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms(obs.eou_prob)):
-            return Speak(self.speak_chunk_tokens)
-        return Listen()
+        return _take_turn_after(obs, self.gap_ms(obs.eou_prob), self.speak_chunk_tokens)
 
 
 @register_policy("half-duplex")
@@ -93,8 +95,4 @@ class HalfDuplexPolicy:
     def decide(self, obs: Observation) -> Action:
         if obs.agent_speaking:
             return Continue("half_duplex") if obs.user_speaking or obs.overlap_s > 0 else Speak(self.speak_chunk_tokens)
-        if not _user_has_turn(obs) or obs.user_speaking:
-            return Listen()
-        if obs.user_turn_final or (obs.silence_s is not None and obs.silence_s * 1000 >= self.gap_ms):
-            return Speak(self.speak_chunk_tokens)
-        return Listen()
+        return _take_turn_after(obs, self.gap_ms, self.speak_chunk_tokens)
