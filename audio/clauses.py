@@ -26,7 +26,7 @@ class ClauseChunker:
     (``first_max_words`` for the first clause of a reply, so audio starts sooner).
 
     ``word_deltas``: every delta ends on a word boundary (the session's ``AgentTextDelta`` do,
-    see ``duplex.detok.WordBuffer``), so a clause is cut the moment it has its word quota;
+    see ``duplex.session.detok.WordBuffer``), so a clause is cut the moment it has its word quota;
     otherwise the chunker must see the next word start before it knows the last one is whole,
     which costs one more decoded word before the first audio.
     """

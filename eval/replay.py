@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from duplex.audio import ClauseChunker, PlaybackLedger, StreamingTts, TtsChunk
-from duplex.engine import Engine
-from duplex.events import AgentTextDelta, Interrupted, PlaybackMark, TurnEnded, TurnStarted, to_dict
-from duplex.models import LoadedModel
-from duplex.sampling import SamplingConfig
-from duplex.session import DEFAULT_INSTRUCTIONS, Session, SessionConfig
-from duplex.template import TurnTemplate
+from duplex.engine.worker import Engine
+from duplex.session.events import AgentTextDelta, Interrupted, PlaybackMark, TurnEnded, TurnStarted, to_dict
+from duplex.engine.models import LoadedModel
+from duplex.engine.sampling import SamplingConfig
+from duplex.session.core import DEFAULT_INSTRUCTIONS, Session, SessionConfig
+from duplex.engine.template import TurnTemplate
 
 from .scenario import Cue, RenderedUser, Scenario, voiced_bounds_s
 from .user_input import UserSchedule

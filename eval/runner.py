@@ -92,8 +92,8 @@ def _load(spec: RunSpec) -> _Resources:
     import torch
 
     from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad, load_tts, load_whisper
-    from duplex.models import load_model
-    from duplex.template import TurnTemplate
+    from duplex.engine.models import load_model
+    from duplex.engine.template import TurnTemplate
 
     from .voices import VoiceBank
 

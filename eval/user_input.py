@@ -3,7 +3,7 @@
 Audio arrives in ``frame_ms`` frames at scenario time. Like :class:`duplex.audio.AsyncSpeechInput`,
 one worker runs the VAD and then the whisper pass on everything that arrived while it was busy
 (coalescing), so in ``measured`` mode a slow pass delays the next speech onset too. Like
-:class:`duplex.voice.VoiceSession`, the words of one pass form one phrase and ``SpeechStopped`` is
+:class:`duplex.voice.pipeline.VoiceSession`, the words of one pass form one phrase and ``SpeechStopped`` is
 held until the utterance's final pass has delivered its words (a resumed utterance hides the stop).
 
 The user never hears the agent in a replay (no echo), so this schedule does not depend on the
@@ -20,7 +20,7 @@ import numpy as np
 from duplex.audio import SpeechInput
 from duplex.audio.speech_input import merge_words
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
-from duplex.events import TextInput
+from duplex.session.events import TextInput
 
 from .scenario import RenderedUser
 from .virtual import StageTimer

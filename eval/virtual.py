@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from duplex.clock import ManualClock
-from duplex.models import LoadedModel
-from duplex.sequence import SequenceConfig, SharedSequence, Speaker
-from duplex.template import TurnTemplate
+from duplex.session.clock import ManualClock
+from duplex.engine.models import LoadedModel
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
+from duplex.engine.template import TurnTemplate
 
 __all__ = ["CLOCK_MODES", "StageTimer", "VirtualClock", "VirtualEngine"]
 
@@ -50,7 +50,7 @@ class StageTimer:
 
 
 class VirtualEngine:
-    """Duck-types :class:`duplex.engine.Engine` for a :class:`~duplex.session.Session`: the same
+    """Duck-types :class:`duplex.engine.worker.Engine` for a :class:`~duplex.session.core.Session`: the same
     sequence calls, run inline on the caller's thread, finishing on the virtual clock."""
 
     def __init__(self, lm: LoadedModel, clock: VirtualClock, measured: bool,

@@ -16,7 +16,7 @@ import queue
 import sys
 import threading
 
-from duplex.client import SyncDuplexClient
+from duplex.serving.client import SyncDuplexClient
 
 log = logging.getLogger("robot")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from duplex.engine import Engine
-from duplex.models import LoadedModel, load_model
+from duplex.engine.worker import Engine
+from duplex.engine.models import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

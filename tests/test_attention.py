@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duplex.attention import gqa_decode_attention
+from duplex.engine.attention import gqa_decode_attention
 
 
 @pytest.mark.parametrize("q,n", [(1, 1), (1, 37), (3, 10), (6, 64)])

@@ -55,9 +55,9 @@ async def test_browser_voice_chat_with_barge_in(tmp_path: Path) -> None:
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian chromium not installed")
     from duplex.audio import load_tts, load_whisper
-    from duplex.engine import Engine
-    from duplex.server import DuplexServer
-    from duplex.session import SessionConfig
+    from duplex.engine.worker import Engine
+    from duplex.serving.server import DuplexServer
+    from duplex.session.core import SessionConfig
 
     wav = tmp_path / "mic.wav"
     await asyncio.to_thread(_speech_wav, wav)

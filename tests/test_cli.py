@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duplex.cli import build_parser, main
+from duplex.cli.main import build_parser, main
 
 
 @pytest.mark.parametrize("argv", [["chat"], ["serve", "--port", "0"], ["talk", "--headphones"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from duplex.client import DuplexClient, SyncDuplexClient, run_client_cli
+from duplex.serving.client import DuplexClient, SyncDuplexClient, run_client_cli
 
 from test_server import GUARD_S, _config, _until, make_server  # noqa: F401 - fixture
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duplex.detok import IncrementalDetokenizer, WordBuffer
+from duplex.session.detok import IncrementalDetokenizer, WordBuffer
 
 
 @pytest.mark.parametrize("text", ["Hello 👋🏽 world 🎉!", "東京は日本の首都です。", "naïve café — ok", "mixed 漢字 and emoji 🤖 end"])

@@ -146,7 +146,7 @@ def test_smoke_evaluation_writes_timelines_summary_and_report(tone_dir: Path, tm
 
 
 def test_cli_wires_eval_subcommands(tone_dir: Path, tmp_path: Path):
-    from duplex.cli import build_parser, main
+    from duplex.cli.main import build_parser, main
 
     args = build_parser().parse_args(["eval", "run", "--scenarios", "x", "--policy", "eou", "--out", "y",
                                       "--clock", "measured", "--workers", "2"])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from duplex.models import ModelNotFoundError, load_model
-from duplex.sampling import Sampler, SamplingConfig
-from duplex.sequence import SharedSequence, Speaker
-from duplex.template import TurnTemplate
+from duplex.engine.models import ModelNotFoundError, load_model
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SharedSequence, Speaker
+from duplex.engine.template import TurnTemplate
 
 
 def test_unknown_path_names_it_and_explains_offline_use(tmp_path):

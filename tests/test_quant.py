@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from duplex.models import load_model
-from duplex.quant import Int8WeightOnlyLinear, decode_bytes_per_token, quantize_int8
+from duplex.engine.models import load_model
+from duplex.engine.quant import Int8WeightOnlyLinear, decode_bytes_per_token, quantize_int8
 
 
 def test_int8_linear_matches_float_linear():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duplex.sampling import Sampler, SamplingConfig
-from duplex.sequence import SequenceConfig, SharedSequence, Speaker, Status
-from duplex.template import TurnTemplate
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
+from duplex.engine.template import TurnTemplate
 
 TEXT = "The quick brown fox jumps over the lazy dog while the band plays a slow song in the park."
 

@@ -17,12 +17,12 @@ import pytest
 from websockets.asyncio.client import connect
 
 from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
-from duplex.client import DuplexClient, DuplexClientError
-from duplex.protocol import decode_audio_frame
-from duplex.sampling import SamplingConfig
-from duplex.sequence import Status
-from duplex.server import DuplexServer
-from duplex.session import TRUNCATION_MARKER, SessionConfig
+from duplex.serving.client import DuplexClient, DuplexClientError
+from duplex.serving.protocol import decode_audio_frame
+from duplex.engine.sampling import SamplingConfig
+from duplex.engine.sequence import Status
+from duplex.serving.server import DuplexServer
+from duplex.session.core import TRUNCATION_MARKER, SessionConfig
 
 GUARD_S = 60.0
 
@@ -357,7 +357,7 @@ async def test_resume_with_wrong_token_is_refused(make_server) -> None:
 
 
 async def test_detached_session_expires_after_ttl(make_server) -> None:
-    from duplex.server import ServerLimits
+    from duplex.serving.server import ServerLimits
 
     server = await make_server(limits=ServerLimits(resume_ttl_s=0.2))
     client = DuplexClient(server.ws_url())
@@ -382,7 +382,7 @@ async def test_graceful_shutdown_tells_clients(tiny_engine) -> None:
 
 
 async def test_audio_frame_codec_roundtrip() -> None:
-    from duplex.protocol import encode_audio_frame
+    from duplex.serving.protocol import encode_audio_frame
 
     header = {"turn": 3, "token_start": 0, "token_end": 2, "token_offsets_samples": [0, 5], "sample_rate_hz": 16000}
     frame = encode_audio_frame(header, b"\x01\x00\x02\x00")

@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from duplex.audio.fakes import EnergyVad, FakeWhisper
 from duplex.audio.tts import Speech
-from duplex.client import DuplexClient, DuplexClientError
-from duplex.server import ServerLimits
+from duplex.serving.client import DuplexClient, DuplexClientError
+from duplex.serving.server import ServerLimits
 
 from test_server import GUARD_S, _config, _deltas, _eventually, _until, make_server  # noqa: F401 - fixture
 
@@ -202,7 +202,7 @@ async def test_text_queue_overflow_closes_the_connection_not_the_server(make_ser
 
 
 async def test_outbox_drops_oldest_audio_and_never_events() -> None:
-    from duplex.server_outbox import Outbox, OutboxOverflow
+    from duplex.serving.outbox import Outbox, OutboxOverflow
 
     box = Outbox(max_events=3, max_audio_bytes=2500)
     box.put_event({"type": "a"})
@@ -217,7 +217,7 @@ async def test_outbox_drops_oldest_audio_and_never_events() -> None:
     frames = [o for o in out if isinstance(o, bytes)]
     assert [t["type"] for t in texts] == ["a", "audio.dropped", "b"]
     assert texts[1]["frames"] == 1 and texts[1]["turn"] == 1
-    from duplex.protocol import decode_audio_frame
+    from duplex.serving.protocol import decode_audio_frame
 
     assert [decode_audio_frame(f)[0]["turn"] for f in frames] == [2, 3]  # the oldest (turn 1) went
     assert box.get_nowait() is None

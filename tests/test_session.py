@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from duplex.clock import ManualClock
-from duplex.events import (AsrWord, Cancel, PlaybackMark, SpeechStarted, SpeechStopped, TextInput,
+from duplex.session.clock import ManualClock
+from duplex.session.events import (AsrWord, Cancel, PlaybackMark, SpeechStarted, SpeechStopped, TextInput,
                            UpdateSession)
-from duplex.sampling import SamplingConfig
-from duplex.sequence import Speaker, Status
-from duplex.session import TRUNCATION_MARKER, Session, SessionConfig
+from duplex.engine.sampling import SamplingConfig
+from duplex.engine.sequence import Speaker, Status
+from duplex.session.core import TRUNCATION_MARKER, Session, SessionConfig
 from tests.fakes import collect_until, settle
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from duplex.audio.devices import AudioDeviceError, find_device
-from duplex.talk import EXIT_NO_DEVICE, MicGate, PlaybackTracker, run_talk
+from duplex.voice.talk import EXIT_NO_DEVICE, MicGate, PlaybackTracker, run_talk
 
 
 def _has_devices() -> bool:
@@ -37,7 +37,7 @@ async def test_no_audio_device_exits_2_with_a_clear_message(capsys: pytest.Captu
 
 @pytest.mark.skipif(_has_devices(), reason="this machine has audio devices")
 def test_cli_talk_exit_code_without_devices(capsys: pytest.CaptureFixture[str]) -> None:
-    from duplex.cli import main
+    from duplex.cli.main import main
 
     assert main(["talk", "--model", "tiny"]) == 2
     assert "audio" in capsys.readouterr().err

@@ -15,12 +15,12 @@ from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
 from duplex.audio.playback import PlaybackLedger
 from duplex.audio.speech_input import SpeechInput
 from duplex.audio.vad import VadSegmenter
-from duplex.engine import Engine
-from duplex.events import AgentTextDelta, Interrupted, TurnEnded, TurnStarted, UserTranscript
-from duplex.sampling import SamplingConfig
-from duplex.sequence import Status
-from duplex.session import TRUNCATION_MARKER, SessionConfig
-from duplex.voice import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceConfig, VoiceSession
+from duplex.engine.worker import Engine
+from duplex.session.events import AgentTextDelta, Interrupted, TurnEnded, TurnStarted, UserTranscript
+from duplex.engine.sampling import SamplingConfig
+from duplex.engine.sequence import Status
+from duplex.session.core import TRUNCATION_MARKER, SessionConfig
+from duplex.voice.pipeline import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceConfig, VoiceSession
 
 SR = 16000
 HANG_GUARD_S = 60.0  # only catches a hang; nothing here asserts on timing

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 import torch
 
-from .models import LoadedModel, load_model, resolve_device
-from .sampling import Sampler, SamplingConfig
-from .sequence import SequenceConfig, SharedSequence, Speaker
-from .template import TurnTemplate
+from duplex.engine.models import LoadedModel, load_model, resolve_device
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
+from duplex.engine.template import TurnTemplate
 
 __all__ = ["bench_decode", "bench_ttft", "memory_bound_ms"]
 

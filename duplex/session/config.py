@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import SamplingConfig
-from .sequence import SequenceConfig
+from duplex.engine.sampling import SamplingConfig
+from duplex.engine.sequence import SequenceConfig
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "SessionConfig", "TRUNCATION_MARKER", "AgentTurnState"]
 

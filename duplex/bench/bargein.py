@@ -12,10 +12,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .engine import Engine
-from .events import AsrWord, SpeechStarted, TextInput
-from .sampling import SamplingConfig
-from .session import Session, SessionConfig
+from duplex.engine.worker import Engine
+from duplex.session.events import AsrWord, SpeechStarted, TextInput
+from duplex.engine.sampling import SamplingConfig
+from duplex.session.core import Session, SessionConfig
 
 __all__ = ["bench_bargein"]
 

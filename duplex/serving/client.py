@@ -23,7 +23,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .protocol import decode_audio_frame
+from duplex.serving.protocol import decode_audio_frame
 
 __all__ = ["DuplexClient", "DuplexClientError", "SyncDuplexClient", "run_client_cli"]
 

@@ -18,7 +18,7 @@ def _print_json(obj: dict[str, Any]) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from duplex.bench import engine as bench
 
     what = args.what
     if what == "decode":
@@ -26,23 +26,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif what == "ttft":
         result = bench.bench_ttft(args.model, device=args.device, dtype=args.dtype)
     elif what == "bargein":
-        from .bench_session import bench_bargein
+        from duplex.bench.bargein import bench_bargein
 
         result = asyncio.run(bench_bargein(args.model, device=args.device, dtype=args.dtype, trials=args.trials))
     elif what == "asr":
-        from .audio.commands import bench_asr
+        from duplex.audio.commands import bench_asr
 
         result = bench_asr()
     elif what == "tts":
-        from .audio.commands import bench_tts
+        from duplex.audio.commands import bench_tts
 
         result = bench_tts()
     elif what == "pipeline":
-        from .bench_pipeline import bench_pipeline
+        from duplex.bench.pipeline import bench_pipeline
 
         result = asyncio.run(bench_pipeline(args.model, trials=args.trials))
     elif what == "server":
-        from .bench_server import bench_server
+        from duplex.bench.server import bench_server
 
         result = asyncio.run(bench_server(args.model))
     else:  # pragma: no cover - argparse restricts choices
@@ -52,32 +52,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from .audio.commands import transcribe_file
+    from duplex.audio.commands import transcribe_file
 
     transcribe_file(args.file, model=args.asr_model)
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
+    from duplex.cli.chat import run_chat
 
     return asyncio.run(run_chat(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run_server
+    from duplex.serving.server import run_server
 
     return asyncio.run(run_server(args))
 
 
 def _cmd_talk(args: argparse.Namespace) -> int:
-    from .talk import run_talk
+    from duplex.voice.talk import run_talk
 
     return asyncio.run(run_talk(args))
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from .client import run_client_cli
+    from duplex.serving.client import run_client_cli
 
     return asyncio.run(run_client_cli(args))
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=20)
 
     try:
-        from .eval.cli import add_eval_parser
+        from duplex.eval.cli import add_eval_parser
     except ImportError:
         pass
     else:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI reports, tracebacks only with -v
         if args.verbose:
             raise
-        from .models import ModelNotFoundError
+        from duplex.engine.models import ModelNotFoundError
 
         prefix = "model error" if isinstance(exc, ModelNotFoundError) else type(exc).__name__
         print(f"duplex: {prefix}: {exc}", file=sys.stderr)

@@ -11,10 +11,10 @@ import asyncio
 import sys
 from typing import TextIO
 
-from .engine import Engine
-from .events import TextInput, UpdateSession
-from .policies import available_policies
-from .session import DEFAULT_INSTRUCTIONS, Session, SessionConfig
+from duplex.engine.worker import Engine
+from duplex.session.events import TextInput, UpdateSession
+from duplex.policies import available_policies
+from duplex.session.core import DEFAULT_INSTRUCTIONS, Session, SessionConfig
 
 __all__ = ["run_chat"]
 

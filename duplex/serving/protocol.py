@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import (AgentTextDelta, ErrorEvent, Interrupted, PolicyDecided, SessionEvent, StateChanged,
+from duplex.session.events import (AgentTextDelta, ErrorEvent, Interrupted, PolicyDecided, SessionEvent, StateChanged,
                      TurnEnded, TurnStarted, UserTranscript)
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Local voice pipeline latency: end of user speech -> first agent audio chunk, on the real models.
 
 Each utterance (Piper-synthesised questions, plus the LibriVox clips of ``pocketsphinx-testdata``)
-is fed to a fresh :class:`~duplex.voice.VoiceSession` at real time in 20 ms blocks, as a microphone
+is fed to a fresh :class:`~duplex.voice.pipeline.VoiceSession` at real time in 20 ms blocks, as a microphone
 would deliver it. The latency is broken into stages, each measured on the same clock:
 
 - ``vad``: the VAD confirms the end of speech (its minimum-silence hysteresis),
@@ -27,18 +27,18 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .audio.asr import load_whisper
-from .audio.commands import librivox_samples
-from .audio.convert import read_wav, to_mono_16k
-from .audio.events import SpeechStarted, SpeechStopped
-from .audio.tts import TtsEngine, load_tts
-from .audio.vad import VadSegmenter, WebRtcVad
-from .engine import Engine
-from .events import AgentTextDelta, TurnStarted, UserTranscript
-from .sampling import Sampler, SamplingConfig
-from .sequence import SharedSequence, Speaker
-from .session import DEFAULT_INSTRUCTIONS
-from .voice import (VAD_MIN_SILENCE_MS, VOICE_POLICY, VOICE_POLICY_PARAMS, AudioOut, SpeechFinalized, VoiceConfig,
+from duplex.audio.asr import load_whisper
+from duplex.audio.commands import librivox_samples
+from duplex.audio.convert import read_wav, to_mono_16k
+from duplex.audio.events import SpeechStarted, SpeechStopped
+from duplex.audio.tts import TtsEngine, load_tts
+from duplex.audio.vad import VadSegmenter, WebRtcVad
+from duplex.engine.worker import Engine
+from duplex.session.events import AgentTextDelta, TurnStarted, UserTranscript
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SharedSequence, Speaker
+from duplex.session.core import DEFAULT_INSTRUCTIONS
+from duplex.voice.pipeline import (VAD_MIN_SILENCE_MS, VOICE_POLICY, VOICE_POLICY_PARAMS, AudioOut, SpeechFinalized, VoiceConfig,
                     VoiceSession, default_voice_config, make_speech_input)
 
 __all__ = ["QUESTIONS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "bench_pipeline", "make_speech_input", "speech_end_s"]

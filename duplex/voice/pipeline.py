@@ -1,7 +1,7 @@
 """One voice conversation, transport-agnostic: audio in, session events and agent audio out.
 
 ``VoiceSession`` glues the speech input (VAD + streaming whisper, on its own thread), a
-:class:`~duplex.session.Session` with ``audio_output=True``, and streaming TTS (on its own
+:class:`~duplex.session.core.Session` with ``audio_output=True``, and streaming TTS (on its own
 thread) together. A transport (local devices, WebSocket, a benchmark's replay) only has to
 ``push_audio``, consume ``outputs()``, play the :class:`AudioOut` chunks, and report how much of
 each agent turn it has played with ``report_played``; playback positions become exact heard-token
@@ -30,17 +30,17 @@ from typing import Any, cast
 
 import numpy as np
 
-from .audio.clauses import ClauseChunker
-from .audio.events import SpeechStarted, SpeechStopped, TtsChunk
-from .audio.playback import PlaybackLedger
-from .audio.asr import StreamingAsr
-from .audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
-from .audio.tts import StreamingTts, TtsEngine
-from .audio.vad import FrameVad, VadSegmenter, WebRtcVad
-from .clock import Clock, MonotonicClock
-from .engine import Engine
-from .events import AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TurnEnded, TurnStarted
-from .session import DEFAULT_INSTRUCTIONS, Session, SessionConfig
+from duplex.audio.clauses import ClauseChunker
+from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
+from duplex.audio.playback import PlaybackLedger
+from duplex.audio.asr import StreamingAsr
+from duplex.audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
+from duplex.audio.tts import StreamingTts, TtsEngine
+from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
+from duplex.session.clock import Clock, MonotonicClock
+from duplex.engine.worker import Engine
+from duplex.session.events import AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TurnEnded, TurnStarted
+from duplex.session.core import DEFAULT_INSTRUCTIONS, Session, SessionConfig
 
 __all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "AudioCleared", "AudioDone", "AudioOut",
            "SpeechFinalized", "VoiceConfig", "VoiceOutput", "VoiceSession", "default_voice_config",

@@ -1,4 +1,4 @@
-"""One conversation as the server holds it: a :class:`~duplex.session.Session` plus its speech input,
+"""One conversation as the server holds it: a :class:`~duplex.session.core.Session` plus its speech input,
 its streaming TTS, the playback ledger that maps played audio back to tokens, and the outbox.
 
 A ``ServerSession`` outlives its WebSocket connection: when the socket drops it keeps running,
@@ -17,14 +17,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .audio import AsyncSpeechInput, AudioFormatError, PlaybackLedger, SpeechInput, StreamingTts, to_mono_16k
-from .audio.events import SpeechStarted, SpeechStopped, TtsChunk
-from .engine import Engine
-from .events import (AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TextInput, TurnEnded,
+from duplex.audio import AsyncSpeechInput, AudioFormatError, PlaybackLedger, SpeechInput, StreamingTts, to_mono_16k
+from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
+from duplex.engine.worker import Engine
+from duplex.session.events import (AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TextInput, TurnEnded,
                      TurnStarted, UpdateSession)
-from .protocol import EventMapper, InputText, PlaybackMarkMsg, ProtocolError, SessionUpdate, Truncate, error_event, item_id
-from .server_outbox import Outbox, OutboxOverflow
-from .session import Session, SessionConfig
+from duplex.serving.protocol import EventMapper, InputText, PlaybackMarkMsg, ProtocolError, SessionUpdate, Truncate, error_event, item_id
+from duplex.serving.outbox import Outbox, OutboxOverflow
+from duplex.session.core import Session, SessionConfig
 
 __all__ = ["ServerLimits", "ServerSession"]
 

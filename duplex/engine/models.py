@@ -65,8 +65,8 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights read by one decode step (see :func:`duplex.quant.decode_bytes_per_token`)."""
-        from .quant import decode_bytes_per_token
+        """Bytes of weights read by one decode step (see :func:`duplex.engine.quant.decode_bytes_per_token`)."""
+        from duplex.engine.quant import decode_bytes_per_token
 
         return decode_bytes_per_token(self.model)
 
@@ -249,7 +249,7 @@ def load_model(
     if quantize not in (None, "none", "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, none or int8")
     if quantize == "int8":
-        from .quant import quantize_int8
+        from duplex.engine.quant import quantize_int8
 
         quantize_int8(model)
     attn = getattr(model.config, "_attn_implementation", None) or "eager"

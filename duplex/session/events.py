@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .audio.events import AsrWord, SpeechStarted, SpeechStopped
+from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 
 __all__ = [
     "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "Interrupted", "PlaybackMark", "PolicyDecided",

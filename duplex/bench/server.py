@@ -15,12 +15,12 @@ import sys
 import time
 from typing import Any
 
-from .client import DuplexClient
-from .engine import Engine
-from .sampling import Sampler, SamplingConfig
-from .sequence import Speaker
-from .server import DuplexServer
-from .session import SessionConfig
+from duplex.serving.client import DuplexClient
+from duplex.engine.worker import Engine
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import Speaker
+from duplex.serving.server import DuplexServer
+from duplex.session.core import SessionConfig
 
 __all__ = ["bench_server"]
 

@@ -1,8 +1,8 @@
 """``duplex serve``: one process serves the browser page at ``/`` and the WebSocket at ``/ws``.
 
-Every connection gets a :class:`~duplex.server_session.ServerSession` (its own Session, speech
-input and TTS stream) and all of them share one :class:`~duplex.engine.Engine`, one whisper model
-and one TTS voice. Wire format: ``docs/protocol.md``; parsing lives in :mod:`duplex.protocol`.
+Every connection gets a :class:`~duplex.serving.ws_session.ServerSession` (its own Session, speech
+input and TTS stream) and all of them share one :class:`~duplex.engine.worker.Engine`, one whisper model
+and one TTS voice. Wire format: ``docs/protocol.md``; parsing lives in :mod:`duplex.serving.protocol`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad
-from .engine import Engine
-from .protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
+from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad
+from duplex.engine.worker import Engine
+from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
-from .server_outbox import TokenBucket
-from .server_session import ServerLimits, ServerSession
-from .session import DEFAULT_INSTRUCTIONS, SessionConfig
+from duplex.serving.outbox import TokenBucket
+from duplex.serving.ws_session import ServerLimits, ServerSession
+from duplex.session.core import DEFAULT_INSTRUCTIONS, SessionConfig
 
 __all__ = ["DuplexServer", "LockedWhisper", "ServerLimits", "run_server"]
 
@@ -447,7 +447,7 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
     tts = asr = None
     tts_name = getattr(args, "tts", None)
     if tts_name != "none":
-        from .audio import load_tts
+        from duplex.audio import load_tts
 
         try:
             tts = load_tts(tts_name)
@@ -455,7 +455,7 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
             log.warning("no TTS (%s): agent replies will be text only", exc)
     asr_name = getattr(args, "asr_model", None)
     if asr_name != "none":
-        from .audio import load_whisper
+        from duplex.audio import load_whisper
 
         try:
             asr = load_whisper(asr_name)

@@ -5,7 +5,7 @@ one cache. Because user words are prefilled as they arrive, the end of a user tu
 forward step regardless of history length. Barge-in crops the cache to what the user heard;
 an endless stream evicts the middle (keeping the system prompt as the attention sink).
 
-This module is synchronous torch code; :mod:`duplex.engine` runs it on the device worker.
+This module is synchronous torch code; :mod:`duplex.engine.worker` runs it on the device worker.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .models import LoadedModel
-from .sampling import Sampler
-from .template import TurnTemplate
+from duplex.engine.models import LoadedModel
+from duplex.engine.sampling import Sampler
+from duplex.engine.template import TurnTemplate
 
 __all__ = ["SequenceConfig", "SharedSequence", "Span", "Speaker", "Status"]
 
@@ -53,7 +53,7 @@ _DECODE_MIN_CONTEXT = 512
 
 def _decode_attention_for(lm: LoadedModel) -> str | None:
     """Attention kernel for decode steps and hand-overs on CPU, from ``$DUPLEX_DECODE_ATTN``:
-    gqa (default: :mod:`duplex.attention`; TTFT at 4k history 62 ms vs 108 ms sdpa, 110 ms eager),
+    gqa (default: :mod:`duplex.engine.attention`; TTFT at 4k history 62 ms vs 108 ms sdpa, 110 ms eager),
     eager, or sdpa (keep the loaded kernel)."""
     choice = os.environ.get("DUPLEX_DECODE_ATTN", "gqa")
     if choice == "sdpa":
@@ -62,7 +62,7 @@ def _decode_attention_for(lm: LoadedModel) -> str | None:
         cfg = lm.model.config
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             return None
-        from .attention import register
+        from duplex.engine.attention import register
 
         return register()
     if choice != "eager":
@@ -364,7 +364,7 @@ class SharedSequence:
         if device.type == "cpu":
             # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
             # cache (110 ms vs 60 ms eager for one token at 4k context, bf16): decode steps and
-            # turn hand-overs use the GQA kernel of duplex.attention; chunked prefill keeps sdpa.
+            # turn hand-overs use the GQA kernel of duplex.engine.attention; chunked prefill keeps sdpa.
             short = len(ids) <= _DECODE_MAX_QUERY and start_pos >= _DECODE_MIN_CONTEXT
             want = self._decode_attn if short and self._decode_attn else self._prefill_attn
             if self.lm.model.config._attn_implementation != want:

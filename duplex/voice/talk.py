@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio.asr import load_whisper
-from .audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStream, find_device
-from .audio.tts import load_tts
-from .engine import Engine
-from .voice import AudioCleared, AudioOut, VoiceSession, default_voice_config, make_speech_input
+from duplex.audio.asr import load_whisper
+from duplex.audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStream, find_device
+from duplex.audio.tts import load_tts
+from duplex.engine.worker import Engine
+from duplex.voice.pipeline import AudioCleared, AudioOut, VoiceSession, default_voice_config, make_speech_input
 
 __all__ = ["MicGate", "PlaybackTracker", "run_talk"]
 

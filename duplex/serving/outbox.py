@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import encode_audio_frame
+from duplex.serving.protocol import encode_audio_frame
 
 __all__ = ["Outbox", "OutboxOverflow", "TokenBucket"]
 

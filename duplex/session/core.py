@@ -17,16 +17,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .clock import Clock, MonotonicClock
-from .detok import IncrementalDetokenizer, WordBuffer
-from .engine import Engine
-from .events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, Interrupted, PlaybackMark, PolicyDecided,
+from duplex.session.clock import Clock, MonotonicClock
+from duplex.session.detok import IncrementalDetokenizer, WordBuffer
+from duplex.engine.worker import Engine
+from duplex.session.events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, Interrupted, PlaybackMark, PolicyDecided,
                      SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted,
                      UpdateSession, UserTranscript)
-from .policies import Action, Continue, Listen, Observation, Policy, Speak, Yield, make_policy
-from .sampling import Sampler
-from .sequence import SharedSequence, Speaker, Status
-from .session_config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
+from duplex.policies import Action, Continue, Listen, Observation, Policy, Speak, Yield, make_policy
+from duplex.engine.sampling import Sampler
+from duplex.engine.sequence import SharedSequence, Speaker, Status
+from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
 

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from .models import LoadedModel, load_model
-from .sequence import SequenceConfig, SharedSequence, Speaker
-from .template import TurnTemplate
+from duplex.engine.models import LoadedModel, load_model
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
+from duplex.engine.template import TurnTemplate
 
 __all__ = ["Engine"]
 

@@ -1,0 +1,1 @@
+"""The ``duplex`` command line."""

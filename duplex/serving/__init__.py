@@ -1,0 +1,1 @@
+"""The network surface: WebSocket server, wire protocol, bounded outbox, Python client."""
