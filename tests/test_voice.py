@@ -1,4 +1,4 @@
-"""VoiceSession with fakes: speech in -> text + token-aligned audio out; playback marks and
+"""VoicePipeline with fakes: speech in -> text + token-aligned audio out; playback marks and
 barge-in roll the sequence back to exactly the heard tokens; cancel stops TTS; close is clean."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from duplex.session.events import AgentTextDelta, Interrupted, TurnEnded, TurnSt
 from duplex.engine.sampling import SamplingConfig
 from duplex.engine.sequence import Status
 from duplex.session.core import TRUNCATION_MARKER, SessionConfig
-from duplex.voice.pipeline import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceConfig, VoiceSession
+from duplex.voice.config import VoiceConfig
+from duplex.voice.outputs import AudioCleared, AudioDone, AudioOut, SpeechFinalized
+from duplex.voice.pipeline import VoicePipeline
 
 SR = 16000
 HANG_GUARD_S = 60.0  # only catches a hang; nothing here asserts on timing
@@ -35,9 +37,9 @@ def _silence(seconds: float) -> np.ndarray:
 
 
 class _Reader:
-    """Reads a VoiceSession's outputs in order and keeps everything it saw."""
+    """Reads a VoicePipeline's outputs in order and keeps everything it saw."""
 
-    def __init__(self, voice: VoiceSession) -> None:
+    def __init__(self, voice: VoicePipeline) -> None:
         self._it: AsyncIterator[Any] = voice.outputs().__aiter__()
         self.seen: list[Any] = []
 
@@ -52,16 +54,16 @@ class _Reader:
 
 
 def _voice(engine: Engine, whisper: FakeWhisper, tts: FakeTts | None, max_tokens: int = 12,
-           first_clause_words: int = 2, clause_words: int = 14) -> VoiceSession:
+           first_clause_words: int = 2, clause_words: int = 14) -> VoicePipeline:
     speech = SpeechInput(VadSegmenter(EnergyVad(), prefix_padding_ms=100, min_silence_ms=200, min_speech_ms=60),
                          StreamingAsr(whisper), asr_interval_ms=400)
     session = SessionConfig(policy="silence", policy_params={"gap_ms": 0.0}, truncate_wait_ms=30_000,
                             sampling=SamplingConfig(temperature=1.0, seed=0, max_tokens=max_tokens))
-    return VoiceSession(engine, speech, tts, VoiceConfig(session=session, first_clause_words=first_clause_words,
-                                                         clause_words=clause_words))
+    config = VoiceConfig(session=session, first_clause_words=first_clause_words, clause_words=clause_words)
+    return VoicePipeline(engine, config, speech_factory=lambda: speech, tts=tts)
 
 
-async def _user_says(voice: VoiceSession, seconds: float) -> None:
+async def _user_says(voice: VoicePipeline, seconds: float) -> None:
     await voice.feed_audio(np.concatenate([_silence(0.2), _tone(seconds), _silence(0.5)]), realtime=False)
 
 

@@ -33,13 +33,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad
+from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
 from duplex.serving.outbox import TokenBucket
 from duplex.serving.ws_session import ServerLimits, ServerSession
-from duplex.session.core import DEFAULT_INSTRUCTIONS, SessionConfig
+from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
+from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_input
 
 __all__ = ["DuplexServer", "LockedWhisper", "ServerLimits", "run_server"]
 
@@ -259,12 +260,14 @@ class DuplexServer:
     makes one frame VAD per session (default WebRTC).
     """
 
-    def __init__(self, engine: Engine, *, config: SessionConfig | None = None, tts: Any | None = None,
+    def __init__(self, engine: Engine, *, config: VoiceConfig | SessionConfig | None = None, tts: Any | None = None,
                  asr: Any | None = None, vad_factory: Callable[[], Any] | None = None,
                  speech_factory: Callable[[], SpeechInput] | None = None, limits: ServerLimits | None = None,
                  auth_token: str | None = None, web_dir: str | Path | None = None) -> None:
         self.engine = engine
-        self.config = config or SessionConfig(policy="eou")
+        if isinstance(config, SessionConfig):
+            config = VoiceConfig(session=config)
+        self.config = config or default_voice_config()
         self.limits = limits or ServerLimits()
         self.auth_token = auth_token or None
         self.tts = tts
@@ -272,7 +275,8 @@ class DuplexServer:
         if speech_factory is None and asr is not None:
             shared = asr if isinstance(asr, LockedWhisper) else LockedWhisper(asr)
             make_vad = vad_factory or WebRtcVad
-            speech_factory = lambda: SpeechInput(VadSegmenter(make_vad()), StreamingAsr(shared))  # noqa: E731
+            voice = self.config
+            speech_factory = lambda: make_speech_input(shared, voice, vad=make_vad())  # noqa: E731
         self.speech_factory = speech_factory
         self.sessions: dict[str, ServerSession] = {}
         self._connections: set[_Connection] = set()
@@ -473,8 +477,8 @@ async def run_server(args: argparse.Namespace) -> int:
                                                                   quantize=None if quantize == "none" else quantize))
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
-    config = SessionConfig(policy=getattr(args, "policy", "eou") or "eou",
-                           instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
+    config = default_voice_config(getattr(args, "policy", None),
+                                  instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
     server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,20 +1,19 @@
-"""One voice conversation, transport-agnostic: audio in, session events and agent audio out.
+"""The one voice pipeline: speech in, session events and token-aligned agent audio out.
 
-``VoiceSession`` glues the speech input (VAD + streaming whisper, on its own thread), a
-:class:`~duplex.session.core.Session` with ``audio_output=True``, and streaming TTS (on its own
-thread) together. A transport (local devices, WebSocket, a benchmark's replay) only has to
-``push_audio``, consume ``outputs()``, play the :class:`AudioOut` chunks, and report how much of
-each agent turn it has played with ``report_played``; playback positions become exact heard-token
-counts (``PlaybackMark``) through a :class:`~duplex.audio.PlaybackLedger`, so a barge-in rolls the
-cache back to what the listener actually heard.
+``VoicePipeline`` is the only place where speech meets the session: VAD + streaming whisper (on
+their own thread) -> :class:`~duplex.session.core.Session` -> clause-chunked streaming TTS (on a
+TTS thread), plus the playback ledger that turns played audio back into heard tokens. ``serve``
+(WebSocket), ``talk`` (sounddevice), the benchmarks and the evaluation are transports around it:
+they push audio or text, play :class:`AudioOut` chunks, and report how much of each agent turn
+they have played; a barge-in then rolls the cache back to what the listener actually heard.
 
 Two choices that matter for latency and correctness:
 
 - The words of one ASR pass go to the session as one ``AsrWord`` phrase, so they are prefilled in
   one forward step instead of one per word.
 - ``SpeechStopped`` is held back until the utterance's final ASR pass has delivered its words: the
-  session never answers a turn whose last words are still tentative (the reply would miss them),
-  and its silence gap starts from a transcript that is complete.
+  session never answers a turn whose last words are still tentative, and its silence gap starts
+  from a transcript that is complete.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,104 +32,25 @@ import numpy as np
 from duplex.audio.clauses import ClauseChunker
 from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
 from duplex.audio.playback import PlaybackLedger
-from duplex.audio.asr import StreamingAsr
 from duplex.audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
 from duplex.audio.tts import StreamingTts, TtsEngine
-from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
-from duplex.session.clock import Clock, MonotonicClock
 from duplex.engine.worker import Engine
-from duplex.session.events import AgentTextDelta, Cancel, Interrupted, PlaybackMark, SessionEvent, TurnEnded, TurnStarted
-from duplex.session.core import DEFAULT_INSTRUCTIONS, Session, SessionConfig
+from duplex.session.clock import Clock, MonotonicClock
+from duplex.session.core import Session
+from duplex.session.events import (AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
+                                   TurnEnded, TurnStarted, UpdateSession)
+from duplex.voice.config import VoiceConfig
+from duplex.voice.outputs import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceOutput
 
-__all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "AudioCleared", "AudioDone", "AudioOut",
-           "SpeechFinalized", "VoiceConfig", "VoiceOutput", "VoiceSession", "default_voice_config",
-           "make_speech_input", "voice_session_config"]
+__all__ = ["VoicePipeline", "VoiceUnavailable"]
 
 log = logging.getLogger(__name__)
 
 _SR = 16_000
 
-# Voice turn-taking defaults (``duplex talk``, the server's voice sessions, ``bench pipeline``): the
-# VAD's 300 ms and the final ASR pass already are the acoustic gap, so the model's end-of-turn
-# belief only adds time when the words look unfinished.
-VAD_MIN_SILENCE_MS = 300
-VOICE_POLICY = "eou"
-VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 700.0, "confident": 0.2,
-                                       "unlikely": 0.02}
 
-
-@dataclass(frozen=True, slots=True)
-class VoiceConfig:
-    """``first_clause_words``: the first TTS clause of a reply is cut after this many words so
-    audio starts early; later clauses follow punctuation (up to ``clause_words`` words)."""
-
-    session: SessionConfig = field(default_factory=SessionConfig)
-    first_clause_words: int = 2
-    clause_words: int = 14
-    hold_stop_for_final_words: bool = True
-    type: str = "voice_config"
-
-
-def voice_session_config(policy: str = VOICE_POLICY, **overrides: Any) -> SessionConfig:
-    """Session settings for a voice conversation: the voice policy gets its tuned parameters."""
-    params = dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
-    overrides.setdefault("instructions", DEFAULT_INSTRUCTIONS)
-    overrides.setdefault("policy_params", params)
-    return SessionConfig(policy=policy, **overrides)
-
-
-def default_voice_config(policy: str = VOICE_POLICY, **session_overrides: Any) -> VoiceConfig:
-    """The voice defaults in one place (talk, server and the pipeline benchmark use them)."""
-    return VoiceConfig(session=voice_session_config(policy, **session_overrides), first_clause_words=2)
-
-
-def make_speech_input(whisper: Any, min_silence_ms: int = VAD_MIN_SILENCE_MS, vad: FrameVad | None = None,
-                      **speech_options: Any) -> SpeechInput:
-    """VAD (WebRTC unless given) + streaming whisper with the voice defaults."""
-    segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=min_silence_ms)
-    return SpeechInput(segmenter, StreamingAsr(whisper), **speech_options)
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechFinalized:
-    """The final ASR pass of the utterance that ended at ``t_s`` (stream seconds) is done."""
-
-    t_s: float
-    type: str = "speech_finalized"
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class AudioOut:
-    """Agent audio: play it after everything before it. ``offset_samples``: where the chunk
-    starts within the audio of agent turn ``turn`` (what ``report_played`` counts)."""
-
-    turn: int
-    chunk: TtsChunk
-    offset_samples: int
-    t: float
-    type: str = "audio_out"
-
-
-@dataclass(frozen=True, slots=True)
-class AudioCleared:
-    """Barge-in or cancel: drop every queued sample of ``turn`` now, then ``report_played`` once."""
-
-    turn: int
-    t: float
-    type: str = "audio_cleared"
-
-
-@dataclass(frozen=True, slots=True)
-class AudioDone:
-    """All audio of agent turn ``turn`` has been produced: ``total_samples`` long."""
-
-    turn: int
-    total_samples: int
-    t: float
-    type: str = "audio_done"
-
-
-VoiceOutput = SessionEvent | SpeechStarted | SpeechStopped | SpeechFinalized | AudioOut | AudioCleared | AudioDone
+class VoiceUnavailable(RuntimeError):
+    """The pipeline was built without the stage a request needs (no ASR, no TTS)."""
 
 
 class _PhraseInput:
@@ -181,6 +101,7 @@ class _TurnAudio:
     """Playback book-keeping of one agent turn."""
 
     ledger: PlaybackLedger = field(default_factory=PlaybackLedger)
+    sample_rate_hz: int = 0
     n_tokens: int = 0  # content tokens covered by text deltas so far
     audio_done: bool = False
     interrupted: bool = False
@@ -200,49 +121,109 @@ class _TtsFlush:
     turn: int
 
 
-class VoiceSession:
-    """Speech in, session events + agent audio out. ``start``, ``push_audio``, iterate
-    ``outputs()``, ``report_played``, ``close``. ``tts=None`` gives a text-only voice session."""
+class VoicePipeline:
+    """Speech or text in; session events, speech events and agent audio out.
 
-    def __init__(self, engine: Engine, speech: SpeechInput, tts: TtsEngine | None,
-                 config: VoiceConfig | None = None, clock: Clock | None = None) -> None:
+    ``start``; feed with ``push_audio`` / ``send_text``; iterate ``outputs()``; report playback
+    with ``report_played`` (or ``truncate`` after a stop); ``close``. ``speech_factory=None``: no
+    audio input; ``tts=None``: text-only output. ``tts_executor`` lets a server share one TTS
+    thread between sessions (synthesis is CPU-bound; more threads than cores only oversubscribe).
+    ``audio_output``: start with agent audio on (default: whenever there is a TTS).
+    """
+
+    def __init__(self, engine: Engine, config: VoiceConfig | None = None, *,
+                 speech_factory: Callable[[], SpeechInput] | None = None, tts: TtsEngine | None = None,
+                 tts_executor: Executor | None = None, clock: Clock | None = None,
+                 session_id: str | None = None, audio_output: bool | None = None) -> None:
         self.config = config or VoiceConfig()
         self.clock = clock or MonotonicClock()
-        session_config = dataclasses.replace(self.config.session, audio_output=tts is not None)
-        self.session = Session(engine, session_config, clock=self.clock)
-        self._speech = AsyncSpeechInput(cast(SpeechInput, _PhraseInput(speech)))
+        self.tts_engine = tts
+        self._audio_on = tts is not None and (audio_output is None or audio_output)
+        session_config = dataclasses.replace(self.config.session, audio_output=self._audio_on)
+        self.config = dataclasses.replace(self.config, session=session_config)
+        self.session = Session(engine, session_config, clock=self.clock, session_id=session_id)
+        self._speech_factory = speech_factory
+        self._speech: AsyncSpeechInput | None = None
         self.tts: StreamingTts | None = None
         if tts is not None:
             chunker = ClauseChunker(max_words=self.config.clause_words,
                                     first_max_words=self.config.first_clause_words,
                                     word_deltas=True)  # session deltas end on word boundaries
             self.tts = StreamingTts(tts, chunker)
-        self._tts_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-tts")
+        self._own_executor = tts_executor is None
+        self._tts_executor = tts_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-tts")
         self._tts_inbox: asyncio.Queue[_TtsText | _TtsFlush] = asyncio.Queue()
         self._out: asyncio.Queue[VoiceOutput | None] = asyncio.Queue()
         self._turns: dict[int, _TurnAudio] = {}
+        self.agent_turn: int | None = None  # the agent turn being generated or played
         self._held_stop: SpeechStopped | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
-    # ---- public API ----------------------------------------------------------------------------
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def audio_input_available(self) -> bool:
+        return self._speech_factory is not None
+
+    @property
+    def audio_output(self) -> bool:
+        return self._audio_on
+
+    @property
+    def output_sample_rate_hz(self) -> int | None:
+        sr = getattr(self.tts_engine, "sample_rate_hz", None)
+        return int(sr) if sr else None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await self.session.start()
         if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._pump_speech(), name=f"voice-speech-{self.session.id}"),
-                asyncio.create_task(self._pump_session(), name=f"voice-session-{self.session.id}"),
-                asyncio.create_task(self._pump_tts(), name=f"voice-tts-{self.session.id}"),
-            ]
+            self._spawn("session", self._pump_session())
+            self._spawn("tts", self._pump_tts())
 
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.tts is not None:
+            self.tts.cancel()
+        for task in self._tasks.values():
+            task.cancel()
+        for task in list(self._tasks.values()):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - already reported as an error output
+                log.debug("pipeline task ended with an error", exc_info=True)
+        self._tasks.clear()
+        if self._speech is not None:
+            await self._speech.aclose()
+        await self.session.close()
+        if self._own_executor:
+            self._tts_executor.shutdown(wait=False, cancel_futures=True)
+        self._out.put_nowait(None)
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        self._tasks[name] = asyncio.create_task(coro, name=f"voice-{name}-{self.session.id}")
+
+    # ---- input ---------------------------------------------------------------------------------
     async def push_audio(self, samples_16k: np.ndarray) -> None:
-        """Queue float32 16 kHz mono microphone audio; returns at once."""
+        """Queue float32 16 kHz mono microphone audio; returns at once (the ASR thread paces it)."""
+        if self._speech is None:
+            if self._speech_factory is None:
+                raise VoiceUnavailable("this pipeline has no speech recognition")
+            self._speech = AsyncSpeechInput(cast(SpeechInput, _PhraseInput(self._speech_factory())))
+            self._spawn("speech", self._pump_speech(self._speech))
         await self._speech.push(samples_16k)
 
     async def feed_audio(self, samples_16k: np.ndarray, chunk_ms: int = 20, realtime: bool = True) -> float:
         """Push a recording in ``chunk_ms`` blocks, each when it would have finished arriving on
-        ``self.clock`` (real time on the monotonic clock, virtual time on a ``ManualClock``).
-        Returns the clock time of the recording's first sample."""
+        ``self.clock``. Returns the clock time of the recording's first sample."""
         step = _SR * chunk_ms // 1000
         t0 = self.clock.now()
         for i, start in enumerate(range(0, len(samples_16k), step)):
@@ -253,22 +234,80 @@ class VoiceSession:
             await self.push_audio(samples_16k[start:start + step])
         return t0
 
-    async def end_of_stream(self) -> None:
-        """No more audio: close an open utterance and commit its words."""
-        await self._speech.flush()
+    async def end_of_speech(self) -> None:
+        """End the open utterance now (push-to-talk commit, end of stream) and finalize its words."""
+        if self._speech is not None:
+            await self._speech.flush()
+
+    def send_text(self, text: str, final: bool = True) -> bool:
+        """Typed user text; ``final`` ends the user's turn. False: rejected (an error is emitted)."""
+        return self.session.submit(TextInput(text, final=final))
+
+    def update(self, update: UpdateSession) -> bool:
+        return self.session.submit(update)
 
     def cancel(self) -> None:
         """Stop the agent's reply (a button, a key); audio is cleared via ``AudioCleared``."""
         self.session.submit(Cancel())
 
-    def report_played(self, turn: int, played_samples: int) -> None:
-        """The listener has heard ``played_samples`` of agent turn ``turn``'s audio."""
+    def set_audio_output(self, enabled: bool) -> None:
+        """Switch agent audio on/off between agent turns (with audio on, tokens count as heard only
+        through playback reports)."""
+        if enabled and self.tts is None:
+            raise VoiceUnavailable("this pipeline has no TTS")
+        if self.agent_turn is not None or self.session.state != "listening":
+            raise RuntimeError("audio output can only change while the agent is not speaking")
+        if enabled == self._audio_on:
+            return
+        self._audio_on = enabled
+        self.config = self.config.with_session(audio_output=enabled)
+        self.session.submit(UpdateSession(audio_output=enabled))
+
+    # ---- playback reports ----------------------------------------------------------------------
+    def played_samples_at(self, turn: int, audio_end_ms: float) -> int:
+        """``audio_end_ms`` on turn ``turn``'s audio timeline -> samples of that turn."""
+        state = self._turns.get(turn)
+        if state is None or not state.sample_rate_hz:
+            return 0
+        return int(round(audio_end_ms * state.sample_rate_hz / 1000.0))
+
+    def report_played(self, turn: int, played_samples: int, done: bool = False) -> None:
+        """The listener has heard ``played_samples`` of agent turn ``turn``'s audio (``done``: the
+        transport finished playing all of it)."""
         state = self._turns.get(turn)
         if state is None:
             return
-        total = state.ledger.queued_samples
-        done = state.audio_done and played_samples >= total
+        done = done or (state.audio_done and played_samples >= state.ledger.queued_samples)
         heard = state.n_tokens if done else (state.ledger.heard_token(played_samples) or 0)
+        self._report_heard(turn, state, heard, done)
+
+    def report_heard_tokens(self, turn: int, heard_tokens: int, done: bool = False) -> None:
+        """Like ``report_played`` for transports that count heard tokens themselves."""
+        state = self._turns.get(turn)
+        if state is None:
+            if not self.audio_output and done and turn == self.agent_turn:
+                self.agent_turn = None
+            return
+        self._report_heard(turn, state, max(0, heard_tokens), done)
+
+    def playback_done(self, turn: int) -> None:
+        """The transport finished playing every chunk of ``turn`` it received."""
+        state = self._turns.get(turn)
+        if state is not None:
+            self.report_played(turn, state.ledger.queued_samples, done=True)
+
+    def truncate(self, turn: int, played_samples: int) -> None:
+        """The transport stopped playing ``turn`` at ``played_samples`` (after an interruption, or
+        on its own): stop the agent if it still speaks, and roll back to exactly what was heard."""
+        state = self._turns.get(turn)
+        if state is None:
+            return
+        if not state.interrupted:
+            state.interrupted = True
+            self.session.submit(Cancel())
+        self.report_played(turn, played_samples)
+
+    def _report_heard(self, turn: int, state: _TurnAudio, heard: int, done: bool) -> None:
         if heard == state.heard and not done and not state.interrupted:
             return
         state.heard = heard
@@ -277,12 +316,8 @@ class VoiceSession:
         self.session.submit(PlaybackMark(turn, heard, done=done and not state.interrupted, final=state.interrupted))
         if done or state.interrupted:
             del self._turns[turn]  # the session has its final word on this turn
-
-    def playback_done(self, turn: int) -> None:
-        """The transport finished playing every chunk of ``turn`` it received."""
-        state = self._turns.get(turn)
-        if state is not None:
-            self.report_played(turn, state.ledger.queued_samples)
+            if self.agent_turn == turn:
+                self.agent_turn = None
 
     async def outputs(self) -> AsyncIterator[VoiceOutput]:
         """Session events, speech events and agent audio, in order, until :meth:`close`."""
@@ -292,68 +327,64 @@ class VoiceSession:
                 return
             yield item
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.tts is not None:
-            self.tts.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        self._tasks = []
-        await self._speech.aclose()
-        await self.session.close()
-        self._tts_executor.shutdown(wait=False, cancel_futures=True)
-        self._out.put_nowait(None)
-
     # ---- speech -> session ---------------------------------------------------------------------
-    async def _pump_speech(self) -> None:
-        async for ev in self._speech.events():
-            ev_any: object = ev
-            if isinstance(ev_any, SpeechFinalized):
-                self._emit(ev_any)
-                if self._held_stop is not None and self._held_stop.t_s <= ev_any.t_s:
-                    self.session.submit(self._held_stop)
-                    self._held_stop = None
-                continue
+    async def _pump_speech(self, speech: AsyncSpeechInput) -> None:
+        try:
+            async for ev in speech.events():
+                self._on_speech(ev)
+        except Exception as exc:  # noqa: BLE001 - the ASR worker failed: say so, keep text working
+            log.exception("session %s: speech input failed", self.id)
+            self._emit(ErrorEvent("asr_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
+
+    def _on_speech(self, ev: object) -> None:
+        if isinstance(ev, SpeechFinalized):
             self._emit(ev)
-            if isinstance(ev, SpeechStopped) and self.config.hold_stop_for_final_words:
-                self._held_stop = ev
-                continue
-            if isinstance(ev, SpeechStarted) and self._held_stop is not None:
-                self._held_stop = None  # the user went on: the session never saw the pause
-                continue
-            self.session.submit(ev)
+            if self._held_stop is not None and self._held_stop.t_s <= ev.t_s:
+                self.session.submit(self._held_stop)
+                self._held_stop = None
+            return
+        speech_ev = cast(SpeechEvent, ev)
+        self._emit(speech_ev)
+        if isinstance(speech_ev, SpeechStopped) and self.config.hold_stop_for_final_words:
+            self._held_stop = speech_ev
+            return
+        if isinstance(speech_ev, SpeechStarted) and self._held_stop is not None:
+            self._held_stop = None  # the user went on: the session never saw the pause
+            return
+        self.session.submit(speech_ev)
 
     # ---- session -> outputs and TTS ------------------------------------------------------------
     async def _pump_session(self) -> None:
         async for ev in self.session.events():
             self._emit(ev)
-            if self.tts is None:
-                continue
             if isinstance(ev, TurnStarted) and ev.speaker == "agent":
-                self._turns[ev.turn] = _TurnAudio()
+                self.agent_turn = ev.turn
+                if self._audio_on:
+                    self._turns[ev.turn] = _TurnAudio()
             elif isinstance(ev, AgentTextDelta):
                 state = self._turns.get(ev.turn)
                 if state is not None and not state.interrupted:
                     state.n_tokens = max(state.n_tokens, ev.token_end)
                     self._tts_inbox.put_nowait(_TtsText(ev.turn, ev.text, ev.token_start, ev.token_end))
-            elif isinstance(ev, TurnEnded) and ev.speaker == "agent" and ev.reason != "interrupted":
-                self._tts_inbox.put_nowait(_TtsFlush(ev.turn))
             elif isinstance(ev, Interrupted):
                 self._interrupt(ev.turn)
+            elif isinstance(ev, TurnEnded) and ev.speaker == "agent":
+                if ev.reason == "interrupted" or ev.turn not in self._turns:
+                    if self.agent_turn == ev.turn:
+                        self.agent_turn = None
+                else:
+                    self._tts_inbox.put_nowait(_TtsFlush(ev.turn))
 
     def _interrupt(self, turn: int) -> None:
         """Stop synthesis now and tell the transport to drop queued audio."""
-        assert self.tts is not None
-        self.tts.cancel()
+        if self.tts is not None:
+            self.tts.cancel()  # thread-safe: a synthesis in flight yields nothing more
+        if self.agent_turn == turn:
+            self.agent_turn = None
         state = self._turns.get(turn)
         if state is None:
+            if self._audio_on:
+                self._emit(AudioCleared(turn, self.clock.now()))
             return
         state.interrupted = True
         self._emit(AudioCleared(turn, self.clock.now()))
@@ -361,29 +392,46 @@ class VoiceSession:
             self.report_played(turn, 0)  # nothing was ever played: no need to wait for the transport
 
     async def _pump_tts(self) -> None:
-        loop = asyncio.get_running_loop()
+        current: int | None = None
         while True:
             item = await self._tts_inbox.get()
             tts = self.tts
             state = self._turns.get(item.turn)
             if tts is None or state is None or state.interrupted:
                 continue
-            if isinstance(item, _TtsText):
-                chunks = await loop.run_in_executor(self._tts_executor, tts.push, item.text, item.token_start,
-                                                    item.token_end)
-            else:
-                chunks = await loop.run_in_executor(self._tts_executor, tts.flush)
-            if state.interrupted or self._turns.get(item.turn) is not state:
-                continue  # cut off while synthesising
-            for chunk in chunks:
-                offset = state.ledger.queued_samples
-                state.ledger.append(chunk)
-                self._emit(AudioOut(item.turn, chunk, offset, self.clock.now()))
-            if isinstance(item, _TtsFlush):
+            if item.turn != current:
+                current = item.turn
+                tts.cancel()  # new turn: drop any text left over from the previous one
+            try:
+                if isinstance(item, _TtsText):
+                    await self._synthesize(tts.iter_push(item.text, item.token_start, item.token_end), item.turn, state)
+                else:
+                    loop = asyncio.get_running_loop()
+                    flushed = await loop.run_in_executor(self._tts_executor, tts.flush)
+                    await self._synthesize(iter(flushed), item.turn, state)
+            except Exception as exc:  # noqa: BLE001 - report, keep the session alive (text still flows)
+                log.exception("session %s: TTS failed", self.id)
+                self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
+            if isinstance(item, _TtsFlush) and not state.interrupted and self._turns.get(item.turn) is state:
                 state.audio_done = True
-                self._emit(AudioDone(item.turn, state.ledger.queued_samples, self.clock.now()))
+                self._emit(AudioDone(item.turn, state.ledger.queued_samples, state.sample_rate_hz, self.clock.now()))
                 if state.ledger.queued_samples == 0:
-                    self.report_played(item.turn, 0)  # silent turn: it is "played" already
+                    self.report_played(item.turn, 0, done=True)  # silent turn: it is "played" already
+
+    async def _synthesize(self, chunks: Iterator[TtsChunk], turn: int, state: _TurnAudio) -> None:
+        """Pull chunks off the TTS thread one at a time, so the first clause plays while the next
+        is being synthesised."""
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await loop.run_in_executor(self._tts_executor, next, chunks, None)
+            if chunk is None:
+                return
+            if state.interrupted or self._turns.get(turn) is not state:
+                return  # cut off while synthesising
+            offset = state.ledger.queued_samples
+            state.ledger.append(chunk)
+            state.sample_rate_hz = chunk.sample_rate_hz
+            self._emit(AudioOut(turn, chunk, offset, self.clock.now()))
 
     def _emit(self, item: VoiceOutput) -> None:
         self._out.put_nowait(item)

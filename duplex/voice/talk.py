@@ -26,7 +26,9 @@ from duplex.audio.asr import load_whisper
 from duplex.audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStream, find_device
 from duplex.audio.tts import load_tts
 from duplex.engine.worker import Engine
-from duplex.voice.pipeline import AudioCleared, AudioOut, VoiceSession, default_voice_config, make_speech_input
+from duplex.voice.config import default_voice_config, make_speech_input
+from duplex.voice.outputs import AudioCleared, AudioOut
+from duplex.voice.pipeline import VoicePipeline
 
 __all__ = ["MicGate", "PlaybackTracker", "run_talk"]
 
@@ -107,8 +109,8 @@ async def run_talk(args: argparse.Namespace) -> int:
         engine.close()
         print(f"duplex talk: {exc}", file=sys.stderr)
         return EXIT_NO_DEVICE
-    speech = make_speech_input(whisper)
-    voice = VoiceSession(engine, speech, tts, default_voice_config(args.policy))
+    config = default_voice_config(args.policy)
+    voice = VoicePipeline(engine, config, speech_factory=lambda: make_speech_input(whisper, config), tts=tts)
     mode = "headphones: talk over the agent to interrupt" if args.headphones else \
         "speaker: the mic is muted while the agent talks; press Enter to interrupt"
     print(f"listening ({mode}). Ctrl-C to quit.", file=sys.stderr)
@@ -129,7 +131,7 @@ async def run_talk(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _mic_loop(voice: VoiceSession, mic: MicrophoneStream, speaker: SpeakerStream, gate: MicGate) -> None:
+async def _mic_loop(voice: VoicePipeline, mic: MicrophoneStream, speaker: SpeakerStream, gate: MicGate) -> None:
     loop = asyncio.get_running_loop()
     while True:
         block = await mic.read()
@@ -137,7 +139,7 @@ async def _mic_loop(voice: VoiceSession, mic: MicrophoneStream, speaker: Speaker
         await voice.push_audio(gate.process(block, loop.time(), busy))
 
 
-async def _output_loop(voice: VoiceSession, speaker: SpeakerStream, tracker: PlaybackTracker) -> None:
+async def _output_loop(voice: VoicePipeline, speaker: SpeakerStream, tracker: PlaybackTracker) -> None:
     async for item in voice.outputs():
         if isinstance(item, AudioOut):
             if item.chunk.sample_rate_hz != speaker.sample_rate_hz:
@@ -158,7 +160,7 @@ async def _output_loop(voice: VoiceSession, speaker: SpeakerStream, tracker: Pla
             print(f"  error: {item.message}", file=sys.stderr)  # type: ignore[union-attr]
 
 
-async def _playback_loop(voice: VoiceSession, speaker: SpeakerStream, tracker: PlaybackTracker) -> None:
+async def _playback_loop(voice: VoicePipeline, speaker: SpeakerStream, tracker: PlaybackTracker) -> None:
     """Report what has left the speaker for every turn with audio, every 40 ms."""
     while True:
         await asyncio.sleep(_REPORT_S)
@@ -168,7 +170,7 @@ async def _playback_loop(voice: VoiceSession, speaker: SpeakerStream, tracker: P
         tracker.prune(heard)
 
 
-async def _keyboard_loop(voice: VoiceSession) -> None:
+async def _keyboard_loop(voice: VoicePipeline) -> None:
     """Enter interrupts the agent (the only way to, without headphones)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -1,0 +1,68 @@
+"""The voice defaults, in one place: every path that talks to a user (``serve``, ``talk``, the
+benchmarks and the evaluation) builds its pipeline from :func:`default_voice_config`.
+
+The VAD's silence hangover is short on purpose: the final ASR pass at the end of speech and the
+turn policy (not the VAD) decide when the user's turn is over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from duplex.audio.asr import StreamingAsr
+from duplex.audio.speech_input import SpeechInput
+from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
+from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
+
+__all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig", "default_voice_config",
+           "make_speech_input", "voice_session_config"]
+
+VAD_MIN_SILENCE_MS = 300
+VOICE_POLICY = "eou"
+# The VAD's hangover and the final ASR pass already are the acoustic gap, so the model's
+# end-of-turn belief only adds time when the words look unfinished.
+VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 700.0, "confident": 0.2,
+                                       "unlikely": 0.02}
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceConfig:
+    """One voice conversation's settings.
+
+    ``first_clause_words``: the first TTS clause of a reply is cut after this many words so audio
+    starts early; later clauses follow punctuation (up to ``clause_words`` words).
+    ``hold_stop_for_final_words``: the session sees the end of speech only once the utterance's
+    final ASR pass has delivered its words, so a reply never misses the last words.
+    """
+
+    session: SessionConfig = field(default_factory=SessionConfig)
+    vad_min_silence_ms: int = VAD_MIN_SILENCE_MS
+    first_clause_words: int = 2
+    clause_words: int = 14
+    hold_stop_for_final_words: bool = True
+    type: str = "voice_config"
+
+    def with_session(self, **changes: Any) -> VoiceConfig:
+        return replace(self, session=replace(self.session, **changes))
+
+
+def voice_session_config(policy: str = VOICE_POLICY, **overrides: Any) -> SessionConfig:
+    """Session settings for a voice conversation: the voice policy gets its tuned parameters."""
+    params = dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
+    overrides.setdefault("instructions", DEFAULT_INSTRUCTIONS)
+    overrides.setdefault("policy_params", params)
+    return SessionConfig(policy=policy, **overrides)
+
+
+def default_voice_config(policy: str | None = None, **session_overrides: Any) -> VoiceConfig:
+    """The voice defaults (talk, serve, bench and eval all start here)."""
+    return VoiceConfig(session=voice_session_config(policy or VOICE_POLICY, **session_overrides))
+
+
+def make_speech_input(whisper: Any, config: VoiceConfig | None = None, vad: FrameVad | None = None,
+                      **speech_options: Any) -> SpeechInput:
+    """VAD (WebRTC unless given) + streaming whisper with the voice defaults."""
+    min_silence_ms = (config or VoiceConfig()).vad_min_silence_ms
+    segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=min_silence_ms)
+    return SpeechInput(segmenter, StreamingAsr(whisper), **speech_options)
