@@ -108,15 +108,19 @@ async def test_auth_token_required(make_server) -> None:
         assert json.loads(await ws.recv())["type"] == "session.created"
 
 
-async def test_rate_limit_sends_error_and_keeps_connection(make_server) -> None:
-    server = await make_server(limits=ServerLimits(messages_per_s=4.0, messages_burst=5.0))
+async def test_rate_limit_paces_reads_and_drops_nothing(make_server) -> None:
+    server = await make_server(limits=ServerLimits(messages_per_s=20.0, messages_burst=5.0))
     async with DuplexClient(server.ws_url()) as client:
-        for _ in range(12):
-            await client.send({"type": "input_audio_buffer.commit"})
+        for i in range(12):
+            await client.send({"type": "input_text", "text": f"word{i}", "final": False})
         err = await _error(client)
-        assert err["code"] == "rate_limited" and err["error"]["dropped"] >= 1
-        await asyncio.sleep(1.0)  # let the bucket refill (not a timing assertion)
+        assert err["code"] == "rate_limited" and err["error"]["paced"] >= 1
         assert await client.reply("hello again", timeout=GUARD_S) is not None
+        hub = server.sessions[client.session_id]
+        # every paced message still reached the session, in order
+        transcript = hub.session.transcript
+        positions = [transcript.find(f"word{i}") for i in range(12)]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions)
 
 
 class BlockTts:

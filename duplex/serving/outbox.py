@@ -42,15 +42,23 @@ class TokenBucket:
     t: float | None = None
 
     def take(self, n: float, now: float) -> bool:
+        self._refill(now)
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+    def wait_s(self, n: float, now: float) -> float:
+        """Seconds until ``n`` tokens are available (0 when they are now)."""
+        self._refill(now)
+        return max(0.0, (min(n, self.burst) - self.tokens) / self.rate) if self.rate > 0 else 0.0
+
+    def _refill(self, now: float) -> None:
         if self.tokens < 0:
             self.tokens = self.burst
         if self.t is not None:
             self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
         self.t = now
-        if n > self.tokens:
-            return False
-        self.tokens -= n
-        return True
 
 
 @dataclass(slots=True)

@@ -200,14 +200,7 @@ class _Connection:
     async def _on_message(self, message: str | bytes) -> None:
         hub = self.hub
         assert hub is not None
-        now = time.monotonic()
-        if not (self._messages.take(1, now) and self._bytes.take(len(message), now)):
-            self._limited += 1
-            if now - self._last_limit_notice >= 1.0:
-                self._last_limit_notice = now
-                hub.send(error_event("rate_limited", f"too many messages or bytes per second; {self._limited} "
-                                     "message(s) dropped so far", dropped=self._limited))
-            return
+        await self._pace(hub, len(message))
         try:
             if isinstance(message, bytes):
                 await hub.handle_audio(message)
@@ -218,6 +211,25 @@ class _Connection:
         except Exception as exc:  # noqa: BLE001 - contain per connection
             log.exception("connection %s: handling a message failed", hub.id)
             hub.send_error("internal_error", f"{type(exc).__name__}: {exc}")
+
+    async def _pace(self, hub: ServerSession, n_bytes: int) -> None:
+        """Over the rate limit, stop reading until the budget refills: TCP pushes back on the
+        client, and nothing it sent is dropped. The client is told (at most once a second)."""
+        while True:
+            now = time.monotonic()
+            wait = max(self._messages.wait_s(1, now), self._bytes.wait_s(n_bytes, now))
+            if wait <= 0:
+                self._messages.take(1, now)
+                self._bytes.take(min(n_bytes, self._bytes.burst), now)
+                return
+            self._limited += 1
+            if now - self._last_limit_notice >= 1.0:
+                self._last_limit_notice = now
+                hub.send(error_event("rate_limited", "messages or bytes arrive faster than the limit "
+                                     f"({self.server.limits.messages_per_s:g} messages/s, "
+                                     f"{self.server.limits.bytes_per_s:g} bytes/s); reading is paced, nothing "
+                                     "is dropped", paced=self._limited))
+            await asyncio.sleep(wait)
 
     async def _dispatch(self, hub: ServerSession, msg: ClientMessage) -> None:
         if isinstance(msg, InputText):
