@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,7 @@ class StreamingAsr:
     def _transcribe(self) -> tuple[list[_Word], list[float]]:
         self.passes += 1
         self._dirty = False
+        t0 = time.perf_counter()
         segments = self._run_whisper(
             language=self.language,
             beam_size=self.beam_size,
@@ -256,6 +258,8 @@ class StreamingAsr:
             temperature=0.0,
             vad_filter=False,  # the VAD gate in front of us already did this
         )
+        logger.debug("whisper pass %d: %.0f ms for %.2f s of audio", self.passes, 1000 * (time.perf_counter() - t0),
+                     len(self._audio) / 16000)
         words: list[_Word] = []
         ends: list[float] = []
         for seg in segments:

@@ -30,7 +30,7 @@ from duplex.voice.config import default_voice_config, make_speech_input
 from duplex.voice.outputs import AudioCleared, AudioOut
 from duplex.voice.pipeline import VoicePipeline
 
-__all__ = ["MicGate", "PlaybackTracker", "run_talk"]
+__all__ = ["MicGate", "PlaybackTracker", "converse", "run_talk"]
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,7 @@ async def run_talk(args: argparse.Namespace) -> int:
         "speaker: the mic is muted while the agent talks; press Enter to interrupt"
     print(f"listening ({mode}). Ctrl-C to quit.", file=sys.stderr)
     try:
-        await voice.start()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(_mic_loop(voice, mic, speaker, MicGate(headphones=bool(args.headphones))))
-            tg.create_task(_output_loop(voice, speaker, _tracker := PlaybackTracker()))
-            tg.create_task(_playback_loop(voice, speaker, _tracker))
-            tg.create_task(_keyboard_loop(voice))
+        await converse(voice, mic, speaker, headphones=bool(args.headphones), keyboard=True)
     except asyncio.CancelledError:
         pass
     finally:
@@ -129,6 +124,20 @@ async def run_talk(args: argparse.Namespace) -> int:
         speaker.close()
         engine.close()
     return 0
+
+
+async def converse(voice: VoicePipeline, mic: MicrophoneStream, speaker: SpeakerStream, *, headphones: bool,
+                   keyboard: bool = False) -> None:
+    """The sounddevice transport around the voice pipeline: mic blocks in (through the echo
+    gate), agent audio out to the speaker, played positions back. Runs until cancelled."""
+    await voice.start()
+    tracker = PlaybackTracker()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_mic_loop(voice, mic, speaker, MicGate(headphones=headphones)))
+        tg.create_task(_output_loop(voice, speaker, tracker))
+        tg.create_task(_playback_loop(voice, speaker, tracker))
+        if keyboard:
+            tg.create_task(_keyboard_loop(voice))
 
 
 async def _mic_loop(voice: VoicePipeline, mic: MicrophoneStream, speaker: SpeakerStream, gate: MicGate) -> None:
