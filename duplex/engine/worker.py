@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -70,7 +71,13 @@ class Engine:
         if self._closed:
             raise RuntimeError("engine is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(fn, *args, **kwargs)
+        if not log.isEnabledFor(logging.DEBUG):
+            return await loop.run_in_executor(self._executor, call)
+        t0 = time.perf_counter()
+        result = await loop.run_in_executor(self._executor, call)
+        log.debug("engine %s: %.1f ms (incl. queueing)", getattr(fn, "__name__", fn), 1000 * (time.perf_counter() - t0))
+        return result
 
     def close(self) -> None:
         self._closed = True
