@@ -135,3 +135,24 @@ def test_sampling_config_rejects_bad_values():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_append_and_hand_over_equals_the_two_step_path(tiny_lm):
+    """The one-forward path (user words + footer + agent header) gives the same ledger, cache,
+    next-token logits and end-of-turn belief as appending and then handing over."""
+    ids = tiny_lm.tokenizer.encode("what time is it", add_special_tokens=False)
+    two = _seq(tiny_lm)
+    two.add_message(Speaker.SYSTEM, "sys")
+    two.begin_turn(Speaker.USER)
+    two.append(ids)
+    eou_two = two.end_of_turn_probability()
+    turn_two = two.hand_over(Speaker.AGENT)
+    one = _seq(tiny_lm)
+    one.add_message(Speaker.SYSTEM, "sys")
+    one.begin_turn(Speaker.USER)
+    turn_one, eou_one = one.append_and_hand_over(ids, Speaker.AGENT)
+    assert (turn_one, one.ids, one.spans(), one.open_turn) == (turn_two, two.ids, two.spans(), two.open_turn)
+    assert one.cache_length == len(one)
+    assert eou_one == pytest.approx(eou_two, rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(one.logits, two.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one.logits, _full_logits(tiny_lm, one.ids), rtol=1e-4, atol=1e-4)

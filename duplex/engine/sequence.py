@@ -233,6 +233,37 @@ class SharedSequence:
         self.maybe_evict()
         return new_turn
 
+    def append_and_hand_over(self, ids: Seq[int], to: Speaker) -> tuple[int, float]:
+        """Append ``ids`` to the open turn, close it and open ``to``'s turn in ONE forward pass.
+
+        Returns (new turn id, end-of-turn probability after ``ids``): the user's last words and
+        the speculative hand-over cost one forward instead of two, and the belief the turn policy
+        needs comes from the same pass (it keeps the logits of the last content position too).
+        """
+        ids = [int(i) for i in ids]
+        if self._open is None or not ids or len(ids) > self.config.prefill_chunk_tokens:
+            self.append(ids)
+            eou = self.end_of_turn_probability()
+            return self.hand_over(to), eou
+        speaker, turn = self._open
+        footer = list(self.template.role(speaker.value).footer)
+        header = list(self.template.role(to.value).header)
+        tail = footer + header
+        logits = self._forward(ids + tail, len(self._ids), keep=len(tail) + 1)
+        self._logits = logits[-1]
+        probs = torch.softmax(logits[0].float(), dim=-1)
+        eou = float(probs[self.template.end_of_user_turn_id])
+        self._turn_counter += 1
+        new_turn = self._turn_counter
+        for part, spk, t in ((ids, speaker, turn), (footer, speaker, turn), (header, to, new_turn)):
+            self._ids.extend(part)
+            self._speaker.extend([spk] * len(part))
+            self._status.extend([Status.COMMITTED] * len(part))
+            self._turn.extend([t] * len(part))
+        self._open = (to, new_turn)
+        self.maybe_evict()
+        return new_turn, eou
+
     def append(self, ids: Seq[int], status: Status = Status.COMMITTED) -> None:
         """Append content ids to the open turn (incremental, chunked prefill)."""
         if self._open is None:
@@ -359,7 +390,8 @@ class SharedSequence:
             self._logits = self._forward(piece, pos + i)
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
+    def _forward(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
+        """Logits of the last position (``keep`` > 1: of the last ``keep`` positions, stacked)."""
         device = self.lm.device
         if device.type == "cpu":
             # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
@@ -373,7 +405,7 @@ class SharedSequence:
         position_ids = torch.arange(start_pos, start_pos + len(ids), device=device).unsqueeze(0)
         out = self.lm.model(
             input_ids=input_ids, position_ids=position_ids, past_key_values=self._cache,
-            use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=keep,
         )
         self._cache = out.past_key_values
-        return out.logits[0, -1]
+        return out.logits[0, -1] if keep == 1 else out.logits[0, -keep:]

@@ -203,8 +203,37 @@ class Session:
     # ---- inputs --------------------------------------------------------------------------------
     async def _handle_inputs(self) -> None:
         while self._urgent or self._inputs:
-            ev = self._urgent.popleft() if self._urgent else self._inputs.popleft()
-            await self._handle(ev)
+            if self._urgent:
+                await self._handle(self._urgent.popleft())
+                continue
+            ev = self._inputs.popleft()
+            if isinstance(ev, AsrWord) and ev.committed:
+                await self._committed_words(ev)
+            else:
+                await self._handle(ev)
+
+    async def _committed_words(self, first: AsrWord) -> None:
+        """Committed words queued together are prefilled in one forward; when the end of speech
+        is queued right behind them (the voice pipeline sends it once the final pass is in), the
+        stop is taken first so that forward also carries the speculative hand-over."""
+        words = [first]
+        while self._inputs and isinstance(self._inputs[0], AsrWord) and self._inputs[0].committed:
+            words.append(self._inputs.popleft())
+        if self._inputs and isinstance(self._inputs[0], SpeechStopped):
+            await self._handle(self._inputs.popleft())
+        texts: list[str] = []
+        for word in words:
+            text = word.text.strip()
+            if not text:
+                continue
+            self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s]
+            self._user_committed.append(text)
+            texts.append(text)
+        if not texts:
+            return
+        prefix = " " if len(self._user_committed) > len(texts) else ""
+        await self._prefill_user(prefix + " ".join(texts))
+        self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), True, self.clock.now()))
 
     async def _handle(self, ev: Any) -> None:
         now = self.clock.now()
@@ -245,11 +274,7 @@ class Session:
             self._tentative.append((word.start_s, text))
             self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
             return
-        self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s]
-        prefix = " " if self._user_committed else ""
-        self._user_committed.append(text)
-        await self._prefill_user(prefix + text)
-        self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), True, self.clock.now()))
+        await self._committed_words(word)
 
     async def _user_text(self, ev: TextInput) -> None:
         now = self.clock.now()
@@ -281,20 +306,32 @@ class Session:
         if self._agent is not None and (self._agent.generating or self._truncate_deadline is not None):
             self._held_ids.extend(ids)
             return
+        if self._can_prepare_reply(after_append=True):
+            self._eou_prob, self._prepared = await self.engine.run(self._append_and_prepare_sync, ids)
+            return
         self._eou_prob = await self.engine.run(self._append_user_sync, ids)
 
     async def _maybe_prepare_reply(self) -> bool:
         """While the user is silent after committed words, prefill the user-turn footer and the
         agent header now, so that when the policy says Speak only sampling is left (TTFT no longer
         pays a forward pass). Undone by one cache crop if the user goes on."""
-        seq = self.seq
-        if (not self.config.speculative_handover or seq is None or self._prepared is not None
-                or self._user_speaking or not self._user_committed or self._held_ids or self._agent is not None
-                or self._truncate_deadline is not None or self._typed_pending.strip()
-                or seq.open_turn is None or seq.open_turn[0] is not Speaker.USER):
+        if not self._can_prepare_reply():
             return False
-        self._prepared = await self.engine.run(seq.hand_over, Speaker.AGENT)
+        assert self.seq is not None
+        self._prepared = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
         return True
+
+    def _can_prepare_reply(self, after_append: bool = False) -> bool:
+        """The user is silent after committed words and nothing else is pending: the hand-over
+        may be prefilled now (``after_append``: together with words about to be appended)."""
+        seq = self.seq
+        if (not self.config.speculative_handover or seq is None or self._user_speaking or not self._user_committed
+                or self._held_ids or self._agent is not None or self._truncate_deadline is not None
+                or self._typed_pending.strip()):
+            return False
+        if after_append:
+            return True  # _append_and_prepare_sync undoes an earlier hand-over and opens the user turn
+        return self._prepared is None and seq.open_turn is not None and seq.open_turn[0] is Speaker.USER
 
     def _unprepare_sync(self) -> None:
         """Roll back a speculative hand-over (worker thread)."""
@@ -305,6 +342,15 @@ class Session:
         self.seq.rollback(len(template.user.footer) + len(template.agent.header))
         self.seq.reopen(Speaker.USER, self._user_turn)
         self._prepared = None
+
+    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[float, int]:
+        """Worker thread: the user's words plus the speculative hand-over in one forward."""
+        assert self.seq is not None
+        self._unprepare_sync()
+        if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
+            self._user_turn = self.seq.begin_turn(Speaker.USER)
+        turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
+        return eou, turn
 
     def _append_user_sync(self, ids: list[int]) -> float:
         assert self.seq is not None
