@@ -6,6 +6,7 @@ passes agree on it; the audio buffer is trimmed at completed segments so each pa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -137,8 +138,12 @@ class StreamingAsr:
         min_avg_logprob: float = -1.5,
         compression_ratio_threshold: float = 2.4,
         encoder_pad_s: float | None = 5.0,
+        lock: threading.Lock | None = None,
     ) -> None:
         self.model = model
+        # One model shared by several streams (a server's sessions): passes run one at a time.
+        # The lock wraps the whole pass, so sharing never costs the short-window encoder path.
+        self.lock = lock
         multilingual = bool(getattr(getattr(model, "model", None), "is_multilingual", True))
         self.language = language if multilingual else None
         self.beam_size = beam_size
@@ -249,15 +254,16 @@ class StreamingAsr:
         self.passes += 1
         self._dirty = False
         t0 = time.perf_counter()
-        segments = self._run_whisper(
-            language=self.language,
-            beam_size=self.beam_size,
-            initial_prompt=self._prompt() or None,
-            word_timestamps=True,
-            condition_on_previous_text=False,
-            temperature=0.0,
-            vad_filter=False,  # the VAD gate in front of us already did this
-        )
+        with self.lock or contextlib.nullcontext():
+            segments = self._run_whisper(
+                language=self.language,
+                beam_size=self.beam_size,
+                initial_prompt=self._prompt() or None,
+                word_timestamps=True,
+                condition_on_previous_text=False,
+                temperature=0.0,
+                vad_filter=False,  # the VAD gate in front of us already did this
+            )
         logger.debug("whisper pass %d: %.0f ms for %.2f s of audio", self.passes, 1000 * (time.perf_counter() - t0),
                      len(self._audio) / 16000)
         words: list[_Word] = []

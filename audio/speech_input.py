@@ -86,6 +86,7 @@ class SpeechInput:
             self._work: list[_Feed | _Finish] = []
             self._unprocessed_s = 0.0  # speech fed since the last whisper pass
             self._speculated_end_s: float | None = None  # last voiced end a speculative pass saw
+            self.last_pass_speculative = False  # the latest ``recognize`` ran a speculative pass
             self._finalized_until_s = float("-inf")
 
     @property
@@ -134,6 +135,7 @@ class SpeechInput:
             silence_ms = self.segmenter.trailing_silence_ms
             voiced_end_s = self.segmenter.last_voiced_end_s
         events: list[SpeechEvent] = []
+        self.last_pass_speculative = False
         for item in work:
             if isinstance(item, _Feed):
                 self.asr.push(item.samples, t_s=item.t_s)
@@ -141,6 +143,8 @@ class SpeechInput:
             else:
                 spec = self._speculated_end_s
                 reuse = spec is not None and abs(spec - item.t_s) < 1e-6
+                logger.debug("final pass for the turn ending at %.2f s (%s)", item.t_s,
+                             "reusing the speculative pass" if reuse else "new pass")
                 events.extend(self.asr.finish(reuse_last_pass=reuse))
                 self._unprocessed_s = 0.0
                 self._speculated_end_s = None
@@ -153,8 +157,10 @@ class SpeechInput:
         if (speculate is not None and silence_ms >= speculate and self.asr.has_new_audio
                 and self._speculated_end_s != voiced_end_s):
             # A pause: run the final pass now; the turn end reuses it if only silence follows.
+            logger.debug("speculative pass after %.0f ms of silence (voiced end %.2f s)", silence_ms, voiced_end_s)
             self._speculated_end_s = voiced_end_s
             self._unprocessed_s = 0.0
+            self.last_pass_speculative = True
             events.extend(self.asr.process())
         elif self._unprocessed_s * 1000 >= self.asr_interval_ms and (skip is None or silence_ms < skip):
             self._unprocessed_s = 0.0

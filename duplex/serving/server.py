@@ -42,7 +42,7 @@ from duplex.serving.ws_session import ServerLimits, ServerSession
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_input
 
-__all__ = ["DuplexServer", "LockedWhisper", "ServerLimits", "run_server"]
+__all__ = ["DuplexServer", "ServerLimits", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,6 @@ CLOSE_NORMAL = frozenset({1000, 1001})
 CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
 CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
 _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
-
-
-class LockedWhisper:
-    """One whisper model shared by all sessions: passes run one at a time and fully materialized
-    (faster-whisper's segments are lazy, so the work happens while iterating)."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self._lock = threading.Lock()
-        self.model = getattr(model, "model", None)
-
-    def transcribe(self, audio: Any, **kwargs: Any) -> tuple[list[Any], Any]:
-        with self._lock:
-            segments, info = self._model.transcribe(audio, **kwargs)
-            return list(segments), info
 
 
 def _web_dir() -> Path:
@@ -285,10 +270,10 @@ class DuplexServer:
         self.tts = tts
         self.web_dir = Path(web_dir) if web_dir is not None else _web_dir()
         if speech_factory is None and asr is not None:
-            shared = asr if isinstance(asr, LockedWhisper) else LockedWhisper(asr)
             make_vad = vad_factory or WebRtcVad
             voice = self.config
-            speech_factory = lambda: make_speech_input(shared, voice, vad=make_vad())  # noqa: E731
+            lock = threading.Lock()  # one whisper model for all sessions: one pass at a time
+            speech_factory = lambda: make_speech_input(asr, voice, vad=make_vad(), whisper_lock=lock)  # noqa: E731
         self.speech_factory = speech_factory
         self.sessions: dict[str, ServerSession] = {}
         self._connections: set[_Connection] = set()

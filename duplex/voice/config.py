@@ -7,6 +7,7 @@ turn policy (not the VAD) decide when the user's turn is over.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,8 +62,9 @@ def default_voice_config(policy: str | None = None, **session_overrides: Any) ->
 
 
 def make_speech_input(whisper: Any, config: VoiceConfig | None = None, vad: FrameVad | None = None,
-                      **speech_options: Any) -> SpeechInput:
-    """VAD (WebRTC unless given) + streaming whisper with the voice defaults."""
+                      whisper_lock: threading.Lock | None = None, **speech_options: Any) -> SpeechInput:
+    """VAD (WebRTC unless given) + streaming whisper with the voice defaults. ``whisper_lock``:
+    shared by every stream that uses the same model (passes run one at a time)."""
     min_silence_ms = (config or VoiceConfig()).vad_min_silence_ms
     segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=min_silence_ms)
-    return SpeechInput(segmenter, StreamingAsr(whisper), **speech_options)
+    return SpeechInput(segmenter, StreamingAsr(whisper, lock=whisper_lock), **speech_options)

@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 
 from duplex.audio.clauses import ClauseChunker
-from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
+from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
 from duplex.audio.playback import PlaybackLedger
 from duplex.audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
 from duplex.audio.tts import StreamingTts, TtsEngine
@@ -65,6 +65,7 @@ class _PhraseInput:
         self.inner = inner
         self._stops: list[float] = []
         self._lock = threading.Lock()
+        self._held: list[SpeechEvent] = []  # committed words of a speculative pass (ASR thread only)
 
     def segment(self, samples_16k: np.ndarray) -> list[SpeechEvent]:
         return self._note_stops(self.inner.segment(samples_16k))
@@ -73,12 +74,22 @@ class _PhraseInput:
         return self._note_stops(self.inner.close_turn())
 
     def recognize(self) -> list[SpeechEvent | SpeechFinalized]:
-        out: list[SpeechEvent | SpeechFinalized] = list(merge_words(self.inner.recognize()))
-        return out + self._finalized()
+        return self._phrases(self.inner.recognize())
 
     def flush(self) -> list[SpeechEvent | SpeechFinalized]:
         events = self._note_stops(self.inner.close_turn())
-        out: list[SpeechEvent | SpeechFinalized] = [*events, *merge_words(self.inner.recognize())]
+        return [*events, *self._phrases(self.inner.recognize())]
+
+    def _phrases(self, events: list[SpeechEvent]) -> list[SpeechEvent | SpeechFinalized]:
+        """Merge each pass's words into phrases. Words a speculative pass commits (the user has
+        just gone quiet) are held until the next pass: usually the turn's final one, which then
+        arrives with the rest of the words, so the session prefills them, and the hand-over, in
+        one forward pass instead of two back to back."""
+        events, self._held = [*self._held, *events], []
+        if getattr(self.inner, "last_pass_speculative", False):
+            self._held = [e for e in events if isinstance(e, AsrWord) and e.committed]
+            events = [e for e in events if not (isinstance(e, AsrWord) and e.committed)]
+        out: list[SpeechEvent | SpeechFinalized] = list(merge_words(events))
         return out + self._finalized()
 
     def _note_stops(self, events: list[SpeechEvent]) -> list[SpeechEvent]:
