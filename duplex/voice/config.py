@@ -39,7 +39,9 @@ class VoiceConfig:
 
     session: SessionConfig = field(default_factory=SessionConfig)
     vad_min_silence_ms: int = VAD_MIN_SILENCE_MS
-    first_clause_words: int = 2
+    asr_interval_ms: int = 500  # periodic whisper passes while the user speaks (words commit early)
+    speculate_after_silence_ms: float = 120.0  # the final pass starts this long into a pause
+    first_clause_words: int = 1
     clause_words: int = 14
     hold_stop_for_final_words: bool = True
     type: str = "voice_config"
@@ -65,6 +67,8 @@ def make_speech_input(whisper: Any, config: VoiceConfig | None = None, vad: Fram
                       whisper_lock: threading.Lock | None = None, **speech_options: Any) -> SpeechInput:
     """VAD (WebRTC unless given) + streaming whisper with the voice defaults. ``whisper_lock``:
     shared by every stream that uses the same model (passes run one at a time)."""
-    min_silence_ms = (config or VoiceConfig()).vad_min_silence_ms
-    segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=min_silence_ms)
+    config = config or VoiceConfig()
+    segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=config.vad_min_silence_ms)
+    speech_options.setdefault("asr_interval_ms", config.asr_interval_ms)
+    speech_options.setdefault("speculate_after_silence_ms", config.speculate_after_silence_ms)
     return SpeechInput(segmenter, StreamingAsr(whisper, lock=whisper_lock), **speech_options)
