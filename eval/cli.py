@@ -22,11 +22,10 @@ def _cmd_make(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import RunSpec, parse_policy, run_eval
-    from .virtual import CLOCK_MODES
+    from .runner import CLOCKS, RunSpec, parse_policy, run_eval
 
-    if args.clock not in CLOCK_MODES:
-        raise SystemExit(f"--clock must be one of {', '.join(CLOCK_MODES)}")
+    if args.clock not in CLOCKS:
+        raise SystemExit(f"--clock must be one of {', '.join(CLOCKS)}")
     if args.ray:
         try:
             import ray  # noqa: F401
@@ -38,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(out_dir=args.out, policies=policies, clock=args.clock, seed=args.seed, model=args.model,
                    device=args.device, dtype=args.dtype, asr=args.asr_model, vad=args.vad, tts=args.tts,
                    max_reply_tokens=args.max_reply_tokens, temperature=args.temperature,
-                   instructions=args.instructions, threads=args.threads)
+                   instructions=args.instructions, threads=args.threads, server_url=args.url)
     summary = run_eval(spec, args.scenarios, workers=args.workers, ray_address=args.ray, progress=not args.quiet,
                        report=not args.no_report)
     _print_table(summary)
@@ -84,14 +83,21 @@ def add_eval_parser(subparsers: Any) -> None:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_cmd_make)
 
-    r = sub.add_parser("run", help="replay scenarios with policies on a virtual clock")
+    r = sub.add_parser("run", help="play scenarios to the served agent in real time (or replay them on a "
+                                   "virtual clock)")
     r.add_argument("--scenarios", required=True)
     r.add_argument("--policy", action="append", help="NAME or NAME:key=value,... (repeatable; default: "
                                                       "silence, eou, half-duplex)")
     r.add_argument("--out", required=True)
-    r.add_argument("--workers", type=int, default=1, help="local processes (1 = in this process)")
-    r.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="run episodes as Ray tasks")
-    r.add_argument("--clock", default="ideal", help="ideal (compute counts as 0) | measured")
+    r.add_argument("--workers", type=int, default=1, help="local processes (1 = in this process; virtual clocks only)")
+    r.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="run episodes as Ray tasks (virtual clocks only)")
+    r.add_argument("--clock", default="measured", choices=["measured", "ideal", "replay-measured"],
+                   help="measured (default): a browser-like client speaks to the real server in real time, one "
+                        "episode at a time; ideal: virtual-time replay, compute counts as 0; replay-measured: "
+                        "virtual-time replay charged with each model call's measured compute")
+    r.add_argument("--url", default=None, help="measured clock: use this running server (ws://HOST:PORT/ws) "
+                                               "instead of starting duplex serve")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--model", default=None, help="HF id/path (default: packaged SmolLM2-135M-Instruct)")
     r.add_argument("--device", default="cpu")

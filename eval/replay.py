@@ -31,14 +31,15 @@ from .scenario import Cue, RenderedUser, Scenario, voiced_bounds_s
 from .user_input import UserSchedule
 from .virtual import VirtualClock, VirtualEngine
 
-__all__ = ["EpisodeResult", "ReplayConfig", "replay_episode"]
+__all__ = ["EpisodeResult", "ReplayConfig", "agent_audio_records", "replay_episode", "voiced_bounds"]
 
 _WORD = re.compile(r"\S*\w\S*")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
-    """``clock``: ideal | measured. ``max_reply_tokens`` bounds each agent reply."""
+    """``clock``: ideal (compute is free) | replay-measured (each model call costs its measured wall
+    time on the virtual clock). ``max_reply_tokens`` bounds each agent reply."""
 
     clock: str = "ideal"
     seed: int = 0
@@ -86,7 +87,7 @@ class _Driver:
                  tts: Any, config: ReplayConfig) -> None:
         self.scenario, self.user, self.schedule, self.cues = scenario, user, schedule, cues
         self.config = config
-        self.measured = config.clock == "measured"
+        self.measured = config.clock == "replay-measured"
         self.clock = VirtualClock()
         self.engine = VirtualEngine(lm, self.clock, self.measured, template)
         session_config = SessionConfig(
@@ -180,7 +181,7 @@ class _Driver:
             state.cursor = end
             state.ledger.append(chunk)
             pcm = chunk.pcm.astype("float32") / 32768.0
-            on, off = _voiced_bounds(pcm, chunk.sample_rate_hz)
+            on, off = voiced_bounds(pcm, chunk.sample_rate_hz)
             state.segments.append(_Segment(begin, end, chunk, on, off))
             self._at(end, "mark", (turn, chunk.token_end, False))
         return ready
@@ -216,19 +217,9 @@ class _Driver:
         out = []
         for turn, state in self.turns.items():
             for seg in state.segments:
-                if seg.start >= until:
-                    continue
-                seg.end = min(seg.end, until)
                 c = seg.chunk
-                words = [m.start() for m in _WORD.finditer(c.text)]
-                span = max(seg.offset_s - seg.onset_s, 0.0)
-                n = max(len(c.text), 1)
-                times = [seg.start + seg.onset_s + span * (p / n) for p in words]
-                out.append({"type": "agent_audio", "t": seg.start, "end": seg.end, "turn": turn, "text": c.text,
-                            "token_start": c.token_start, "token_end": c.token_end,
-                            "voiced_start": min(seg.start + seg.onset_s, seg.end),
-                            "voiced_end": min(seg.start + seg.offset_s, seg.end),
-                            "word_times": [w for w in times if w < seg.end]})
+                out += agent_audio_records(turn, c.text, c.token_start, c.token_end, seg.onset_s, seg.offset_s,
+                                           [(seg.start, 0.0, seg.end - seg.start)], until=until)
         return out
 
     # ---- main loop -----------------------------------------------------------------------------
@@ -274,12 +265,38 @@ class _Driver:
         return sorted(self.records, key=lambda r: (r["t"] if r["t"] is not None else 0.0, order[id(r)]))
 
 
-def _voiced_bounds(pcm: Any, sample_rate_hz: int) -> tuple[float, float]:
+def voiced_bounds(pcm: Any, sample_rate_hz: int) -> tuple[float, float]:
+    """Voiced onset and offset (seconds) of float agent audio at any rate."""
     if sample_rate_hz == 16_000:
         return voiced_bounds_s(pcm)
     from duplex.audio import to_mono_16k
 
     return voiced_bounds_s(to_mono_16k(pcm, sample_rate_hz))
+
+
+def agent_audio_records(turn: int, text: str, token_start: int, token_end: int, onset_s: float, offset_s: float,
+                        pieces: list[tuple[float, float, float]], until: float | None = None) -> list[dict[str, Any]]:
+    """``agent_audio`` records of one audio chunk (what :mod:`.metrics` reads). ``pieces``: the
+    played parts as (wall start, chunk start s, chunk end s), several when playback was paused
+    inside the chunk; ``onset_s``/``offset_s``: the chunk's voiced span. Word onsets are estimated
+    from character positions within the voiced span; nothing after ``until`` counts."""
+    words = [m.start() for m in _WORD.finditer(text)]
+    span = max(offset_s - onset_s, 0.0)
+    n = max(len(text), 1)
+    rel = [onset_s + span * (p / n) for p in words]
+    out = []
+    for start, a, b in pieces:
+        if until is not None:
+            if start >= until:
+                continue
+            b = min(b, a + until - start)
+        end = start + (b - a)
+        shift = start - a
+        out.append({"type": "agent_audio", "t": start, "end": end, "turn": turn, "text": text,
+                    "token_start": token_start, "token_end": token_end,
+                    "voiced_start": min(max(onset_s, a), b) + shift, "voiced_end": min(max(offset_s, a), b) + shift,
+                    "word_times": [x + shift for x in rel if a <= x < b]})
+    return out
 
 
 async def replay_episode(scenario: Scenario, user: RenderedUser, schedule: UserSchedule, cues: tuple[Cue, ...],

@@ -98,7 +98,8 @@ def _timeline(scenario: str, per_policy: list[tuple[str, list[dict[str, Any]]]])
         for r in recs:
             if r["type"] == "interrupted":
                 ax.plot([r["t"]], [y + 0.28], marker="x", color="red", markersize=8)
-            elif r["type"] == "input" and r["event"].get("type") == "speech_stopped":
+            elif (r["type"] == "input" and r["event"].get("type") == "speech_stopped") or (
+                    r["type"] == "server_event" and r["event"].get("type") == "input_audio_buffer.speech_stopped"):
                 ax.plot([r["t"]], [y + 0.68], marker="v", color="navy", markersize=5)
             elif r["type"] == "cue" and row == 0:
                 ax.axvline(r["t"], color="green", alpha=0.6, lw=1)

@@ -24,10 +24,13 @@ from .metrics import EpisodeMetrics, MetricsConfig, episode_metrics, summarize
 from .scenario import load_scenario, render_user_audio, resolve_cues
 from .user_input import schedule_user_input
 
-__all__ = ["PolicySpec", "RunSpec", "git_commit", "parse_policy", "read_timeline", "rebuild_summary", "run_chunk", "timeline_path", "run_eval",
-           "write_summary", "write_timeline"]
+__all__ = ["CLOCKS", "PolicySpec", "RunSpec", "git_commit", "interleave_by_category", "parse_policy", "read_timeline",
+           "rebuild_summary", "run_chunk", "run_eval", "timeline_path", "write_summary", "write_timeline"]
 
 log = logging.getLogger(__name__)
+
+# measured: the real server in real time (default); ideal / replay-measured: virtual-time replays.
+CLOCKS = ("measured", "ideal", "replay-measured")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +63,13 @@ def parse_policy(text: str) -> PolicySpec:
 
 @dataclass(frozen=True, slots=True)
 class RunSpec:
-    """Everything a worker needs. ``asr``/``tts``/``vad`` = "fake"/"energy" use the test fakes."""
+    """Everything a worker needs. ``asr``/``tts``/``vad`` = "fake"/"energy" use the test fakes.
+    ``clock``: one of :data:`CLOCKS`; ``server_url``: with the measured clock, a running server to
+    use instead of starting one."""
 
     out_dir: str
     policies: tuple[PolicySpec, ...]
-    clock: str = "ideal"
+    clock: str = "measured"
     seed: int = 0
     model: str | None = None
     device: str = "cpu"
@@ -76,6 +81,7 @@ class RunSpec:
     temperature: float = 0.0
     instructions: str | None = None
     threads: int = 1
+    server_url: str | None = None
     type: str = "run_spec"
 
 
@@ -149,7 +155,7 @@ def _run_scenarios(spec: RunSpec, res: _Resources, paths: list[str],
         scenario = load_scenario(path)
         user = render_user_audio(scenario, res.voices)
         cues = resolve_cues(scenario, user)
-        schedule = schedule_user_input(user, res.speech, measured=spec.clock == "measured")
+        schedule = schedule_user_input(user, res.speech, measured=spec.clock == "replay-measured")
         for p in spec.policies:
             t0 = time.perf_counter()
             result = asyncio.run(replay_episode(scenario, user, schedule, cues, p.name, p.params, res.lm, res.tts,
@@ -233,7 +239,7 @@ def _ray_chunks(spec: RunSpec, chunks: list[list[str]], address: str, bar: Any) 
             ray.shutdown()
 
 
-def _interleave(paths: list[str]) -> list[str]:
+def interleave_by_category(paths: list[str]) -> list[str]:
     """Round-robin over categories, so a run cut short still covers every category evenly."""
     groups: dict[str, list[str]] = {}
     for p in paths:
@@ -283,7 +289,10 @@ def run_eval(spec: RunSpec, scenarios_dir: str | Path, workers: int = 1, ray_add
     summary.json (and report.html); return the summary."""
     from tqdm import tqdm
 
-    paths = _interleave(sorted(str(p) for p in Path(scenarios_dir).glob("*.json") if p.name != "summary.json"))
+    if spec.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {spec.clock!r}")
+    paths = interleave_by_category(sorted(str(p) for p in Path(scenarios_dir).glob("*.json")
+                                          if p.name != "summary.json"))
     if not paths:
         raise FileNotFoundError(f"no scenario *.json files in {scenarios_dir}")
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
@@ -291,7 +300,15 @@ def run_eval(spec: RunSpec, scenarios_dir: str | Path, workers: int = 1, ray_add
     t0 = time.perf_counter()
     bar = tqdm(total=n_eps, desc=f"episodes ({spec.clock} clock)", unit="ep", disable=not progress)
     try:
-        if ray_address:
+        if spec.clock == "measured":
+            if workers > 1 or ray_address:
+                log.warning("--clock measured runs episodes one at a time in real time (parallel episodes would "
+                            "compete for the cores being measured); ignoring --workers/--ray")
+                workers, ray_address = 1, None
+            from .measured import run_measured
+
+            rows = asyncio.run(run_measured(spec, paths, on_episode=lambda: bar.update(1)))
+        elif ray_address:
             size = max(1, min(4, math.ceil(len(paths) / max(1, workers, os.cpu_count() or 1))))
             chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
             rows = _ray_chunks(spec, chunks, ray_address, bar)

@@ -1,7 +1,7 @@
 """Virtual time for offline replay: a clock that only the replay driver moves, and an engine
 adapter that runs model calls inline and charges their compute to that clock.
 
-``measured`` mode charges each call its measured wall time (the worker is busy that long, and
+``replay-measured`` mode charges each call its measured wall time (the worker is busy that long, and
 calls queue behind each other as on the real single device worker); ``ideal`` charges nothing,
 which isolates the policy from the hardware and makes replays bit-identical.
 """
@@ -20,7 +20,7 @@ from duplex.engine.template import TurnTemplate
 __all__ = ["CLOCK_MODES", "StageTimer", "VirtualClock", "VirtualEngine"]
 
 T = TypeVar("T")
-CLOCK_MODES = ("ideal", "measured")
+CLOCK_MODES = ("ideal", "replay-measured")  # virtual-time replays; ``duplex eval run`` adds "measured" (served)
 
 
 class VirtualClock(ManualClock):

@@ -18,7 +18,7 @@ def test_ray_runs_episodes_as_tasks_on_a_local_instance(tmp_path: Path):
     for p in scenarios.glob("*.json"):
         if not p.name.startswith("turn_taking"):
             p.unlink()
-    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("silence"),), model="tiny", asr="fake",
+    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("silence"),), clock="ideal", model="tiny", asr="fake",
                    vad="energy", tts="fake", max_reply_tokens=8, temperature=1.0)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # the local instance "auto" finds
     try:

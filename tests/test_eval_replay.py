@@ -92,7 +92,7 @@ def test_user_input_schedule_holds_speech_stopped_until_final_words(tone_dir: Pa
 def _replay(scenario_path: Path, lm, clock: str = "ideal", policy: str = "silence") -> list[dict]:
     s = load_scenario(scenario_path)
     user = render_user_audio(s)
-    schedule = schedule_user_input(user, _speech(), measured=clock == "measured")
+    schedule = schedule_user_input(user, _speech(), measured=clock == "replay-measured")
     config = ReplayConfig(clock=clock, seed=3, max_reply_tokens=16, temperature=1.0)
     result = asyncio.run(replay_episode(s, user, schedule, resolve_cues(s, user), policy, {}, lm, FakeTts(), config))
     return list(result.records)
@@ -111,7 +111,7 @@ def test_ideal_clock_replay_is_bit_identical(tone_dir: Path, tiny_lm):
 
 def test_measured_clock_charges_compute_to_the_agent(tone_dir: Path, tiny_lm):
     ideal = _replay(tone_dir / "turn_taking-0.json", tiny_lm)
-    measured = _replay(tone_dir / "turn_taking-0.json", tiny_lm, clock="measured")
+    measured = _replay(tone_dir / "turn_taking-0.json", tiny_lm, clock="replay-measured")
     first = lambda recs: next(r["t"] for r in recs if r["type"] == "agent_text_delta")  # noqa: E731
     assert first(measured) > first(ideal)
     assert measured[-1]["type"] == "episode_end" and measured[-1]["compute_s"]["engine"] > 0
@@ -127,7 +127,8 @@ def test_parse_policy_with_parameters():
 
 def test_smoke_evaluation_writes_timelines_summary_and_report(tone_dir: Path, tmp_path: Path, tiny_lm):
     spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("silence"), parse_policy("half-duplex")),
-                   model="tiny", asr="fake", vad="energy", tts="fake", max_reply_tokens=24, temperature=1.0)
+                   clock="ideal", model="tiny", asr="fake", vad="energy", tts="fake", max_reply_tokens=24,
+                   temperature=1.0)
     summary = run_eval(spec, tone_dir, workers=1)
     run = tmp_path / "run"
     assert {r["policy"] for r in summary["rows"]} == {"silence", "half-duplex"}
@@ -149,8 +150,9 @@ def test_cli_wires_eval_subcommands(tone_dir: Path, tmp_path: Path):
     from duplex.cli.main import build_parser, main
 
     args = build_parser().parse_args(["eval", "run", "--scenarios", "x", "--policy", "eou", "--out", "y",
-                                      "--clock", "measured", "--workers", "2"])
-    assert args.policy == ["eou"] and args.clock == "measured" and callable(args.func)
+                                      "--clock", "ideal", "--workers", "2"])
+    assert args.policy == ["eou"] and args.clock == "ideal" and callable(args.func)
+    assert build_parser().parse_args(["eval", "run", "--scenarios", "x", "--out", "y"]).clock == "measured"
     assert main(["eval", "report", str(tmp_path / "missing")]) == 1  # a clear error, not a traceback
 
 
@@ -171,11 +173,12 @@ def test_make_scenarios_writes_loadable_annotated_scenarios(tmp_path: Path):
 
 @pytest.mark.integration
 def test_real_pipeline_takes_the_turn_after_a_spoken_question(tmp_path: Path):
-    """SmolLM2 + whisper tiny.en + Piper on one synthesised turn-taking scenario, measured clock."""
+    """SmolLM2 + whisper tiny.en + Piper on one synthesised turn-taking scenario, virtual time charged
+    with the measured compute."""
     from duplex.eval.make import make_scenarios
 
     make_scenarios(tmp_path / "scn", 1, seed=1, voices=["piper:joe"], categories=("turn_taking",))
-    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("eou"),), clock="measured",
+    spec = RunSpec(out_dir=str(tmp_path / "run"), policies=(parse_policy("eou"),), clock="replay-measured",
                    max_reply_tokens=16)
     (row,) = run_eval(spec, tmp_path / "scn", workers=1, report=False)["rows"]
     assert row["tor_turn_taking"] == 1.0 and row["turn_taking_latency_s"] > 0

@@ -17,10 +17,31 @@ def _print_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _cmd_bench_realtime(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from duplex.bench.realtime import RealtimeConfig, bench_realtime, format_summary
+
+    cfg = RealtimeConfig(url=args.url, scenarios=args.scenarios, n=args.n, seed=args.seed, speech=args.speech,
+                         background_talker=args.background_talker, policy=args.policy, model=args.model,
+                         device=args.device, dtype=args.dtype, quantize=args.quantize, auth_token=args.auth_token,
+                         pause_on_speech=not args.no_pause_on_speech, warmup=not args.no_warmup, out=args.out)
+    result = asyncio.run(bench_realtime(cfg))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_summary(result))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from duplex.bench import engine as bench
 
     what = args.what
+    if what == "realtime":
+        return _cmd_bench_realtime(args)
     if what == "decode":
         result = bench.bench_decode(args.model, device=args.device, tokens=args.tokens)
     elif what == "ttft":
@@ -37,10 +58,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from duplex.audio.commands import bench_tts
 
         result = bench_tts()
-    elif what == "pipeline":
-        from duplex.bench.pipeline import bench_pipeline
-
-        result = asyncio.run(bench_pipeline(args.model, trials=args.trials))
     elif what == "server":
         from duplex.bench.server import bench_server
 
@@ -130,11 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="send one message, print the reply, exit")
 
     p = add("bench", _cmd_bench, "benchmarks (JSON on stdout)")
-    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "pipeline", "server"])
+    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime"])
     _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="JSON output (always on; accepted for clarity)")
+    p.add_argument("--json", action="store_true", help="JSON output (always on except for realtime, which "
+                                                         "prints a summary without it)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--trials", type=int, default=20)
+    r = p.add_argument_group("realtime", "duplex bench realtime: a browser-like client speaks scenarios to the "
+                                         "served agent over /ws in real time")
+    r.add_argument("--url", default=None, help="a running server (ws://HOST:PORT/ws); default: start duplex serve")
+    r.add_argument("--scenarios", default=None, help="scenario directory (default: render into the cache)")
+    r.add_argument("--n", type=int, default=3, help="scenarios per category (LibriVox: clips)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--speech", choices=["synthetic", "librivox"], default="synthetic",
+                   help="synthetic: Piper/flite scenarios of all four categories; librivox: real LibriVox "
+                        "recordings (pocketsphinx-testdata) as turn-taking questions")
+    r.add_argument("--background-talker", action="store_true",
+                   help="a second session keeps a typed conversation going all the time (latency under load)")
+    r.add_argument("--policy", default=None, help="NAME or NAME:key=value,... (default: the server's)")
+    r.add_argument("--out", default=None, help="also write the JSON here (and timelines to OUT.timelines/)")
+    r.add_argument("--auth-token", default=None, help="the server's --auth-token")
+    r.add_argument("--no-pause-on-speech", action="store_true",
+                   help="keep playing at the VAD onset (the page pauses playback until the barge-in is decided)")
+    r.add_argument("--no-warmup", action="store_true", help="skip the unscored warm-up episode")
 
     try:
         from duplex.eval.cli import add_eval_parser

@@ -1,0 +1,136 @@
+"""The server a loopback benchmark talks to: ``duplex serve`` as a subprocess (its own process and
+cores, as in production), or an in-process :class:`~duplex.serving.server.DuplexServer` for the
+test fakes. Either way the client only sees a ``ws://`` URL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServeOptions", "ServerStartError", "free_port", "in_process_server", "serve_subprocess",
+           "wait_healthy"]
+
+log = logging.getLogger(__name__)
+
+
+class ServerStartError(RuntimeError):
+    """``duplex serve`` exited or did not become healthy; the message has the tail of its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """``duplex serve`` options (None = the server's default)."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+    policy: str | None = None
+    tts: str | None = None
+    asr_model: str | None = None
+    auth_token: str | None = None
+    startup_timeout_s: float = 900.0  # the first start converts the packaged GGUF (minutes when busy)
+    type: str = "serve_options"
+
+    def argv(self, port: int) -> list[str]:
+        args = [sys.executable, "-m", "duplex.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        for flag, value in (("--model", self.model), ("--device", self.device), ("--dtype", self.dtype),
+                            ("--quantize", self.quantize), ("--policy", self.policy), ("--tts", self.tts),
+                            ("--asr-model", self.asr_model), ("--auth-token", self.auth_token)):
+            if value is not None:
+                args += [flag, value]
+        return args
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+async def wait_healthy(http_base: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+                       log_path: Path | None = None) -> None:
+    """Poll ``GET /healthz`` until it answers 200 (or the process dies / the time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerStartError(f"duplex serve exited with code {proc.returncode}{_tail(log_path)}")
+        if await asyncio.to_thread(_healthy, http_base.rstrip("/") + "/healthz"):
+            return
+        await asyncio.sleep(0.5)
+    raise ServerStartError(f"no answer from {http_base}/healthz within {timeout_s:.0f} s{_tail(log_path)}")
+
+
+def _tail(path: Path | None, n: int = 20) -> str:
+    if path is None or not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()[-n:]
+    return "; server log tail:\n" + "\n".join(lines)
+
+
+@contextlib.asynccontextmanager
+async def serve_subprocess(options: ServeOptions, log_dir: str | Path | None = None) -> AsyncIterator[str]:
+    """Start ``duplex serve`` on a free port, wait for ``/healthz``, yield its ``ws://`` URL, and
+    stop it (SIGINT: a graceful shutdown; SIGKILL if it hangs) on exit."""
+    port = free_port()
+    log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"duplex-serve-{port}.log"
+    argv = options.argv(port)
+    log.info("starting %s (log: %s)", " ".join(argv), log_path)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", options.startup_timeout_s, proc, log_path)
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        await asyncio.to_thread(_stop, proc)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("duplex serve (pid %d) did not stop within %.0f s; killing it", proc.pid, grace_s)
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(engine: Any, **server_kwargs: Any) -> AsyncIterator[str]:
+    """A :class:`DuplexServer` on a free port in this event loop (test fakes: ``tts``, ``asr``,
+    ``vad_factory``, ``config``); yields its ``ws://`` URL."""
+    from duplex.serving.server import DuplexServer
+
+    server = DuplexServer(engine, **server_kwargs)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server.ws_url()
+    finally:
+        await server.close()
