@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from duplex.voice.config import voice_policy_params
+
 from .metrics import episode_metrics
 from .scenario import load_scenario, render_user_audio, resolve_cues
 
@@ -58,7 +60,7 @@ async def _served(spec: Any) -> AsyncIterator[str]:
     tts = FakeTts() if spec.tts == "fake" else await asyncio.to_thread(load_tts, spec.tts)
     asr = FakeWhisper() if spec.asr == "fake" else await asyncio.to_thread(load_whisper, spec.asr)
     first = spec.policies[0]
-    config = SessionConfig(policy=first.name, policy_params=dict(first.params))
+    config = SessionConfig(policy=first.name, policy_params=dict(first.params) or voice_policy_params(first.name))
     try:
         async with in_process_server(engine, config=config, tts=tts, asr=asr,
                                      vad_factory=EnergyVad if spec.vad == "energy" else WebRtcVad) as url:
@@ -85,7 +87,8 @@ async def run_measured(spec: Any, paths: list[str], on_episode: Callable[[], Non
             user = render_user_audio(scenario, voices)
             cues = resolve_cues(scenario, user)
             for p in spec.policies:
-                config = LoopbackConfig(policy=p.name, policy_params=dict(p.params),
+                # a bare policy name runs with the parameters `duplex serve` gives it
+                config = LoopbackConfig(policy=p.name, policy_params=dict(p.params) or voice_policy_params(p.name),
                                         max_reply_tokens=spec.max_reply_tokens, temperature=spec.temperature,
                                         instructions=spec.instructions or scenario.instructions)
                 if warmup and i == 0 and p is spec.policies[0]:

@@ -195,6 +195,12 @@ async def test_policy_can_be_switched_live(tiny_engine):
     s.submit(UpdateSession(policy="eou", policy_params={"short_gap_ms": 100}))
     await settle(s)
     assert s.policy.name == "eou" and s.config.policy == "eou"
+    # another policy without params starts from its own defaults (eou's params would not fit it)
+    assert s.submit(UpdateSession(policy="half-duplex"))
+    errors = [e for e in await settle(s) if e.type == "error"]
+    assert not errors and s.policy.name == "half-duplex" and s.config.policy_params == {}
+    assert s.submit(TextInput("still answering?"))
+    await collect_until(s, _is("turn_started", speaker="agent"))
     await s.close()
 
 

@@ -396,7 +396,9 @@ class Session:
         changes: dict[str, Any] = {}
         if ev.policy is not None or ev.policy_params is not None:
             name = ev.policy or self.config.policy
-            params = ev.policy_params if ev.policy_params is not None else self.config.policy_params
+            same = ev.policy is None or ev.policy == self.config.policy
+            # another policy without params gets its own defaults, never the old policy's params
+            params = ev.policy_params if ev.policy_params is not None else (self.config.policy_params if same else {})
             self.policy = make_policy(name, **params)
             changes.update(policy=name, policy_params=params)
         if ev.temperature is not None or ev.max_reply_tokens is not None:

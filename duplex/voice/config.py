@@ -17,7 +17,7 @@ from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 
 __all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig", "default_voice_config",
-           "make_speech_input", "voice_session_config"]
+           "make_speech_input", "voice_policy_params", "voice_session_config"]
 
 VAD_MIN_SILENCE_MS = 300
 VOICE_POLICY = "eou"
@@ -50,9 +50,14 @@ class VoiceConfig:
         return replace(self, session=replace(self.session, **changes))
 
 
+def voice_policy_params(policy: str) -> dict[str, Any]:
+    """The parameters a voice session runs ``policy`` with when none are given."""
+    return dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
+
+
 def voice_session_config(policy: str = VOICE_POLICY, **overrides: Any) -> SessionConfig:
     """Session settings for a voice conversation: the voice policy gets its tuned parameters."""
-    params = dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
+    params = voice_policy_params(policy)
     overrides.setdefault("instructions", DEFAULT_INSTRUCTIONS)
     overrides.setdefault("policy_params", params)
     return SessionConfig(policy=policy, **overrides)
