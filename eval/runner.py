@@ -347,6 +347,7 @@ def run_eval(spec: RunSpec, scenarios_dir: str | Path, workers: int = 1, ray_add
 
 def write_summary(spec: RunSpec, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     from duplex.policies import make_policy
+    from duplex.voice.config import voice_policy_params
 
     out = Path(spec.out_dir)
     with open(out / "episodes.jsonl", "w", encoding="utf-8") as f:
@@ -354,7 +355,10 @@ def write_summary(spec: RunSpec, rows: list[dict[str, Any]], meta: dict[str, Any
             f.write(json.dumps(r, default=float) + "\n")
     fields = set(EpisodeMetrics.__dataclass_fields__)
     table = summarize([EpisodeMetrics(**{k: v for k, v in r.items() if k in fields}) for r in rows])
-    policies = {p.label: {"name": p.name, "params": make_policy(p.name, **p.params).params()} for p in spec.policies}
+    # the measured clock runs a bare policy name with the served voice parameters (eval.measured)
+    served = getattr(spec, "clock", "") == "measured"
+    policies = {p.label: {"name": p.name, "params": make_policy(
+        p.name, **(dict(p.params) or (voice_policy_params(p.name) if served else {}))).params()} for p in spec.policies}
     compute = {k: sum(r.get(k, 0.0) for r in rows) for k in ("engine_compute_s", "tts_compute_s", "wall_s")}
     summary = {
         "meta": {**meta, "model": spec.model or "SmolLM2-135M-Instruct (packaged)", "asr": spec.asr,
