@@ -331,10 +331,14 @@ class StreamingTts:
 
     def flush(self) -> list[TtsChunk]:
         """End of the agent turn: speak whatever text is pending."""
+        return list(self.iter_flush())
+
+    def iter_flush(self) -> Iterator[TtsChunk]:
+        """Like ``flush`` but yields each chunk as soon as it is synthesised."""
         with self._lock:
             generation = self._generation
             clauses = self.chunker.flush()
-        return list(self._speak(clauses, generation))
+        yield from self._speak(clauses, generation)
 
     def cancel(self) -> None:
         """Stop now (barge-in): drop pending text; in-flight synthesis yields nothing more."""

@@ -8,7 +8,6 @@ are hang guards and nothing asserts on time.
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,15 @@ from duplex.eval.metrics import episode_metrics
 from duplex.eval.scenario import AudioItem, Cue, Scenario, load_scenario, render_user_audio, resolve_cues, save_scenario
 from duplex.session.core import SessionConfig
 
+from tests.fakes import tone_wav
+
 SR = 16_000
-
-
-def _tone(path: Path, seconds: float) -> None:
-    n = int(seconds * SR)
-    pcm = (np.sin(np.arange(n) * 2 * np.pi * 220 / SR) * 0.3 * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(pcm.tobytes())
 
 
 def write_short_scenarios(directory: Path) -> dict[str, Path]:
     """A 4.5 s turn-taking scenario and a 6 s interruption scenario made of tone bursts."""
     (directory / "audio").mkdir(parents=True, exist_ok=True)
-    _tone(directory / "audio" / "q.wav", 1.0)
+    tone_wav(directory / "audio" / "q.wav", 1.0)
     q = AudioItem(0.3, "audio/q.wav", "a question")
     scenarios = [
         Scenario("turn_taking-0", "turn_taking", (q,), (Cue("end_of_turn", item=0),), 4.5),

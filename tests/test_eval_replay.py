@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter
@@ -20,24 +18,16 @@ from duplex.eval.scenario import (AudioItem, Cue, Scenario, TypedChunk, TypedIte
                                   render_user_audio, resolve_cues, save_scenario)
 from duplex.eval.user_input import schedule_user_input
 
+from tests.fakes import tone_wav
+
 SR = 16_000
-
-
-def _burst_wav(path: Path, seconds: float) -> None:
-    n = int(seconds * SR)
-    pcm = (np.sin(np.arange(n) * 2 * np.pi * 220 / SR) * 0.3 * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(pcm.tobytes())
 
 
 def write_tone_scenarios(directory: Path) -> None:
     """One scenario per category; speech = tone bursts (exact for EnergyVad + FakeWhisper)."""
     (directory / "audio").mkdir(parents=True, exist_ok=True)
     for name, secs in (("q", 1.5), ("half", 1.0), ("bc", 0.3), ("int", 1.5)):
-        _burst_wav(directory / "audio" / f"{name}.wav", secs)
+        tone_wav(directory / "audio" / f"{name}.wav", secs)
     q = AudioItem(0.5, "audio/q.wav", "a question")
     scenarios = [
         Scenario("turn_taking-0", "turn_taking", (q,), (Cue("end_of_turn", item=0),), 10.0),

@@ -124,25 +124,27 @@ def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
     weights = [torch.randn(rows, cols, generator=gen) for _ in range(n_mats)]
     x32 = torch.randn(1, cols, generator=gen)
 
-    def timed(step: Callable[[], None]) -> float:
-        step()  # warm-up
+    def timed(matvec: Callable[[torch.Tensor], object], mats: list[torch.Tensor]) -> float:
+        """Best of 3 passes of ``matvec`` over every matrix (after one warm-up pass)."""
         best = float("inf")
-        for _ in range(3):
+        for i in range(4):
             t0 = time.perf_counter()
-            step()
-            best = min(best, time.perf_counter() - t0)
+            for w in mats:
+                matvec(w)
+            if i:
+                best = min(best, time.perf_counter() - t0)
         return best
 
-    candidates: dict[tuple[torch.dtype, bool], float] = {}
-    candidates[(torch.float32, False)] = timed(lambda: [torch.nn.functional.linear(x32, w) for w in weights] and None)
-    w16 = [w.to(torch.bfloat16) for w in weights]
     x16 = x32.to(torch.bfloat16)
-    candidates[(torch.bfloat16, False)] = timed(lambda: [torch.nn.functional.linear(x16, w) for w in w16] and None)
+    candidates: dict[tuple[torch.dtype, bool], float] = {
+        (torch.float32, False): timed(lambda w: torch.nn.functional.linear(x32, w), weights),
+        (torch.bfloat16, False): timed(lambda w: torch.nn.functional.linear(x16, w),
+                                       [w.to(torch.bfloat16) for w in weights]),
+    }
     if _has_int8_kernel():
-        scales = [torch.ones(rows, dtype=torch.bfloat16) for _ in weights]
+        scales = torch.ones(rows, dtype=torch.bfloat16)
         w8 = [(w.clamp(-1, 1) * 127).to(torch.int8).contiguous() for w in weights]
-        candidates[(torch.bfloat16, True)] = timed(
-            lambda: [torch._weight_int8pack_mm(x16, w, s) for w, s in zip(w8, scales)] and None)
+        candidates[(torch.bfloat16, True)] = timed(lambda w: torch._weight_int8pack_mm(x16, w, scales), w8)
     best = min(candidates, key=lambda k: candidates[k])
     log.info("CPU decode format: %s%s (mat-vec timings %s)", best[0], "+int8" if best[1] else "",
              {f"{d}{'+int8' if q else ''}": round(v * 1000, 2) for (d, q), v in candidates.items()})

@@ -27,6 +27,7 @@ from duplex.policies import Action, Continue, Listen, Observation, Policy, Speak
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
+from duplex.session.validation import validate_input
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
 
@@ -82,7 +83,8 @@ class Session:
 
     def submit(self, event: Any) -> bool:
         """Queue an input; returns False (and emits an error event) if it was rejected."""
-        error = self._validate(event)
+        pending = bool(self._typed_pending.strip() or self._user_committed)
+        error = validate_input(event, self.config, user_text_pending=pending)
         if error is not None:
             self._emit(ErrorEvent(error[0], error[1], self.clock.now()))
             return False
@@ -116,27 +118,6 @@ class Session:
     @property
     def transcript(self) -> str:
         return self.seq.text() if self.seq is not None else ""
-
-    # ---- validation ----------------------------------------------------------------------------
-    def _validate(self, ev: Any) -> tuple[str, str] | None:
-        if not isinstance(ev, (TextInput, AsrWord, SpeechStarted, SpeechStopped, PlaybackMark, Cancel, UpdateSession)):
-            return "unknown_event", f"unknown input event {type(ev).__name__}"
-        if isinstance(ev, TextInput):
-            if not isinstance(ev.text, str):
-                return "invalid_text", "text must be a string"
-            if ev.final and not ev.text.strip() and not (self._typed_pending.strip() or self._user_committed):
-                return "empty_text", "text input is empty"
-            if len(ev.text) > self.config.max_text_chars:
-                return "text_too_long", (f"text input has {len(ev.text)} characters; the limit is "
-                                         f"{self.config.max_text_chars}. Split it into smaller chunks.")
-        if isinstance(ev, PlaybackMark) and ev.heard_tokens < 0:
-            return "invalid_playback_mark", "heard_tokens must be >= 0"
-        if isinstance(ev, UpdateSession) and ev.policy is not None:
-            try:
-                make_policy(ev.policy, **(ev.policy_params or {}))
-            except (ValueError, TypeError) as exc:
-                return "invalid_policy", str(exc)
-        return None
 
     # ---- main loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -203,14 +184,7 @@ class Session:
     # ---- inputs --------------------------------------------------------------------------------
     async def _handle_inputs(self) -> None:
         while self._urgent or self._inputs:
-            if self._urgent:
-                await self._handle(self._urgent.popleft())
-                continue
-            ev = self._inputs.popleft()
-            if isinstance(ev, AsrWord) and ev.committed:
-                await self._committed_words(ev)
-            else:
-                await self._handle(ev)
+            await self._handle(self._urgent.popleft() if self._urgent else self._inputs.popleft())
 
     async def _committed_words(self, first: AsrWord) -> None:
         """Committed words queued together are prefilled in one forward; when the end of speech
@@ -248,7 +222,10 @@ class Session:
             if self._overlap_start_t is not None:
                 self._overlap_end_t = now
         elif isinstance(ev, AsrWord):
-            await self._user_word(ev)
+            if ev.committed:
+                await self._committed_words(ev)
+            else:
+                self._tentative_word(ev)
         elif isinstance(ev, TextInput):
             await self._user_text(ev)
         elif isinstance(ev, PlaybackMark):
@@ -262,19 +239,16 @@ class Session:
     def _user_text_so_far(self) -> str:
         return " ".join(self._user_committed)
 
-    async def _user_word(self, word: AsrWord) -> None:
-        """Committed words go into the cache; tentative ones only into the observation. A new ASR
-        pass re-sends its whole tentative tail, recognisable by a start time that does not advance."""
+    def _tentative_word(self, word: AsrWord) -> None:
+        """Tentative words only go into the observation (committed ones go into the cache). A new
+        ASR pass re-sends its whole tentative tail, recognisable by a start time that does not advance."""
         text = word.text.strip()
         if not text:
             return
-        if not word.committed:
-            if self._tentative and word.start_s <= self._tentative[-1][0]:
-                self._tentative = []
-            self._tentative.append((word.start_s, text))
-            self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
-            return
-        await self._committed_words(word)
+        if self._tentative and word.start_s <= self._tentative[-1][0]:
+            self._tentative = []
+        self._tentative.append((word.start_s, text))
+        self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
 
     async def _user_text(self, ev: TextInput) -> None:
         now = self.clock.now()

@@ -295,11 +295,8 @@ class VoicePipeline:
     def report_heard_tokens(self, turn: int, heard_tokens: int, done: bool = False) -> None:
         """Like ``report_played`` for transports that count heard tokens themselves."""
         state = self._turns.get(turn)
-        if state is None:
-            if not self.audio_output and done and turn == self.agent_turn:
-                self.agent_turn = None
-            return
-        self._report_heard(turn, state, max(0, heard_tokens), done)
+        if state is not None:  # text-only turns are never tracked: the session counts them heard
+            self._report_heard(turn, state, max(0, heard_tokens), done)
 
     def playback_done(self, turn: int) -> None:
         """The transport finished playing every chunk of ``turn`` it received."""
@@ -414,12 +411,9 @@ class VoicePipeline:
                 current = item.turn
                 tts.cancel()  # new turn: drop any text left over from the previous one
             try:
-                if isinstance(item, _TtsText):
-                    await self._synthesize(tts.iter_push(item.text, item.token_start, item.token_end), item.turn, state)
-                else:
-                    loop = asyncio.get_running_loop()
-                    flushed = await loop.run_in_executor(self._tts_executor, tts.flush)
-                    await self._synthesize(iter(flushed), item.turn, state)
+                chunks = (tts.iter_push(item.text, item.token_start, item.token_end) if isinstance(item, _TtsText)
+                          else tts.iter_flush())
+                await self._synthesize(chunks, item.turn, state)
             except Exception as exc:  # noqa: BLE001 - report, keep the session alive (text still flows)
                 log.exception("session %s: TTS failed", self.id)
                 self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
