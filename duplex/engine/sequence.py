@@ -196,7 +196,11 @@ class SharedSequence:
         self._turn_counter += 1
         turn = self._turn_counter
         self._open = (speaker, turn)
-        self._append(self.template.role(speaker.value).header, speaker, Status.COMMITTED, turn)
+        header = self.template.role(speaker.value).header
+        if speaker is Speaker.USER and self.template.system_in_user_turn and self._speaker \
+                and self._speaker[-1] is Speaker.SYSTEM:
+            header = ()  # the system text already opened this user turn (Gemma style)
+        self._append(header, speaker, Status.COMMITTED, turn)
         return turn
 
     def end_turn(self, speaker: Speaker, footer_already_generated: int = 0) -> None:
@@ -350,7 +354,7 @@ class SharedSequence:
             start += 1  # move forward to the next turn boundary
         if start >= len(self._ids) - 1:
             start = want_start  # one giant turn: cut inside it
-        kept = list(range(self._sink_tokens)) + list(range(start, len(self._ids)))
+        kept = list(range(self._sink_tokens)) + self._latest_system_turn(before=start) + list(range(start, len(self._ids)))
         removed = len(self._ids) - len(kept)
         ids = [self._ids[i] for i in kept]
         self._speaker = [self._speaker[i] for i in kept]
@@ -364,6 +368,18 @@ class SharedSequence:
         self._prefill(ids)
         self._ids = ids
         return True
+
+    def _latest_system_turn(self, before: int) -> list[int]:
+        """Positions of the latest system turn after the sink and before ``before`` (instructions
+        updated mid-conversation): eviction keeps them, so they stay in force."""
+        for i in range(before - 1, self._sink_tokens - 1, -1):
+            if self._speaker[i] is Speaker.SYSTEM:
+                turn = self._turn[i]
+                first = i
+                while first > self._sink_tokens and self._turn[first - 1] == turn:
+                    first -= 1
+                return list(range(first, i + 1))
+        return []
 
     # ---- model calls -----------------------------------------------------------------------
     def _new_cache(self) -> Any:

@@ -3,6 +3,9 @@
 The shared sequence is written a piece at a time: a user turn opens, its words stream in, it
 closes, an agent turn opens... So we need each role's header and footer as separate token lists.
 We get them by rendering the template around unique marker strings and cutting at the markers.
+Templates without a system role (Gemma) fold the system text into the first user turn: the
+system "turn" is then the user header plus the instructions, and the user turn right after it
+adds no header of its own (``system_in_user_turn``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class TurnTemplate:
     user: RoleMarkers
     agent: RoleMarkers
     eos_ids: tuple[int, ...]
+    system_in_user_turn: bool = False  # a user turn right after a system turn has no header
 
     @property
     def end_of_user_turn_id(self) -> int:
@@ -58,7 +62,12 @@ class TurnTemplate:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
         a, b, c = _M
-        sys_only = render([{"role": "system", "content": a}])
+        try:
+            sys_only = render([{"role": "system", "content": a}])
+        except Exception:  # noqa: BLE001 - jinja raise_exception: "System role not supported"
+            sys_only = ""
+        if a not in sys_only:
+            return cls._folded(tokenizer, eos_ids, render)
         sys_user = render([{"role": "system", "content": a}, {"role": "user", "content": b}])
         full = render([{"role": "system", "content": a}, {"role": "user", "content": b},
                        {"role": "assistant", "content": c}])
@@ -86,6 +95,37 @@ class TurnTemplate:
             user=RoleMarkers(enc(user_header), enc(user_footer)),
             agent=RoleMarkers(enc(agent_header), enc(agent_footer)),
             eos_ids=eos_ids,
+        )
+
+    @classmethod
+    def _folded(cls, tokenizer: Any, eos_ids: tuple[int, ...], render: Any) -> TurnTemplate:
+        """A template with no system role (Gemma): the system text opens the first user turn,
+        separated from the user's words the way the template itself does it (Gemma 3: a blank line)."""
+        a, b, c = _M
+        user = render([{"role": "user", "content": b}])
+        gen = render([{"role": "user", "content": b}], gen=True)
+        full = render([{"role": "user", "content": b}, {"role": "assistant", "content": c}])
+        prefix, user_footer = user.split(b, 1)
+        bos = getattr(tokenizer, "bos_token", None) or ""
+        user_header = prefix[len(bos):] if bos and prefix.startswith(bos) else prefix
+        separator = "\n\n"
+        try:
+            folded = render([{"role": "system", "content": a}, {"role": "user", "content": b}])
+            if a in folded and b in folded.split(a, 1)[1]:
+                separator = folded.split(a, 1)[1].split(b, 1)[0]
+        except Exception:  # noqa: BLE001 - no system role at all (Gemma 2): keep the blank line
+            pass
+        agent_header = gen[len(user):] if gen.startswith(user) else full.split(b, 1)[1].split(c, 1)[0][len(user_footer):]
+
+        def enc(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
+
+        return cls(
+            system=RoleMarkers(enc(prefix), enc(separator)),  # BOS + user header: a real sequence position
+            user=RoleMarkers(enc(user_header), enc(user_footer)),
+            agent=RoleMarkers(enc(agent_header), enc(full.split(c, 1)[1])),
+            eos_ids=eos_ids,
+            system_in_user_turn=True,
         )
 
     @classmethod

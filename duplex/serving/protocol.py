@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from duplex.session.events import (AgentTextDelta, ErrorEvent, Interrupted, PolicyDecided, SessionEvent, StateChanged,
                      TurnEnded, TurnStarted, UserTranscript)
+from duplex.session.validation import MAX_TEMPERATURE
 
 __all__ = [
     "AudioAppend", "AudioCommit", "ClientMessage", "EventMapper", "InputText", "PROTOCOL_VERSION",
@@ -26,6 +28,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_NESTING = 32  # JSON deeper than this is refused before any field is read
 
 
 class ProtocolError(ValueError):
@@ -130,7 +133,29 @@ def _get(msg: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
     if not isinstance(value, kind):
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ProtocolError("invalid_value", f"{msg.get('type')}: field '{key}' must be {names}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("invalid_value", f"{msg.get('type')}: field '{key}' must be a finite number, not {value}")
     return value
+
+
+def _check_text(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse what JSON can carry but UTF-8 cannot: lone surrogates (``"\\ud800"``) anywhere in
+    the message, and absurd nesting. Everything downstream (tokenizer, socket) needs valid UTF-8."""
+    if depth > _MAX_NESTING:
+        raise ProtocolError("invalid_value", f"field '{path}' is nested deeper than {_MAX_NESTING} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError("invalid_value", f"field '{path}' is not valid Unicode text (a lone surrogate "
+                                f"at character {exc.start})") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"{path}.<key>", depth + 1)
+            _check_text(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]", depth + 1)
 
 
 def _turn(msg: dict[str, Any]) -> int:
@@ -145,9 +170,14 @@ def _turn(msg: dict[str, Any]) -> int:
     return int(turn)
 
 
-def _non_negative(value: float | None, name: str) -> float | None:
+MAX_AUDIO_MS = 86_400_000.0  # one day: a played position beyond that is a client bug
+
+
+def _non_negative(value: float | None, name: str, limit: float | None = None) -> float | None:
     if value is not None and value < 0:
         raise ProtocolError("invalid_value", f"{name} must be >= 0")
+    if value is not None and limit is not None and value > limit:
+        raise ProtocolError("invalid_value", f"{name} must be <= {limit:g}, got {value:g}")
     return value
 
 
@@ -174,6 +204,9 @@ def _parse_session_update(msg: dict[str, Any]) -> SessionUpdate:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ProtocolError("invalid_value", "max_reply_tokens must be a positive integer")
     temperature = _get(s, "temperature", (int, float))
+    if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ProtocolError("invalid_value", f"session.update: field 'temperature' must be between 0 and "
+                            f"{MAX_TEMPERATURE:g}, got {temperature}")
     return SessionUpdate(
         instructions=_get(s, "instructions", str), policy=_get(s, "policy", str),
         policy_params=_get(s, "policy_params", dict),
@@ -218,6 +251,7 @@ def parse_client_message(text: str) -> ClientMessage:
     kind = msg.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("invalid_event", "message has no string 'type' field")
+    _check_text(msg, "")
     if kind == "session.update":
         return _parse_session_update(msg)
     if kind == "input_text":
@@ -231,11 +265,11 @@ def parse_client_message(text: str) -> ClientMessage:
     if kind == "response.cancel":
         return ResponseCancel()
     if kind == "conversation.item.truncate":
-        end_ms = _non_negative(_get(msg, "audio_end_ms", (int, float), required=True), "audio_end_ms")
+        end_ms = _non_negative(_get(msg, "audio_end_ms", (int, float), required=True), "audio_end_ms", MAX_AUDIO_MS)
         return Truncate(_turn(msg), float(end_ms or 0.0))
     if kind == "playback.mark":
         heard = _non_negative(_get(msg, "heard_tokens", int), "heard_tokens")
-        end_ms = _non_negative(_get(msg, "audio_end_ms", (int, float)), "audio_end_ms")
+        end_ms = _non_negative(_get(msg, "audio_end_ms", (int, float)), "audio_end_ms", MAX_AUDIO_MS)
         if heard is None and end_ms is None:
             raise ProtocolError("missing_field", "playback.mark needs 'heard_tokens' or 'audio_end_ms'")
         return PlaybackMarkMsg(_turn(msg), None if heard is None else int(heard),

@@ -26,6 +26,9 @@ class SessionConfig:
     truncate_wait_ms: float = 400.0
     tick_ms: float = 20.0
     max_text_chars: int = 16_000
+    max_instructions_chars: int = 8_000
+    max_instructions_tokens: int = 1_000  # also at most instructions_token_limit() of the sequence budget
+    max_queued_inputs: int = 1_024  # inputs waiting for the session loop; past it submit() refuses
     log_decisions: bool = False
     speculative_handover: bool = True  # prefill the turn hand-over while the user is silent
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
@@ -37,7 +40,7 @@ class AgentTurnState:
     """Book-keeping for the agent turn being generated or played."""
 
     turn: int
-    content_start: int  # sequence position of the first content token
+    content_start: int  # logical position of the first content token: sequence position + evicted tokens
     tokens: list[int] = field(default_factory=list)
     char_ends: list[int] = field(default_factory=list)  # cumulative text length after each token
     text: str = ""
