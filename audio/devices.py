@@ -134,6 +134,7 @@ class SpeakerStream:
         self._lock = threading.Lock()
         self._pending: collections.deque[np.ndarray] = collections.deque()
         self._played_samples = 0
+        self.paused = False  # hold the queue (the agent was paused): render plays silence
         self._stream: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -178,7 +179,17 @@ class SpeakerStream:
         with self._lock:
             dropped = sum(len(p) for p in self._pending)
             self._pending.clear()
+            self.paused = False  # a stop ends any pause: the next turn plays
         return dropped
+
+    def pause(self) -> None:
+        """Stop playing but keep the queue: ``resume`` plays on from the same sample."""
+        with self._lock:
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self.paused = False
 
     def render(self, out: np.ndarray) -> int:
         """Fill ``out`` (int16, 1-D) from the queue, zero the rest; returns samples played.
@@ -188,7 +199,7 @@ class SpeakerStream:
         frames = len(out)
         filled = 0
         with self._lock:
-            while filled < frames and self._pending:
+            while filled < frames and self._pending and not self.paused:
                 head = self._pending[0]
                 n = min(frames - filled, len(head))
                 out[filled : filled + n] = head[:n]

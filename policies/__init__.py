@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import (Action, Backchannel, BargeInRules, Continue, Listen, Observation, Policy, Speak, Yield,
-                   available_policies, make_policy, register_policy)
+from .base import (Action, Backchannel, BargeInRules, Continue, Listen, Observation, Pause, Policy, Resume, Speak,
+                   Yield, available_policies, make_policy, register_policy)
 from .simple import EouPolicy, HalfDuplexPolicy, SilencePolicy
 
 __all__ = [
     "Action", "Backchannel", "BargeInRules", "Continue", "EouPolicy", "HalfDuplexPolicy", "Listen", "Observation",
-    "Policy", "SilencePolicy", "Speak", "Yield", "available_policies", "make_policy", "register_policy",
+    "Pause", "Policy", "Resume", "SilencePolicy", "Speak", "Yield", "available_policies", "make_policy", "register_policy",
 ]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
-    "Action", "Backchannel", "BargeInRules", "Continue", "Listen", "Observation", "Policy", "Speak", "Yield",
+    "Action", "Backchannel", "BargeInRules", "Continue", "Listen", "Observation", "Pause", "Policy", "Resume", "Speak",
+    "Yield",
     "available_policies", "make_policy", "register_policy",
 ]
 
@@ -32,6 +33,19 @@ class Observation:
     agent_pending_tokens: int = 0  # generated, not yet delivered to the user
     agent_spoken_tokens: int = 0  # delivered to the user in the current agent turn
     eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
+    agent_paused: bool = False  # the agent's audio is paused while the user's overlap is judged
+    # the user's words, split (user_turn_words counts both)
+    committed_words: int = 0
+    tentative_words: int = 0
+    # acoustic features of the user's latest pause (audio.turn_features.TurnAudioFeatures), None
+    # until one arrives in this user turn (typed text never has them)
+    audio_eot_prob: float | None = None  # Smart Turn v3.2's P(the turn is complete)
+    pitch_slope_st_s: float | None = None  # pitch slope over the last voiced 0.5 s, semitones/s
+    pitch_end_st: float | None = None  # final pitch relative to the utterance's median, semitones
+    energy_slope_db_s: float | None = None  # loudness slope over the last voiced 0.5 s, dB/s
+    speech_s: float | None = None  # voiced duration of the utterance before the pause
+    vad_mean_1s: float | None = None  # mean VAD speech probability over its last second
+    vad_mean: float | None = None  # mean VAD speech probability over the analysed segment
     type: str = "observation"
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +82,23 @@ class Continue:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """Pause the agent's audio now (user sound over the agent) and decide later: resume or yield.
+    Generation may go on into the cache meanwhile; nothing new is played until then."""
+
+    reason: str = "overlap"
+    type: str = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Undo a pause: the overlap was a backchannel or noise; play on exactly where it paused."""
+
+    reason: str = "backchannel"
+    type: str = "resume"
+
+
+@dataclass(frozen=True, slots=True)
 class Backchannel:
     """Emit a short acknowledgement without taking the turn."""
 
@@ -75,7 +106,7 @@ class Backchannel:
     type: str = "backchannel"
 
 
-Action = Listen | Speak | Yield | Continue | Backchannel
+Action = Listen | Speak | Yield | Continue | Pause | Resume | Backchannel
 
 
 class Policy(Protocol):
@@ -126,21 +157,25 @@ def _words(text: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class BargeInRules:
-    """Shared by every overlapping policy: when user sound during agent speech becomes a barge-in.
+    """Shared by every overlapping policy: what user sound during agent speech means.
 
-    Yield when the overlap lasts ``min_overlap_ms`` or holds ``min_words`` words, or at once on a
-    stop word. A short overlap of at most ``backchannel_max_words`` acknowledgement words that has
-    already ended is a backchannel: keep talking.
+    Pause first, decide after: the moment the user is heard over the agent its audio pauses
+    (``pause_on_overlap``), which costs nothing if the sound turns out to be a backchannel, and
+    leaves time to wait for words. Yield once the overlap holds ``min_words`` words with content
+    (after ``min_overlap_ms``), a stop word, or lasts ``backchannel_max_ms`` while still going on.
+    When the overlap ends as at most ``backchannel_max_words`` acknowledgement words (or no words:
+    a cough, a door), resume where the audio paused.
     """
 
     min_overlap_ms: float = 600.0
     min_words: int = 3
     backchannel_max_words: int = 2
-    backchannel_max_ms: float = 1000.0
+    backchannel_max_ms: float = 1500.0
+    pause_on_overlap: bool = True
     type: str = "barge_in_rules"
 
     def decide(self, obs: Observation) -> Action | None:
-        """None when nothing overlaps; otherwise Yield or Continue."""
+        """None when nothing overlaps; otherwise Pause, Yield, Resume or Continue."""
         if not obs.agent_speaking:
             return None
         if obs.overlap_s <= 0 and not obs.user_speaking and not obs.partial_text.strip():
@@ -153,16 +188,14 @@ class BargeInRules:
         content = [w for w in words if w not in _ACK_WORDS]
         if len(content) >= 1 and len(words) >= self.min_words:
             return Yield("words")
+        overlap_ms = obs.overlap_s * 1000
         if obs.user_speaking:
-            if obs.overlap_s * 1000 >= self.min_overlap_ms and (content or len(words) > self.backchannel_max_words
-                                                              or obs.overlap_s * 1000 >= self.backchannel_max_ms):
+            if overlap_ms >= self.min_overlap_ms and (content or len(words) > self.backchannel_max_words):
                 return Yield("overlap")
-            if obs.overlap_s * 1000 >= self.min_overlap_ms and not words:
-                return Yield("overlap")  # long sound, no transcript yet: assume a turn
-            return Continue("pending")
+            if overlap_ms >= self.backchannel_max_ms:
+                return Yield("overlap")  # too long for a backchannel, words or not
+            return Pause("overlap") if self.pause_on_overlap else Continue("pending")
         # the overlap has ended: judge what it was
-        if len(words) <= self.backchannel_max_words and not content and obs.overlap_s * 1000 <= self.backchannel_max_ms:
-            return Continue("backchannel")
         if content:
-            return Yield("words")
-        return Continue("backchannel")
+            return Yield("words")  # "what?" or a name: a short turn, not an acknowledgement
+        return Resume("backchannel") if obs.agent_paused else Continue("backchannel")

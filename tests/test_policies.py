@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from duplex.policies import (BargeInRules, Continue, Listen, Observation, Speak, Yield, available_policies,
-                             make_policy)
+from duplex.policies import (BargeInRules, Continue, Listen, Observation, Pause, Resume, Speak, Yield,
+                             available_policies, make_policy)
 
 
 def obs(**kw) -> Observation:
@@ -57,19 +57,28 @@ def test_backchannel_does_not_stop_the_agent(text):
     for name in ("silence", "eou"):
         action = make_policy(name).decide(bc)
         assert isinstance(action, Continue) and action.reason == "backchannel"
+        # after a pause, the same judgement resumes the audio where it stopped
+        resumed = make_policy(name).decide(obs(agent_speaking=True, agent_paused=True, overlap_s=0.9,
+                                               partial_text=text, user_turn_words=1))
+        assert isinstance(resumed, Resume) and resumed.reason == "backchannel"
 
 
-def test_short_sound_still_in_progress_is_pending_not_a_barge_in():
-    action = make_policy("silence").decide(obs(agent_speaking=True, user_speaking=True, overlap_s=0.3))
-    assert isinstance(action, Continue)
+def test_sound_over_the_agent_pauses_it_at_once_and_waits_for_words():
+    for overlap_s in (0.05, 0.3, 0.9, 1.4):  # no words yet: paused, not yielded, up to 1.5 s
+        action = make_policy("silence").decide(obs(agent_speaking=True, user_speaking=True, overlap_s=overlap_s))
+        assert isinstance(action, Pause), overlap_s
+    # a cough with no words at all: resume once it is over
+    cough = obs(agent_speaking=True, agent_paused=True, user_speaking=False, overlap_s=0.4)
+    assert isinstance(make_policy("eou").decide(cough), Resume)
 
 
 @pytest.mark.parametrize("kw", [
-    {"user_speaking": True, "overlap_s": 0.8, "partial_text": ""},  # long sound, no transcript yet
+    {"user_speaking": True, "overlap_s": 1.6, "partial_text": ""},  # long sound, no transcript yet
     {"user_speaking": True, "overlap_s": 0.7, "partial_text": "can you tell"},  # content words
     {"user_speaking": False, "overlap_s": 0.5, "partial_text": "what about tomorrow"},
     {"user_speaking": True, "overlap_s": 0.1, "partial_text": "stop"},  # stop word: at once
-    {"user_speaking": True, "overlap_s": 1.2, "partial_text": "yeah"},  # "yeah" held for over a second
+    {"user_speaking": True, "overlap_s": 1.6, "partial_text": "yeah"},  # "yeah" held for over 1.5 s
+    {"user_speaking": False, "overlap_s": 0.4, "partial_text": "what"},  # one content word, over: a turn
 ])
 def test_interruption_yields(kw):
     o = obs(agent_speaking=True, user_turn_words=len(kw["partial_text"].split()), **kw)
@@ -83,9 +92,12 @@ def test_half_duplex_never_yields():
 
 
 def test_barge_in_rules_are_configurable():
-    rules = BargeInRules(min_overlap_ms=200)
+    rules = BargeInRules(backchannel_max_ms=200)
     o = obs(agent_speaking=True, user_speaking=True, overlap_s=0.25, partial_text="")
     assert isinstance(rules.decide(o), Yield)
+    # without pause-first, a sound being judged lets the agent play on
+    assert isinstance(BargeInRules(pause_on_overlap=False).decide(obs(agent_speaking=True, user_speaking=True,
+                                                                      overlap_s=0.25)), Continue)
     assert rules.decide(obs(agent_speaking=False)) is None
 
 

@@ -130,8 +130,9 @@ async def test_audio_barge_in_rolls_back_to_the_final_playback_mark(tiny_engine)
     turn = seen[-1].turn
     s.submit(PlaybackMark(turn, 4))
     s.submit(SpeechStarted(2.0))
-    await settle(s)
-    clock.advance(0.7)  # sustained overlap beyond the 600 ms barge-in threshold
+    paused = (await collect_until(s, _is("agent_paused")))[-1]  # pause first, at the onset
+    assert paused.turn == turn
+    clock.advance(1.6)  # sustained sound with no words, beyond the 1.5 s a backchannel may last
     inter = (await collect_until(s, _is("interrupted")))[-1]
     assert inter.kept_tokens == 4
     s.submit(PlaybackMark(turn, 3, final=True))  # the client stopped playback: it had really played 3

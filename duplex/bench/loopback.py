@@ -8,9 +8,10 @@ It does what ``web/app.js`` does, over the native WebSocket protocol (``docs/pro
   fully "arrived" on the monotonic clock (never faster than real time), and typed chunks on time;
 - plays agent audio on a :class:`~.speaker.VirtualSpeaker` (back to back from arrival), sends
   ``playback.mark`` ~4/s with ``audio_end_ms`` + ``heard_tokens`` and ``done: true`` once a
-  turn's audio has played out; pauses playback at the VAD onset and resumes 300 ms after the stop
-  unless the agent yielded; on ``response.interrupted`` it stops at once and answers with
-  ``conversation.item.truncate`` at the played position.
+  turn's audio has played out; holds playback on ``response.output_audio.paused`` and plays on
+  from the same sample on ``response.output_audio.resumed`` (the server decides both); on
+  ``response.interrupted`` it stops at once and answers with ``conversation.item.truncate`` at the
+  played position.
 
 Everything lands in a timeline on the scenario's clock (0 = the first microphone sample), in the
 record format of :mod:`duplex.eval.replay`, so :mod:`duplex.eval.metrics` scores it unchanged.
@@ -54,8 +55,6 @@ class LoopbackConfig:
     frame_ms: int = 20
     mark_interval_s: float = 0.25  # the page throttles marks to one per 250 ms
     tick_s: float = 0.01  # how often the virtual speaker checks its timers
-    pause_on_speech: bool = True  # the page silences playback at the VAD onset ...
-    resume_after_s: float = 0.3  # ... and resumes this long after speech_stopped unless interrupted
     audio_output: bool = True
     policy: str | None = None
     policy_params: dict[str, Any] | None = None
@@ -96,7 +95,6 @@ class _Driver:
         self.t0 = 0.0
         self._setup_t0 = 0.0
         self.ws: ClientConnection | None = None
-        self._resume_at: float | None = None
         self._last_mark = -1e9
         self.closed_early: str | None = None
         self._stats = {"mic_frames": 0, "mic_max_lag_s": 0.0, "marks": 0, "truncates": 0, "audio_frames": 0,
@@ -232,13 +230,14 @@ class _Driver:
         self._record({"type": "server_event", "t": now, "event": ev})
         kind = ev.get("type")
         turn = ev.get("turn")
-        if kind == "input_audio_buffer.speech_started":
-            if self.config.pause_on_speech and self._is_playing(now):
+        if kind == "response.output_audio.paused" and isinstance(turn, int):
+            if not self.speaker.paused and turn not in self.interrupted:
                 self.speaker.pause(now)
-                self._record({"type": "playback_paused", "t": now})
-        elif kind == "input_audio_buffer.speech_stopped":
-            if self.speaker.paused:
-                self._resume_at = now + self.config.resume_after_s
+                self._record({"type": "playback_paused", "t": now, "turn": turn})
+        elif kind == "response.output_audio.resumed" and isinstance(turn, int):
+            if self.speaker.paused and turn not in self.interrupted:
+                self.speaker.resume(now)
+                self._record({"type": "playback_resumed", "t": now, "turn": turn})
         elif kind == "response.created" and isinstance(turn, int):
             self.turns.setdefault(turn, _Turn())
             self._record({"type": "turn_started", "t": now, "speaker": "agent", "turn": turn})
@@ -270,10 +269,6 @@ class _Driver:
         t.pushed = int(header.get("sample_offset", 0)) + int(header.get("samples", 0))
         self.speaker.push(PlayedFrame.from_header(header, pcm, now), now)
 
-    def _is_playing(self, now: float) -> bool:
-        """The page's ``isPlaying()``: some live turn has audio not yet played (paused counts)."""
-        return self.speaker.pending(now) and any(not t.interrupted and not t.done_sent for t in self.turns.values())
-
     async def _on_interrupted(self, ev: dict[str, Any], turn: int, now: float) -> None:
         """Stop playback now; tell the server exactly how far this turn was played."""
         self.interrupted.add(turn)
@@ -288,7 +283,6 @@ class _Driver:
         paused_at = self.speaker.paused_at if self.speaker.paused else None
         had_audio = self.speaker.position(turn, now) < t.pushed
         pos = self.speaker.stop(turn, now)
-        self._resume_at = None
         # Audio that was already silenced by the page's pause stopped being heard back then.
         halted = paused_at if paused_at is not None and had_audio else now
         self._record({"type": "agent_audio_halted", "t": halted, "turn": turn, "cut": had_audio,
@@ -302,15 +296,9 @@ class _Driver:
 
     # ---- playback timers ------------------------------------------------------------------
     async def _tick(self) -> None:
-        """Marks while playing, ``done`` marks when a finished turn has played out, the resume."""
+        """Marks while playing, ``done`` marks when a finished turn has played out."""
         while True:
             now = self.now()
-            if self._resume_at is not None and now >= self._resume_at:
-                self._resume_at = None
-                live = any(not t.interrupted and not t.done_sent for t in self.turns.values())
-                if self.speaker.paused and live:
-                    self.speaker.resume(now)
-                    self._record({"type": "playback_resumed", "t": now})
             turn = self.speaker.playing_turn(now)
             if turn is not None and now - self._last_mark > self.config.mark_interval_s:
                 t = self.turns.get(turn)
@@ -348,8 +336,7 @@ class _Driver:
                 "session": {k: self.session.get(k) for k in ("id", "policy", "output_modalities",
                                                              "output_audio_format")},
                 "client": {"frame_ms": self.config.frame_ms, "mark_interval_s": self.config.mark_interval_s,
-                           "pause_on_speech": self.config.pause_on_speech,
-                           "resume_after_s": self.config.resume_after_s}}
+                           "pause": "server-driven (response.output_audio.paused / resumed)"}}
         out: list[dict[str, Any]] = []
         out += [{"type": "cue", "t": c.t, "kind": c.kind, "end": c.end, "start": c.start} for c in self.cues]
         out += [{"type": "user_speech", "t": on, "end": off, "item": i, "text": text}

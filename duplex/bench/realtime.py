@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # Targets for the served path on the default models (seconds after the true end of user speech).
 TARGETS = {"first_audio_p50_s": 0.6, "first_audio_p95_s": 1.0, "first_text_p50_s": 0.4}
+# Barge-in targets (issue 11): seconds after the user's onset, or after the interruption ends.
+BARGEIN_TARGETS = {"onset_to_paused_p50_s": 0.3, "onset_to_paused_p95_s": 0.4, "interruption_reply_p50_s": 1.0}
+BARGEIN_RATE_TARGETS = {"backchannel_resumed_rate": 0.9, "tor_interruption": 0.95}
 STAGES = ("speech_stopped", "last_committed_words", "transcription_completed", "first_text_delta",
           "first_audio_received", "first_audio_played")
 DEFINITIONS = {
@@ -54,9 +57,11 @@ DEFINITIONS = {
                 "input_audio_transcription.delta of the turn; transcription_completed = "
                 "input_audio_transcription.completed; first_text_delta = response.output_text.delta; "
                 "first_audio_received / first_audio_played = the reply's first audio frame",
-    "bargein": "interruption cues where agent audio was playing at the user's onset: onset -> "
-               "response.interrupted received; onset -> audio stopped (the page pauses playback at "
-               "speech_started, so this is the pause when the barge-in is then confirmed)",
+    "bargein": "interruption and backchannel cues where agent audio was playing at the user's onset: onset -> "
+               "response.output_audio.paused received (the client holds playback there); onset -> "
+               "response.interrupted received; onset -> audio stopped; resumed = the pause ended in "
+               "response.output_audio.resumed with no interruption; interruption reply = end of the "
+               "interrupting utterance -> first word of the next agent turn played",
     "full_duplex_bench": "duplex.eval.metrics on the same timeline (means; latencies where TOR = 1)",
 }
 _BACKGROUND_QUESTIONS = (
@@ -82,7 +87,6 @@ class RealtimeConfig:
     dtype: str | None = None
     quantize: str | None = None
     auth_token: str | None = None
-    pause_on_speech: bool = True
     warmup: bool = True
     out: str | None = None
     type: str = "realtime_config"
@@ -214,6 +218,8 @@ def episode_latencies(records: list[dict[str, Any]], window_s: float = 10.0) -> 
     bargeins = []
     halted = {r["turn"]: r["t"] for r in records if r.get("type") == "agent_audio_halted"}
     interrupted = [(r["t"], r["turn"]) for r in records if r.get("type") == "interrupted"]
+    paused = [(r["t"], r.get("turn")) for r in records if r.get("type") == "playback_paused"]
+    resumed = [(r["t"], r.get("turn")) for r in records if r.get("type") == "playback_resumed"]
     for c in (c for c in cues if c.get("kind") in ("interruption", "backchannel")):
         playing = next((o for o in outputs.values() if o.playing_at(c["t"])), None)
         if playing is None:
@@ -222,9 +228,17 @@ def episode_latencies(records: list[dict[str, Any]], window_s: float = 10.0) -> 
         t_int = next((t for t, k in interrupted if k == playing.turn and c["t"] <= t <= hi), None)
         t_halt = halted.get(playing.turn)
         t_halt = t_halt if t_halt is not None and c["t"] <= t_halt <= hi else None
+        t_pause = next((t for t, k in paused if k == playing.turn and c["t"] <= t <= hi), None)
+        t_resume = next((t for t, k in resumed if k == playing.turn and t_pause is not None and t >= t_pause), None)
+        end = float(c["end"] if c.get("end") is not None else c["t"])
+        reply_t = next((o.first_word_t for o in outputs.values() if o.turn > playing.turn
+                        and o.first_word_t is not None and o.first_word_t >= c["t"]), None)
         bargeins.append({"kind": c["kind"], "cue_t": c["t"], "turn": playing.turn,
+                         "to_paused_s": None if t_pause is None else round(t_pause - c["t"], 4),
+                         "resumed": t_resume is not None and t_int is None,
                          "to_interrupted_s": None if t_int is None else round(t_int - c["t"], 4),
-                         "to_audio_stopped_s": None if t_halt is None else round(t_halt - c["t"], 4)})
+                         "to_audio_stopped_s": None if t_halt is None else round(t_halt - c["t"], 4),
+                         "reply_after_end_s": None if reply_t is None else round(max(0.0, reply_t - end), 4)})
     return {"replies": replies, "bargeins": bargeins}
 
 
@@ -252,7 +266,9 @@ def summarize_realtime(episodes: list[dict[str, Any]], label: str) -> dict[str, 
 
     first_audio = stage("first_audio_played")
     first_text = [v for v in stage("first_text_delta") if v >= 0]
-    interruptions = [b for e in episodes for b in e["latencies"]["bargeins"] if b["kind"] == "interruption"]
+    all_bargeins = [b for e in episodes for b in e["latencies"]["bargeins"]]
+    interruptions = [b for b in all_bargeins if b["kind"] == "interruption"]
+    backchannels = [b for b in all_bargeins if b["kind"] == "backchannel"]
     rows = summarize([EpisodeMetrics(**e["metrics"]) for e in episodes]).get(label, {})
     fdb_keys = ("tor_pause", "tor_backchannel", "tor_turn_taking", "tor_interruption", "turn_taking_latency_s",
                 "stop_latency_s", "response_latency_s", "yield_rate", "false_interruption_rate", "overlap_s")
@@ -263,12 +279,28 @@ def summarize_realtime(episodes: list[dict[str, Any]], label: str) -> dict[str, 
     values = {"first_audio_p50_s": fa["p50"], "first_audio_p95_s": fa["p95"], "first_text_p50_s": ft["p50"]}
     targets = {k: {"target": v, "value": values[k], "met": values[k] is not None and values[k] <= v}
                for k, v in TARGETS.items()}
+    paused_s = _stats([b.get("to_paused_s") for b in all_bargeins], False)
+    reply_s = _stats([b.get("reply_after_end_s") for b in interruptions], False)
+    resumed_rate = (sum(1 for b in backchannels if b.get("resumed")) / len(backchannels)) if backchannels else None
+    b_values = {"onset_to_paused_p50_s": paused_s["p50"], "onset_to_paused_p95_s": paused_s["p95"],
+                "interruption_reply_p50_s": reply_s["p50"]}
+    bargein_targets = {k: {"target": v, "value": b_values[k], "met": b_values[k] is not None and b_values[k] <= v}
+                       for k, v in BARGEIN_TARGETS.items()}
+    rate_values = {"backchannel_resumed_rate": resumed_rate, "tor_interruption": fdb.get("tor_interruption")}
+    bargein_targets.update({k: {"target": v, "value": rate_values[k],
+                                "met": rate_values[k] is not None and rate_values[k] >= v}
+                            for k, v in BARGEIN_RATE_TARGETS.items()})
     return {
         "end_of_speech_to_first_audio_played_s": fa,
         "end_of_speech_to_first_text_delta_s": ft,
         "replies": {"end_of_turn_cues": len(replies), "answered": len(answered), "early": len(early),
                     "no_audio": sum(1 for r in answered if r["stages_s"].get("first_audio_played") is None)},
         "bargein": {
+            "user_onset_to_paused_s": paused_s,
+            "backchannel_resumed": f"{sum(1 for b in backchannels if b.get('resumed'))}/{len(backchannels)}",
+            "backchannel_resumed_rate": None if resumed_rate is None else round(resumed_rate, 4),
+            "interruption_end_to_reply_s": reply_s,
+            "targets": bargein_targets,
             "user_onset_to_response_interrupted_s": _stats([b["to_interrupted_s"] for b in interruptions], False),
             "user_onset_to_audio_stopped_s": _stats([b["to_audio_stopped_s"] for b in interruptions], False),
             "applicable": len(interruptions),
@@ -362,8 +394,7 @@ async def bench_realtime(cfg: RealtimeConfig) -> dict[str, Any]:
     paths = await asyncio.to_thread(prepare_scenarios, cfg)
     send_policy = spec is not None and (cfg.url is not None or bool(spec.params))
     loop_cfg = LoopbackConfig(policy=spec.name if send_policy and spec else None,
-                              policy_params=dict(spec.params) if send_policy and spec else None,
-                              pause_on_speech=cfg.pause_on_speech, token=cfg.auth_token)
+                              policy_params=dict(spec.params) if send_policy and spec else None, token=cfg.auth_token)
     label = spec.label if spec else "server-default"
     voices = VoiceBank()
     prepared = []
@@ -427,10 +458,16 @@ def format_summary(result: dict[str, Any]) -> str:
              f"first text delta:   p50 {ft['p50']} s  p95 {ft['p95']} s  max {ft['max']} s  (n={ft['n']})",
              f"barge-in: -> interrupted p50 {b['user_onset_to_response_interrupted_s']['p50']} s, -> audio stopped "
              f"p50 {b['user_onset_to_audio_stopped_s']['p50']} s (applicable {b['applicable']})",
+             f"pause-first: onset -> paused p50 {b['user_onset_to_paused_s']['p50']} s p95 "
+             f"{b['user_onset_to_paused_s']['p95']} s; backchannels resumed {b['backchannel_resumed']}; "
+             f"interruption end -> reply p50 {b['interruption_end_to_reply_s']['p50']} s",
              "stages p50 (s after end of speech): "
              + ", ".join(f"{k} {v['p50']}" for k, v in result["stages_s"].items()),
              "Full-Duplex-Bench: " + ", ".join(f"{k} {v}" for k, v in result["full_duplex_bench"].items()
                                                if k != "valid_cues"),
              "targets: " + ", ".join(f"{k} {v['value']} <= {v['target']}: {'met' if v['met'] else 'MISSED'}"
-                                     for k, v in result["targets"].items())]
+                                     for k, v in result["targets"].items()),
+             "barge-in targets: " + ", ".join(f"{k} {v['value']} (target {v['target']}): "
+                                              f"{'met' if v['met'] else 'MISSED'}"
+                                              for k, v in b["targets"].items())]
     return "\n".join(lines)

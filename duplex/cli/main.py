@@ -25,7 +25,7 @@ def _cmd_bench_realtime(args: argparse.Namespace) -> int:
     cfg = RealtimeConfig(url=args.url, scenarios=args.scenarios, n=args.n, seed=args.seed, speech=args.speech,
                          background_talker=args.background_talker, policy=args.policy, model=args.model,
                          device=args.device, dtype=args.dtype, quantize=args.quantize, auth_token=args.auth_token,
-                         pause_on_speech=not args.no_pause_on_speech, warmup=not args.no_warmup, out=args.out)
+                         warmup=not args.no_warmup, out=args.out)
     result = asyncio.run(bench_realtime(cfg))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--policy", default="eou")
     p.add_argument("--auth-token", default=None, help="require this token (or env DUPLEX_AUTH_TOKEN)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="also accept WebSocket handshakes from this browser origin (repeatable; '*' = any). "
+                        "Always accepted: same origin, localhost/127.0.0.1, and clients that send no Origin")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="sessions held at once, detached ones included (default: 4 per core, 1 per 256 MiB RAM)")
+    p.add_argument("--max-detached-sessions", type=int, default=None,
+                   help="detached sessions kept for resume (default: half of --max-sessions; oldest closed first)")
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
     p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
     p.add_argument("--instructions", default=None)
@@ -167,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", default=None, help="NAME or NAME:key=value,... (default: the server's)")
     r.add_argument("--out", default=None, help="also write the JSON here (and timelines to OUT.timelines/)")
     r.add_argument("--auth-token", default=None, help="the server's --auth-token")
-    r.add_argument("--no-pause-on-speech", action="store_true",
-                   help="keep playing at the VAD onset (the page pauses playback until the barge-in is decided)")
     r.add_argument("--no-warmup", action="store_true", help="skip the unscored warm-up episode")
 
     try:

@@ -9,6 +9,7 @@ detached, for a TTL, buffering (bounded) what it says, so a client can resume it
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import time
@@ -24,9 +25,10 @@ from duplex.serving.outbox import Outbox, OutboxOverflow
 from duplex.serving.protocol import (EventMapper, InputText, PlaybackMarkMsg, ProtocolError, SessionUpdate, Truncate,
                                      error_event, item_id)
 from duplex.session.core import Session
-from duplex.session.events import TurnEnded, UpdateSession
+from duplex.session.events import TurnEnded, TurnStarted, UpdateSession
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceOutput
+from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, SpeechFinalized,
+                                  VoiceOutput)
 from duplex.voice.pipeline import VoicePipeline
 
 __all__ = ["ServerLimits", "ServerSession"]
@@ -51,6 +53,8 @@ class ServerLimits:
     ping_timeout_s: float | None = 20.0
     close_timeout_s: float = 2.0
     send_buffer_bytes: int | None = None  # SO_SNDBUF per connection; None = kernel autotuning
+    max_sessions: int | None = None  # live + detached; None = sized to the machine (admission.py)
+    max_detached_sessions: int | None = None  # None = half of max_sessions
     type: str = "server_limits"
 
 
@@ -80,6 +84,7 @@ class ServerSession:
         self.input_channels = 1
         self._mapper = EventMapper()
         self._pump: asyncio.Task[None] | None = None
+        self._agent_turns: collections.deque[int] = collections.deque(maxlen=256)  # recent agent turn ids
 
     # ---- lifecycle ------------------------------------------------------------------------
     @property
@@ -107,6 +112,7 @@ class ServerSession:
             "audio_output_available": self.pipeline.tts_engine is not None,
             "output_audio_format": {"encoding": "pcm16", "sample_rate_hz": sr, "channels": 1} if sr else None,
             "max_text_chars": session.max_text_chars,
+            "max_instructions_chars": session.max_instructions_chars,
             "resume_ttl_s": self.limits.resume_ttl_s,
         }
 
@@ -170,6 +176,13 @@ class ServerSession:
             self._put({"type": "response.output_audio.done", "turn": out.turn, "item_id": item_id(out.turn),
                        "samples": out.total_samples, "sample_rate_hz": out.sample_rate_hz,
                        "audio_end_ms": _ms(out.total_samples, out.sample_rate_hz)})
+        elif isinstance(out, AudioPaused):
+            self._put({"type": "response.output_audio.paused", "turn": out.turn, "item_id": item_id(out.turn),
+                       "audio_end_ms": _ms(out.sent_samples, out.sample_rate_hz) if out.sample_rate_hz else 0,
+                       "reason": out.reason})
+        elif isinstance(out, AudioResumed):
+            self._put({"type": "response.output_audio.resumed", "turn": out.turn, "item_id": item_id(out.turn),
+                       "reason": out.reason})
         elif isinstance(out, SpeechStarted):
             self._put({"type": "input_audio_buffer.speech_started", "audio_start_ms": round(out.t_s * 1000)})
         elif isinstance(out, SpeechStopped):
@@ -177,6 +190,8 @@ class ServerSession:
         elif isinstance(out, SpeechFinalized):
             pass
         else:
+            if isinstance(out, TurnStarted) and out.speaker == "agent":
+                self._agent_turns.append(out.turn)
             for wire in self._mapper.map(out):
                 self._put(wire)
             if (isinstance(out, TurnEnded) and out.speaker == "agent" and out.reason != "interrupted"
@@ -206,8 +221,19 @@ class ServerSession:
     def handle_cancel(self) -> None:
         self._require_open().cancel()
 
+    async def wait_for_room(self) -> None:
+        """Backpressure: returns once the session's input queue can take another message."""
+        if not self.closed:
+            await self.session.wait_for_room()
+
+    def _require_agent_turn(self, turn: int, what: str) -> None:
+        if turn not in self._agent_turns:
+            raise ProtocolError("item_not_found", f"{what}: item_id {item_id(turn)!r} (turn {turn}) is not a "
+                                "recent agent turn of this session; use the item_id of a response.created event")
+
     def handle_mark(self, msg: PlaybackMarkMsg) -> None:
         pipeline = self._require_open()
+        self._require_agent_turn(msg.turn, "playback.mark")
         if msg.heard_tokens is not None:
             pipeline.report_heard_tokens(msg.turn, msg.heard_tokens, done=msg.done)
         else:
@@ -217,6 +243,7 @@ class ServerSession:
     def handle_truncate(self, msg: Truncate) -> None:
         """The client stopped playing ``turn`` at ``audio_end_ms``: stop there and roll back to it."""
         pipeline = self._require_open()
+        self._require_agent_turn(msg.turn, "conversation.item.truncate")
         pipeline.truncate(msg.turn, pipeline.played_samples_at(msg.turn, msg.audio_end_ms))
 
     async def handle_update(self, msg: SessionUpdate) -> None:

@@ -17,13 +17,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.detok import IncrementalDetokenizer, WordBuffer
 from duplex.engine.worker import Engine
-from duplex.session.events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, Interrupted, PlaybackMark, PolicyDecided,
-                     SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted,
-                     UpdateSession, UserTranscript)
-from duplex.policies import Action, Continue, Listen, Observation, Policy, Speak, Yield, make_policy
+from duplex.session.events import (AgentPaused, AgentResumed, AgentTextDelta, AsrWord, Cancel, ErrorEvent, InstructionsUpdated, Interrupted,
+                     PlaybackMark, PolicyDecided, SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput,
+                     TurnEnded, TurnStarted, UpdateSession, UserTranscript)
+from duplex.policies import Action, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield, make_policy
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
@@ -50,6 +51,9 @@ class Session:
         self._urgent: collections.deque[Any] = collections.deque()
         self._inputs: collections.deque[Any] = collections.deque()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set while the input queues have room
+        self._room.set()
+        self._pending_instructions: str | None = None  # waits for the next turn boundary
         self._out: asyncio.Queue[SessionEvent | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -64,6 +68,7 @@ class Session:
         self._user_speaking = False
         self._speech_end_t: float | None = None
         self._eou_prob: float | None = None
+        self._audio_turn: TurnAudioFeatures | None = None  # acoustic features of the latest pause
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
         self._prepared: int | None = None  # agent turn opened speculatively during user silence
         # agent side
@@ -73,7 +78,7 @@ class Session:
         self._overlap_start_t: float | None = None
         self._overlap_end_t: float | None = None
         self._truncate_deadline: float | None = None
-        self._last_logged: tuple[str, int] | None = None
+        self._paused = False  # the agent's audio is paused while an overlap is judged
 
     # ---- public API ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -82,15 +87,43 @@ class Session:
         await self._ready.wait()
 
     def submit(self, event: Any) -> bool:
-        """Queue an input; returns False (and emits an error event) if it was rejected."""
+        """Queue an input; returns False (and emits an error event) if it was rejected: invalid, or
+        ``max_queued_inputs`` inputs already wait (a transport awaits :meth:`wait_for_room` first)."""
         pending = bool(self._typed_pending.strip() or self._user_committed)
-        error = validate_input(event, self.config, user_text_pending=pending)
+        error = validate_input(event, self.config, user_text_pending=pending, pending_chars=len(self._typed_pending),
+                               count_tokens=self._count_tokens)
         if error is not None:
             self._emit(ErrorEvent(error[0], error[1], self.clock.now()))
             return False
-        (self._urgent if isinstance(event, _URGENT) else self._inputs).append(event)
+        urgent = isinstance(event, _URGENT)
+        if isinstance(event, Cancel) and any(isinstance(e, Cancel) for e in self._urgent):
+            return True  # one queued cancel is as good as many
+        queue = self._urgent if urgent else self._inputs
+        if len(queue) >= self.config.max_queued_inputs:
+            self._emit(ErrorEvent("input_queue_full", f"{len(queue)} inputs already wait for this session (the limit, "
+                                  f"max_queued_inputs, is {self.config.max_queued_inputs}); this "
+                                  f"{getattr(event, 'type', 'input')} was refused", self.clock.now()))
+            return False
+        queue.append(event)
+        if len(queue) >= self.config.max_queued_inputs:
+            self._room.clear()
         self._wake.set()
         return True
+
+    @property
+    def has_room(self) -> bool:
+        """True while :meth:`submit` would queue another input."""
+        limit = self.config.max_queued_inputs
+        return len(self._inputs) < limit and len(self._urgent) < limit
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for transports: return once the input queues have room again."""
+        while not self.has_room:
+            self._room.clear()
+            await self._room.wait()
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
     async def events(self) -> AsyncIterator[SessionEvent]:
         while True:
@@ -128,14 +161,15 @@ class Session:
         self._emit(StateChanged("listening", self.clock.now()))
         while True:
             try:
+                if self._pending_instructions is not None:
+                    await self._apply_pending_instructions()
                 await self._handle_inputs()
                 action = self._decide()
                 if isinstance(action, Yield) and self._truncate_deadline is None:
                     await self._yield(action.reason)
                     continue
-                if isinstance(action, Continue):
-                    if action.reason == "backchannel" and not self._user_speaking and self._overlap_start_t is not None:
-                        self._end_overlap_as_backchannel()
+                if isinstance(action, (Continue, Pause, Resume)):
+                    self._apply_overlap_action(action)
                     if self._agent is not None and self._agent.generating:
                         await self._speak(1)
                         continue
@@ -184,7 +218,10 @@ class Session:
     # ---- inputs --------------------------------------------------------------------------------
     async def _handle_inputs(self) -> None:
         while self._urgent or self._inputs:
-            await self._handle(self._urgent.popleft() if self._urgent else self._inputs.popleft())
+            ev = self._urgent.popleft() if self._urgent else self._inputs.popleft()
+            if self.has_room:
+                self._room.set()
+            await self._handle(ev)
 
     async def _committed_words(self, first: AsrWord) -> None:
         """Committed words queued together are prefilled in one forward; when the end of speech
@@ -214,6 +251,7 @@ class Session:
         if isinstance(ev, SpeechStarted):
             self._user_speaking = True
             self._speech_end_t = None
+            self._audio_turn = None  # the pause it described is over
             if self._agent_speaking() and self._overlap_start_t is None:
                 self._overlap_start_t = now
         elif isinstance(ev, SpeechStopped):
@@ -221,6 +259,8 @@ class Session:
             self._speech_end_t = now
             if self._overlap_start_t is not None:
                 self._overlap_end_t = now
+        elif isinstance(ev, TurnAudioFeatures):
+            self._audio_turn = ev
         elif isinstance(ev, AsrWord):
             if ev.committed:
                 await self._committed_words(ev)
@@ -351,8 +391,9 @@ class Session:
             return
         heard = min(ev.heard_tokens, len(agent.tokens))
         if heard > agent.delivered_tokens and self._truncate_deadline is None:
+            base = self._content_start(agent)
             assert self.seq is not None
-            self.seq.set_status(agent.content_start + agent.delivered_tokens, agent.content_start + heard, Status.SPOKEN)
+            self.seq.set_status(base + agent.delivered_tokens, base + heard, Status.SPOKEN)
         if self._truncate_deadline is not None:
             if ev.final:
                 agent.delivered_tokens = heard  # the client's final word on what was heard
@@ -386,10 +427,23 @@ class Session:
             changes["audio_output"] = ev.audio_output
         if ev.instructions is not None:
             changes["instructions"] = ev.instructions
-            assert self.seq is not None
-            if self.seq.open_turn is None and self._agent is None:
-                await self.engine.run(self.seq.add_message, Speaker.SYSTEM, ev.instructions)
+            self._pending_instructions = ev.instructions  # a newer update replaces a pending one
         self.config = dataclasses.replace(self.config, **changes)
+        if ev.instructions is not None and not await self._apply_pending_instructions():
+            self._emit(InstructionsUpdated("pending", self.clock.now()))
+
+    async def _apply_pending_instructions(self) -> bool:
+        """Write pending instructions as a system message, if no turn is open (a turn boundary).
+        Eviction keeps the latest system message, so they stay in force."""
+        text = self._pending_instructions
+        if text is None:
+            return True
+        if self.seq is None or self.seq.open_turn is not None or self._agent is not None:
+            return False
+        self._pending_instructions = None
+        await self.engine.run(self.seq.add_message, Speaker.SYSTEM, text)
+        self._emit(InstructionsUpdated("applied", self.clock.now()))
+        return True
 
     # ---- policy --------------------------------------------------------------------------------
     def _agent_speaking(self) -> bool:
@@ -410,19 +464,47 @@ class Session:
             user_turn_final=self._user_final,
             agent_pending_tokens=(len(agent.tokens) - agent.delivered_tokens) if agent else 0,
             agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
+            agent_paused=self._paused and agent is not None,
+            committed_words=sum(len(w.split()) for w in self._user_committed),
+            tentative_words=len(self._tentative), **self._audio_observation(),
         )
+
+    def _audio_observation(self) -> dict[str, Any]:
+        a = self._audio_turn
+        if a is None:
+            return {}
+        return dict(audio_eot_prob=a.eot_prob, pitch_slope_st_s=a.pitch_slope_st_s, pitch_end_st=a.pitch_end_st,
+                    energy_slope_db_s=a.energy_slope_db_s, speech_s=a.speech_s, vad_mean_1s=a.vad_mean_1s,
+                    vad_mean=a.vad_mean)
 
     def _decide(self) -> Action:
         obs = self.observe()
         action = self.policy.decide(obs)
-        if self.config.log_decisions:
-            key = (action.type, obs.user_turn_words)
-            if key != self._last_logged:
-                self._last_logged = key
-                self._emit(PolicyDecided(obs.to_dict(), dataclasses.asdict(action), obs.t))
+        if self.config.log_decisions:  # every decision (each tick), the training data of policies/learned
+            self._emit(PolicyDecided(obs.to_dict(), dataclasses.asdict(action), obs.t))
         if isinstance(action, Yield) and not self._agent_speaking():
             return Listen()
         return action
+
+    def _apply_overlap_action(self, action: Continue | Pause | Resume) -> None:
+        """Pause the agent's audio while an overlap is judged; resume it when the overlap ends as a
+        backchannel (whose words are then forgotten). Text-only output has nothing to pause."""
+        agent = self._agent
+        if isinstance(action, Pause):
+            if agent is not None and self.config.audio_output and not self._paused and self._truncate_deadline is None:
+                self._paused = True
+                self._emit(AgentPaused(agent.turn, self.clock.now(), action.reason))
+            return
+        if action.reason == "backchannel" and not self._user_speaking and self._overlap_start_t is not None:
+            self._end_overlap_as_backchannel()
+        if isinstance(action, Resume) or action.reason == "backchannel":
+            self._resume(action.reason)
+
+    def _resume(self, reason: str) -> None:
+        if self._paused:
+            self._paused = False
+            if self._agent is not None:
+                self._emit(AgentResumed(self._agent.turn, self.clock.now(), reason))
 
     def _end_overlap_as_backchannel(self) -> None:
         """The overlap was a backchannel: forget its words so the agent does not answer "yeah"."""
@@ -473,6 +555,8 @@ class Session:
                     action = self._decide()
                     if isinstance(action, Yield) and self._truncate_deadline is None:
                         await self._yield(action.reason)
+                    elif isinstance(action, (Pause, Resume)):
+                        self._apply_overlap_action(action)  # pausing must not wait for the step
                     continue
                 waiter = asyncio.ensure_future(self._wake.wait())
                 try:
@@ -508,9 +592,12 @@ class Session:
         self._tentative = []
         self._user_final = False
         self._eou_prob = None
+        self._audio_turn = None
         self._speech_end_t = None
         self._overlap_start_t = self._overlap_end_t = None
-        content_start = len(self.seq)
+        # a logical position (evicted tokens included), so that eviction mid-turn cannot move it
+        content_start = len(self.seq) + self.seq.evicted_tokens
+        self._paused = False
         self._agent = AgentTurnState(turn=turn, content_start=content_start)
         self._detok.reset()
         self._words = WordBuffer()
@@ -532,8 +619,9 @@ class Session:
         self._emit(AgentTextDelta(agent.turn, text, start, end, self.clock.now()))
         if not self.config.audio_output:
             agent.delivered_tokens = end
+            base = self._content_start(agent)
             assert self.seq is not None
-            self.seq.set_status(agent.content_start + start, agent.content_start + end, Status.SPOKEN)
+            self.seq.set_status(base + start, base + end, Status.SPOKEN)
 
     def _hit_stop(self) -> bool:
         agent = self._agent
@@ -559,6 +647,7 @@ class Session:
             return  # still "speaking" until the client reports playback done
         self._agent = None
         self._set_state("listening")
+        await self._apply_pending_instructions()
         await self._release_held()
 
     async def _release_held(self) -> None:
@@ -573,6 +662,7 @@ class Session:
         if agent is None or self._truncate_deadline is not None:
             return
         agent.generating = False
+        self._paused = False  # Interrupted supersedes the pause: the audio is dropped, not resumed
         now = self.clock.now()
         kept = agent.delivered_tokens
         self._emit(Interrupted(agent.turn, self._text_of(agent, kept), kept, len(agent.tokens) - kept, now,
@@ -599,14 +689,22 @@ class Session:
         self._detok.reset()
         self._words = WordBuffer()
         self._set_state("listening")
+        await self._apply_pending_instructions()
         await self._release_held()
 
     def _truncate_sync(self, agent: AgentTurnState, kept: int) -> None:
         assert self.seq is not None
         marker = self.engine.tokenizer.encode(TRUNCATION_MARKER, add_special_tokens=False)
-        reopened = self.seq.truncate_turn(agent.turn, agent.content_start, kept, marker)
+        start = self._content_start(agent)
+        kept = max(0, min(kept, len(self.seq) - start))  # never past the ledger's end
+        reopened = self.seq.truncate_turn(agent.turn, start, kept, marker)
         if reopened is not None:
             self._user_turn = reopened
+
+    def _content_start(self, agent: AgentTurnState) -> int:
+        """Sequence position of the agent turn's first content token now (after any eviction)."""
+        assert self.seq is not None
+        return agent.content_start - self.seq.evicted_tokens
 
     def _set_state(self, state: str) -> None:
         if state != self.state:

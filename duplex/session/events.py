@@ -15,7 +15,8 @@ from typing import Any
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 
 __all__ = [
-    "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "Interrupted", "PlaybackMark", "PolicyDecided",
+    "AgentPaused", "AgentResumed", "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "InstructionsUpdated", "Interrupted", "PlaybackMark",
+    "PolicyDecided",
     "SessionEvent", "SessionInput", "SpeechStarted", "SpeechStopped", "StateChanged", "TextInput",
     "TurnEnded", "TurnStarted", "UpdateSession", "UserTranscript", "to_dict",
 ]
@@ -130,11 +131,42 @@ class Interrupted:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentPaused:
+    """User sound over the agent: its output stops where it is, and nothing new is delivered
+    until :class:`AgentResumed` (a backchannel) or :class:`Interrupted` (a barge-in)."""
+
+    turn: int
+    t: float
+    reason: str = "overlap"
+    type: str = "agent_paused"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResumed:
+    """The overlap was not a turn: output goes on exactly where it paused."""
+
+    turn: int
+    t: float
+    reason: str = "backchannel"
+    type: str = "agent_resumed"
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorEvent:
     code: str
     message: str
     t: float
     type: str = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class InstructionsUpdated:
+    """New instructions were written into the conversation (``applied``), or wait for the next
+    turn boundary because a turn is open (``pending``); a pending update is applied, never lost."""
+
+    status: str  # "applied" | "pending"
+    t: float
+    type: str = "instructions_updated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +180,7 @@ class PolicyDecided:
 
 
 SessionEvent = (StateChanged | TurnStarted | TurnEnded | AgentTextDelta | UserTranscript | Interrupted
-                | ErrorEvent | PolicyDecided)
+                | AgentPaused | AgentResumed | ErrorEvent | InstructionsUpdated | PolicyDecided)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
 from duplex.session.events import SessionEvent
 
-__all__ = ["AudioCleared", "AudioDone", "AudioOut", "SpeechFinalized", "VoiceOutput"]
+__all__ = ["AudioCleared", "AudioDone", "AudioOut", "AudioPaused", "AudioResumed", "SpeechFinalized", "VoiceOutput"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,30 @@ class AudioCleared:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioPaused:
+    """User sound over the agent: stop playing ``turn`` now but keep its queued audio. Nothing
+    more of the turn arrives until :class:`AudioResumed` (play on from the same sample) or
+    :class:`AudioCleared` (a barge-in). ``sent_samples``: the end of the audio handed out so far."""
+
+    turn: int
+    sent_samples: int
+    sample_rate_hz: int
+    t: float
+    reason: str = "overlap"
+    type: str = "audio_paused"
+
+
+@dataclass(frozen=True, slots=True)
+class AudioResumed:
+    """The overlap was a backchannel: play ``turn`` on from where it paused."""
+
+    turn: int
+    t: float
+    reason: str = "backchannel"
+    type: str = "audio_resumed"
+
+
+@dataclass(frozen=True, slots=True)
 class AudioDone:
     """All audio of agent turn ``turn`` has been produced: ``total_samples`` long."""
 
@@ -55,4 +79,5 @@ class AudioDone:
     type: str = "audio_done"
 
 
-VoiceOutput = SessionEvent | SpeechStarted | SpeechStopped | SpeechFinalized | AudioOut | AudioCleared | AudioDone
+VoiceOutput = (SessionEvent | SpeechStarted | SpeechStopped | SpeechFinalized | AudioOut | AudioCleared | AudioDone
+               | AudioPaused | AudioResumed)

@@ -34,13 +34,15 @@ from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
 from duplex.audio.playback import PlaybackLedger
 from duplex.audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
 from duplex.audio.tts import StreamingTts, TtsEngine
+from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.core import Session
-from duplex.session.events import (AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
+from duplex.session.events import (AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
                                    TurnEnded, TurnStarted, UpdateSession)
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import AudioCleared, AudioDone, AudioOut, SpeechFinalized, VoiceOutput
+from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, SpeechFinalized,
+                                  VoiceOutput)
 
 __all__ = ["VoicePipeline", "VoiceUnavailable"]
 
@@ -72,6 +74,12 @@ class _PhraseInput:
 
     def close_turn(self) -> list[SpeechEvent]:
         return self._note_stops(self.inner.close_turn())
+
+    def turn_analysis_due(self) -> bool:
+        return bool(getattr(self.inner, "turn_analysis_due", lambda: False)())
+
+    def analyze_turn(self) -> list[TurnAudioFeatures]:
+        return list(getattr(self.inner, "analyze_turn", lambda: [])())
 
     def recognize(self) -> list[SpeechEvent | SpeechFinalized]:
         return self._phrases(self.inner.recognize())
@@ -117,6 +125,9 @@ class _TurnAudio:
     audio_done: bool = False
     interrupted: bool = False
     heard: int = -1  # last heard-token count submitted
+    paused: bool = False  # audio produced meanwhile waits in ``held`` until the resume
+    held: list[AudioOut | AudioDone] = field(default_factory=list)
+    sent_samples: int = 0  # audio handed to the transport so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +356,9 @@ class VoicePipeline:
             self._emit(ErrorEvent("asr_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
 
     def _on_speech(self, ev: object) -> None:
+        if isinstance(ev, TurnAudioFeatures):
+            self.session.submit(ev)  # for the policy's Observation only; no transport needs it
+            return
         if isinstance(ev, SpeechFinalized):
             self._emit(ev)
             if self._held_stop is not None and self._held_stop.t_s <= ev.t_s:
@@ -364,7 +378,8 @@ class VoicePipeline:
     # ---- session -> outputs and TTS ------------------------------------------------------------
     async def _pump_session(self) -> None:
         async for ev in self.session.events():
-            self._emit(ev)
+            if not isinstance(ev, (AgentPaused, AgentResumed)):
+                self._emit(ev)  # the audio-level pause events below replace these two
             if isinstance(ev, TurnStarted) and ev.speaker == "agent":
                 self.agent_turn = ev.turn
                 if self._audio_on:
@@ -376,12 +391,44 @@ class VoicePipeline:
                     self._tts_inbox.put_nowait(_TtsText(ev.turn, ev.text, ev.token_start, ev.token_end))
             elif isinstance(ev, Interrupted):
                 self._interrupt(ev.turn)
+            elif isinstance(ev, (AgentPaused, AgentResumed)):
+                self._pause_or_resume(ev)
             elif isinstance(ev, TurnEnded) and ev.speaker == "agent":
                 if ev.reason == "interrupted" or ev.turn not in self._turns:
                     if self.agent_turn == ev.turn:
                         self.agent_turn = None
                 else:
                     self._tts_inbox.put_nowait(_TtsFlush(ev.turn))
+
+    def _pause_or_resume(self, ev: AgentPaused | AgentResumed) -> None:
+        """Pause: the transport stops playing at once and keeps its queue; audio synthesised
+        meanwhile is held here. Resume: play on, then hand over what was held, in order."""
+        state = self._turns.get(ev.turn)
+        if state is None or state.interrupted:
+            return
+        if isinstance(ev, AgentPaused):
+            if not state.paused:
+                state.paused = True
+                self._emit(AudioPaused(ev.turn, state.sent_samples, state.sample_rate_hz, ev.t, ev.reason))
+            return
+        if not state.paused:
+            return
+        state.paused = False
+        self._emit(AudioResumed(ev.turn, ev.t, ev.reason))
+        held, state.held = state.held, []
+        for item in held:
+            self._deliver(state, item)
+
+    def _deliver(self, state: _TurnAudio, item: AudioOut | AudioDone) -> None:
+        """Hand agent audio (or its end) to the transport, unless the turn is paused."""
+        if state.paused:
+            state.held.append(item)
+            return
+        if isinstance(item, AudioOut):
+            state.sent_samples = item.offset_samples + len(item.chunk.pcm)
+        self._emit(item)
+        if isinstance(item, AudioDone) and item.total_samples == 0:
+            self.report_played(item.turn, 0, done=True)  # silent turn: it is "played" already
 
     def _interrupt(self, turn: int) -> None:
         """Stop synthesis now and tell the transport to drop queued audio."""
@@ -395,6 +442,8 @@ class VoicePipeline:
                 self._emit(AudioCleared(turn, self.clock.now()))
             return
         state.interrupted = True
+        state.paused = False
+        state.held.clear()  # synthesised during the pause, never played: the rollback drops it
         self._emit(AudioCleared(turn, self.clock.now()))
         if state.ledger.queued_samples == 0:
             self.report_played(turn, 0)  # nothing was ever played: no need to wait for the transport
@@ -419,9 +468,8 @@ class VoicePipeline:
                 self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
             if isinstance(item, _TtsFlush) and not state.interrupted and self._turns.get(item.turn) is state:
                 state.audio_done = True
-                self._emit(AudioDone(item.turn, state.ledger.queued_samples, state.sample_rate_hz, self.clock.now()))
-                if state.ledger.queued_samples == 0:
-                    self.report_played(item.turn, 0, done=True)  # silent turn: it is "played" already
+                self._deliver(state, AudioDone(item.turn, state.ledger.queued_samples, state.sample_rate_hz,
+                                               self.clock.now()))
 
     async def _synthesize(self, chunks: Iterator[TtsChunk], turn: int, state: _TurnAudio) -> None:
         """Pull chunks off the TTS thread one at a time, so the first clause plays while the next
@@ -436,7 +484,7 @@ class VoicePipeline:
             offset = state.ledger.queued_samples
             state.ledger.append(chunk)
             state.sample_rate_hz = chunk.sample_rate_hz
-            self._emit(AudioOut(turn, chunk, offset, self.clock.now()))
+            self._deliver(state, AudioOut(turn, chunk, offset, self.clock.now()))
 
     def _emit(self, item: VoiceOutput) -> None:
         self._out.put_nowait(item)

@@ -27,7 +27,7 @@ from duplex.audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStre
 from duplex.audio.tts import load_tts
 from duplex.engine.worker import Engine
 from duplex.voice.config import default_voice_config, make_speech_input
-from duplex.voice.outputs import AudioCleared, AudioOut
+from duplex.voice.outputs import AudioCleared, AudioOut, AudioPaused, AudioResumed
 from duplex.voice.pipeline import VoicePipeline
 
 __all__ = ["MicGate", "PlaybackTracker", "converse", "run_talk"]
@@ -144,7 +144,7 @@ async def _mic_loop(voice: VoicePipeline, mic: MicrophoneStream, speaker: Speake
     loop = asyncio.get_running_loop()
     while True:
         block = await mic.read()
-        busy = speaker.queued_samples > 0
+        busy = speaker.queued_samples > 0 and not speaker.paused  # a paused speaker makes no echo
         await voice.push_audio(gate.process(block, loop.time(), busy))
 
 
@@ -157,6 +157,10 @@ async def _output_loop(voice: VoicePipeline, speaker: SpeakerStream, tracker: Pl
                 continue
             tracker.queued(item.turn, item.offset_samples, len(item.chunk.pcm))
             speaker.play(item.chunk.pcm)
+        elif isinstance(item, AudioPaused):
+            speaker.pause()  # the user spoke over the agent: hold its audio until resumed or cleared
+        elif isinstance(item, AudioResumed):
+            speaker.resume()
         elif isinstance(item, AudioCleared):
             tracker.dropped(speaker.stop())
             voice.report_played(item.turn, tracker.played_in_turn(item.turn, speaker.heard_samples))
