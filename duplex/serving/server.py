@@ -37,6 +37,9 @@ from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
+from duplex.serving.http_front import HttpFront
+from duplex.serving.openai_chat import make_openai_http
+from duplex.serving.openai_realtime import REALTIME_PATH, RealtimeConnection
 from duplex.serving.outbox import TokenBucket
 from duplex.serving.ws_session import ServerLimits, ServerSession
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
@@ -282,6 +285,7 @@ class DuplexServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._http: HttpFront | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     @property
@@ -297,10 +301,13 @@ class DuplexServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         lim = self.limits
+        # /v1/chat/completions and /v1/models: plain HTTP (SSE) on the same port (http_front.py)
+        self._http = HttpFront(*make_openai_http(self.engine, self.config, self._authorized),
+                               max_body_bytes=lim.max_message_bytes)
         self._server = await serve(
             self._handle, host, port, process_request=self._process_request, max_size=lim.max_message_bytes,
             ping_interval=lim.ping_interval_s, ping_timeout=lim.ping_timeout_s, close_timeout=lim.close_timeout_s,
-            compression=None, max_queue=64)
+            compression=None, max_queue=64, create_connection=self._http.create_connection)
         self._reaper = asyncio.create_task(self._reap_detached(), name="duplex-reaper")
         log.info("duplex server listening on %s", self.url(host))
 
@@ -317,6 +324,8 @@ class DuplexServer:
                 await self._reaper
         for hub in list(self.sessions.values()):
             await hub.close("server_shutdown")
+        if self._http is not None:
+            await self._http.close()
         await asyncio.gather(*(c.shutdown(1001, "server shutting down", self.limits.close_timeout_s)
                                for c in list(self._connections)), return_exceptions=True)
         if self._server is not None:
@@ -347,7 +356,7 @@ class DuplexServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urllib.parse.urlsplit(request.path).path
-        if path == WS_PATH:
+        if path in (WS_PATH, REALTIME_PATH):
             if self._closing:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
             if not self._authorized(request):
@@ -378,6 +387,9 @@ class DuplexServer:
 
     # ---- sessions -------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        if ws.request is not None and urllib.parse.urlsplit(ws.request.path).path == REALTIME_PATH:
+            await RealtimeConnection(self, ws).run()  # the OpenAI Realtime adapter (openai_realtime.py)
+            return
         conn = _Connection(self, ws)
         self._connections.add(conn)
         try:
@@ -387,12 +399,20 @@ class DuplexServer:
         finally:
             self._connections.discard(conn)
 
-    def _new_session(self) -> ServerSession:
+    def _new_session(self, speech_factory: Callable[[], SpeechInput] | None = None) -> ServerSession:
         hub = ServerSession(self.engine, self.config, limits=self.limits, tts=self.tts,
-                            tts_executor=self._tts_executor, speech_factory=self.speech_factory,
+                            tts_executor=self._tts_executor, speech_factory=speech_factory or self.speech_factory,
                             on_overflow=self._overflowed)
         self.sessions[hub.id] = hub
         return hub
+
+    def open_session(self, speech_factory: Callable[[], SpeechInput] | None = None) -> ServerSession:
+        """A registered session for a protocol adapter (``/v1/realtime``), closed with the server;
+        ``speech_factory`` replaces the server's for this session (per-session VAD settings)."""
+        return self._new_session(speech_factory)
+
+    async def close_session(self, hub: ServerSession, reason: str = "closed") -> None:
+        await self._discard(hub, reason)
 
     def _overflowed(self, hub: ServerSession) -> None:
         owner = hub.owner
