@@ -218,14 +218,21 @@ class DuplexClient:
 
 
 class SyncDuplexClient:
-    """Blocking wrapper for control loops: a background thread runs the asyncio client."""
+    """Blocking wrapper for control loops: a background thread runs the asyncio client.
 
-    def __init__(self, url: str, token: str | None = None, connect_timeout_s: float = 30.0) -> None:
+    Up to ``max_queue`` unread events wait here; past that the thread stops taking events from the
+    socket (backpressure, as in :class:`DuplexClient`): nothing is dropped on this side.
+    """
+
+    _FULL_POLL_S = 0.02
+
+    def __init__(self, url: str, token: str | None = None, connect_timeout_s: float = 30.0,
+                 max_queue: int = 4096) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="duplex-client", daemon=True)
         self._thread.start()
-        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._client = DuplexClient(url, token)
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue(max_queue)
+        self._client = DuplexClient(url, token, max_queue=max_queue)
         self._pump: Future[None] | None = None
         try:
             self.session = self._call(self._client.connect(), connect_timeout_s)
@@ -239,7 +246,12 @@ class SyncDuplexClient:
 
     async def _forward(self) -> None:
         async for event in self._client.events():
-            self._events.put(event)
+            while True:
+                try:
+                    self._events.put_nowait(event)
+                    break
+                except queue.Full:
+                    await asyncio.sleep(self._FULL_POLL_S)  # the caller is behind: wait, never drop
 
     def say(self, text: str) -> None:
         self._call(self._client.send_text(text))
@@ -317,6 +329,12 @@ async def _print_events(client: DuplexClient, out: Any, once: bool) -> int:
         elif kind == "response.interrupted":
             out.write(f"\n  (interrupted; kept: {event.get('kept_text', '')!r})\n")
             mid_line = False
+        elif kind == "response.output_audio.paused":
+            out.write(" (paused…)")
+            out.flush()
+        elif kind == "response.output_audio.resumed":
+            out.write(" (…resumed) ")
+            out.flush()
         elif kind == "error":
             print(f"duplex: error [{event.get('code')}]: {event.get('message')}", file=sys.stderr)
             if once and event.get("code") in ("empty_text", "text_too_long"):

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
+from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission
+from duplex.serving.origin import OriginPolicy
 from duplex.serving.http_front import HttpFront
 from duplex.serving.openai_chat import make_openai_http
 from duplex.serving.openai_realtime import REALTIME_PATH, RealtimeConnection
@@ -90,6 +92,9 @@ class _Connection:
         if hub is not None:
             last = (query.get("last_seq") or [None])[0]
             await self._attach_existing(hub, int(last) if last and last.isdigit() else None)
+        elif not self.server.admission.admits(len(self.server.sessions)):
+            await self._refuse_busy()
+            return
         else:
             if resume_id:
                 await self._send_direct(error_event("session_not_found", "no session to resume with that id/token; "
@@ -103,6 +108,15 @@ class _Connection:
         finally:
             await self._stop_sender()
             await self.server._connection_ended(self)
+
+    async def _refuse_busy(self) -> None:
+        """Over capacity: say so in an ``error`` event, then close (1013, try again later)."""
+        message = self.server.admission.busy_message(len(self.server.sessions))
+        log.warning("refusing a connection: %s", message)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_direct({**error_event("server_busy", message,
+                                                   max_sessions=self.server.admission.max_sessions), "seq": 0})
+        await self.close(CLOSE_TRY_AGAIN_LATER, "server_busy")
 
     async def _attach_new(self) -> None:
         hub = self.server._new_session()
@@ -189,6 +203,7 @@ class _Connection:
         hub = self.hub
         assert hub is not None
         await self._pace(hub, len(message))
+        await hub.wait_for_room()  # the session is behind: stop reading (TCP pushes back), drop nothing
         try:
             if isinstance(message, bytes):
                 await hub.handle_audio(message)
@@ -263,13 +278,16 @@ class DuplexServer:
     def __init__(self, engine: Engine, *, config: VoiceConfig | SessionConfig | None = None, tts: Any | None = None,
                  asr: Any | None = None, vad_factory: Callable[[], Any] | None = None,
                  speech_factory: Callable[[], SpeechInput] | None = None, limits: ServerLimits | None = None,
-                 auth_token: str | None = None, web_dir: str | Path | None = None) -> None:
+                 auth_token: str | None = None, web_dir: str | Path | None = None,
+                 allowed_origins: Iterable[str] = ()) -> None:
         self.engine = engine
         if isinstance(config, SessionConfig):
             config = VoiceConfig(session=config)
         self.config = config or default_voice_config()
         self.limits = limits or ServerLimits()
         self.auth_token = auth_token or None
+        self.origins = OriginPolicy(allowed_origins)
+        self.admission = Admission.from_limits(self.limits.max_sessions, self.limits.max_detached_sessions)
         self.tts = tts
         self.web_dir = Path(web_dir) if web_dir is not None else _web_dir()
         if speech_factory is None and asr is not None:
@@ -359,13 +377,19 @@ class DuplexServer:
         if path in (WS_PATH, REALTIME_PATH):
             if self._closing:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            origins = request.headers.get_all("Origin")
+            if len(origins) > 1 or not self.origins.allows(origins[0] if origins else None,
+                                                           request.headers.get("Host")):
+                log.warning("refused a WebSocket from origin %r (allow it with --allowed-origin)", origins)
+                return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed (see --allowed-origin)\n")
             if not self._authorized(request):
                 resp = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong auth token\n")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="duplex"'
                 return resp
             return None
         if path == "/healthz":
-            return self._response(200, b'{"status":"ok","sessions":%d}' % len(self.sessions), "application/json")
+            return self._response(200, b'{"status":"ok","sessions":%d,"max_sessions":%d}'
+                                  % (len(self.sessions), self.admission.max_sessions), "application/json")
         return self._static(path)
 
     def _static(self, path: str) -> Response:
@@ -450,6 +474,17 @@ class DuplexServer:
             log.info("session %s detached (close code %s); resumable for %.0f s", hub.id, code,
                      self.limits.resume_ttl_s)
             hub.detach()
+            await self._cap_detached()
+
+    async def _cap_detached(self) -> None:
+        """Past ``max_detached_sessions``, the longest-detached sessions are closed first."""
+        detached = [(h.id, h.detached_at) for h in self.sessions.values()
+                    if h.owner is None and h.detached_at is not None]
+        for sid in self.admission.over_detached(detached):
+            hub = self.sessions.get(sid)
+            if hub is not None:
+                log.info("session %s closed: too many detached sessions (max %d)", sid, self.admission.max_detached)
+                await self._discard(hub, "detached_limit")
 
     async def _reap_detached(self) -> None:
         """Close sessions whose client has not come back within the resume TTL."""
@@ -496,7 +531,10 @@ async def run_server(args: argparse.Namespace) -> int:
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = default_voice_config(getattr(args, "policy", None),
                                   instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
-    server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token)
+    limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
+                          max_detached_sessions=getattr(args, "max_detached_sessions", None))
+    server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token, limits=limits,
+                          allowed_origins=getattr(args, "allowed_origin", None) or ())
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -1,0 +1,70 @@
+"""Admission control for ``duplex serve``: how many sessions one process holds at once.
+
+Every session holds a KV cache and a share of the one engine, so the server caps them: live and
+detached sessions together count toward ``max_sessions`` (a new connection over it gets a
+``server_busy`` error and a close, code 1013), and detached sessions, which wait for a resume, are
+also capped on their own (the oldest is closed first) and expire after ``resume_ttl_s``. Pure
+logic: the server feeds it what it holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Admission", "CLOSE_TRY_AGAIN_LATER", "default_max_sessions"]
+
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455: the server is overloaded
+_BYTES_PER_SESSION = 256 << 20  # a full 4096-token KV cache of a small model, plus ASR/TTS state
+_SESSIONS_PER_CORE = 4
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_max_sessions(cpu_count: int | None = None, memory_bytes: int | None = None) -> int:
+    """Sized to the machine: 4 per core, and no more than one per 256 MiB of RAM (at least 1)."""
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    memory = memory_bytes if memory_bytes is not None else _memory_bytes()
+    n = cores * _SESSIONS_PER_CORE
+    if memory:
+        n = min(n, memory // _BYTES_PER_SESSION)
+    return max(1, int(n))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """``max_sessions``: live + detached; ``max_detached``: detached alone (at most ``max_sessions``)."""
+
+    max_sessions: int
+    max_detached: int
+    type: str = "admission"
+
+    @classmethod
+    def from_limits(cls, max_sessions: int | None, max_detached: int | None) -> Admission:
+        total = max_sessions if max_sessions is not None else default_max_sessions()
+        if total < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {total}")
+        detached = max_detached if max_detached is not None else max(1, total // 2)
+        if detached < 0:
+            raise ValueError(f"max_detached_sessions must be >= 0, got {detached}")
+        return cls(total, min(detached, total))
+
+    def admits(self, held: int) -> bool:
+        """May a new session start while ``held`` sessions (live and detached) exist?"""
+        return held < self.max_sessions
+
+    def busy_message(self, held: int) -> str:
+        return (f"server busy: {held} sessions held, the limit (max_sessions) is {self.max_sessions}; "
+                "try again later")
+
+    def over_detached(self, detached: Iterable[tuple[str, float]]) -> list[str]:
+        """Ids of detached sessions to close, oldest detach time first, to get under the cap."""
+        ordered = sorted(detached, key=lambda item: item[1])
+        excess = len(ordered) - self.max_detached
+        return [sid for sid, _ in ordered[:excess]] if excess > 0 else []
