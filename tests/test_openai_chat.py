@@ -73,7 +73,8 @@ async def test_unsupported_fields_get_openai_400s(server: DuplexServer) -> None:
                                              tools=[{"type": "function", "function": {"name": "f"}}])
     assert err.value.status_code == 400
     body = err.value.body
-    assert body["param"] == "tools" and body["code"] == "unsupported_parameter" and body["type"] == "invalid_request_error"
+    assert body["param"] == "tools" and body["code"] == "unsupported_parameter"
+    assert body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as err:
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=2)
     assert err.value.body["param"] == "n"

@@ -229,8 +229,8 @@ class RealtimeConnection:
                 raise GaError("response_cancel_not_active", "there is no response in progress to cancel")
             self._active.cancel_reason = "client_cancelled"
             hub.handle_cancel()
-        elif kind == "output_audio_buffer.clear":
-            resp = self._active
+        elif kind == "output_audio_buffer.clear":  # stop what is playing now, keep what was heard
+            resp = max(self._responses.values(), key=lambda r: r.turn, default=None)
             if resp is not None and resp.audio and (not resp.finished or self._still_playing(resp)):
                 hub.handle_truncate(Truncate(resp.turn, self._played_ms(resp)))
             self._emit({"type": "output_audio_buffer.cleared", "response_id": resp.id if resp else None})
@@ -405,7 +405,8 @@ class RealtimeConnection:
                      "item_id": self._user_item}, *self._commit_user_item()]
         if kind == "conversation.item.input_audio_transcription.delta":
             committed = ev.get("committed_text") or ""
-            if self._user_item is None or not self.settings.transcription or len(committed) <= len(self._user_text_sent):
+            if self._user_item is None or not self.settings.transcription \
+                    or len(committed) <= len(self._user_text_sent):
                 return []
             delta = committed[len(self._user_text_sent):] if committed.startswith(self._user_text_sent) else committed
             self._user_text_sent = committed

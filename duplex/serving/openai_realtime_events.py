@@ -15,7 +15,8 @@ from duplex.serving.openai_turns import TurnDetection, TurnDetectionError, parse
 if TYPE_CHECKING:
     from duplex.serving.server import DuplexServer
 
-__all__ = ["MAX_OUTPUT_TOKENS", "GaError", "RealtimeSettings", "ResponseParams", "parse_response_create", "parse_session"]
+__all__ = ["MAX_OUTPUT_TOKENS", "GaError", "RealtimeSettings", "ResponseParams", "parse_response_create",
+           "parse_session"]
 
 MAX_OUTPUT_TOKENS = 4096
 _PCM = {"type": "audio/pcm", "rate": 24_000}
@@ -48,7 +49,8 @@ class RealtimeSettings:
     def describe(self, session_id: str, server: DuplexServer) -> dict[str, Any]:
         return {
             "type": "realtime", "object": "realtime.session", "id": f"sess_{session_id}",
-            "model": self.model or server.engine.lm.name, "output_modalities": ["audio" if self.audio_output else "text"],
+            "model": self.model or server.engine.lm.name,
+            "output_modalities": ["audio" if self.audio_output else "text"],
             "instructions": self.instructions, "max_output_tokens": self.max_output_tokens_wire(),
             "audio": {"input": {"format": dict(_PCM), "transcription": self.transcription, "noise_reduction": None,
                                 "turn_detection": self.turn_detection.to_wire()},

@@ -101,7 +101,8 @@ def parse_turn_detection(raw: Any, current: TurnDetection) -> TurnDetection:
         raise TurnDetectionError("turn_detection.idle_timeout_ms is not supported", "turn_detection.idle_timeout_ms")
     eagerness = raw.get("eagerness", "auto")
     if eagerness not in EAGERNESS_LONG_GAP_MS:
-        raise TurnDetectionError("turn_detection.eagerness must be low, medium, high or auto", "turn_detection.eagerness")
+        raise TurnDetectionError("turn_detection.eagerness must be low, medium, high or auto",
+                                 "turn_detection.eagerness")
     return TurnDetection(
         kind=kind, threshold=float(_get(raw, "threshold", (int, float), 0.5, 0.0, 1.0)),
         silence_duration_ms=int(_get(raw, "silence_duration_ms", int, 500, 0, 10_000)),
