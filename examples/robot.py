@@ -65,6 +65,11 @@ def main() -> int:
                     sys.stdout.flush()
                 elif kind == "response.done":
                     sys.stdout.write("\n")
+                elif kind == "response.output_audio.paused":
+                    # someone spoke over the agent: hold speech *and* motion until the server decides
+                    log.info("\n[robot] paused at %s ms (holding the gesture)", event.get("audio_end_ms"))
+                elif kind == "response.output_audio.resumed":
+                    log.info("[robot] resumed (it was only a backchannel)")
                 elif kind == "response.interrupted":
                     log.info("\n[robot] agent interrupted; kept: %r", event.get("kept_text"))
                 elif kind == "conversation.item.input_audio_transcription.delta" and _is_stop(event.get("text", "")):

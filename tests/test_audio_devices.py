@@ -69,3 +69,19 @@ async def test_speaker_render_counts_and_stop_drops() -> None:
     assert speaker.played_samples == 512 and speaker.queued_samples == 0
     await asyncio.sleep(0)
     assert devices.SpeakerStream is SpeakerStream
+
+
+def test_speaker_pause_holds_the_queue_and_resume_plays_on_from_the_same_sample() -> None:
+    speaker = SpeakerStream(sample_rate_hz=16000)
+    speaker.play(np.arange(400, dtype=np.int16))
+    out = np.zeros(100, np.int16)
+    speaker.render(out)
+    speaker.pause()
+    held = np.ones(100, np.int16)
+    assert speaker.render(held) == 0 and not held.any()  # silence while paused, nothing consumed
+    assert speaker.queued_samples == 300 and speaker.played_samples == 100
+    speaker.resume()
+    speaker.render(out)
+    assert (out == np.arange(100, 200)).all()  # nothing lost or repeated
+    speaker.pause()
+    assert speaker.stop() == 200 and not speaker.paused  # a barge-in clears the pause too

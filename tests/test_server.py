@@ -306,11 +306,47 @@ async def test_audio_barge_in_with_fake_speech(make_server) -> None:
         turn = events[-1]["turn"]
         await client.send_audio(_tone(1.5, True))  # the user talks over the agent and keeps talking
         events = await _until(client, "response.interrupted")
-        assert any(e["type"] == "input_audio_buffer.speech_started" for e in events)
+        kinds = [e["type"] for e in events]
+        assert "input_audio_buffer.speech_started" in kinds
+        # pause first (at the onset, audio held), decide after (the words make it a turn)
+        assert kinds.index("response.output_audio.paused") < kinds.index("response.interrupted")
+        held = kinds[kinds.index("response.output_audio.paused"):]
+        assert "response.output_audio.delta" not in held and "response.output_audio.resumed" not in held
         await client.truncate(turn, audio_end_ms=0.0)  # nothing was played yet
         done = (await _until(client, "response.done", turn=turn))[-1]
         assert done["reason"] == "interrupted" and done["text"] == ""
         assert _agent_turn_tokens(server, client.session_id, turn) == (0, 0)
+    finally:
+        await client.close()
+
+
+async def test_backchannel_pauses_then_resumes_and_opens_no_turn(make_server) -> None:
+    whisper = FakeWhisper(word_s=0.3, word_namer=lambda i: "yeah")
+    server = await make_server(tts=FakeTts(chars_per_s=40.0), asr=whisper, vad_factory=EnergyVad,
+                               config=_config(max_tokens=60, truncate_wait_ms=60_000))
+    client = await _audio_session(server)
+    try:
+        await client.send_text("tell me a long story please")
+        turn = (await _until(client, "response.output_audio.delta"))[-1]["turn"]
+        await client.send_audio(_tone(0.35, True) + _tone(1.0, False))  # "yeah" over the agent
+        events = await _until(client, "response.output_audio.resumed", "response.interrupted")
+        kinds = [e["type"] for e in events]
+        assert kinds[-1] == "response.output_audio.resumed", kinds
+        paused = next(e for e in events if e["type"] == "response.output_audio.paused")
+        assert paused["turn"] == turn and paused["audio_end_ms"] >= 0
+        assert "response.output_audio.delta" not in kinds[kinds.index("response.output_audio.paused"):]
+        # the turn goes on to its end; the backchannel is not answered and leaves no user words
+        later = await _until(client, "response.output_audio.done", turn=turn)
+        if not any(e["type"] == "response.done" for e in later):
+            later += await _until(client, "response.done", turn=turn)
+        assert next(e for e in later if e["type"] == "response.done")["reason"] != "interrupted"
+        assert not any(e["type"] == "response.interrupted" for e in later)
+        await client.mark_playback(turn, audio_end_ms=1e7, done=True)
+        hub = server.sessions[client.session_id]
+        await _eventually(lambda: hub.session.state == "listening")
+        await asyncio.sleep(0.3)  # time enough for a phantom reply to start, were there one
+        assert not hub.session._user_committed and hub.session._agent is None
+        assert "yeah" not in hub.session.transcript
     finally:
         await client.close()
 

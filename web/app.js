@@ -90,13 +90,19 @@ function onEvent(ev) {
       showState();
       break;
     case "input_audio_buffer.speech_started":
-      if (isPlaying()) player.pause(); // silence at once; resumes if it was only a backchannel
       setIndicator("listening");
       break;
     case "input_audio_buffer.speech_stopped":
       state.waitingSince = captureTime(ev.audio_end_ms) ?? now;
-      if (player.paused) setTimeout(() => player.paused && !currentInterrupted() && player.resume(), 300);
       setIndicator("thinking");
+      break;
+    case "response.output_audio.paused":
+      // The user spoke over the agent: hold playback (keep the buffer) until the server decides.
+      if (!state.interrupted.has(ev.turn)) player.pause();
+      break;
+    case "response.output_audio.resumed":
+      // Only a backchannel: play on from the very sample where it paused.
+      if (!state.interrupted.has(ev.turn)) player.resume();
       break;
     case "conversation.item.input_audio_transcription.delta":
       userText(ev.turn, ev.committed_text, ev.tentative_text);
@@ -279,10 +285,6 @@ function resample(x, from, to) {
 
 function isPlaying() {
   return Object.values(state.turns).some((t) => !t.interrupted && !t.doneSent && t.pushed > t.played);
-}
-
-function currentInterrupted() {
-  return Object.values(state.turns).every((t) => t.interrupted || t.doneSent);
 }
 
 async function onAudio(buf) {
