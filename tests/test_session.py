@@ -183,9 +183,13 @@ async def test_bad_inputs_get_errors_and_the_session_carries_on(tiny_engine):
     assert not s.submit(TextInput(""))
     assert not s.submit(TextInput("x" * 1_000_000))
     assert not s.submit(UpdateSession(policy="no-such-policy"))
+    assert not s.submit(UpdateSession(policy_params={"gap_ms": 100, "bogus_knob": 1}))  # params only
     errors = [e for e in await settle(s) if e.type == "error"]
-    assert [e.code for e in errors] == ["unknown_event", "empty_text", "text_too_long", "invalid_policy"]
-    assert "1000000" in errors[2].message
+    # one error per bad update (not one per tick), each naming what was wrong
+    assert [e.code for e in errors] == ["unknown_event", "empty_text", "text_too_long", "invalid_policy",
+                                        "invalid_policy"]
+    assert "1000000" in errors[2].message and "bogus_knob" in errors[4].message
+    assert s.policy.params()["gap_ms"] != 100  # a rejected update changes nothing
     assert s.submit(TextInput("still there?"))
     await collect_until(s, _is("turn_started", speaker="agent"))
     await s.close()
