@@ -19,6 +19,7 @@ import numpy as np
 from .asr import StreamingAsr
 from .convert import TARGET_SAMPLE_RATE_HZ
 from .events import AsrWord, SpeechStarted, SpeechStopped
+from .turn_features import TurnAudioFeatures, TurnFeatureTracker
 from .vad import VadSegmenter
 
 __all__ = ["AsyncSpeechInput", "SpeechEvent", "SpeechInput", "merge_words"]
@@ -54,6 +55,10 @@ class SpeechInput:
     stop (the final pass redoes that audio anyway); at ``speculate_after_silence_ms`` one pass
     runs ahead of the turn end, and if nothing voiced follows, the turn's final pass reuses it,
     so the final words are ready about when the VAD confirms the end. ``None`` disables either.
+
+    ``turn_features``: at the start of each pause, :meth:`analyze_turn` (any thread; the async
+    driver runs it on its own thread) yields :class:`TurnAudioFeatures` (Smart Turn, prosody, VAD
+    history) for the turn policy.
     """
 
     def __init__(
@@ -64,8 +69,12 @@ class SpeechInput:
         history_s: float = 3.0,
         skip_pass_after_silence_ms: float | None = 100.0,
         speculate_after_silence_ms: float | None = 150.0,
+        turn_features: TurnFeatureTracker | None = None,
     ) -> None:
         self.segmenter = vad_segmenter
+        self.turn_features = turn_features
+        if turn_features is not None:
+            turn_features.attach(vad_segmenter)
         self.asr = asr
         self.asr_interval_ms = asr_interval_ms
         self.skip_pass_after_silence_ms = skip_pass_after_silence_ms
@@ -79,6 +88,8 @@ class SpeechInput:
         with self._lock:
             self.segmenter.reset()
             self.asr.reset()
+            if self.turn_features is not None:
+                self.turn_features.reset()
             self._history = np.zeros(0, dtype=np.float32)
             self._history_start_s = 0.0
             self._in_turn = False
@@ -125,7 +136,25 @@ class SpeechInput:
                 self._on_event(event)
             if self._in_turn:
                 self._feed_until(self.t_s)
+            if self.turn_features is not None:
+                self.turn_features.push(samples, list(events), self.segmenter.last_voiced_end_s,
+                                        self.segmenter.trailing_silence_ms)
         return events
+
+    def turn_analysis_due(self) -> bool:
+        """A pause has started that :meth:`analyze_turn` has not described yet."""
+        with self._lock:
+            return self.turn_features is not None and self.turn_features.due()
+
+    def analyze_turn(self) -> list[TurnAudioFeatures]:
+        """Acoustic end-of-turn features of the pause that just started (empty if none is due).
+        Only the snapshot holds the lock; the model runs outside it."""
+        tracker = self.turn_features
+        if tracker is None:
+            return []
+        with self._lock:
+            snap = tracker.snapshot()
+        return [] if snap is None else [tracker.analyze(snap)]
 
     def recognize(self) -> list[SpeechEvent]:
         """Do the queued whisper work; returns committed and tentative words."""
@@ -220,14 +249,17 @@ class AsyncSpeechInput:
     Close with ``aclose()``.
     """
 
-    def __init__(self, pipeline: SpeechInput) -> None:
+    def __init__(self, pipeline: SpeechInput, max_queued_blocks: int = 512) -> None:
         self.pipeline = pipeline
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-asr")
-        self._inbox: asyncio.Queue[np.ndarray | _Flush] = asyncio.Queue()
-        self._outbox: asyncio.Queue[SpeechEvent | _Closed] = asyncio.Queue()
+        # bounded: past it push() waits (the transport stops reading), it never drops audio
+        self._inbox: asyncio.Queue[np.ndarray | _Flush] = asyncio.Queue(max_queued_blocks)
+        self._outbox: asyncio.Queue[SpeechEvent | TurnAudioFeatures | _Closed] = asyncio.Queue()
         self._asr_wake = asyncio.Event()
         self._asr_flush = False  # the pipeline has no close_turn(): run its flush() on the worker
         self._tasks: list[asyncio.Task[None]] = []
+        self._turn_executor: ThreadPoolExecutor | None = None  # turn features, beside whisper
+        self._turn_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closed = False
 
@@ -239,16 +271,17 @@ class AsyncSpeechInput:
         await self.aclose()
 
     async def push(self, samples_16k: np.ndarray) -> None:
-        """Queue float32 16 kHz audio; returns at once."""
+        """Queue float32 16 kHz audio; returns at once unless ``max_queued_blocks`` wait (then it
+        waits for the VAD task: backpressure, never loss)."""
         self._ensure_started()
-        self._inbox.put_nowait(np.asarray(samples_16k, dtype=np.float32).reshape(-1))
+        await self._inbox.put(np.asarray(samples_16k, dtype=np.float32).reshape(-1))
 
     async def flush(self) -> None:
         """Queue an end-of-stream: the open turn is closed and its words committed."""
         self._ensure_started()
-        self._inbox.put_nowait(_Flush())
+        await self._inbox.put(_Flush())
 
-    async def get(self) -> SpeechEvent:
+    async def get(self) -> SpeechEvent | TurnAudioFeatures:
         """Next event; raises ``EOFError`` once closed (or the worker's error if it failed)."""
         item = await self._outbox.get()
         if isinstance(item, _Closed):
@@ -258,7 +291,7 @@ class AsyncSpeechInput:
             raise EOFError("AsyncSpeechInput is closed")
         return item
 
-    async def events(self) -> AsyncIterator[SpeechEvent]:
+    async def events(self) -> AsyncIterator[SpeechEvent | TurnAudioFeatures]:
         """Iterate events until ``aclose()``."""
         while True:
             try:
@@ -266,7 +299,7 @@ class AsyncSpeechInput:
             except EOFError:
                 return
 
-    def __aiter__(self) -> AsyncIterator[SpeechEvent]:
+    def __aiter__(self) -> AsyncIterator[SpeechEvent | TurnAudioFeatures]:
         return self.events()
 
     async def aclose(self) -> None:
@@ -277,6 +310,8 @@ class AsyncSpeechInput:
         await self._cancel_tasks()
         # A whisper pass already running finishes in the background; its result is dropped.
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._turn_executor is not None:
+            self._turn_executor.shutdown(wait=False, cancel_futures=True)
         self._outbox.put_nowait(_Closed())
 
     def _ensure_started(self) -> None:
@@ -289,7 +324,7 @@ class AsyncSpeechInput:
 
     async def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
+        tasks = [t for t in [*self._tasks, self._turn_task] if t is not None and t is not current]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -304,10 +339,12 @@ class AsyncSpeechInput:
             return
         self._error = exc
         self._closed = True
-        for task in self._tasks:
-            if task is not asyncio.current_task():
+        for task in [*self._tasks, self._turn_task]:
+            if task is not None and task is not asyncio.current_task():
                 task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._turn_executor is not None:
+            self._turn_executor.shutdown(wait=False, cancel_futures=True)
         self._outbox.put_nowait(_Closed())
 
     async def _run(self) -> None:
@@ -328,6 +365,7 @@ class AsyncSpeechInput:
                 if batch:
                     for event in self.pipeline.segment(np.concatenate(batch)):
                         self._outbox.put_nowait(event)
+                    self._maybe_analyze_turn()
                 if flush:
                     close_turn = getattr(self.pipeline, "close_turn", None)
                     if close_turn is None:
@@ -340,6 +378,27 @@ class AsyncSpeechInput:
             raise
         except Exception as exc:  # surface failures to the consumer, then stop
             self._fail(exc)
+
+    def _maybe_analyze_turn(self) -> None:
+        """A pause just started: compute its turn features on their own thread, so neither the
+        loop nor the whisper pass of the same pause waits for them."""
+        due = getattr(self.pipeline, "turn_analysis_due", None)
+        if due is None or (self._turn_task is not None and not self._turn_task.done()) or not due():
+            return
+        self._turn_task = asyncio.get_running_loop().create_task(self._analyze_turn(), name="speech-input-turn")
+
+    async def _analyze_turn(self) -> None:
+        if self._turn_executor is None:
+            self._turn_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-turn")
+        try:
+            events = await asyncio.get_running_loop().run_in_executor(self._turn_executor, self.pipeline.analyze_turn)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the features are advisory: the speech input goes on without them
+            logger.exception("turn feature analysis failed")
+            return
+        for event in events:
+            self._outbox.put_nowait(event)
 
     async def _run_asr(self) -> None:
         """ASR task: run the queued whisper work on the worker thread, one batch at a time."""

@@ -228,6 +228,7 @@ class _Driver:
         self._record({"type": "episode", "t": 0.0, "scenario": s.id, "category": s.category,
                       "policy": self.session.config.policy, "policy_params": self.session.policy.params(),
                       "clock": self.config.clock, "seed": self.config.seed, "duration_s": s.duration_s,
+                      "voice": s.meta.get("voice"),
                       "max_reply_tokens": self.config.max_reply_tokens})
         for c in self.cues:
             self._record({"type": "cue", "t": c.t, "kind": c.kind, "end": c.end, "start": c.start})

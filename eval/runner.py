@@ -123,8 +123,10 @@ def _load(spec: RunSpec) -> _Resources:
         tts: Any = FakeTts()
     else:
         tts = load_tts(spec.tts)
-    return _Resources(lm, TurnTemplate.from_tokenizer(lm.tokenizer), SpeechInput(VadSegmenter(vad), StreamingAsr(whisper)),
-                      tts, VoiceBank())
+    from duplex.audio.turn_features import default_turn_features
+
+    speech = SpeechInput(VadSegmenter(vad), StreamingAsr(whisper), turn_features=default_turn_features())
+    return _Resources(lm, TurnTemplate.from_tokenizer(lm.tokenizer), speech, tts, VoiceBank())
 
 
 def timeline_path(out_dir: str, label: str, scenario_id: str) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 from duplex.audio import SpeechInput
 from duplex.audio.speech_input import merge_words
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
+from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.session.events import TextInput
 
 from .scenario import RenderedUser
@@ -35,7 +36,7 @@ class TimedInput:
     """A session input and the virtual time it reaches the session."""
 
     t: float
-    event: SpeechStarted | SpeechStopped | AsrWord | TextInput
+    event: SpeechStarted | SpeechStopped | AsrWord | TextInput | TurnAudioFeatures
     type: str = "timed_input"
 
 
@@ -55,6 +56,7 @@ def schedule_user_input(user: RenderedUser, speech: SpeechInput | None, measured
         return UserSchedule(tuple(sorted(out, key=lambda x: x.t)), 0.0, 0)
     speech.reset()
     worker = StageTimer(measured)
+    turn_worker = StageTimer(measured)
     step = _SR * frame_ms // 1000
     pending: list[np.ndarray] = []
     held: SpeechStopped | None = None
@@ -84,6 +86,9 @@ def schedule_user_input(user: RenderedUser, speech: SpeechInput | None, measured
         t = max(t, worker.busy_until)
         events, t_seg = worker.run(t, speech.segment, batch)
         deliver(list(events), t_seg, after_pass=False)
+        if speech.turn_analysis_due():  # a pause started: Smart Turn + prosody (served: its own thread)
+            features, t_ready = turn_worker.run(t_seg, speech.analyze_turn)
+            out.extend(TimedInput(t_ready, f) for f in features)
         words, t_rec = worker.run(t_seg, speech.recognize)
         deliver(merge_words(list(words)), t_rec, after_pass=True)
     events, t_end = worker.run(max(len(user.audio) / _SR, worker.busy_until), speech.flush)

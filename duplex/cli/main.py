@@ -36,12 +36,27 @@ def _cmd_bench_realtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_openai(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from duplex.bench.openai import bench_openai
+
+    result = asyncio.run(bench_openai(n=args.n, model=args.model, url=args.url, auth_token=args.auth_token))
+    for path in (args.out, args.json if isinstance(args.json, str) else None):
+        if path:
+            Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _print_json(result)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from duplex.bench import engine as bench
 
     what = args.what
     if what == "realtime":
         return _cmd_bench_realtime(args)
+    if what == "openai":
+        return _cmd_bench_openai(args)
     if what == "decode":
         result = bench.bench_decode(args.model, device=args.device, tokens=args.tokens)
     elif what == "ttft":
@@ -154,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="send one message, print the reply, exit")
 
     p = add("bench", _cmd_bench, "benchmarks (JSON on stdout)")
-    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime"])
+    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime", "openai"],
+                   help="openai: first SSE chunk of /v1/chat/completions vs the first /ws text delta (--n trials)")
     _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="JSON output (always on except for realtime, which "
-                                                         "prints a summary without it)")
+    p.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
+                   help="JSON output (always on except for realtime, which prints a summary without it); "
+                        "bench openai also writes it to FILE when one is given")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--trials", type=int, default=20)
     r = p.add_argument_group("realtime", "duplex bench realtime: a browser-like client speaks scenarios to the "
@@ -182,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_eval_parser(sub)
+    from duplex.cli.policy import add_policy_parser
+
+    add_policy_parser(sub)
     return parser
 
 

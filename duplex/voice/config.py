@@ -13,6 +13,7 @@ from typing import Any
 
 from duplex.audio.asr import StreamingAsr
 from duplex.audio.speech_input import SpeechInput
+from duplex.audio.turn_features import default_turn_features
 from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 
@@ -76,4 +77,6 @@ def make_speech_input(whisper: Any, config: VoiceConfig | None = None, vad: Fram
     segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=config.vad_min_silence_ms)
     speech_options.setdefault("asr_interval_ms", config.asr_interval_ms)
     speech_options.setdefault("speculate_after_silence_ms", config.speculate_after_silence_ms)
+    if "turn_features" not in speech_options:  # Smart Turn + prosody at each pause, for the turn policy
+        speech_options["turn_features"] = default_turn_features()
     return SpeechInput(segmenter, StreamingAsr(whisper, lock=whisper_lock), **speech_options)

@@ -1,0 +1,119 @@
+"""Acoustic turn features: Whisper log-mel (same as transformers'), pitch and energy slopes on
+synthetic tones, the tracker's pause snapshots, and the features reaching the session's Observation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter
+from duplex.audio.fakes import EnergyVad, FakeWhisper
+from duplex.audio.turn_features import TurnAudioFeatures, TurnFeatureTracker, pitch_track, prosody, whisper_log_mel
+
+SR = 16_000
+
+
+def _chirp(f0: float, f1: float, seconds: float = 1.0, amp0: float = 0.3, amp1: float = 0.3) -> np.ndarray:
+    """A voice-like harmonic tone whose pitch glides f0 -> f1 (exponentially) and level amp0 -> amp1."""
+    t = np.arange(int(seconds * SR)) / SR
+    freq = f0 * (f1 / f0) ** (t / seconds)
+    phase = 2 * np.pi * np.cumsum(freq) / SR
+    wave = sum(np.sin(k * phase) / k for k in range(1, 5))
+    return (wave * np.linspace(amp0, amp1, len(t)) / 2).astype(np.float32)
+
+
+class _FakeSmartTurn:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def probability(self, audio: np.ndarray) -> float:
+        self.seen.append(len(audio))
+        return 0.75
+
+
+def test_whisper_log_mel_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(0)
+    # 8 s exactly, as SmartTurn.probability always passes (left-padded with zeros)
+    audio = np.concatenate([np.zeros(SR * 4, np.float32), (rng.standard_normal(SR * 3) * 0.1).astype(np.float32),
+                            _chirp(120, 240, 1.0)])
+    ref = transformers.WhisperFeatureExtractor(chunk_length=8)(
+        audio, sampling_rate=SR, padding="max_length", max_length=8 * SR, truncation=True, do_normalize=True,
+        return_tensors="np").input_features[0]
+    ours = whisper_log_mel(audio)
+    assert ours.shape == ref.shape == (80, 800)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_pitch_track_finds_a_steady_pitch():
+    _, f0, _ = pitch_track(_chirp(200, 200))
+    assert np.nanmedian(f0) == pytest.approx(200, rel=0.02)
+    assert np.mean(np.isnan(f0)) < 0.1
+
+
+@pytest.mark.parametrize("f0,f1,sign", [(140, 260, 1), (260, 140, -1)])
+def test_pitch_slope_follows_rising_and_falling_tones(f0: float, f1: float, sign: int):
+    pitch_slope, pitch_end, _ = prosody(_chirp(f0, f1))
+    # 140 -> 260 Hz over 1 s is +10.7 semitones per second
+    assert sign * pitch_slope == pytest.approx(12 * np.log2(260 / 140), rel=0.2)
+    assert sign * pitch_end > 2  # the end sits above (rising) or below (falling) the median
+
+
+def test_energy_slope_follows_fading_and_swelling_level():
+    _, _, fading = prosody(_chirp(180, 180, amp0=0.4, amp1=0.05))
+    _, _, swelling = prosody(_chirp(180, 180, amp0=0.05, amp1=0.4))
+    _, _, steady = prosody(_chirp(180, 180))
+    assert fading < -10 and swelling > 10 and abs(steady) < 3
+
+
+def test_tracker_snapshots_each_pause_once():
+    smart = _FakeSmartTurn()
+    tracker = TurnFeatureTracker(smart, analyze_after_silence_ms=100)  # type: ignore[arg-type]
+    speech = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=300), StreamingAsr(FakeWhisper()),
+                         turn_features=tracker)
+    audio = np.concatenate([np.zeros(SR // 2, np.float32), _chirp(220, 150, 1.5), np.zeros(SR, np.float32)])
+    features: list[TurnAudioFeatures] = []
+    due_at = []
+    for start in range(0, len(audio), 320):  # 20 ms frames, as the transports send them
+        speech.segment(audio[start:start + 320])
+        if speech.turn_analysis_due():
+            due_at.append(speech.segmenter.t_s)
+            features += speech.analyze_turn()
+    assert len(features) == 1 and len(due_at) == 1
+    f = features[0]
+    assert due_at[0] == pytest.approx(2.1, abs=0.05)  # 100 ms into the pause
+    assert f.eot_prob == 0.75 and f.speech_s == pytest.approx(1.5, abs=0.05)
+    assert f.voiced_end_s == pytest.approx(2.0, abs=0.03) and f.silence_ms >= 100
+    assert f.vad_mean_1s > 0.9 and 0.5 < f.vad_mean <= 1.0
+    assert f.pitch_slope_st_s < -3  # the tone fell
+    # pipecat's segment: 0.5 s before the onset up to now
+    assert smart.seen[0] / SR == pytest.approx(0.5 + 1.5 + 0.1, abs=0.06)
+    speech.reset()
+    assert not speech.turn_analysis_due()
+
+
+async def test_features_reach_the_observation(tiny_engine):
+    from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
+    from duplex.session.core import Session, SessionConfig
+    from duplex.session.clock import ManualClock
+
+    from tests.fakes import settle
+
+    clock = ManualClock()
+    session = Session(tiny_engine, SessionConfig(policy="smart-turn"), clock=clock)
+    await session.start()
+    features = TurnAudioFeatures(t_s=1.1, voiced_end_s=1.0, speech_s=0.8, silence_ms=100, eot_prob=0.9,
+                                 pitch_slope_st_s=-4.0, pitch_end_st=-2.0, energy_slope_db_s=-20.0,
+                                 vad_mean_1s=0.9, vad_mean=0.8)
+    for ev in (SpeechStarted(0.2), AsrWord("hello there", 0.2, 0.9, committed=True), features):
+        assert session.submit(ev)
+    await settle(session)
+    obs = session.observe()
+    assert obs.audio_eot_prob == 0.9 and obs.pitch_slope_st_s == -4.0 and obs.speech_s == 0.8
+    assert obs.committed_words == 2 and obs.tentative_words == 0
+    session.submit(SpeechStarted(1.5))  # the user goes on: the pause those features described is over
+    await settle(session)
+    assert session.observe().audio_eot_prob is None
+    session.submit(SpeechStopped(2.0))
+    await settle(session)
+    await session.close()
