@@ -5,8 +5,11 @@ from __future__ import annotations
 from .base import (Action, Backchannel, BargeInRules, Continue, Listen, Observation, Pause, Policy, Resume, Speak,
                    Yield, available_policies, make_policy, register_policy)
 from .simple import EouPolicy, HalfDuplexPolicy, SilencePolicy
+from .smart_turn import SmartTurnPolicy
+from .learned import LearnedPolicy
 
 __all__ = [
-    "Action", "Backchannel", "BargeInRules", "Continue", "EouPolicy", "HalfDuplexPolicy", "Listen", "Observation",
-    "Pause", "Policy", "Resume", "SilencePolicy", "Speak", "Yield", "available_policies", "make_policy", "register_policy",
+    "Action", "Backchannel", "BargeInRules", "Continue", "EouPolicy", "HalfDuplexPolicy", "LearnedPolicy", "Listen",
+    "Observation", "Pause", "Policy", "Resume", "SilencePolicy", "SmartTurnPolicy", "Speak", "Yield",
+    "available_policies", "make_policy", "register_policy",
 ]
