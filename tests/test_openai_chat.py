@@ -117,3 +117,20 @@ def test_request_validation() -> None:
         with pytest.raises(Exception) as err:
             parse_chat_request(body)
         assert getattr(err.value, "status", None) == 400 and err.value.param == param
+
+
+async def test_prompt_render_matches_one_message_at_a_time(tiny_engine) -> None:
+    """The merged forwards give the same tokens (and next-token logits) as add_message per turn."""
+    from duplex.engine.sequence import Speaker
+    from duplex.serving.openai_chat import ChatCompletions
+
+    req = parse_chat_request(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, '
+                             b'{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, '
+                             b'{"role": "user", "content": "Bye"}]}')
+    seq, n = await ChatCompletions(tiny_engine, "m")._prefill(req)
+    ref = tiny_engine.new_sequence()
+    for role, text in (("system", "Be brief."), ("user", "Hi"), ("agent", "Hello!"), ("user", "Bye")):
+        ref.add_message(Speaker(role), text)
+    ref.hand_over(Speaker.AGENT)
+    assert seq.ids == ref.ids and n == len(ref)
+    assert int(seq.logits.argmax()) == int(ref.logits.argmax())

@@ -267,12 +267,23 @@ class ChatCompletions:
                                   "tokens", "messages", "context_length_exceeded")
 
         def render() -> int:  # worker thread
-            for msg, msg_ids in zip(req.messages, ids):
+            """Few forwards: each footer shares one with the next header, and the last message's
+            words, footer and the agent header go in one (``append_and_hand_over``)."""
+            merge = not getattr(seq.template, "system_in_user_turn", False)
+            for i, (msg, msg_ids) in enumerate(zip(req.messages, ids, strict=True)):
                 speaker = _ROLES[msg.role]
-                seq.begin_turn(speaker)
-                seq.append(msg_ids)
-                seq.end_turn(speaker)
-            seq.hand_over(Speaker.AGENT)
+                if i and merge:
+                    seq.hand_over(speaker)
+                else:
+                    if i:
+                        seq.end_turn(_ROLES[req.messages[i - 1].role])
+                    seq.begin_turn(speaker)
+                if i == len(ids) - 1 and msg_ids:
+                    seq.append_and_hand_over(msg_ids, Speaker.AGENT)
+                else:
+                    seq.append(msg_ids)
+            if not ids[-1]:
+                seq.hand_over(Speaker.AGENT)
             return len(seq)
 
         return seq, await self.engine.run(render)
