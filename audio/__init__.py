@@ -13,11 +13,11 @@ from .devices import AudioDeviceError, MicrophoneStream, SpeakerStream
 from .events import AsrWord, AudioFormatError, Clause, SpeechStarted, SpeechStopped, TtsChunk
 from .playback import PlaybackLedger
 from .speech_input import AsyncSpeechInput, SpeechInput
-from .tts import EspeakTts, FliteTts, PiperTts, StreamingTts, load_tts
+from .tts import CachedTts, EspeakTts, FliteTts, PiperTts, StreamingTts, load_tts
 from .vad import SileroVad, VadSegmenter, WebRtcVad
 
 __all__ = [
-    "AsrWord", "AsyncSpeechInput", "AudioDeviceError", "AudioFormatError", "Clause",
+    "AsrWord", "AsyncSpeechInput", "AudioDeviceError", "AudioFormatError", "CachedTts", "Clause",
     "ClauseChunker", "EspeakTts", "FliteTts", "MicrophoneStream", "PiperTts", "PlaybackLedger",
     "SileroVad", "SpeakerStream", "SpeechInput", "SpeechStarted", "SpeechStopped",
     "StreamingAsr", "StreamingTts", "TtsChunk", "VadSegmenter", "WebRtcVad", "load_tts",

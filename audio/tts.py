@@ -4,6 +4,7 @@ and ``StreamingTts``, which speaks agent text clause by clause and can be cut of
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import re
@@ -23,6 +24,7 @@ from .clauses import ClauseChunker
 from .events import Clause, TtsChunk
 
 __all__ = [
+    "CachedTts",
     "EspeakTts",
     "FliteTts",
     "PiperTts",
@@ -234,6 +236,52 @@ _ENGINES: dict[str, Callable[[], TtsEngine]] = {
     "espeak": EspeakTts,
     "flite": FliteTts,
 }
+
+
+class CachedTts:
+    """A TTS engine that remembers the audio of short clauses (``max_words`` words or fewer).
+
+    The first clause of a reply is a single word so that audio starts early, and replies open
+    with the same few words ("The", "Sure,", "I"), so on a warm server most first clauses are a
+    lookup instead of a synthesis: the end-of-speech -> first-audio path loses a TTS call.
+    Longer clauses always go to the engine. Thread-safe; share one per engine.
+    """
+
+    def __init__(self, engine: TtsEngine, max_words: int = 2, max_entries: int = 512) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self.max_words = max_words
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._speech: collections.OrderedDict[str, Speech] = collections.OrderedDict()
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return int(getattr(self.engine, "sample_rate_hz"))
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        speech = self.synthesize_speech(text)
+        return speech.pcm, speech.sample_rate_hz
+
+    def synthesize_speech(self, text: str, should_stop: Callable[[], bool] | None = None) -> Speech:
+        cacheable = len(text.split()) <= self.max_words
+        if cacheable:
+            with self._lock:
+                speech = self._speech.get(text)
+                if speech is not None:
+                    self._speech.move_to_end(text)
+                    self.hits += 1
+                    return speech
+        speech = self.engine.synthesize_speech(text, should_stop=should_stop)
+        if cacheable and not (should_stop is not None and should_stop()):  # never keep a cut-off clause
+            with self._lock:
+                self.misses += 1
+                self._speech[text] = speech
+                while len(self._speech) > self.max_entries:
+                    self._speech.popitem(last=False)
+        return speech
 
 
 def load_tts(name: str | None = None) -> TtsEngine:

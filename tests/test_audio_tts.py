@@ -179,3 +179,31 @@ def test_word_deltas_cut_the_first_clause_at_its_quota() -> None:
     (clause,) = chunker.push(" capital", 1, 3)  # no need to wait for the third word
     assert clause.text == "The capital" and (clause.token_start, clause.token_end) == (0, 3)
     assert ClauseChunker(first_max_words=2).push("The capital", 0, 2) == []  # plain deltas: wait
+
+
+def test_cached_tts_reuses_short_clauses_only() -> None:
+    from duplex.audio import CachedTts
+    from duplex.audio.fakes import FakeTts
+
+    calls: list[str] = []
+
+    class CountingTts(FakeTts):
+        def synthesize_speech(self, text, should_stop=None):  # type: ignore[override]
+            calls.append(text)
+            return super().synthesize_speech(text, should_stop)
+
+    tts = CachedTts(CountingTts(), max_words=2, max_entries=2)
+    first = tts.synthesize_speech("Sure,")
+    assert tts.synthesize_speech("Sure,") is first and calls == ["Sure,"]  # a lookup, not a synthesis
+    tts.synthesize_speech("and then it rained all day")
+    tts.synthesize_speech("and then it rained all day")
+    assert calls.count("and then it rained all day") == 2  # long clauses are never cached
+    tts.synthesize_speech("The")
+    tts.synthesize_speech("I")  # evicts the least recently used entry ("Sure,")
+    tts.synthesize_speech("Sure,")
+    assert calls.count("Sure,") == 2 and tts.hits == 1
+    assert tts.name == "fake" and tts.sample_rate_hz == CountingTts().sample_rate_hz
+    # a synthesis cut off by a barge-in is never remembered
+    tts.synthesize_speech("Hello", should_stop=lambda: True)
+    tts.synthesize_speech("Hello")
+    assert calls.count("Hello") == 2

@@ -503,10 +503,10 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
     tts = asr = None
     tts_name = getattr(args, "tts", None)
     if tts_name != "none":
-        from duplex.audio import load_tts
+        from duplex.audio import CachedTts, load_tts
 
         try:
-            tts = load_tts(tts_name)
+            tts = CachedTts(load_tts(tts_name))  # one clause cache shared by every session
         except Exception as exc:  # noqa: BLE001 - serve text-only rather than not at all
             log.warning("no TTS (%s): agent replies will be text only", exc)
     asr_name = getattr(args, "asr_model", None)

@@ -24,7 +24,7 @@ import numpy as np
 
 from duplex.audio.asr import load_whisper
 from duplex.audio.devices import AudioDeviceError, MicrophoneStream, SpeakerStream, find_device
-from duplex.audio.tts import load_tts
+from duplex.audio.tts import CachedTts, load_tts
 from duplex.engine.worker import Engine
 from duplex.voice.config import default_voice_config, make_speech_input
 from duplex.voice.outputs import AudioCleared, AudioOut, AudioPaused, AudioResumed
@@ -96,7 +96,7 @@ async def run_talk(args: argparse.Namespace) -> int:
     engine, whisper, tts = await asyncio.gather(
         asyncio.to_thread(Engine.load, args.model, args.device, args.dtype),
         asyncio.to_thread(load_whisper, None),
-        asyncio.to_thread(load_tts, args.tts),
+        asyncio.to_thread(lambda: CachedTts(load_tts(args.tts))),
     )
     mic = MicrophoneStream()
     speaker = SpeakerStream(sample_rate_hz=int(tts.sample_rate_hz))
