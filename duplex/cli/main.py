@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sessions held at once, detached ones included (default: 4 per core, 1 per 256 MiB RAM)")
     p.add_argument("--max-detached-sessions", type=int, default=None,
                    help="detached sessions kept for resume (default: half of --max-sessions; oldest closed first)")
+    p.add_argument("--vad-min-silence-ms", type=int, default=None,
+                   help="VAD hangover before speech_stopped (default: duplex.voice.config.VAD_MIN_SILENCE_MS)")
+    p.add_argument("--speculate-after-silence-ms", type=float, default=None,
+                   help="start the final ASR pass this far into a pause (default: duplex.voice.config)")
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
     p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
     p.add_argument("--instructions", default=None)

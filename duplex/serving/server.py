@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import http
 import importlib.resources
 import json
@@ -531,6 +532,11 @@ async def run_server(args: argparse.Namespace) -> int:
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = default_voice_config(getattr(args, "policy", None),
                                   instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
+    timing = {k: v for k, v in (("vad_min_silence_ms", getattr(args, "vad_min_silence_ms", None)),
+                                ("speculate_after_silence_ms", getattr(args, "speculate_after_silence_ms", None)))
+              if v is not None}
+    if timing:
+        config = dataclasses.replace(config, **timing)
     limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
                           max_detached_sessions=getattr(args, "max_detached_sessions", None))
     server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token, limits=limits,
