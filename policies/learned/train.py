@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_gap_ms: float = 2000.0  # speak after this much silence whatever the model says
     early_penalty_s: float = 5.0  # threshold choice: one early take-over costs as much as 5 s of latency
+    drop_audio: float = 0.15  # share of ticks repeated without audio features (they may arrive late)
     test_voices: tuple[str, ...] = ("flite:slt", "flite:awb")
     type: str = "train_config"
 
@@ -126,13 +127,25 @@ def split_episodes(episodes: list[LoggedEpisode], test_voices: Iterable[str]
     return train, test, len(episodes) - len(train) - len(test)
 
 
-def build_rows(episodes: list[LoggedEpisode]) -> tuple[list[list[float]], list[int]]:
+_AUDIO_FIELDS = ("audio_eot_prob", "pitch_slope_st_s", "pitch_end_st", "energy_slope_db_s", "speech_s", "vad_mean_1s",
+                 "vad_mean")
+
+
+def build_rows(episodes: list[LoggedEpisode], drop_audio: float = 0.0,
+               rng: random.Random | None = None) -> tuple[list[list[float]], list[int]]:
+    """Feature rows and labels of every labelled tick. ``drop_audio``: also add this share of the
+    ticks again without their audio features (served, they can arrive after the end of speech)."""
     xs, ys = [], []
+    rng = rng or random.Random(0)
     for ep in episodes:
         for t, obs in ep.ticks:
             y = tick_label(ep, t)
-            if y is not None:
-                xs.append(turn_features(obs))
+            if y is None:
+                continue
+            xs.append(turn_features(obs))
+            ys.append(y)
+            if drop_audio and obs.audio_eot_prob is not None and rng.random() < drop_audio:
+                xs.append(turn_features(dataclasses.replace(obs, **{k: None for k in _AUDIO_FIELDS})))
                 ys.append(y)
     return xs, ys
 
@@ -276,8 +289,7 @@ def train_policy(run_dirs: list[str], out_path: str | Path, config: TrainConfig,
     train, test, dropped = split_episodes(episodes, config.test_voices)
     if not train:
         raise ValueError(f"no training episodes in {run_dirs} (test voices {config.test_voices}, {len(episodes)} episodes)")
-    xs, ys = build_rows(train)
-    random.seed(config.seed)
+    xs, ys = build_rows(train, config.drop_audio, random.Random(config.seed))
     model = fit_model(xs, ys, config)
     threshold = choose_threshold(model, train, config.early_penalty_s)
     split = {"train_episodes": len(train), "test_episodes": len(test), "dropped_shared_sentence": dropped,
