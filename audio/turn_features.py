@@ -261,11 +261,13 @@ class TurnFeatureTracker:
 
     ``push`` runs with the speech input (cheap); ``due`` / ``snapshot`` say when and copy what to
     analyse; ``analyze`` is the heavy part (~30 ms with Smart Turn) and runs on another thread.
+    ``smart_turn``: the model, or a function that loads it (called by ``analyze``).
     Like pipecat, the analysed segment starts ``pre_speech_s`` before the utterance's onset, and
     an utterance that follows the previous one within ``join_gap_s`` continues its segment.
     """
 
-    def __init__(self, smart_turn: SmartTurn | None = None, analyze_after_silence_ms: float = 100.0,
+    def __init__(self, smart_turn: SmartTurn | Callable[[], SmartTurn | None] | None = None,
+                 analyze_after_silence_ms: float = 100.0,
                  max_audio_s: float = 8.0, pre_speech_s: float = 0.5, join_gap_s: float = 3.0) -> None:
         self.smart_turn = smart_turn
         self.analyze_after_silence_ms = analyze_after_silence_ms
@@ -345,7 +347,8 @@ class TurnFeatureTracker:
     def analyze(self, snap: _Snapshot) -> TurnAudioFeatures:
         """The heavy part: Smart Turn and prosody on a snapshot (any thread)."""
         t0 = time.perf_counter()
-        eot = self.smart_turn.probability(snap.audio) if self.smart_turn is not None and len(snap.audio) else None
+        model = self.smart_turn() if callable(self.smart_turn) else self.smart_turn  # a loader: load here, off the loop
+        eot = model.probability(snap.audio) if model is not None and len(snap.audio) else None
         voiced = snap.audio[:max(0, int(round((snap.voiced_end_s - snap.start_s) * _SR)))]
         pitch_slope, pitch_end, energy_slope = prosody(voiced)
         # VAD frames: the last one ends at t_s; those before the voiced end describe the speech
@@ -361,5 +364,6 @@ class TurnFeatureTracker:
 
 
 def default_turn_features() -> TurnFeatureTracker:
-    """A tracker with the process-wide Smart Turn model (or none, if pipecat-ai is missing)."""
-    return TurnFeatureTracker(shared_smart_turn())
+    """A tracker with the process-wide Smart Turn model (or none, if pipecat-ai is missing), loaded
+    at the first pause on the analysing thread rather than when a session opens."""
+    return TurnFeatureTracker(shared_smart_turn)
