@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Action", "Backchannel", "BargeInRules", "Continue", "Listen", "Observation", "Pause", "Policy", "Resume", "Speak",
-    "Yield",
+    "Yield", "agent_backchannel",
     "available_policies", "make_policy", "register_policy",
 ]
 
@@ -34,6 +34,8 @@ class Observation:
     agent_spoken_tokens: int = 0  # delivered to the user in the current agent turn
     eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
     agent_paused: bool = False  # the agent's audio is paused while the user's overlap is judged
+    user_speech_s: float = 0.0  # how long the user has been talking, while talking (0 otherwise)
+    since_agent_backchannel_s: float | None = None  # since the agent's own last "mm-hm"; None: never
     # the user's words, split (user_turn_words counts both)
     committed_words: int = 0
     tentative_words: int = 0
@@ -100,10 +102,20 @@ class Resume:
 
 @dataclass(frozen=True, slots=True)
 class Backchannel:
-    """Emit a short acknowledgement without taking the turn."""
+    """Emit a short acknowledgement without taking the turn (the user keeps the floor)."""
 
     text: str = "mm-hm"
     type: str = "backchannel"
+
+
+def agent_backchannel(obs: Observation, every_s: float | None, text: str = "mm-hm") -> Backchannel | None:
+    """While the user talks at length, acknowledge every ``every_s`` seconds of their speech
+    (``None``: never, the default). Never over the agent's own speech."""
+    if every_s is None or obs.agent_speaking or not obs.user_speaking or obs.user_speech_s < every_s:
+        return None
+    if obs.since_agent_backchannel_s is not None and obs.since_agent_backchannel_s < every_s:
+        return None
+    return Backchannel(text)
 
 
 Action = Listen | Speak | Yield | Continue | Pause | Resume | Backchannel

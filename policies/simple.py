@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .base import Action, BargeInRules, Continue, Listen, Observation, Speak, register_policy
+from .base import Action, BargeInRules, Continue, Listen, Observation, Speak, agent_backchannel, register_policy
 
 __all__ = ["EouPolicy", "HalfDuplexPolicy", "SilencePolicy"]
 
@@ -31,6 +31,7 @@ class SilencePolicy:
 
     gap_ms: float = 500.0
     speak_chunk_tokens: int = 1
+    backchannel_every_s: float | None = None  # the agent's own "mm-hm" while the user talks; off
     barge_in: BargeInRules = field(default_factory=BargeInRules)
     name: str = "silence"
 
@@ -42,6 +43,8 @@ class SilencePolicy:
             return b
         if obs.agent_speaking:
             return Speak(self.speak_chunk_tokens)
+        if (bc := agent_backchannel(obs, self.backchannel_every_s)) is not None:
+            return bc
         return _take_turn_after(obs, self.gap_ms, self.speak_chunk_tokens)
 
 
@@ -56,6 +59,7 @@ class EouPolicy:
     confident: float = 0.5
     unlikely: float = 0.05
     speak_chunk_tokens: int = 1
+    backchannel_every_s: float | None = None  # the agent's own "mm-hm" while the user talks; off
     barge_in: BargeInRules = field(default_factory=BargeInRules)
     name: str = "eou"
 
@@ -77,6 +81,8 @@ class EouPolicy:
             return b
         if obs.agent_speaking:
             return Speak(self.speak_chunk_tokens)
+        if (bc := agent_backchannel(obs, self.backchannel_every_s)) is not None:
+            return bc
         return _take_turn_after(obs, self.gap_ms(obs.eou_prob), self.speak_chunk_tokens)
 
 

@@ -106,3 +106,18 @@ def test_eou_gap_interpolates_between_bounds():
     assert p.gap_ms(0.9) == 200
     assert p.gap_ms(0.01) == 1200
     assert 200 < p.gap_ms(0.2) < 1200
+
+
+def test_agent_backchannels_only_when_enabled_while_the_user_talks_at_length():
+    from duplex.policies import Backchannel
+
+    talking = obs(user_speaking=True, user_speech_s=4.5, user_turn_words=9, partial_text="so then I went to")
+    assert isinstance(make_policy("eou").decide(talking), Listen)  # off by default
+    for name in ("eou", "silence"):
+        p = make_policy(name, backchannel_every_s=4.0)
+        assert isinstance(p.decide(talking), Backchannel)
+        again = obs(user_speaking=True, user_speech_s=6.0, since_agent_backchannel_s=1.5)
+        assert isinstance(p.decide(again), Listen)  # at most one per 4 s of the user's speech
+        assert isinstance(p.decide(obs(user_speaking=True, user_speech_s=2.0)), Listen)  # too early
+        assert not isinstance(p.decide(obs(user_speaking=True, user_speech_s=9.0, agent_speaking=True)),
+                              Backchannel)  # never over its own speech

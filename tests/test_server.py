@@ -351,6 +351,25 @@ async def test_backchannel_pauses_then_resumes_and_opens_no_turn(make_server) ->
         await client.close()
 
 
+async def test_agent_backchannel_audio_while_the_user_talks(make_server) -> None:
+    server = await make_server(tts=FakeTts(chars_per_s=40.0), asr=FakeWhisper(), vad_factory=EnergyVad)
+    client = await _audio_session(server)
+    try:
+        await client.update_session(policy="eou", policy_params={"backchannel_every_s": 0.4})
+        await _until(client, "session.updated")
+        pcm = _tone(1.2, True)
+        for i in range(0, len(pcm), 640):  # 20 ms frames at real time: the user talks on
+            await client.send_audio(pcm[i:i + 640])
+            await asyncio.sleep(0.02)
+        events = await _until(client, "response.backchannel.audio")
+        kinds = [e["type"] for e in events]
+        assert "response.backchannel" in kinds and "response.created" not in kinds  # no agent turn
+        audio = events[-1]
+        assert audio["text"] == "mm-hm" and audio["samples"] > 0 and audio["turn"] == -1
+    finally:
+        await client.close()
+
+
 # ---- resume and shutdown ---------------------------------------------------------------------
 async def test_resume_after_dropped_connection(make_server) -> None:
     server = await make_server()

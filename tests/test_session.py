@@ -240,3 +240,19 @@ async def test_speculative_handover_is_undone_exactly_when_the_user_goes_on(tiny
         return ids
 
     assert await run(True) == await run(False)
+
+
+async def test_agent_backchannel_is_said_but_opens_no_turn(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, policy="eou", policy_params={"backchannel_every_s": 1.0})
+    s.submit(SpeechStarted(0.0))
+    await settle(s)
+    clock.advance(1.2)  # the user is still talking
+    events = await collect_until(s, _is("agent_backchannel"))
+    assert events[-1].text == "mm-hm"
+    assert not [e for e in events if e.type == "turn_started"]
+    clock.advance(0.3)
+    assert not [e for e in await settle(s) if e.type in ("agent_backchannel", "turn_started")]  # not again yet
+    assert s._agent is None and s.state == "listening"
+    assert "mm-hm" not in s.transcript  # kept out of the conversation: the user holds the floor
+    await s.close()

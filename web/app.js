@@ -96,6 +96,9 @@ function onEvent(ev) {
       state.waitingSince = captureTime(ev.audio_end_ms) ?? now;
       setIndicator("thinking");
       break;
+    case "response.backchannel":
+      note("backchannel", `agent: ${ev.text}`);
+      break;
     case "response.output_audio.paused":
       // The user spoke over the agent: hold playback (keep the buffer) until the server decides.
       if (!state.interrupted.has(ev.turn)) player.pause();
@@ -294,6 +297,12 @@ async function onAudio(buf) {
   const pcm = new Int16Array(buf.slice(4 + n));
   log.push({ type: "response.output_audio.delta", t: performance.now(), turn: header.turn });
   if (header.seq > state.lastSeq) state.lastSeq = header.seq;
+  if (header.type === "response.backchannel.audio") {
+    // the agent's own "mm-hm" while the user talks: no turn, no marks, just play it
+    if (!player.node) await player.init(header.sample_rate_hz);
+    player.push(-1, pcm, { ...header, sample_offset: 0 });
+    return;
+  }
   state.audioFrames += 1;
   state.audioFramesByTurn[header.turn] = (state.audioFramesByTurn[header.turn] || 0) + 1;
   if (state.interrupted.has(header.turn)) return;

@@ -15,8 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from duplex.session.events import (AgentTextDelta, ErrorEvent, InstructionsUpdated, Interrupted, PolicyDecided,
-                                   SessionEvent, StateChanged, TurnEnded, TurnStarted, UserTranscript)
+from duplex.session.events import (AgentBackchannel, AgentTextDelta, ErrorEvent, InstructionsUpdated, Interrupted,
+                                   PolicyDecided, SessionEvent, StateChanged, TurnEnded, TurnStarted, UserTranscript)
 from duplex.session.validation import MAX_TEMPERATURE
 
 __all__ = [
@@ -334,6 +334,8 @@ class EventMapper:
                      "code": ev.code, "message": ev.message}]
         if isinstance(ev, PolicyDecided):
             return [{"type": "policy.decided", "observation": ev.observation, "action": ev.action}]
+        if isinstance(ev, AgentBackchannel):
+            return [{"type": "response.backchannel", "text": ev.text}]
         if isinstance(ev, InstructionsUpdated):
             return [{"type": "session.instructions_updated", "status": ev.status}]
         return []

@@ -27,8 +27,8 @@ from duplex.serving.protocol import (EventMapper, InputText, PlaybackMarkMsg, Pr
 from duplex.session.core import Session
 from duplex.session.events import TurnEnded, TurnStarted, UpdateSession
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, SpeechFinalized,
-                                  VoiceOutput)
+from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, BackchannelAudio,
+                                  SpeechFinalized, VoiceOutput)
 from duplex.voice.pipeline import VoicePipeline
 
 __all__ = ["ServerLimits", "ServerSession"]
@@ -180,6 +180,12 @@ class ServerSession:
             self._put({"type": "response.output_audio.paused", "turn": out.turn, "item_id": item_id(out.turn),
                        "audio_end_ms": _ms(out.sent_samples, out.sample_rate_hz) if out.sample_rate_hz else 0,
                        "reason": out.reason})
+        elif isinstance(out, BackchannelAudio):
+            n = len(out.pcm)
+            if n:
+                header = {"type": "response.backchannel.audio", "text": out.text, "turn": -1,
+                          "sample_rate_hz": out.sample_rate_hz, "samples": n}
+                self.outbox.put_audio(header, out.pcm.astype("<i2").tobytes(), -1, n)
         elif isinstance(out, AudioResumed):
             self._put({"type": "response.output_audio.resumed", "turn": out.turn, "item_id": item_id(out.turn),
                        "reason": out.reason})

@@ -21,10 +21,10 @@ from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.detok import IncrementalDetokenizer, WordBuffer
 from duplex.engine.worker import Engine
-from duplex.session.events import (AgentPaused, AgentResumed, AgentTextDelta, AsrWord, Cancel, ErrorEvent, InstructionsUpdated, Interrupted,
+from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, AsrWord, Cancel, ErrorEvent, InstructionsUpdated, Interrupted,
                      PlaybackMark, PolicyDecided, SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput,
                      TurnEnded, TurnStarted, UpdateSession, UserTranscript)
-from duplex.policies import Action, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield, make_policy
+from duplex.policies import Action, Backchannel, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield, make_policy
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
@@ -79,6 +79,8 @@ class Session:
         self._overlap_end_t: float | None = None
         self._truncate_deadline: float | None = None
         self._paused = False  # the agent's audio is paused while an overlap is judged
+        self._speech_start_t: float | None = None  # the user's current utterance began (session clock)
+        self._backchannel_t: float | None = None  # the agent's own last acknowledgement
 
     # ---- public API ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,6 +175,8 @@ class Session:
                     if self._agent is not None and self._agent.generating:
                         await self._speak(1)
                         continue
+                elif isinstance(action, Backchannel):
+                    self._backchannel(action.text)
                 elif isinstance(action, Speak) and self._agent_can_generate():
                     await self._speak(action.n_tokens)
                     continue
@@ -205,8 +209,9 @@ class Session:
 
     def _time_matters(self) -> bool:
         has_user = bool(self._user_committed or self._user_tentative or self._typed_pending.strip() or self._held_ids)
+        # while the user talks, ticks let the policy act on time alone (its own backchannels)
         return (has_user and not self._user_speaking) or self._overlap_start_t is not None \
-            or self._truncate_deadline is not None or self._agent is not None
+            or self._truncate_deadline is not None or self._agent is not None or self._user_speaking
 
     def _agent_can_generate(self) -> bool:
         if self._truncate_deadline is not None:
@@ -249,6 +254,8 @@ class Session:
     async def _handle(self, ev: Any) -> None:
         now = self.clock.now()
         if isinstance(ev, SpeechStarted):
+            if not self._user_speaking:
+                self._speech_start_t = now
             self._user_speaking = True
             self._speech_end_t = None
             self._audio_turn = None  # the pause it described is over
@@ -465,6 +472,9 @@ class Session:
             agent_pending_tokens=(len(agent.tokens) - agent.delivered_tokens) if agent else 0,
             agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
             agent_paused=self._paused and agent is not None,
+            user_speech_s=(now - self._speech_start_t) if self._user_speaking and self._speech_start_t is not None
+            else 0.0,
+            since_agent_backchannel_s=None if self._backchannel_t is None else now - self._backchannel_t,
             committed_words=sum(len(w.split()) for w in self._user_committed),
             tentative_words=len(self._tentative), **self._audio_observation(),
         )
@@ -499,6 +509,14 @@ class Session:
             self._end_overlap_as_backchannel()
         if isinstance(action, Resume) or action.reason == "backchannel":
             self._resume(action.reason)
+
+    def _backchannel(self, text: str) -> None:
+        """The policy acknowledges the talking user: say it (the voice pipeline speaks it), but
+        open no agent turn and leave the conversation as it is: the user keeps the floor."""
+        if self._agent is not None or not self._user_speaking:
+            return
+        self._backchannel_t = self.clock.now()
+        self._emit(AgentBackchannel(text, self._backchannel_t))
 
     def _resume(self, reason: str) -> None:
         if self._paused:

@@ -15,7 +15,7 @@ from typing import Any
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 
 __all__ = [
-    "AgentPaused", "AgentResumed", "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "InstructionsUpdated", "Interrupted", "PlaybackMark",
+    "AgentBackchannel", "AgentPaused", "AgentResumed", "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "InstructionsUpdated", "Interrupted", "PlaybackMark",
     "PolicyDecided",
     "SessionEvent", "SessionInput", "SpeechStarted", "SpeechStopped", "StateChanged", "TextInput",
     "TurnEnded", "TurnStarted", "UpdateSession", "UserTranscript", "to_dict",
@@ -131,6 +131,16 @@ class Interrupted:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentBackchannel:
+    """The agent acknowledges ("mm-hm") while the user keeps talking: spoken, not a turn, and
+    kept out of the conversation (the user holds the floor)."""
+
+    text: str
+    t: float
+    type: str = "agent_backchannel"
+
+
+@dataclass(frozen=True, slots=True)
 class AgentPaused:
     """User sound over the agent: its output stops where it is, and nothing new is delivered
     until :class:`AgentResumed` (a backchannel) or :class:`Interrupted` (a barge-in)."""
@@ -180,7 +190,7 @@ class PolicyDecided:
 
 
 SessionEvent = (StateChanged | TurnStarted | TurnEnded | AgentTextDelta | UserTranscript | Interrupted
-                | AgentPaused | AgentResumed | ErrorEvent | InstructionsUpdated | PolicyDecided)
+                | AgentBackchannel | AgentPaused | AgentResumed | ErrorEvent | InstructionsUpdated | PolicyDecided)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

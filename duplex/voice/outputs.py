@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from duplex.audio.events import SpeechStarted, SpeechStopped, TtsChunk
 from duplex.session.events import SessionEvent
 
-__all__ = ["AudioCleared", "AudioDone", "AudioOut", "AudioPaused", "AudioResumed", "SpeechFinalized", "VoiceOutput"]
+__all__ = ["AudioCleared", "BackchannelAudio", "AudioDone", "AudioOut", "AudioPaused", "AudioResumed", "SpeechFinalized", "VoiceOutput"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,18 @@ class AudioResumed:
     type: str = "audio_resumed"
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BackchannelAudio:
+    """The agent's own acknowledgement ("mm-hm") while the user talks: play it at once, over
+    nothing (the agent is silent); it belongs to no turn and is never truncated."""
+
+    text: str
+    pcm: np.ndarray
+    sample_rate_hz: int
+    t: float
+    type: str = "backchannel_audio"
+
+
 @dataclass(frozen=True, slots=True)
 class AudioDone:
     """All audio of agent turn ``turn`` has been produced: ``total_samples`` long."""
@@ -80,4 +94,4 @@ class AudioDone:
 
 
 VoiceOutput = (SessionEvent | SpeechStarted | SpeechStopped | SpeechFinalized | AudioOut | AudioCleared | AudioDone
-               | AudioPaused | AudioResumed)
+               | AudioPaused | AudioResumed | BackchannelAudio)

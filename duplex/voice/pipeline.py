@@ -38,11 +38,11 @@ from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.core import Session
-from duplex.session.events import (AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
+from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
                                    TurnEnded, TurnStarted, UpdateSession)
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, SpeechFinalized,
-                                  VoiceOutput)
+from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, BackchannelAudio,
+                                  SpeechFinalized, VoiceOutput)
 
 __all__ = ["VoicePipeline", "VoiceUnavailable"]
 
@@ -393,12 +393,29 @@ class VoicePipeline:
                 self._interrupt(ev.turn)
             elif isinstance(ev, (AgentPaused, AgentResumed)):
                 self._pause_or_resume(ev)
+            elif isinstance(ev, AgentBackchannel) and self._audio_on and self.tts_engine is not None:
+                previous = self._tasks.get("backchannel")
+                if previous is None or previous.done():  # one at a time: a second would only overlap
+                    self._spawn("backchannel", self._speak_backchannel(ev))
             elif isinstance(ev, TurnEnded) and ev.speaker == "agent":
                 if ev.reason == "interrupted" or ev.turn not in self._turns:
                     if self.agent_turn == ev.turn:
                         self.agent_turn = None
                 else:
                     self._tts_inbox.put_nowait(_TtsFlush(ev.turn))
+
+    async def _speak_backchannel(self, ev: AgentBackchannel) -> None:
+        """Synthesise the acknowledgement on the TTS thread (a cache hit after the first time)."""
+        engine = self.tts_engine
+        assert engine is not None
+        loop = asyncio.get_running_loop()
+        try:
+            speech = await loop.run_in_executor(self._tts_executor, engine.synthesize_speech, ev.text)
+        except Exception as exc:  # noqa: BLE001 - a lost "mm-hm" must not end the session
+            self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
+            return
+        if self.agent_turn is None:  # the agent may have taken the turn meanwhile: then stay quiet
+            self._emit(BackchannelAudio(ev.text, speech.pcm, speech.sample_rate_hz, self.clock.now()))
 
     def _pause_or_resume(self, ev: AgentPaused | AgentResumed) -> None:
         """Pause: the transport stops playing at once and keeps its queue; audio synthesised
