@@ -256,3 +256,29 @@ async def test_agent_backchannel_is_said_but_opens_no_turn(tiny_engine):
     assert s._agent is None and s.state == "listening"
     assert "mm-hm" not in s.transcript  # kept out of the conversation: the user holds the floor
     await s.close()
+
+
+async def test_user_backchannel_resumes_and_is_noted_in_the_next_user_turn(tiny_engine):
+    from duplex.session.core import BACKCHANNEL_MARKER
+
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    turn = (await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4))[-1].turn
+    s.submit(SpeechStarted(2.0))
+    await collect_until(s, _is("agent_paused"))
+    s.submit(AsrWord("mm-hm", 2.0, 2.4, committed=True))
+    s.submit(SpeechStopped(2.5))
+    resumed = (await collect_until(s, _is("agent_resumed")))[-1]
+    assert resumed.turn == turn and s._agent is not None  # the agent plays on: no interruption
+    assert not s._user_committed  # and the backchannel opened no user turn
+    s.submit(Cancel())  # end the long reply, then the user really speaks
+    await collect_until(s, _is("interrupted"))
+    s.submit(PlaybackMark(turn, 4, final=True))
+    await collect_until(s, _is("turn_ended", speaker="agent"))
+    s.submit(TextInput("what about tomorrow"))
+    await collect_until(s, _is("turn_started", speaker="agent"))
+    user_spans = [sp for sp in s.seq.spans() if sp.speaker == Speaker.USER]
+    last_user = s.seq.text(user_spans[-1].start, user_spans[-1].end)
+    assert BACKCHANNEL_MARKER.format("mm-hm") in last_user and "what about tomorrow" in last_user
+    await s.close()

@@ -30,11 +30,13 @@ from duplex.engine.sequence import SharedSequence, Speaker, Status
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
 from duplex.session.validation import validate_input
 
-__all__ = ["DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
+__all__ = ["BACKCHANNEL_MARKER", "DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
 
 log = logging.getLogger(__name__)
 
 _URGENT = (SpeechStarted, Cancel)
+BACKCHANNEL_MARKER = "[backchannel: {}]"  # how a user backchannel appears in the conversation
+_MAX_BACKCHANNEL_NOTE_TOKENS = 64
 
 
 class Session:
@@ -81,6 +83,7 @@ class Session:
         self._paused = False  # the agent's audio is paused while an overlap is judged
         self._speech_start_t: float | None = None  # the user's current utterance began (session clock)
         self._backchannel_t: float | None = None  # the agent's own last acknowledgement
+        self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
 
     # ---- public API ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -368,18 +371,26 @@ class Session:
         """Worker thread: the user's words plus the speculative hand-over in one forward."""
         assert self.seq is not None
         self._unprepare_sync()
-        if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
-            self._user_turn = self.seq.begin_turn(Speaker.USER)
+        ids = self._open_user_turn_sync(ids)
         turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
         return eou, turn
 
     def _append_user_sync(self, ids: list[int]) -> float:
         assert self.seq is not None
         self._unprepare_sync()
-        if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
-            self._user_turn = self.seq.begin_turn(Speaker.USER)
+        ids = self._open_user_turn_sync(ids)
         self.seq.append(ids)
         return self.seq.end_of_turn_probability()
+
+    def _open_user_turn_sync(self, ids: list[int]) -> list[int]:
+        """Open the user's turn if it is not open; a backchannel heard since the last user turn
+        goes first, marked, so the model knows what it heard without it having been a turn."""
+        assert self.seq is not None
+        if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
+            self._user_turn = self.seq.begin_turn(Speaker.USER)
+            if self._backchannel_ids:
+                ids, self._backchannel_ids = self._backchannel_ids + ids, []
+        return ids
 
     def _current_user_turn_id(self) -> int:
         return self._user_turn if self._user_turn is not None else -1
@@ -525,7 +536,13 @@ class Session:
                 self._emit(AgentResumed(self._agent.turn, self.clock.now(), reason))
 
     def _end_overlap_as_backchannel(self) -> None:
-        """The overlap was a backchannel: forget its words so the agent does not answer "yeah"."""
+        """The overlap was a backchannel: it is not a turn, so the agent does not answer "yeah"; its
+        words are kept as a marked note that opens the user's next turn."""
+        heard = self._partial_text().strip()
+        if heard:
+            note = self.engine.tokenizer.encode(f"{BACKCHANNEL_MARKER.format(heard)} ", add_special_tokens=False)
+            kept = self._backchannel_ids if len(self._backchannel_ids) + len(note) <= _MAX_BACKCHANNEL_NOTE_TOKENS else []
+            self._backchannel_ids = kept + note  # bounded: only the latest notes are kept
         self._overlap_start_t = self._overlap_end_t = None
         self._user_committed.clear()
         self._tentative = []
