@@ -141,7 +141,8 @@ async def bench_openai(n: int = 6, model: str | None = None, url: str | None = N
     first_content = _stats([r["first_content_ms"] for r in sse])
     ws_stats = _stats(ws)
     return {
-        "benchmark": "openai", "command": "duplex bench openai", "model": model or "default (packaged SmolLM2-135M-Instruct)",
+        "benchmark": "openai", "command": "duplex bench openai",
+        "model": model or "default (packaged SmolLM2-135M-Instruct)",
         "n": n, "max_tokens": 16, "temperature": 0,
         "sse_chat_completions": {"first_chunk_ms": _stats([r["first_chunk_ms"] for r in sse]),
                                  "first_content_ms": first_content},

@@ -194,6 +194,10 @@ class RealtimeConnection:
             self._emit(self._error(exc.code, exc.message, exc.param, client_event))
         except ProtocolError as exc:
             self._emit(self._error(exc.code, exc.message, None, client_event))
+        except Exception as exc:  # noqa: BLE001 - a bug in one event must not end the conversation
+            log.exception("realtime: handling a client event failed")
+            self._emit(self._error("internal_error", f"{type(exc).__name__}: {exc}", None, client_event,
+                                   kind="server_error"))
 
     async def _dispatch(self, kind: str, msg: dict[str, Any]) -> None:
         assert self.hub is not None
