@@ -202,7 +202,8 @@ class BargeInRules:
             return Yield("words")
         overlap_ms = obs.overlap_s * 1000
         if obs.user_speaking:
-            if overlap_ms >= self.min_overlap_ms and (content or len(words) > self.backchannel_max_words):
+            # one content word may still be a cut-off tentative word ("yea-"): wait for a second
+            if overlap_ms >= self.min_overlap_ms and (len(content) >= 2 or len(words) > self.backchannel_max_words):
                 return Yield("overlap")
             if overlap_ms >= self.backchannel_max_ms:
                 return Yield("overlap")  # too long for a backchannel, words or not

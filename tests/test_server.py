@@ -304,7 +304,10 @@ async def test_audio_barge_in_with_fake_speech(make_server) -> None:
         await client.send_text("tell me a long story please")
         events = await _until(client, "response.output_audio.delta")
         turn = events[-1]["turn"]
-        await client.send_audio(_tone(1.5, True))  # the user talks over the agent and keeps talking
+        pcm = _tone(1.5, True)  # the user talks over the agent and keeps talking, at real time
+        for i in range(0, len(pcm), 640):
+            await client.send_audio(pcm[i:i + 640])
+            await asyncio.sleep(0.02)
         events = await _until(client, "response.interrupted")
         kinds = [e["type"] for e in events]
         assert "input_audio_buffer.speech_started" in kinds
@@ -328,7 +331,10 @@ async def test_backchannel_pauses_then_resumes_and_opens_no_turn(make_server) ->
     try:
         await client.send_text("tell me a long story please")
         turn = (await _until(client, "response.output_audio.delta"))[-1]["turn"]
-        await client.send_audio(_tone(0.35, True) + _tone(1.0, False))  # "yeah" over the agent
+        pcm = _tone(0.35, True) + _tone(1.0, False)  # "yeah" over the agent, at real time
+        for i in range(0, len(pcm), 640):
+            await client.send_audio(pcm[i:i + 640])
+            await asyncio.sleep(0.02)
         events = await _until(client, "response.output_audio.resumed", "response.interrupted")
         kinds = [e["type"] for e in events]
         assert kinds[-1] == "response.output_audio.resumed", kinds
