@@ -63,8 +63,9 @@ class _PhraseInput:
     thread (see ``AsyncSpeechInput``); a stop is finalized only once the inner pipeline reports
     its final pass done (``finalized_until_s``), whichever thread saw it first."""
 
-    def __init__(self, inner: SpeechInput) -> None:
+    def __init__(self, inner: SpeechInput, wants_audio_features: Callable[[], bool] | None = None) -> None:
         self.inner = inner
+        self.wants_audio_features = wants_audio_features
         self._stops: list[float] = []
         self._lock = threading.Lock()
         self._held: list[SpeechEvent] = []  # committed words of a speculative pass (ASR thread only)
@@ -76,6 +77,10 @@ class _PhraseInput:
         return self._note_stops(self.inner.close_turn())
 
     def turn_analysis_due(self) -> bool:
+        """Only when the session's policy reads acoustic features: Smart Turn at every pause
+        would otherwise take CPU from the final ASR pass on the end-of-speech path for nothing."""
+        if self.wants_audio_features is not None and not self.wants_audio_features():
+            return False
         return bool(getattr(self.inner, "turn_analysis_due", lambda: False)())
 
     def analyze_turn(self) -> list[TurnAudioFeatures]:
@@ -239,7 +244,9 @@ class VoicePipeline:
         if self._speech is None:
             if self._speech_factory is None:
                 raise VoiceUnavailable("this pipeline has no speech recognition")
-            self._speech = AsyncSpeechInput(cast(SpeechInput, _PhraseInput(self._speech_factory())))
+            phrases = _PhraseInput(self._speech_factory(),
+                                   lambda: bool(getattr(self.session.policy, "needs_audio_features", False)))
+            self._speech = AsyncSpeechInput(cast(SpeechInput, phrases))
             self._spawn("speech", self._pump_speech(self._speech))
         await self._speech.push(samples_16k)
 
