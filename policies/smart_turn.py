@@ -7,7 +7,7 @@ its probability arrives here as ``Observation.audio_eot_prob``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Action, BargeInRules, Observation, Speak, register_policy
 from .simple import _take_turn_after
@@ -29,6 +29,7 @@ class SmartTurnPolicy:
     speak_chunk_tokens: int = 1
     barge_in: BargeInRules = field(default_factory=BargeInRules)
     name: str = "smart-turn"
+    needs_audio_features: ClassVar[bool] = True  # the voice pipeline runs Smart Turn + prosody for it
 
     def params(self) -> dict[str, Any]:
         return asdict(self)

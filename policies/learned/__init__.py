@@ -12,7 +12,7 @@ Trained by ``duplex policy train`` (:mod:`.train`) from logged episodes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Action, BargeInRules, Listen, Observation, Speak, register_policy
 from .features import FEATURE_NAMES, turn_features
@@ -33,6 +33,7 @@ class LearnedPolicy:
     speak_chunk_tokens: int = 1
     barge_in: BargeInRules = field(default_factory=BargeInRules)
     name: str = "learned"
+    needs_audio_features: ClassVar[bool] = True  # the voice pipeline runs Smart Turn + prosody for it
     model: TurnModel | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
