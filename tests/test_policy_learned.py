@@ -1,0 +1,107 @@
+"""The smart-turn and learned policies, and the training pipeline end to end on a small generated
+set: ideal-clock episodes (tiny model, fake VAD/ASR/TTS, tone bursts) -> ticks -> weights -> policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from duplex.eval.runner import RunSpec, parse_policy, read_timeline, run_eval
+from duplex.eval.scenario import AudioItem, Cue, Scenario, save_scenario
+from duplex.policies import Listen, Observation, Speak, make_policy
+from duplex.policies.learned import DEFAULT_WEIGHTS, LearnedPolicy, load_turn_model
+from duplex.policies.learned.train import (TrainConfig, load_episodes, simulate, split_episodes, tick_label,
+                                           train_policy)
+
+from tests.fakes import tone_wav
+
+
+def _obs(**kw) -> Observation:
+    base = dict(t=5.0, user_turn_words=4, partial_text="what time is it?", committed_words=4, silence_s=0.05)
+    base.update(kw)
+    return Observation(**base)
+
+
+def test_smart_turn_policy_waits_on_an_incomplete_turn():
+    policy = make_policy("smart-turn")
+    assert isinstance(policy.decide(_obs(audio_eot_prob=0.95)), Speak)
+    assert isinstance(policy.decide(_obs(audio_eot_prob=0.1)), Listen)
+    assert isinstance(policy.decide(_obs(audio_eot_prob=0.1, silence_s=1.6)), Speak)
+    assert isinstance(policy.decide(_obs(audio_eot_prob=None, silence_s=0.6)), Speak)  # typed: a plain gap
+    assert isinstance(policy.decide(_obs(audio_eot_prob=0.95, user_speaking=True, silence_s=None)), Listen)
+
+
+def test_committed_weights_load_and_decide():
+    model = load_turn_model(DEFAULT_WEIGHTS)
+    assert DEFAULT_WEIGHTS.stat().st_size < 1_000_000 and 0 < model.threshold < 1
+    policy = make_policy("learned")
+    assert isinstance(policy.decide(_obs(user_speaking=True, silence_s=None)), Listen)
+    assert isinstance(policy.decide(_obs(user_turn_final=True, silence_s=0.0)), Speak)  # typed and submitted
+    assert isinstance(policy.decide(_obs(silence_s=5.0)), Speak)  # the max gap
+    assert isinstance(policy.decide(_obs(agent_speaking=True, silence_s=None, partial_text="", user_turn_words=0)),
+                      Speak)
+    audio = dict(pitch_slope_st_s=-3.0, pitch_end_st=-2.0, energy_slope_db_s=-10.0, speech_s=2.5, vad_mean_1s=0.9,
+                 vad_mean=0.85, silence_s=0.1)
+    p_done = policy.probability(_obs(eou_prob=0.8, audio_eot_prob=0.95, **audio))
+    p_cut = policy.probability(_obs(eou_prob=0.01, audio_eot_prob=0.02, partial_text="could you tell me what time the",
+                                    **audio))
+    assert p_done > p_cut
+
+
+def _tone_scenarios(directory: Path) -> None:
+    """Two voices x (a question; a pause then the rest): tone bursts stand in for speech."""
+    (directory / "audio").mkdir(parents=True, exist_ok=True)
+    for name, secs in (("q", 1.5), ("half", 1.0)):
+        tone_wav(directory / "audio" / f"{name}.wav", secs)
+    for voice in ("va", "vb"):
+        for i, lead in enumerate((0.5,)):
+            q = AudioItem(lead, "audio/q.wav", f"question {voice} {i}")
+            save_scenario(Scenario(f"turn_taking-{voice}{i}", "turn_taking", (q,), (Cue("end_of_turn", item=0),), 6.0,
+                                   meta={"voice": voice}), directory / f"turn_taking-{voice}{i}.json")
+            items = (AudioItem(lead, "audio/half.wav", f"first {voice} {i}"),
+                     AudioItem(lead + 2.5, "audio/half.wav", f"second {voice} {i}"))
+            save_scenario(Scenario(f"pause-{voice}{i}", "pause", items, (Cue("pause", item=0), Cue("end_of_turn", item=1)),
+                                   8.0, meta={"voice": voice}), directory / f"pause-{voice}{i}.json")
+
+
+def test_training_pipeline_on_a_small_generated_set(tmp_path: Path, tiny_lm):
+    scen = tmp_path / "scenarios"
+    _tone_scenarios(scen)
+    run = tmp_path / "run"
+    spec = RunSpec(out_dir=str(run), policies=(parse_policy("silence:gap_ms=2500"),), clock="ideal", model="tiny",
+                   asr="fake", vad="energy", tts="fake", max_reply_tokens=4)
+    run_eval(spec, scen, workers=1, report=False)
+
+    # every tick is logged, with the new observation fields
+    timeline = read_timeline(run / "episodes" / "silence_gap_ms=2500" / "pause-va0.jsonl")
+    ticks = [r for r in timeline if r["type"] == "policy_decided"]
+    assert len(ticks) > 50 and "audio_eot_prob" in ticks[0]["observation"]
+    assert any(r["type"] == "input" and r["event"]["type"] == "turn_audio_features" for r in timeline)
+
+    episodes = load_episodes([run])
+    assert len(episodes) == 4 and {e.voice for e in episodes} == {"va", "vb"}
+    pause = next(e for e in episodes if e.scenario == "pause-va0")
+    assert pause.pauses and tick_label(pause, pause.pauses[0][0] + 0.5) == 0
+    assert pause.eot_t is not None and tick_label(pause, pause.eot_t + 0.1) == 1
+    train, test, dropped = split_episodes(episodes, ["vb"])
+    assert {e.voice for e in train} == {"va"} and {e.voice for e in test} == {"vb"} and dropped == 0
+
+    out = tmp_path / "weights.json"
+    report = train_policy([str(run)], out, TrainConfig(epochs=60, test_voices=("vb",)),
+                          baselines={"silence": make_policy("silence")})
+    assert report["split"]["train_episodes"] == 2 and report["split"]["test_episodes"] == 2
+    assert set(report["test"]["policies"]) == {"learned", "silence"}
+    assert json.loads(out.read_text())["features"] and out.stat().st_size < 1_000_000
+    policy = LearnedPolicy(weights=str(out))
+    sim = simulate(pause, lambda obs: isinstance(policy.decide(obs), Speak))
+    assert sim.decided_t is not None
+    assert policy.params()["threshold"] == pytest.approx(report["threshold"])
+
+
+def test_cli_wires_policy_train():
+    from duplex.cli.main import build_parser
+
+    args = build_parser().parse_args(["policy", "train", "--runs", "a", "--runs", "b", "--hidden", "4"])
+    assert args.runs == ["a", "b"] and args.hidden == 4 and callable(args.func)
