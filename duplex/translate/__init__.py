@@ -1,0 +1,1 @@
+"""Simultaneous translation: policies over a shared sequence, a translate session, SimulEval metrics."""

@@ -1,0 +1,166 @@
+"""Offline evaluation of the simultaneous policies on a test set: BLEU/chrF and SimulEval latency.
+
+Each sentence runs through the same :class:`SimulTranslator` and policy objects a live session
+uses, one source word at a time. Delays are counted in source words; the computation-aware
+variants time every step (see :mod:`duplex.translate.metrics` for the timed text source).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from duplex.translate.metrics import InstanceDelays, corpus_latency, corpus_quality
+from duplex.translate.policies import SimulPolicy, make_simul_policy
+from duplex.translate.translator import TranslationModel
+
+__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "translate_sentence"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICIES = ("wait-k:k=1", "wait-k:k=3", "wait-k:k=5", "local-agreement", "retranslate", "offline")
+DATA_DIR = Path(__file__).resolve().parents[2] / "eval" / "data"
+
+
+@dataclass(frozen=True, slots=True)
+class SentenceResult:
+    """One sentence in SimulEval's instances.log terms (delays in words, elapsed in ms)."""
+
+    index: int
+    source: str
+    prediction: str
+    reference: str | None
+    delays: tuple[int, ...]
+    elapsed_ms: tuple[float, ...]
+    source_duration_ms: float
+    revisions: int  # re-translation: displayed words later changed
+    compute_s: float
+    type: str = "sentence_result"
+
+    def to_log(self) -> dict[str, Any]:
+        return {"index": self.index, "prediction": self.prediction, "delays": list(self.delays),
+                "elapsed": [round(e, 3) for e in self.elapsed_ms], "prediction_length": len(self.delays),
+                "reference": self.reference, "source_length": len(self.source.split())}
+
+
+def load_test_set(src: str | Path | None = None, ref: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """One sentence per line; default: the committed en->es set in eval/data/."""
+    src_path = Path(src) if src else DATA_DIR / "translate_en.txt"
+    ref_path = Path(ref) if ref else DATA_DIR / "translate_es.txt"
+    sources = [ln.strip() for ln in src_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    refs = [ln.strip() for ln in ref_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(sources) != len(refs):
+        raise ValueError(f"{src_path} has {len(sources)} sentences but {ref_path} has {len(refs)}")
+    return sources, refs
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``wait-k:k=3`` -> ("wait-k", {"k": 3})."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return name.strip(), params
+
+
+def translate_sentence(model: TranslationModel, policy: SimulPolicy, source: str, *, index: int = 0,
+                       reference: str | None = None, word_interval_ms: float = 300.0,
+                       timer: Callable[[], float] = time.perf_counter) -> SentenceResult:
+    """Feed ``source`` word by word; log when each target word was written (in words and ms)."""
+    words = source.split()
+    model.reset()
+    policy.reset()
+    written: list[tuple[str, int, float]] = []  # (word, source words read, elapsed ms)
+    shown: list[tuple[int, float, list[str]]] = []  # what a viewer sees after each step (re-translation)
+    clock_ms = 0.0
+    compute = 0.0
+    for j in range(1, len(words) + 2):
+        finished = j > len(words)
+        n_read = min(j, len(words))
+        if not finished:
+            clock_ms = max(clock_ms, j * word_interval_ms)  # word j has fully arrived
+        t0 = timer()
+        if not finished:
+            model.read([words[j - 1]])
+        out = policy.on_source(model, n_read, finished)
+        dt = timer() - t0
+        compute += dt
+        clock_ms += dt * 1000.0
+        written += [(w.text, n_read, clock_ms) for w in out]
+        shown.append((n_read, clock_ms, [w for w, _, _ in written] + list(policy.hypothesis)))
+    final = [w for w, _, _ in written]
+    if policy.name == "retranslate":
+        delays, elapsed, revisions = _stable_prefix_delays(final, shown)
+    else:
+        delays = [d for _, d, _ in written]
+        elapsed = [e for _, _, e in written]
+        revisions = 0
+    return SentenceResult(index, source, " ".join(final), reference, tuple(delays), tuple(elapsed),
+                          len(words) * word_interval_ms, revisions, compute)
+
+
+def _stable_prefix_delays(final: list[str], shown: list[tuple[int, float, list[str]]]
+                          ) -> tuple[list[int], list[float], int]:
+    """Re-translation shows a new hypothesis after every word. Target word i counts as written at
+    the first step from which every later display agrees with the final translation up to word i
+    (the usual way to put re-translation on the SimulEval axis); ``revisions`` counts displayed
+    words that a later display changed."""
+    delays: list[int] = []
+    elapsed: list[float] = []
+    for i in range(len(final)):
+        first = len(shown) - 1
+        for s in range(len(shown) - 1, -1, -1):
+            if shown[s][2][:i + 1] == final[:i + 1]:
+                first = s
+            else:
+                break
+        delays.append(shown[first][0])
+        elapsed.append(shown[first][1])
+    revisions = 0
+    for (_, _, a), (_, _, b) in zip(shown, shown[1:]):
+        common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        revisions += len(a) - common
+    return delays, elapsed, revisions
+
+
+def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequence[str],
+             policies: Sequence[str] = DEFAULT_POLICIES, *, word_interval_ms: float = 300.0,
+             progress: Callable[[str], None] | None = None, instances_dir: str | Path | None = None
+             ) -> dict[str, Any]:
+    """Every policy over every sentence -> {policy: {BLEU, chrF, AL, LAAL, AP, DAL, *_CA_ms, ...}}."""
+    results: dict[str, Any] = {}
+    for spec in policies:
+        name, params = parse_policy(spec)
+        policy = make_simul_policy(name, **params)
+        t0 = time.perf_counter()
+        sentences: list[SentenceResult] = []
+        for i, (src, ref) in enumerate(zip(sources, references)):
+            res = translate_sentence(model, policy, src, index=i, reference=ref, word_interval_ms=word_interval_ms)
+            sentences.append(res)
+            if progress is not None:
+                progress(f"[{spec}] {i + 1}/{len(sources)} {res.prediction}")
+        latency = corpus_latency([InstanceDelays(r.delays, len(r.source.split()), len(ref.split()), r.elapsed_ms,
+                                                 r.source_duration_ms)
+                                  for r, ref in zip(sentences, references)])
+        quality = corpus_quality([r.prediction for r in sentences], list(references))
+        src_words = sum(len(s.split()) for s in sources)
+        results[spec] = {
+            **quality, **{k: round(v, 3) for k, v in latency.items()},
+            "compute_ms_per_source_word": round(1000 * sum(r.compute_s for r in sentences) / src_words, 1),
+            "revisions": sum(r.revisions for r in sentences),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "examples": [{"source": r.source, "prediction": r.prediction, "reference": ref}
+                         for r, ref in list(zip(sentences, references))[:3]],
+        }
+        if instances_dir is not None:
+            out = Path(instances_dir) / spec.replace(":", "_").replace("=", "")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "instances.log").write_text("".join(json.dumps(r.to_log(), ensure_ascii=False) + "\n"
+                                                       for r in sentences), encoding="utf-8")
+    return results

@@ -1,0 +1,246 @@
+"""Source words in, target words out, on one :class:`~duplex.engine.sequence.SharedSequence`.
+
+Layout of the one cached sequence (the prompt is the attention sink, prefilled once per session)::
+
+    <few-shot prompt> "English:" | " w1 w2 w3" | "\\nSpanish:" " t1 t2" | " t3 t4" (unconfirmed)
+      system turn (sink)         | source turn | target turn: confirmed  | hypothesis tokens
+
+Reading a source word rolls the target turn back (header, confirmed and unconfirmed tokens),
+appends the word, and re-encodes the header and the confirmed target in the same few forwards: the
+model always sees the layout it was prompted with (full source so far, then the target), and a
+confirmed target prefix is forced, never re-generated. Rollback crops the cache; with sliding-window
+layers (Gemma 3) the sequence re-encodes instead when a layer already dropped positions.
+
+Synchronous torch code: a session runs it on the engine worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from duplex.engine.models import LoadedModel
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
+from duplex.engine.template import RoleMarkers, TurnTemplate
+from duplex.translate.prompt import TranslationPrompt
+
+__all__ = ["SimulTranslator", "TargetWord", "TranslationModel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetWord:
+    """One target word with the token ids that wrote it (so it can be forced back exactly)."""
+
+    text: str
+    ids: tuple[int, ...]
+    type: str = "target_word"
+
+
+class TranslationModel:
+    """What a simultaneous policy needs from a model (the real translator, or a fake in tests)."""
+
+    def read(self, words: Sequence[str]) -> None:
+        """Append source words."""
+        raise NotImplementedError
+
+    def next_word(self) -> TargetWord | None:
+        """Greedy next target word after the confirmed prefix, confirmed at once; ``None`` when
+        the model ends the translation here."""
+        raise NotImplementedError
+
+    def hypothesis(self) -> list[TargetWord]:
+        """The greedy continuation of the confirmed prefix to the end of the translation
+        (unconfirmed: the next :meth:`read` drops it)."""
+        raise NotImplementedError
+
+    def confirm(self, words: Sequence[TargetWord]) -> None:
+        """Fix ``words`` (a prefix of the last hypothesis) as the next part of the target."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the sentence (source and target); keep the cached prompt."""
+        raise NotImplementedError
+
+
+def _template(lm: LoadedModel, prompt: TranslationPrompt) -> TurnTemplate:
+    tok = lm.tokenizer
+    bos = tok.bos_token_id
+    eos = tok.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    header = tuple(tok.encode(prompt.target_header, add_special_tokens=False))
+    none = RoleMarkers((), ())
+    return TurnTemplate(system=RoleMarkers((bos,) if bos is not None else (), ()), user=none,
+                        agent=RoleMarkers(header, ()), eos_ids=eos_ids)
+
+
+@dataclass(slots=True)
+class _Stats:
+    forwards_s: float = 0.0
+    decoded_tokens: int = 0
+    reencoded_tokens: int = 0
+
+
+class SimulTranslator(TranslationModel):
+    """The real model behind the policies: one shared sequence per translation session."""
+
+    def __init__(self, lm: LoadedModel, prompt: TranslationPrompt, max_word_tokens: int = 12,
+                 max_target_ratio: float = 3.0) -> None:
+        self.lm = lm
+        self.prompt = prompt
+        self.template = _template(lm, prompt)
+        self.seq = SharedSequence(lm, self.template, SequenceConfig(max_tokens=8192, keep_recent_tokens=4096))
+        self._sampler = Sampler(SamplingConfig(temperature=0.0))
+        self.max_word_tokens = max_word_tokens
+        self.max_target_ratio = max_target_ratio
+        self._eos = set(self.template.eos_ids)
+        self.stats = _Stats()
+        # prompt = system turn: the sink, never rolled back
+        self.seq.begin_turn(Speaker.SYSTEM)
+        self.seq.append(lm.tokenizer.encode(prompt.prefix, add_special_tokens=False))
+        self.seq.end_turn(Speaker.SYSTEM)
+        self._prompt_len = len(self.seq)
+        self.source: list[str] = []
+        self._source_ids = 0
+        self.confirmed: list[TargetWord] = []
+        self._source_turn: int | None = None
+        self._source_end = self._prompt_len  # position after the last source token
+        self._target_ready = False  # the sequence ends with header + confirmed target (+ hypothesis)
+        self._last_hypothesis: list[TargetWord] = []
+        self._newline_ids: set[int] = set()
+
+    # ---- TranslationModel ------------------------------------------------------------------
+    def reset(self) -> None:
+        self.seq.truncate_to(self._prompt_len)
+        self.source, self.confirmed, self._last_hypothesis = [], [], []
+        self._source_ids = 0
+        self._source_turn = None
+        self._source_end = self._prompt_len
+        self._target_ready = False
+
+    def read(self, words: Sequence[str]) -> None:
+        words = [w for w in (w.strip() for w in words) if w]
+        if not words:
+            return
+        ids = self.lm.tokenizer.encode(" " + " ".join(words), add_special_tokens=False)
+        self._drop_target()
+        if self._source_turn is None:
+            self._source_turn = self.seq.begin_turn(Speaker.USER)
+        else:
+            self.seq.reopen(Speaker.USER, self._source_turn)
+        self.source.extend(words)
+        self._source_ids += len(ids)
+        # the words and the target header in one forward (header skipped by _open_target later)
+        self.seq.append_and_hand_over(ids, Speaker.AGENT)
+        self._source_end = len(self.seq) - len(self.template.agent.header)
+        self._target_ready = False
+        if self.confirmed:
+            self.seq.append([i for w in self.confirmed for i in w.ids], Status.SPOKEN)
+            self.stats.reencoded_tokens += sum(len(w.ids) for w in self.confirmed)
+        self._target_ready = True
+
+    def next_word(self) -> TargetWord | None:
+        self._open_target()
+        word = self._decode_word()
+        if word is not None:
+            self.confirmed.append(word)
+            self.seq.set_status(len(self.seq) - len(word.ids), len(self.seq), Status.SPOKEN)
+        return word
+
+    def hypothesis(self) -> list[TargetWord]:
+        self._open_target()
+        out: list[TargetWord] = []
+        while True:
+            word = self._decode_word()
+            if word is None:
+                break
+            out.append(word)
+        # the decoded tokens stay in the cache: confirming a prefix of them costs nothing now, and
+        # the next read() rolls them back with the rest of the target
+        self._rollback_to_confirmed(extra=[w for w in out])
+        self._last_hypothesis = out
+        return out
+
+    def confirm(self, words: Sequence[TargetWord]) -> None:
+        words = list(words)
+        if not words:
+            return
+        if [w.ids for w in words] != [w.ids for w in self._last_hypothesis[:len(words)]]:
+            raise ValueError("confirm() takes a prefix of the last hypothesis")
+        self.confirmed.extend(words)
+        self._last_hypothesis = self._last_hypothesis[len(words):]
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @property
+    def target_text(self) -> str:
+        return " ".join(w.text for w in self.confirmed)
+
+    def _drop_target(self) -> None:
+        """Roll the target turn back (header and tokens): the next source word goes before it."""
+        if len(self.seq) > self._source_end:
+            self.seq.truncate_to(self._source_end)
+        self._target_ready = False
+
+    def _open_target(self) -> None:
+        if self._target_ready:
+            # drop unconfirmed hypothesis tokens beyond the confirmed target
+            want = self._source_end + len(self.template.agent.header) + sum(len(w.ids) for w in self.confirmed)
+            if len(self.seq) > want:
+                self.seq.truncate_to(want)
+            return
+        if self._source_turn is None:
+            self._source_turn = self.seq.begin_turn(Speaker.USER)
+            self._source_end = len(self.seq)
+        self.seq.hand_over(Speaker.AGENT)
+        if self.confirmed:
+            self.seq.append([i for w in self.confirmed for i in w.ids], Status.SPOKEN)
+        self._target_ready = True
+
+    def _rollback_to_confirmed(self, extra: list[TargetWord]) -> None:
+        """Keep the cache at confirmed + ``extra`` tokens (drops a sampled-but-unused tail)."""
+        want = (self._source_end + len(self.template.agent.header) + sum(len(w.ids) for w in self.confirmed)
+                + sum(len(w.ids) for w in extra))
+        if len(self.seq) > want:
+            self.seq.truncate_to(want)
+
+    def _target_budget_left(self) -> int:
+        confirmed = len(self.seq) - self._source_end - len(self.template.agent.header)
+        return int(self.max_target_ratio * max(1, self._source_ids) + 8) - confirmed
+
+    def _is_end(self, token: int, piece: str) -> bool:
+        return token in self._eos or "\n" in piece
+
+    def _decode_word(self) -> TargetWord | None:
+        """Decode one whole word (until the next token starts a new word, or the end). The token
+        that starts the next word is sampled but not appended: it was predicted from this source."""
+        tok = self.lm.tokenizer
+        before_ids = [i for i in self.seq.ids[self._source_end + len(self.template.agent.header):]]
+        before = tok.decode(before_ids, skip_special_tokens=True)
+        ids: list[int] = []
+        text = before
+        while True:
+            if self._target_budget_left() <= 0:
+                return self._word(before, text, ids) if ids else None
+            t0 = time.perf_counter()
+            token = self.seq.sample(self._sampler)
+            new_text = tok.decode(before_ids + ids + [token], skip_special_tokens=True)
+            piece = new_text[len(text):] if new_text.startswith(text) else new_text
+            if self._is_end(token, piece) or (ids and piece[:1].isspace()):
+                self.stats.forwards_s += time.perf_counter() - t0
+                return self._word(before, text, ids) if ids else None
+            self.seq.append([token], Status.UNSPOKEN)
+            self.stats.decoded_tokens += 1
+            self.stats.forwards_s += time.perf_counter() - t0
+            ids.append(token)
+            text = new_text
+            if len(ids) >= self.max_word_tokens:
+                return self._word(before, text, ids)  # a runaway "word" (no space in sight): cut it
+
+    @staticmethod
+    def _word(before: str, text: str, ids: list[int]) -> TargetWord | None:
+        word = text[len(before):].strip() if text.startswith(before) else text.strip()
+        return TargetWord(word, tuple(ids)) if ids else None

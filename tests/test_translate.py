@@ -1,0 +1,258 @@
+"""Simultaneous translation: SimulEval metrics by hand, policy schedules on a fake model, the real
+translator on the tiny random model, and the sliding-window cache crop on a tiny random Gemma 3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from duplex.engine.models import LoadedModel
+from duplex.engine.sequence import SharedSequence, Speaker
+from duplex.engine.template import RoleMarkers, TurnTemplate
+from duplex.translate.evaluate import _stable_prefix_delays, load_test_set, translate_sentence
+from duplex.translate.metrics import InstanceDelays, al, ap, corpus_latency, corpus_quality, dal, laal
+from duplex.translate.policies import available_simul_policies, make_simul_policy
+from duplex.translate.prompt import UnsupportedLanguagePair, make_prompt
+from duplex.translate.translator import SimulTranslator, TargetWord, TranslationModel
+
+
+# ---- metrics, against values computed by hand ------------------------------------------------
+def test_al_laal_ap_dal_by_hand() -> None:
+    d = [2, 3, 4, 4]
+    # |X| = 4, |Y| = 4: lags 2, 3-1, 4-2 (τ = 3, the first d_i >= |X|) -> 6/3
+    assert al(d, 4, 4) == pytest.approx(2.0)
+    # |Y| = 3 (reference shorter): rate 4/3: 2 + (3 - 4/3) + (4 - 8/3) = 5 -> 5/3
+    assert al(d, 4, 3) == pytest.approx(5 / 3)
+    # LAAL uses max(|Y|, |hyp|) = 4
+    assert laal(d, 4, 3) == pytest.approx(2.0)
+    assert ap(d, 4, 4) == pytest.approx(13 / 16)
+    assert ap(d, 4, 3) == pytest.approx(13 / 12)
+    # DAL (|Y| = |hyp| = 4, rate 1): d' = 2, 3, 4, 5 -> (2 + 2 + 2 + 2) / 4
+    assert dal(d, 4, 3) == pytest.approx(2.0)
+    # writing ahead: AL can reach 0; DAL's d' forbids it: d' = 1, 2, 3 -> (1 + 1 + 1) / 3
+    assert al([1, 1, 1], 3, 3) == pytest.approx(0.0)
+    assert dal([1, 1, 1], 3) == pytest.approx(1.0)
+    # first word after the whole source: AL = d_1
+    assert al([5, 5], 4, 2) == 5.0
+    # offline (everything after |X|): AL = LAAL = DAL = |X|
+    assert al([6] * 5, 6, 7) == laal([6] * 5, 6, 7) == dal([6] * 5, 6) == 6.0
+
+
+def test_corpus_latency_is_the_sentence_mean_with_computation_aware_variants() -> None:
+    a = InstanceDelays((2, 3, 4, 4), 4, 4, elapsed_ms=(700.0, 1000.0, 1300.0, 1300.0), source_duration_ms=1200.0)
+    b = InstanceDelays((1, 1, 1), 3, 3, elapsed_ms=(400.0, 450.0, 500.0), source_duration_ms=900.0)
+    out = corpus_latency([a, b])
+    assert out["AL"] == pytest.approx((2.0 + 0.0) / 2)
+    assert out["DAL"] == pytest.approx((2.0 + 1.0) / 2)
+    # CA AL of a: rate 1200/4 = 300 ms: 700 + (1000 - 300) + (1300 - 600) (τ = 3) -> 2100/3
+    # CA AL of b: rate 300: 400 + (450 - 300) + (500 - 600) (never >= 900) -> 450/3
+    assert out["AL_CA_ms"] == pytest.approx((700.0 + 150.0) / 2)
+    assert "AP_CA" in out and "LAAL_CA_ms" in out
+
+
+def test_bleu_chrf_match_the_sacrebleu_cli(tmp_path) -> None:
+    hyps = ["Estoy buscando una farmacia cerca.", "El autobús llega tarde hoy."]
+    refs = ["Estoy buscando una farmacia cerca de aquí.", "El autobús llega tarde otra vez hoy."]
+    (tmp_path / "hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    (tmp_path / "ref").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    ours = corpus_quality(hyps, refs)
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref"), "-i", str(tmp_path / "hyp"),
+                          "-m", "bleu", "chrf", "-b", "-w", "2"], capture_output=True, text=True, check=True)
+    bleu, chrf = json.loads(cli.stdout)
+    assert (ours["BLEU"], ours["chrF"]) == (pytest.approx(bleu, abs=0.01), pytest.approx(chrf, abs=0.01))
+
+
+# ---- policies on a fake model ----------------------------------------------------------------
+class FakeTranslation(TranslationModel):
+    """Translates word i of the source to WORD_I (upper case) once it is read; the hypothesis adds
+    a guess for the next word that is always wrong ("?n"), so consecutive hypotheses agree exactly
+    on the words already read."""
+
+    def __init__(self) -> None:
+        self.source: list[str] = []
+        self.confirmed: list[TargetWord] = []
+        self.last: list[TargetWord] = []
+        self.finished = False
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def read(self, words: Sequence[str]) -> None:
+        self.source += list(words)
+
+    def _word(self, i: int) -> TargetWord:
+        return TargetWord(self.source[i].upper(), (i,))
+
+    def next_word(self) -> TargetWord | None:
+        i = len(self.confirmed)
+        if i >= len(self.source):
+            return None
+        self.confirmed.append(self._word(i))
+        return self.confirmed[-1]
+
+    def hypothesis(self) -> list[TargetWord]:
+        known = [self._word(i) for i in range(len(self.confirmed), len(self.source))]
+        self.last = known + [TargetWord(f"?{len(self.source)}", (-1,))]
+        return self.last
+
+    def confirm(self, words: Sequence[TargetWord]) -> None:
+        assert list(words) == self.last[:len(words)]
+        self.confirmed += list(words)
+        self.last = self.last[len(words):]
+
+
+class FinishingFake(FakeTranslation):
+    """At the end of the source the guess disappears (the model knows the sentence is over)."""
+
+    def hypothesis(self) -> list[TargetWord]:
+        hyp = super().hypothesis()
+        return hyp[:-1] if self.finished else hyp
+
+
+def test_retranslation_delays_are_when_each_word_became_stable() -> None:
+    # displays after reads 1..3 and at the end: word 1 is stable from read 1, word 2 from read 3
+    # (read 2 showed "X"), word 3 only at the end; 2 displayed words were later changed
+    shown = [(1, 100.0, ["A", "?"]), (2, 200.0, ["A", "X", "?"]), (3, 300.0, ["A", "B", "?"]),
+             (3, 350.0, ["A", "B", "C"])]
+    delays, elapsed, revisions = _stable_prefix_delays(["A", "B", "C"], shown)
+    assert delays == [1, 3, 3] and elapsed == [100.0, 300.0, 350.0]
+    assert revisions == 1 + 2 + 1
+
+
+def test_wait_k_reads_k_then_alternates() -> None:
+    policy = make_simul_policy("wait-k", k=2)
+    fake = FakeTranslation()
+    schedule = []
+    for n, w in enumerate("a b c d e".split(), start=1):
+        fake.read([w])
+        schedule.append((n, [t.text for t in policy.on_source(fake, n, False)]))
+    fake.finished = True
+    schedule.append((5, [t.text for t in policy.on_source(fake, 5, True)]))
+    assert schedule == [(1, []), (2, ["A"]), (3, ["B"]), (4, ["C"]), (5, ["D"]), (5, ["E", "?5"])]
+
+
+def test_wait_k_delays_and_k_larger_than_the_source() -> None:
+    fake_policy = make_simul_policy("wait-k", k=3)
+    fake = FinishingFake()
+    delays = []
+    for n, w in enumerate("a b c d e".split(), start=1):
+        fake.read([w])
+        delays += [n] * len(fake_policy.on_source(fake, n, False))
+    fake.finished = True
+    delays += [5] * len(fake_policy.on_source(fake, 5, True))
+    assert delays == [3, 4, 5, 5, 5]  # d_i = min(k + i - 1, |X|)
+    policy = make_simul_policy("wait-k", k=9)
+    fake = FinishingFake()
+    fake.read(["a", "b"])
+    assert policy.on_source(fake, 2, False) == []
+
+
+def test_local_agreement_confirms_the_common_prefix_of_two_hypotheses() -> None:
+    policy = make_simul_policy("local-agreement")
+    fake = FinishingFake()
+    schedule = []
+    for n, w in enumerate("a b c d".split(), start=1):
+        fake.read([w])
+        schedule.append([t.text for t in policy.on_source(fake, n, False)])
+        assert policy.hypothesis[-1] == f"?{n}"  # the unconfirmed guess is shown, not confirmed
+    fake.finished = True
+    schedule.append([t.text for t in policy.on_source(fake, 4, True)])
+    # hypotheses [A ?1], [A B ?2], [A B C ?3], ...: two in a row agree on all but the guess
+    assert schedule == [[], ["A"], ["B"], ["C"], ["D"]]
+
+
+def test_retranslation_confirms_only_at_the_end_and_offline_reads_everything() -> None:
+    policy = make_simul_policy("retranslate")
+    fake = FinishingFake()
+    for n, w in enumerate("a b c".split(), start=1):
+        fake.read([w])
+        assert policy.on_source(fake, n, False) == []
+        assert policy.hypothesis == [x.upper() for x in "a b c".split()[:n]] + [f"?{n}"]
+    fake.finished = True
+    assert [t.text for t in policy.on_source(fake, 3, True)] == ["A", "B", "C"]
+    offline = make_simul_policy("offline")
+    fake = FinishingFake()
+    fake.read(["a"])
+    assert offline.on_source(fake, 1, False) == []
+    fake.finished = True
+    assert [t.text for t in offline.on_source(fake, 1, True)] == ["A"]
+
+
+def test_policy_registry_and_errors() -> None:
+    assert {"wait-k", "local-agreement", "retranslate", "offline"} <= set(available_simul_policies())
+    with pytest.raises(ValueError, match="unknown translation policy"):
+        make_simul_policy("nope")
+    with pytest.raises(ValueError):
+        make_simul_policy("wait-k", k=0)
+    with pytest.raises(UnsupportedLanguagePair, match="en->es"):
+        make_prompt("en", "xx")
+
+
+def test_test_set_is_parallel() -> None:
+    src, ref = load_test_set()
+    assert len(src) == len(ref) >= 30
+
+
+# ---- the real translator on the tiny random model ---------------------------------------------
+def test_translator_streaming_equals_offline_and_rollback_is_exact(tiny_lm: LoadedModel) -> None:
+    """wait-k with k >= |X| writes nothing before the end, so it must equal offline; and after a
+    hypothesis + read, the cache equals a fresh prefill of the same ids (rollback is exact)."""
+    tr = SimulTranslator(tiny_lm, make_prompt(), max_word_tokens=4, max_target_ratio=1.0)
+    sentence = "where is the station"
+    offline = translate_sentence(tr, make_simul_policy("offline"), sentence)
+    waitk = translate_sentence(tr, make_simul_policy("wait-k", k=10), sentence)
+    assert waitk.prediction == offline.prediction
+    assert waitk.delays == offline.delays == (4,) * len(offline.delays)
+    la = translate_sentence(tr, make_simul_policy("local-agreement"), sentence)
+    assert la.delays == tuple(sorted(la.delays)) and all(1 <= d <= 4 for d in la.delays)
+    tr.reset()
+    tr.read(["where", "is"])
+    tr.confirm(tr.hypothesis()[:1])
+    tr.read(["the"])
+    logits = tr.seq.logits.clone()
+    fresh = SharedSequence(tiny_lm, tr.template)
+    fresh.begin_turn(Speaker.USER)  # no header: the ids already start with the prompt's BOS
+    fresh.append(tr.seq.ids)
+    assert torch.allclose(fresh.logits, logits, atol=1e-4)
+
+
+# ---- Gemma 3 sliding-window layers ---------------------------------------------------------
+def _tiny_gemma3(tokenizer) -> LoadedModel:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-gemma3", device=torch.device("cpu"),
+                       dtype=torch.float32)
+
+
+def test_rollback_past_a_full_sliding_window_reencodes_exactly(tiny_lm: LoadedModel) -> None:
+    lm = _tiny_gemma3(tiny_lm.tokenizer)
+    empty = RoleMarkers((), ())
+    template = TurnTemplate(system=empty, user=empty, agent=empty, eos_ids=(0,))
+    ids = list(range(100, 130))
+    seq = SharedSequence(lm, template)
+    seq.begin_turn(Speaker.USER)
+    seq.append(ids[:20])  # 20 > window 8: the sliding layer has dropped positions
+    seq.append(ids[20:])
+    seq.rollback(12)  # back to 18 tokens: a plain crop would raise
+    seq.append(ids[18:25])
+    ref = SharedSequence(lm, template)
+    ref.begin_turn(Speaker.USER)
+    ref.append(ids[:25])
+    assert seq.ids == ref.ids
+    assert torch.allclose(seq.logits, ref.logits, atol=1e-5)
+    seq.rollback(1)  # and the lazy logits after a rollback
+    ref2 = SharedSequence(lm, template)
+    ref2.begin_turn(Speaker.USER)
+    ref2.append(ids[:24])
+    assert torch.allclose(seq.logits, ref2.logits, atol=1e-5)
