@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     from duplex.cli.policy import add_policy_parser
 
     add_policy_parser(sub)
+    from duplex.translate.cli import add_translate_parser
+
+    add_translate_parser(sub)
     return parser
 
 

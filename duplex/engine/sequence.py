@@ -40,6 +40,16 @@ def _crop_cache(cache: Any, length: int) -> None:
         cache.crop(length)
 
 
+def _can_crop(cache: Any) -> bool:
+    """False once a sliding-window layer (Gemma 3) holds a full window: it has dropped its oldest
+    positions, so a crop cannot restore the state before them (transformers raises)."""
+    for layer in getattr(cache, "layers", ()):
+        window = getattr(layer, "sliding_window", None)
+        if window and int(layer.get_seq_length()) >= int(window) and not getattr(layer, "record_past", False):
+            return False
+    return True
+
+
 def _transformers_major() -> int:
     import transformers
 
@@ -179,7 +189,7 @@ class SharedSequence:
             if not self._ids:
                 raise RuntimeError("empty sequence has no next-token logits")
             last = self._ids[-1]
-            _crop_cache(self._cache, len(self._ids) - 1)
+            self._crop_to(len(self._ids) - 1)
             self._logits = self._forward([last], len(self._ids) - 1)
         return self._logits
 
@@ -312,7 +322,7 @@ class SharedSequence:
             return
         keep = len(self._ids) - n
         del self._ids[keep:], self._speaker[keep:], self._status[keep:], self._turn[keep:]
-        _crop_cache(self._cache, keep)
+        self._crop_to(keep)
         self._logits = None
         if self._open is not None and self.turn_start(self._open[1]) == -1:
             self._open = None  # the whole open turn was rolled back, header included
@@ -382,6 +392,21 @@ class SharedSequence:
         return []
 
     # ---- model calls -----------------------------------------------------------------------
+    def _crop_to(self, length: int) -> None:
+        """Crop the cache to the first ``length`` ledger positions, or re-encode them when a
+        sliding-window layer can no longer be cropped (see :func:`_can_crop`)."""
+        if _can_crop(self._cache):
+            _crop_cache(self._cache, length)
+            return
+        log.debug("sliding-window cache: re-encoding %d tokens instead of cropping", length)
+        ids, saved = self._ids[:length], self._ids
+        self._cache = self._new_cache()
+        self._ids = []
+        try:
+            self._prefill(ids)
+        finally:
+            self._ids = saved
+
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
