@@ -34,6 +34,7 @@ class Observation:
     agent_spoken_tokens: int = 0  # delivered to the user in the current agent turn
     eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
     agent_paused: bool = False  # the agent's audio is paused while the user's overlap is judged
+    transcript_pending: bool = False  # the user's sound has ended, its final words are on the way
     user_speech_s: float = 0.0  # how long the user has been talking, while talking (0 otherwise)
     since_agent_backchannel_s: float | None = None  # since the agent's own last "mm-hm"; None: never
     # the user's words, split (user_turn_words counts both)
@@ -184,6 +185,8 @@ class BargeInRules:
     backchannel_max_words: int = 2
     backchannel_max_ms: float = 1500.0
     pause_on_overlap: bool = True
+    words_wait_ms: float = 1500.0  # how long a paused agent waits for the final words of an overlap
+    short_sound_ms: float = 1000.0  # if they never come, a sound this short (VAD hangover included) resumes
     type: str = "barge_in_rules"
 
     def decide(self, obs: Observation) -> Action | None:
@@ -208,7 +211,10 @@ class BargeInRules:
             if overlap_ms >= self.backchannel_max_ms:
                 return Yield("overlap")  # too long for a backchannel, words or not
             return Pause("overlap") if self.pause_on_overlap else Continue("pending")
-        # the overlap has ended: judge what it was
-        if content:
+        # the overlap has ended: judge what it was, from its final words (bounded wait)
+        if obs.transcript_pending and obs.agent_paused and (obs.silence_s or 0.0) * 1000 < self.words_wait_ms:
+            return Pause("words_pending")
+        if content and not (obs.transcript_pending and overlap_ms < self.short_sound_ms):
             return Yield("words")  # "what?" or a name: a short turn, not an acknowledgement
+        # (a short sound whose final words never came is judged by its length: a backchannel)
         return Resume("backchannel") if obs.agent_paused else Continue("backchannel")

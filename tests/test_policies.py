@@ -121,3 +121,13 @@ def test_agent_backchannels_only_when_enabled_while_the_user_talks_at_length():
         assert isinstance(p.decide(obs(user_speaking=True, user_speech_s=2.0)), Listen)  # too early
         assert not isinstance(p.decide(obs(user_speaking=True, user_speech_s=9.0, agent_speaking=True)),
                               Backchannel)  # never over its own speech
+
+
+def test_an_ended_overlap_waits_for_its_final_words_before_resuming_or_yielding():
+    pending = obs(agent_speaking=True, agent_paused=True, overlap_s=0.6, silence_s=0.4, transcript_pending=True)
+    assert isinstance(make_policy("eou").decide(pending), Pause)
+    # the words arrive: "mm-hm" resumes; a slow recogniser is not waited for past words_wait_ms
+    done = obs(agent_speaking=True, agent_paused=True, overlap_s=0.6, silence_s=0.9, partial_text="mm-hm")
+    assert isinstance(make_policy("eou").decide(done), Resume)
+    stuck = obs(agent_speaking=True, agent_paused=True, overlap_s=0.6, silence_s=1.6, transcript_pending=True)
+    assert isinstance(make_policy("eou").decide(stuck), Resume)

@@ -357,6 +357,25 @@ async def test_backchannel_pauses_then_resumes_and_opens_no_turn(make_server) ->
         await client.close()
 
 
+async def test_slow_recognition_does_not_turn_a_backchannel_into_a_barge_in(make_server) -> None:
+    # each whisper pass takes 1.4 s: the final words of "yeah" arrive long after the sound ended
+    whisper = FakeWhisper(word_s=0.3, word_namer=lambda i: "yeah", delay_s=1.4)
+    server = await make_server(tts=FakeTts(chars_per_s=40.0), asr=whisper, vad_factory=EnergyVad,
+                               config=_config(max_tokens=60, truncate_wait_ms=60_000))
+    client = await _audio_session(server)
+    try:
+        await client.send_text("tell me a long story please")
+        turn = (await _until(client, "response.output_audio.delta"))[-1]["turn"]
+        pcm = _tone(0.35, True) + _tone(2.0, False)
+        for i in range(0, len(pcm), 640):
+            await client.send_audio(pcm[i:i + 640])
+            await asyncio.sleep(0.02)
+        events = await _until(client, "response.output_audio.resumed", "response.interrupted")
+        assert events[-1]["type"] == "response.output_audio.resumed" and events[-1]["turn"] == turn
+    finally:
+        await client.close()
+
+
 async def test_agent_backchannel_audio_while_the_user_talks(make_server) -> None:
     server = await make_server(tts=FakeTts(chars_per_s=40.0), asr=FakeWhisper(), vad_factory=EnergyVad)
     client = await _audio_session(server)

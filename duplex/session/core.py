@@ -23,7 +23,7 @@ from duplex.session.detok import IncrementalDetokenizer, WordBuffer
 from duplex.engine.worker import Engine
 from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, AsrWord, Cancel, ErrorEvent, InstructionsUpdated, Interrupted,
                      PlaybackMark, PolicyDecided, SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput,
-                     TurnEnded, TurnStarted, UpdateSession, UserTranscript)
+                     TranscriptStatus, TurnEnded, TurnStarted, UpdateSession, UserTranscript)
 from duplex.policies import Action, Backchannel, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield, make_policy
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
@@ -83,6 +83,7 @@ class Session:
         self._paused = False  # the agent's audio is paused while an overlap is judged
         self._speech_start_t: float | None = None  # the user's current utterance began (session clock)
         self._backchannel_t: float | None = None  # the agent's own last acknowledgement
+        self._transcript_pending = False  # an overlap ended; its final words are still coming
         self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
 
     # ---- public API ----------------------------------------------------------------------------
@@ -264,6 +265,8 @@ class Session:
             self._audio_turn = None  # the pause it described is over
             if self._agent_speaking() and self._overlap_start_t is None:
                 self._overlap_start_t = now
+        elif isinstance(ev, TranscriptStatus):
+            self._transcript_pending = ev.pending
         elif isinstance(ev, SpeechStopped):
             self._user_speaking = False
             self._speech_end_t = now
@@ -483,6 +486,7 @@ class Session:
             agent_pending_tokens=(len(agent.tokens) - agent.delivered_tokens) if agent else 0,
             agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
             agent_paused=self._paused and agent is not None,
+            transcript_pending=self._transcript_pending,
             user_speech_s=(now - self._speech_start_t) if self._user_speaking and self._speech_start_t is not None
             else 0.0,
             since_agent_backchannel_s=None if self._backchannel_t is None else now - self._backchannel_t,
@@ -516,8 +520,8 @@ class Session:
                 self._paused = True
                 self._emit(AgentPaused(agent.turn, self.clock.now(), action.reason))
             return
-        if action.reason == "backchannel" and not self._user_speaking and self._overlap_start_t is not None:
-            self._end_overlap_as_backchannel()
+        if action.reason == "backchannel" and not self._user_speaking:
+            self._end_overlap_as_backchannel()  # late words of a resolved backchannel go the same way
         if isinstance(action, Resume) or action.reason == "backchannel":
             self._resume(action.reason)
 
@@ -538,7 +542,7 @@ class Session:
     def _end_overlap_as_backchannel(self) -> None:
         """The overlap was a backchannel: it is not a turn, so the agent does not answer "yeah"; its
         words are kept as a marked note that opens the user's next turn."""
-        heard = self._partial_text().strip()
+        heard = self._user_text_so_far().strip()  # committed words only: tentative ones may be garbled
         if heard:
             note = self.engine.tokenizer.encode(f"{BACKCHANNEL_MARKER.format(heard)} ", add_special_tokens=False)
             kept = self._backchannel_ids if len(self._backchannel_ids) + len(note) <= _MAX_BACKCHANNEL_NOTE_TOKENS else []

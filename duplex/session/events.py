@@ -15,7 +15,7 @@ from typing import Any
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 
 __all__ = [
-    "AgentBackchannel", "AgentPaused", "AgentResumed", "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "InstructionsUpdated", "Interrupted", "PlaybackMark",
+    "AgentBackchannel", "TranscriptStatus", "AgentPaused", "AgentResumed", "AgentTextDelta", "AsrWord", "Cancel", "ErrorEvent", "InstructionsUpdated", "Interrupted", "PlaybackMark",
     "PolicyDecided",
     "SessionEvent", "SessionInput", "SpeechStarted", "SpeechStopped", "StateChanged", "TextInput",
     "TurnEnded", "TurnStarted", "UpdateSession", "UserTranscript", "to_dict",
@@ -67,7 +67,19 @@ class UpdateSession:
     type: str = "update_session"
 
 
-SessionInput = TextInput | AsrWord | SpeechStarted | SpeechStopped | PlaybackMark | Cancel | UpdateSession
+@dataclass(frozen=True, slots=True)
+class TranscriptStatus:
+    """Whether the words of the sound that ended at ``t_s`` (stream seconds) are still being
+    recognised. Sent around an overlap's ``SpeechStopped``: the sound's end bounds the overlap at
+    once, while the decision (resume or yield) waits for its final words."""
+
+    pending: bool
+    t_s: float
+    type: str = "transcript_status"
+
+
+SessionInput = (TextInput | AsrWord | SpeechStarted | SpeechStopped | TranscriptStatus | PlaybackMark | Cancel
+                | UpdateSession)
 
 
 # ---- outputs -----------------------------------------------------------------------------------

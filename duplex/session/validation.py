@@ -11,7 +11,7 @@ from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
 from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.policies import make_policy
 from duplex.session.config import SessionConfig
-from duplex.session.events import Cancel, PlaybackMark, TextInput, UpdateSession
+from duplex.session.events import Cancel, PlaybackMark, TextInput, TranscriptStatus, UpdateSession
 
 __all__ = ["MAX_TEMPERATURE", "instructions_token_limit", "max_reply_tokens_limit", "validate_input"]
 
@@ -47,8 +47,8 @@ def validate_input(ev: Any, config: SessionConfig, user_text_pending: bool, pend
     the user's turn already has text, so an empty final ``TextInput`` just ends it; ``pending_chars``:
     typed characters already buffered (a word not yet ended); ``count_tokens``: the tokenizer's count,
     for the instructions' token limit."""
-    if not isinstance(ev, (TextInput, AsrWord, SpeechStarted, SpeechStopped, TurnAudioFeatures, PlaybackMark, Cancel,
-                           UpdateSession)):
+    if not isinstance(ev, (TextInput, AsrWord, SpeechStarted, SpeechStopped, TranscriptStatus, TurnAudioFeatures,
+                           PlaybackMark, Cancel, UpdateSession)):
         return "unknown_event", f"unknown input event {type(ev).__name__}"
     if isinstance(ev, TextInput):
         if not isinstance(ev.text, str):

@@ -38,8 +38,9 @@ from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.core import Session
-from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent, Interrupted, PlaybackMark, TextInput,
-                                   TurnEnded, TurnStarted, UpdateSession)
+from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent,
+                                   Interrupted, PlaybackMark, TextInput, TranscriptStatus, TurnEnded, TurnStarted,
+                                   UpdateSession)
 from duplex.voice.config import VoiceConfig
 from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, BackchannelAudio,
                                   SpeechFinalized, VoiceOutput)
@@ -184,6 +185,7 @@ class VoicePipeline:
         self._turns: dict[int, _TurnAudio] = {}
         self.agent_turn: int | None = None  # the agent turn being generated or played
         self._held_stop: SpeechStopped | None = None
+        self._early_stop_t: float | None = None  # an overlap's stop sent ahead of its final words
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
@@ -371,12 +373,20 @@ class VoicePipeline:
             if self._held_stop is not None and self._held_stop.t_s <= ev.t_s:
                 self.session.submit(self._held_stop)
                 self._held_stop = None
+            if self._early_stop_t is not None and self._early_stop_t <= ev.t_s:
+                self._early_stop_t = None
+                self.session.submit(TranscriptStatus(False, ev.t_s))
             return
         speech_ev = cast(SpeechEvent, ev)
         self._emit(speech_ev)
         if isinstance(speech_ev, SpeechStopped) and self.config.hold_stop_for_final_words:
-            self._held_stop = speech_ev
-            return
+            if self.agent_turn is None:
+                self._held_stop = speech_ev  # a turn end is only seen with its final words
+                return
+            # Over the agent, the sound's end bounds the overlap now (a slow final pass must not
+            # stretch a backchannel into a barge-in); the decision waits for the words instead.
+            self._early_stop_t = speech_ev.t_s
+            self.session.submit(TranscriptStatus(True, speech_ev.t_s))
         if isinstance(speech_ev, SpeechStarted) and self._held_stop is not None:
             self._held_stop = None  # the user went on: the session never saw the pause
             return
