@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
     p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
     p.add_argument("--instructions", default=None)
+    p.add_argument("--translate-model", default=None,
+                   help="model for session.update {mode: translate} (default: the packaged Gemma 3 270M; "
+                        "any HF causal LM id or path); loaded on the first translate session")
 
     p = add("talk", _cmd_talk, "local voice chat with microphone and speaker")
     _add_model_args(p)

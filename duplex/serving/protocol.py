@@ -51,6 +51,10 @@ class SessionUpdate:
     output_modalities: tuple[str, ...] | None = None
     input_sample_rate_hz: int | None = None
     input_channels: int | None = None
+    mode: str | None = None  # chat | translate (docs/protocol.md, "Translate mode")
+    source_language: str | None = None
+    target_language: str | None = None
+    k: int | None = None
     type: str = "session.update"
 
 
@@ -207,7 +211,12 @@ def _parse_session_update(msg: dict[str, Any]) -> SessionUpdate:
     if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise ProtocolError("invalid_value", f"session.update: field 'temperature' must be between 0 and "
                             f"{MAX_TEMPERATURE:g}, got {temperature}")
+    k = s.get("k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ProtocolError("invalid_value", "session.update: 'k' must be a positive integer")
     return SessionUpdate(
+        mode=_get(s, "mode", str), source_language=_get(s, "source_language", str),
+        target_language=_get(s, "target_language", str), k=k,
         instructions=_get(s, "instructions", str), policy=_get(s, "policy", str),
         policy_params=_get(s, "policy_params", dict),
         temperature=float(temperature) if temperature is not None else None,
@@ -338,6 +347,9 @@ class EventMapper:
             return [{"type": "response.backchannel", "text": ev.text}]
         if isinstance(ev, InstructionsUpdated):
             return [{"type": "session.instructions_updated", "status": ev.status}]
+        if getattr(ev, "type", None) == "translation_updated":  # duplex.translate.session.TranslationUpdated
+            return [{"type": "translation.updated", "turn": ev.turn, "item_id": item_id(ev.turn),
+                     "source": ev.source, "target": ev.target, "hypothesis": ev.hypothesis}]
         return []
 
 

@@ -280,8 +280,9 @@ class DuplexServer:
                  asr: Any | None = None, vad_factory: Callable[[], Any] | None = None,
                  speech_factory: Callable[[], SpeechInput] | None = None, limits: ServerLimits | None = None,
                  auth_token: str | None = None, web_dir: str | Path | None = None,
-                 allowed_origins: Iterable[str] = ()) -> None:
+                 allowed_origins: Iterable[str] = (), translate: Any | None = None) -> None:
         self.engine = engine
+        self.translate = translate  # duplex.translate.serving.TranslateService: session.update {mode: translate}
         if isinstance(config, SessionConfig):
             config = VoiceConfig(session=config)
         self.config = config or default_voice_config()
@@ -427,7 +428,7 @@ class DuplexServer:
     def _new_session(self, speech_factory: Callable[[], SpeechInput] | None = None) -> ServerSession:
         hub = ServerSession(self.engine, self.config, limits=self.limits, tts=self.tts,
                             tts_executor=self._tts_executor, speech_factory=speech_factory or self.speech_factory,
-                            on_overflow=self._overflowed)
+                            on_overflow=self._overflowed, translate=self.translate)
         self.sessions[hub.id] = hub
         return hub
 
@@ -539,8 +540,12 @@ async def run_server(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, **timing)
     limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
                           max_detached_sessions=getattr(args, "max_detached_sessions", None))
+    from duplex.translate.serving import TranslateService
+
+    translate = TranslateService(getattr(args, "translate_model", None), device=args.device,
+                                 quantize=None if quantize == "none" else quantize)  # loaded on first use
     server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token, limits=limits,
-                          allowed_origins=getattr(args, "allowed_origin", None) or ())
+                          allowed_origins=getattr(args, "allowed_origin", None) or (), translate=translate)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -556,4 +561,5 @@ async def run_server(args: argparse.Namespace) -> int:
     finally:
         await server.close()
         engine.close()
+        translate.close()
     return 0

@@ -67,8 +67,14 @@ class ServerSession:
                  tts: Any | None = None, tts_executor: Executor | None = None,
                  speech_factory: Callable[[], SpeechInput] | None = None,
                  on_overflow: Callable[[ServerSession], None] | None = None,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, translate: Any | None = None) -> None:
         self.limits = limits
+        # what a mode change (duplex.translate.serving) needs to build the next pipeline
+        self.translate = translate
+        self.mode = "chat"
+        self.translate_config: Any | None = None
+        self._engine, self._chat_config, self._tts, self._tts_executor = engine, config, tts, tts_executor
+        self._speech_factory = speech_factory
         self.id = session_id or secrets.token_hex(8)
         self.resume_token = secrets.token_urlsafe(24)
         self.outbox = Outbox(limits.max_queued_events, limits.max_queued_audio_bytes, limits.replay_events)
@@ -114,10 +120,44 @@ class ServerSession:
             "max_text_chars": session.max_text_chars,
             "max_instructions_chars": session.max_instructions_chars,
             "resume_ttl_s": self.limits.resume_ttl_s,
+            "mode": self.mode,
+            **({"translate": _describe_translate(self.translate_config)} if self.mode == "translate" else {}),
         }
 
     async def start(self) -> None:
         await self.pipeline.start()
+        self._pump = asyncio.create_task(self._pump_outputs(), name=f"pump-{self.id}")
+
+    @property
+    def busy(self) -> bool:
+        """A turn is open (generating, or its audio still playing)."""
+        return self.pipeline.agent_turn is not None or self.session.state != "listening"
+
+    @property
+    def tts_available(self) -> bool:
+        return self._tts is not None
+
+    async def replace_pipeline(self, *, session: Any | None, tts: Any | None, audio_output: bool) -> None:
+        """Swap the voice pipeline between turns (a mode change): ``session`` takes the chat
+        Session's place (None: a fresh chat Session); ``tts`` replaces the server's (None: the server's)."""
+        if self.mode == "chat":
+            self._chat_config = self.pipeline.config
+        if self._pump is not None:
+            self._pump.cancel()
+            try:
+                await self._pump
+            except asyncio.CancelledError:
+                pass
+            self._pump = None
+        await self.pipeline.close()
+        tts = tts if tts is not None else self._tts
+        pipeline = VoicePipeline(self._engine, self._chat_config, speech_factory=self._speech_factory, tts=tts,
+                                 tts_executor=self._tts_executor, session_id=self.id,
+                                 audio_output=audio_output and tts is not None)
+        if session is not None:
+            pipeline.session = session  # before start(): the pipeline drives this session instead
+        self.pipeline = pipeline
+        await pipeline.start()
         self._pump = asyncio.create_task(self._pump_outputs(), name=f"pump-{self.id}")
 
     async def close(self, reason: str = "closed") -> None:
@@ -262,6 +302,11 @@ class ServerSession:
             except AudioFormatError as exc:
                 raise ProtocolError("invalid_audio_format", str(exc)) from exc
             self.input_sample_rate_hz, self.input_channels = rate, channels
+        if msg.mode is not None or self.mode == "translate":
+            from duplex.translate.serving import update_mode
+
+            if await update_mode(self, msg):
+                return
         if msg.output_modalities is not None:
             want_audio = "audio" in msg.output_modalities
             if want_audio and pipeline.tts_engine is None:
@@ -295,6 +340,12 @@ class ServerSession:
 
     async def handle_commit(self) -> None:
         await self._require_open().end_of_speech()
+
+
+def _describe_translate(config: Any) -> dict[str, Any] | None:
+    from duplex.translate.serving import describe_translate
+
+    return describe_translate(config)
 
 
 def _ms(samples: int, sample_rate_hz: int) -> float:

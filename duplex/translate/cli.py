@@ -57,7 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       instances_dir=args.instances)
 
     result = {
-        "command": "duplex translate eval " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "duplex translate eval",
+        "command": " ".join(["duplex", "translate", "eval", *sys.argv[3:]]),
         "model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
         "device": str(lm.device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
@@ -71,6 +71,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "policies": scores,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    for entry in scores.values():
+        entry["command"] = result["command"]
+    if args.merge and args.json and Path(args.json).exists():
+        # several runs (e.g. policies in parallel processes) into one file; each policy keeps its command
+        old = json.loads(Path(args.json).read_text(encoding="utf-8"))
+        result["policies"] = {**old.get("policies", {}), **scores}
+        result["wall_s"] = round(max(result["wall_s"], old.get("wall_s", 0.0)), 1)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +154,7 @@ def add_translate_parser(sub: Any) -> None:
     e.add_argument("--word-interval-ms", type=float, default=300.0,
                    help="computation-aware latency: one source word arrives every this many ms")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the JSON here")
+    e.add_argument("--merge", action="store_true", help="merge these policies into the existing --json FILE")
     e.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (on a shared, loaded machine 1 thread decoded 10x faster than 2)")
     e.add_argument("--instances", default=None, metavar="DIR",
