@@ -3,6 +3,7 @@ translator on the tiny random model, and the sliding-window cache crop on a tiny
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -256,3 +257,35 @@ def test_rollback_past_a_full_sliding_window_reencodes_exactly(tiny_lm: LoadedMo
     ref2.begin_turn(Speaker.USER)
     ref2.append(ids[:24])
     assert torch.allclose(seq.logits, ref2.logits, atol=1e-5)
+
+
+# ---- the session with a speech source (committed ASR words) --------------------------------
+async def test_translate_session_reads_committed_asr_words_and_ends_at_speech_stopped(tiny_engine) -> None:
+    from duplex.session.events import AgentTextDelta, AsrWord, SpeechStopped, TurnEnded
+    from duplex.translate.session import TranslateConfig, TranslateSession, TranslationUpdated
+
+    session = TranslateSession(tiny_engine, TranslateConfig(policy="wait-k", k=1))
+    await session.start()
+    try:
+        for i, word in enumerate("where is the station".split()):
+            session.submit(AsrWord(word, 0.3 * i, 0.3 * i + 0.2, committed=True))
+        session.submit(AsrWord("maybe", 1.5, 1.7, committed=False))  # tentative: shown, never read
+        session.submit(SpeechStopped(2.0))
+        events = []
+
+        async def collect() -> None:
+            async for ev in session.events():
+                events.append(ev)
+                if isinstance(ev, TurnEnded) and ev.speaker == "agent":
+                    return
+
+        await asyncio.wait_for(collect(), 60)
+    finally:
+        await session.close()
+    user = next(e for e in events if isinstance(e, TurnEnded) and e.speaker == "user")
+    assert user.text == "where is the station"
+    agent = events[-1]
+    assert agent.text == "".join(e.text for e in events if isinstance(e, AgentTextDelta))
+    updates = [e for e in events if isinstance(e, TranslationUpdated)]
+    assert [u.source for u in updates][:4] == ["where", "where is", "where is the", "where is the station"]
+    assert session.lines == [(user.text, agent.text)]

@@ -111,7 +111,6 @@ async def _live(args: argparse.Namespace) -> int:
             session.submit(TextInput("", final=True))
         session.submit(TextInput("", final=True))
 
-    pending = 0
     feeder = asyncio.create_task(feed())
     try:
         async for ev in session.events():
@@ -119,8 +118,7 @@ async def _live(args: argparse.Namespace) -> int:
                 print(ev.text, end="", flush=True)
             elif isinstance(ev, TurnEnded) and ev.speaker == "agent":
                 print(flush=True)
-                pending += 1
-            if feeder.done() and session.has_room and not session._inputs and session.state == "listening":  # noqa: SLF001
+            if feeder.done() and session.idle:
                 break
     finally:
         feeder.cancel()
@@ -129,9 +127,18 @@ async def _live(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from duplex.translate.evaluate import markdown_table
+
+    print(markdown_table(json.loads(Path(args.file).read_text(encoding="utf-8"))))
+    return 0
+
+
 def _cmd_translate(args: argparse.Namespace) -> int:
     if getattr(args, "translate_command", None) == "eval":
         return _cmd_eval(args)
+    if getattr(args, "translate_command", None) == "report":
+        return _cmd_report(args)
     return asyncio.run(_live(args))
 
 
@@ -159,3 +166,6 @@ def add_translate_parser(sub: Any) -> None:
                    help="torch CPU threads (on a shared, loaded machine 1 thread decoded 10x faster than 2)")
     e.add_argument("--instances", default=None, metavar="DIR",
                    help="write SimulEval-style DIR/<policy>/instances.log")
+    r = tsub.add_parser("report", help="the README table (markdown) from an eval JSON")
+    r.set_defaults(func=_cmd_translate)
+    r.add_argument("file")

@@ -19,7 +19,7 @@ from duplex.translate.metrics import InstanceDelays, corpus_latency, corpus_qual
 from duplex.translate.policies import SimulPolicy, make_simul_policy
 from duplex.translate.translator import TranslationModel
 
-__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "translate_sentence"]
+__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "markdown_table", "translate_sentence"]
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +164,15 @@ def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequen
             (out / "instances.log").write_text("".join(json.dumps(r.to_log(), ensure_ascii=False) + "\n"
                                                        for r in sentences), encoding="utf-8")
     return results
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README table, every number read from an ``eval`` JSON (``duplex translate report FILE``)."""
+    head = ("| policy | BLEU | chrF | AL | LAAL | AP | DAL | AL_CA (s) | LAAL_CA (s) | compute ms / source word |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, r in result["policies"].items():
+        ca = [f"{r[k] / 1000:.2f}" if k in r else "" for k in ("AL_CA_ms", "LAAL_CA_ms")]
+        rows.append(f"| {name} | {r['BLEU']:.1f} | {r['chrF']:.1f} | {r['AL']:.2f} | {r['LAAL']:.2f} | "
+                    f"{r['AP']:.2f} | {r['DAL']:.2f} | {ca[0]} | {ca[1]} | {r['compute_ms_per_source_word']:.0f} |")
+    return "\n".join([head, *rows])

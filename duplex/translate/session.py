@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -165,6 +164,11 @@ class TranslateSession:
         self._out.put_nowait(None)
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued and no sentence open."""
+        return not self._inputs and self.state == "listening"
+
+    @property
     def transcript(self) -> str:
         return "\n".join(f"{s}\n{t}" for s, t in self.lines)
 
@@ -250,7 +254,7 @@ class TranslateSession:
         self._emit(TurnStarted("agent", self._agent_turn, now))
         self._set_state("speaking")
 
-    def _step_sync(self, word: str | None, n_read: int) -> tuple[list[str], list[str]]:
+    def _step_sync(self, word: str | None, n_read: int) -> tuple[list[tuple[str, int]], list[str]]:
         """Worker thread: read one word (None: the source ended) and let the policy write."""
         assert self.translator is not None
         if n_read == 1 and word is not None:
@@ -261,9 +265,9 @@ class TranslateSession:
         out = self.policy.on_source(self.translator, n_read, finished=word is None)
         if word is None:
             self.translator.reset()
-        return [(w.text, len(w.ids)) for w in out], list(self.policy.hypothesis)  # type: ignore[misc]
+        return [(w.text, len(w.ids)) for w in out], list(self.policy.hypothesis)
 
-    def _write(self, out: list[Any], hypothesis: list[str]) -> None:
+    def _write(self, out: list[tuple[str, int]], hypothesis: list[str]) -> None:
         assert self._agent_turn is not None
         now = self.clock.now()
         for text, n_ids in out:
@@ -283,7 +287,3 @@ class TranslateSession:
     def _emit(self, ev: Any) -> None:
         self._out.put_nowait(ev)
 
-
-def with_updates(config: TranslateConfig, **changes: Any) -> TranslateConfig:
-    """``config`` with the given non-None fields replaced."""
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
