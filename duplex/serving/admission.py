@@ -13,11 +13,19 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Admission", "CLOSE_TRY_AGAIN_LATER", "default_max_sessions"]
+__all__ = ["Admission", "CLOSE_TRY_AGAIN_LATER", "ServerBusy", "default_max_sessions"]
 
 CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455: the server is overloaded
 _BYTES_PER_SESSION = 256 << 20  # a full 4096-token KV cache of a small model, plus ASR/TTS state
 _SESSIONS_PER_CORE = 4
+
+
+class ServerBusy(RuntimeError):
+    """A new session was refused: ``max_sessions`` are held (live and detached)."""
+
+    def __init__(self, message: str, max_sessions: int) -> None:
+        super().__init__(message)
+        self.max_sessions = max_sessions
 
 
 def _memory_bytes() -> int | None:

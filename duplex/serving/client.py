@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import queue
+import secrets
 import sys
 import threading
 import time
@@ -25,7 +26,8 @@ from websockets.exceptions import ConnectionClosed
 
 from duplex.serving.protocol import decode_audio_frame
 
-__all__ = ["DuplexClient", "DuplexClientError", "SyncDuplexClient", "run_client_cli"]
+__all__ = ["DuplexClient", "DuplexClientError", "ResumeError", "SyncDuplexClient", "new_session_id",
+           "run_client_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,23 @@ _CLOSED = {"type": "connection.closed"}
 
 class DuplexClientError(RuntimeError):
     """Connecting or resuming failed (refused, wrong token, no such session)."""
+
+
+class ResumeError(DuplexClientError):
+    """``resume()`` failed. ``reason``: ``unreachable`` (no server answers: it died, or every
+    replica behind the proxy is down), ``session_not_found`` (the server answering does not hold
+    the session: it expired, was closed, or its process was restarted or killed), or ``closed``
+    (the connection ended before ``session.resumed``). Either way the session is gone: its
+    conversation and any events not yet received are lost; ``connect()`` starts a new one."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def new_session_id() -> str:
+    """A fresh client-chosen session id for ``connect(session_id=...)`` (22 URL-safe characters)."""
+    return secrets.token_urlsafe(16)
 
 
 class DuplexClient:
@@ -64,19 +83,45 @@ class DuplexClient:
     def connected(self) -> bool:
         return self._ws is not None and self._reader is not None and not self._reader.done()
 
-    async def connect(self) -> dict[str, Any]:
-        """Open the socket and wait for ``session.created``; returns the session description."""
-        return await self._open(self.url, "session.created")
+    async def connect(self, session_id: str | None = None) -> dict[str, Any]:
+        """Open the socket and wait for ``session.created``; returns the session description.
+
+        ``session_id`` (8-64 of ``A-Z a-z 0-9 _ -``, e.g. :func:`new_session_id`) names the new
+        session: behind a proxy that hashes on ``session_id`` (``deploy/nginx``) the first
+        connection and every resume then reach the same replica."""
+        if session_id is None:
+            return await self._open(self.url, "session.created")
+        sep = "&" if "?" in self.url else "?"
+        session = await self._open(f"{self.url}{sep}{urllib.parse.urlencode({'session_id': session_id})}",
+                                   "session.created")
+        if session["id"] != session_id:
+            await self._drop()
+            raise DuplexClientError(f"the server did not take session_id {session_id!r} (in use, malformed, "
+                                    f"or an older server); it chose {session['id']!r}")
+        return session
 
     async def resume(self) -> dict[str, Any]:
         """Reconnect to the same session (after a dropped connection); missed events are replayed."""
         if self.session is None:
             raise DuplexClientError("nothing to resume: connect() first")
         await self._drop()
-        query = urllib.parse.urlencode({"session_id": self.session["id"], "resume_token": self.session["resume_token"],
+        sid = self.session["id"]
+        query = urllib.parse.urlencode({"session_id": sid, "resume_token": self.session["resume_token"],
                                         "last_seq": self.last_seq})
         sep = "&" if "?" in self.url else "?"
-        return await self._open(f"{self.url}{sep}{query}", "session.resumed")
+        lost = ("the session is lost (its conversation and the events after seq "
+                f"{self.last_seq} that were not received); connect() starts a new one")
+        try:
+            return await self._open(f"{self.url}{sep}{query}", "session.resumed")
+        except ResumeError:
+            raise
+        except DuplexClientError as exc:
+            if isinstance(exc.__cause__, ConnectionClosed):
+                raise ResumeError(f"cannot resume session {sid}: the connection closed before session.resumed "
+                                  f"({exc.__cause__}); {lost}", "closed") from exc
+            raise ResumeError(f"cannot resume session {sid}: no server answers at {self.url} ({exc.__cause__ or exc}). "
+                              f"If the server process died (crash, kill -9, restart) {lost}",
+                              "unreachable") from exc
 
     async def _open(self, url: str, expect: str) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -87,17 +132,24 @@ class DuplexClient:
             raise DuplexClientError(f"cannot connect to {self.url}: {exc}") from exc
         self._ws = ws
         while True:
-            first = self._parse(await ws.recv())
+            try:
+                first = self._parse(await ws.recv())
+            except ConnectionClosed as exc:
+                self._ws = None
+                raise DuplexClientError(f"connection to {self.url} closed before {expect}: {exc}") from exc
             if first.get("type") == "error" and first.get("code") == "session_not_found":
                 await ws.close()
                 self._ws = None
-                raise DuplexClientError(first.get("message", "session not found"))
+                raise ResumeError(f"cannot resume: the server has no such session ({first.get('message', '')}). "
+                                  "It expired, was closed, or the server process was restarted or killed (a "
+                                  "restart loses every session; behind a proxy, its replica may be down): the "
+                                  "session is lost; connect() starts a new one", "session_not_found")
             if first.get("type") == expect:
                 break
             if first.get("type") == "session.created" and expect == "session.resumed":
                 await ws.close()
                 self._ws = None
-                raise DuplexClientError("server started a new session instead of resuming")
+                raise ResumeError("server started a new session instead of resuming", "session_not_found")
         self.session = first["session"]
         self._events = asyncio.Queue(self._max_queue)
         self._reader = asyncio.create_task(self._read(ws), name="duplex-client-read")

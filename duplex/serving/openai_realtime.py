@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from duplex.audio import SpeechInput
 from duplex.audio.vad import VadSegmenter
+from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, ServerBusy
 from duplex.serving.openai_realtime_events import (MAX_OUTPUT_TOKENS, GaError, RealtimeSettings,
                                                    parse_response_create, parse_session)
 from duplex.serving.openai_turns import ThresholdVad
@@ -106,7 +108,11 @@ class RealtimeConnection:
     # ---- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
         factory = self._speech_factory if self.server.speech_factory is not None else None
-        hub = self.hub = self.server.open_session(speech_factory=factory)
+        try:
+            hub = self.hub = self.server.open_session(speech_factory=factory)
+        except ServerBusy as exc:
+            await self._refuse_busy(exc)
+            return
         hub.owner = self
         sender = asyncio.create_task(self._send_loop(hub), name=f"realtime-send-{hub.id}")
         try:
@@ -127,6 +133,18 @@ class RealtimeConnection:
             await asyncio.gather(sender, *self._tasks, return_exceptions=True)
             hub.owner = None
             await self.server.close_session(hub, "connection_closed")
+
+    async def _refuse_busy(self, exc: ServerBusy) -> None:
+        """Over ``--max-sessions``: one ``error`` event (code ``server_busy``), then close 1013."""
+        log.warning("refusing a realtime connection: %s", exc)
+        event = self._error("server_busy", str(exc), kind="server_error")
+        event["error"]["max_sessions"] = exc.max_sessions
+        event["event_id"] = f"event_{next(self._events)}"
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(json.dumps(event, separators=(",", ":")))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionClosed, OSError):
+            await asyncio.wait_for(self.ws.close(CLOSE_TRY_AGAIN_LATER, "server_busy"),
+                                   self.server.limits.close_timeout_s)
 
     async def _pace(self) -> None:
         """Over the message rate, stop reading until the budget refills (TCP pushes back)."""

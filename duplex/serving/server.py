@@ -17,6 +17,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import secrets
 import signal
 import socket
@@ -38,7 +39,7 @@ from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
-from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission
+from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission, ServerBusy
 from duplex.serving.origin import OriginPolicy
 from duplex.serving.http_front import HttpFront
 from duplex.serving.openai_chat import make_openai_http
@@ -56,6 +57,7 @@ WS_PATH = "/ws"
 CLOSE_NORMAL = frozenset({1000, 1001})
 CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
 CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a client-chosen id for a new session (?session_id=)
 _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
 
 
@@ -88,6 +90,11 @@ class _Connection:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.ws.request.path).query if self.ws.request else "")
         resume_id = (query.get("session_id") or [None])[0]
         hub = None
+        proposed: str | None = None
+        if resume_id and "resume_token" not in query:
+            # a new session under an id the client chose: a proxy hashing on session_id
+            # (deploy/nginx) then sends the first connection and every resume to one replica
+            proposed, resume_id = resume_id, None
         if resume_id:
             hub = await self.server._take_over(self, resume_id, (query.get("resume_token") or [""])[0])
         if hub is not None:
@@ -100,7 +107,12 @@ class _Connection:
             if resume_id:
                 await self._send_direct(error_event("session_not_found", "no session to resume with that id/token; "
                                                     "started a new one"))
-            await self._attach_new()
+            if proposed is not None and not self.server.session_id_free(proposed):
+                await self._send_direct(error_event(
+                    "invalid_value", "session_id: a new session's id must be 8-64 characters of A-Z a-z 0-9 _ - "
+                    "and not in use on this server; started one with a server-chosen id"))
+                proposed = None
+            await self._attach_new(proposed)
         try:
             async for message in self.ws:
                 await self._on_message(message)
@@ -119,8 +131,8 @@ class _Connection:
                                                    max_sessions=self.server.admission.max_sessions), "seq": 0})
         await self.close(CLOSE_TRY_AGAIN_LATER, "server_busy")
 
-    async def _attach_new(self) -> None:
-        hub = self.server._new_session()
+    async def _attach_new(self, session_id: str | None = None) -> None:
+        hub = self.server._new_session(session_id=session_id)
         hub.owner = self
         self.hub = hub
         hub.send({"type": "session.created", "session": hub.describe(), "protocol": 1})
@@ -425,16 +437,25 @@ class DuplexServer:
         finally:
             self._connections.discard(conn)
 
-    def _new_session(self, speech_factory: Callable[[], SpeechInput] | None = None) -> ServerSession:
+    def _new_session(self, speech_factory: Callable[[], SpeechInput] | None = None,
+                     session_id: str | None = None) -> ServerSession:
         hub = ServerSession(self.engine, self.config, limits=self.limits, tts=self.tts,
                             tts_executor=self._tts_executor, speech_factory=speech_factory or self.speech_factory,
-                            on_overflow=self._overflowed, translate=self.translate)
+                            on_overflow=self._overflowed, translate=self.translate, session_id=session_id)
         self.sessions[hub.id] = hub
         return hub
 
+    def session_id_free(self, session_id: str) -> bool:
+        """May a new session take this client-chosen id? (well-formed and not held here)"""
+        return _SESSION_ID.fullmatch(session_id) is not None and session_id not in self.sessions
+
     def open_session(self, speech_factory: Callable[[], SpeechInput] | None = None) -> ServerSession:
         """A registered session for a protocol adapter (``/v1/realtime``), closed with the server;
-        ``speech_factory`` replaces the server's for this session (per-session VAD settings)."""
+        ``speech_factory`` replaces the server's for this session (per-session VAD settings).
+        Over ``max_sessions`` it raises :class:`ServerBusy`, the same admission check as ``/ws``."""
+        held = len(self.sessions)
+        if not self.admission.admits(held):
+            raise ServerBusy(self.admission.busy_message(held), self.admission.max_sessions)
         return self._new_session(speech_factory)
 
     async def close_session(self, hub: ServerSession, reason: str = "closed") -> None:
