@@ -95,3 +95,35 @@ async def test_bad_translate_updates_leave_the_session_unchanged(server: DuplexS
         await _until(client, "response.done")
         await client.update_session(mode="chat")
         assert (await _until(client, "session.updated"))[-1]["session"]["mode"] == "chat"
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (scripts/setup.sh)")
+async def test_translate_with_audio_output_speaks_the_target_with_espeak(tiny_engine) -> None:
+    from duplex.audio.fakes import FakeTts
+
+    from tests.test_translate import FakeTranslation
+
+    class WordForWord(FakeTranslation):
+        """word -> WORD, and no guess beyond the source: there are words to speak."""
+
+        def hypothesis(self):  # type: ignore[no-untyped-def]
+            self.last = super().hypothesis()[:-1]
+            return self.last
+
+    srv = DuplexServer(tiny_engine, config=SessionConfig(policy="silence"), tts=FakeTts(),
+                       translate=TranslateService(engine=tiny_engine,
+                                                  translator_factory=lambda lm, prompt: WordForWord()))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with DuplexClient(srv.ws_url()) as client:
+            await client.update_session(mode="translate", policy="offline", output_modalities=["text", "audio"])
+            updated = (await _until(client, "session.updated", "error"))[-1]
+            assert updated["type"] == "session.updated" and updated["session"]["output_modalities"] == ["text", "audio"]
+            await client.send_text("where is the station", final=True)
+            events = await _until(client, "response.output_audio.done")
+            text = next(e for e in events if e["type"] == "response.done")["text"]
+            audio = [e for e in events if e["type"] == "response.output_audio.delta"]
+            assert text == "WHERE IS THE STATION"
+            assert audio and audio[0]["sample_rate_hz"] == 22050  # espeak-ng, not the server's FakeTts
+    finally:
+        await srv.close()

@@ -35,8 +35,10 @@ class TranslateService:
     """The server's translation model (loaded once, on first use) and target-language TTS."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 quantize: str | None = "auto", engine: Engine | None = None, speech: bool = True) -> None:
+                 quantize: str | None = "auto", engine: Engine | None = None, speech: bool = True,
+                 translator_factory: Any | None = None) -> None:
         self.model = model
+        self.translator_factory = translator_factory  # (lm, prompt) -> TranslationModel; None = SimulTranslator
         self.device, self.dtype, self.quantize = device, dtype, quantize
         self._engine = engine
         self._lock = asyncio.Lock()
@@ -112,7 +114,7 @@ async def update_mode(hub: ServerSession, msg: SessionUpdate) -> bool:
         engine = await service.engine()
         audio = hub.audio_output if msg.output_modalities is None else "audio" in msg.output_modalities
         tts = service.tts_for(config.target_language) if (audio or hub.tts_available) else None
-        session = TranslateSession(engine, config, session_id=hub.id)
+        session = TranslateSession(engine, config, session_id=hub.id, translator_factory=service.translator_factory)
         await hub.replace_pipeline(session=session, tts=tts, audio_output=audio and tts is not None)
         hub.mode, hub.translate_config = "translate", config
         log.info("session %s: translate %s->%s, %s", hub.id, config.source_language, config.target_language,

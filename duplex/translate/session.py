@@ -17,7 +17,7 @@ import asyncio
 import collections
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,8 @@ from duplex.session.events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, 
                                    SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted, UpdateSession,
                                    UserTranscript)
 from duplex.translate.policies import SimulPolicy, make_simul_policy
-from duplex.translate.prompt import make_prompt
-from duplex.translate.translator import SimulTranslator
+from duplex.translate.prompt import TranslationPrompt, make_prompt
+from duplex.translate.translator import SimulTranslator, TranslationModel
 
 __all__ = ["TranslateConfig", "TranslateSession", "TranslationUpdated"]
 
@@ -80,7 +80,8 @@ class TranslateSession:
     (the chat Session's interface, so the voice pipeline can carry it)."""
 
     def __init__(self, engine: Engine, config: TranslateConfig | None = None, clock: Clock | None = None,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None,
+                 translator_factory: Callable[[Any, TranslationPrompt], TranslationModel] | None = None) -> None:
         self.engine = engine
         self.config = config or TranslateConfig()
         self.config.validate()
@@ -89,7 +90,8 @@ class TranslateSession:
         self.prompt = make_prompt(self.config.source_language, self.config.target_language)
         self.policy = self.config.make_policy()
         self.state = "listening"
-        self.translator: SimulTranslator | None = None
+        self.translator: TranslationModel | None = None
+        self._translator_factory = translator_factory or SimulTranslator  # (lm, prompt) -> model; tests pass a fake
         self._inputs: collections.deque[Any] = collections.deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -175,7 +177,7 @@ class TranslateSession:
     # ---- loop ------------------------------------------------------------------------------
     async def _run(self) -> None:
         try:
-            self.translator = await self.engine.run(SimulTranslator, self.engine.lm, self.prompt)
+            self.translator = await self.engine.run(self._translator_factory, self.engine.lm, self.prompt)
         finally:
             self._ready.set()
         self._emit(StateChanged("listening", self.clock.now()))
