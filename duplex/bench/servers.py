@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServeOptions", "ServerStartError", "free_port", "in_process_server", "serve_subprocess",
-           "wait_healthy"]
+__all__ = ["ServeOptions", "ServedProcess", "ServerStartError", "free_port", "in_process_server", "serve_process",
+           "serve_subprocess", "wait_healthy"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ServeOptions:
     asr_model: str | None = None
     auth_token: str | None = None
     startup_timeout_s: float = 900.0  # the first start converts the packaged GGUF (minutes when busy)
+    extra_args: tuple[str, ...] = ()  # more ``duplex serve`` flags, e.g. ("--max-sessions", "16")
     type: str = "serve_options"
 
     def argv(self, port: int) -> list[str]:
@@ -53,7 +54,7 @@ class ServeOptions:
                             ("--asr-model", self.asr_model), ("--auth-token", self.auth_token)):
             if value is not None:
                 args += [flag, value]
-        return args
+        return args + list(self.extra_args)
 
 
 def free_port() -> int:
@@ -90,11 +91,31 @@ def _tail(path: Path | None, n: int = 20) -> str:
     return "; server log tail:\n" + "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class ServedProcess:
+    """A running ``duplex serve``: its URL, port and pid (soak samples its RSS; fault tests kill it)."""
+
+    url: str
+    port: int
+    pid: int
+    log_path: Path
+    type: str = "served_process"
+
+
 @contextlib.asynccontextmanager
 async def serve_subprocess(options: ServeOptions, log_dir: str | Path | None = None) -> AsyncIterator[str]:
     """Start ``duplex serve`` on a free port, wait for ``/healthz``, yield its ``ws://`` URL, and
     stop it (SIGINT: a graceful shutdown; SIGKILL if it hangs) on exit."""
-    port = free_port()
+    async with serve_process(options, log_dir) as served:
+        yield served.url
+
+
+@contextlib.asynccontextmanager
+async def serve_process(options: ServeOptions, log_dir: str | Path | None = None,
+                        port: int | None = None) -> AsyncIterator[ServedProcess]:
+    """:func:`serve_subprocess` yielding the process too; a process already gone on exit (killed
+    by a fault test) is fine."""
+    port = port or free_port()
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"duplex-serve-{port}.log"
@@ -105,7 +126,7 @@ async def serve_subprocess(options: ServeOptions, log_dir: str | Path | None = N
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", options.startup_timeout_s, proc, log_path)
-        yield f"ws://127.0.0.1:{port}/ws"
+        yield ServedProcess(f"ws://127.0.0.1:{port}/ws", port, proc.pid, log_path)
     finally:
         await asyncio.to_thread(_stop, proc)
 

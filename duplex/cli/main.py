@@ -49,12 +49,30 @@ def _cmd_bench_openai(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from duplex.bench.soak import SoakConfig, bench_soak
+
+    out = args.json if isinstance(args.json, str) else None
+    cfg = SoakConfig(clients=args.clients, minutes=args.minutes, url=args.url, server_pid=args.server_pid,
+                     auth_token=args.auth_token, model=args.model, device=args.device, dtype=args.dtype,
+                     quantize=args.quantize, warmup_s=args.warmup_s, seed=args.seed, out=out)
+    result = asyncio.run(bench_soak(cfg))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _print_json(result)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from duplex.bench import engine as bench
 
     what = args.what
     if what == "realtime":
         return _cmd_bench_realtime(args)
+    if what == "soak":
+        return _cmd_bench_soak(args)
     if what == "openai":
         return _cmd_bench_openai(args)
     if what == "decode":
@@ -176,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="send one message, print the reply, exit")
 
     p = add("bench", _cmd_bench, "benchmarks (JSON on stdout)")
-    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime", "openai"],
+    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime", "openai", "soak"],
                    help="openai: first SSE chunk of /v1/chat/completions vs the first /ws text delta (--n trials)")
     _add_model_args(p)
     p.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
@@ -199,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="also write the JSON here (and timelines to OUT.timelines/)")
     r.add_argument("--auth-token", default=None, help="the server's --auth-token")
     r.add_argument("--no-warmup", action="store_true", help="skip the unscored warm-up episode")
+    s = p.add_argument_group("soak", "duplex bench soak: N text clients for T minutes that talk, interrupt, drop and "
+                                     "resume, read slowly and flood (--url, --auth-token, --seed above apply; "
+                                     "--json FILE also writes the JSON there and the RSS plot next to it)")
+    s.add_argument("--clients", type=int, default=8)
+    s.add_argument("--minutes", type=float, default=30.0)
+    s.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, to sample its RSS")
+    s.add_argument("--warmup-s", type=float, default=None,
+                   help="RSS growth is measured after this (default: 10%% of the run, 30 s to 5 min)")
 
     try:
         from duplex.eval.cli import add_eval_parser

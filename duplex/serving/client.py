@@ -68,6 +68,7 @@ class DuplexClient:
         self.token = token
         self.session: dict[str, Any] | None = None
         self.last_seq = 0
+        self.opened: dict[str, Any] | None = None
         self._open_timeout_s = open_timeout_s
         self._max_queue = max_queue
         self._ws: ClientConnection | None = None
@@ -151,6 +152,7 @@ class DuplexClient:
                 self._ws = None
                 raise ResumeError("server started a new session instead of resuming", "session_not_found")
         self.session = first["session"]
+        self.opened = first  # session.created / session.resumed (replayed, replay_complete)
         self._events = asyncio.Queue(self._max_queue)
         self._reader = asyncio.create_task(self._read(ws), name="duplex-client-read")
         return self.session
@@ -187,6 +189,12 @@ class DuplexClient:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+
+    def abort(self) -> None:
+        """Drop the connection without a close frame, as a network loss does: the server keeps the
+        session, detached, for ``resume()``. ``events()`` then ends with ``connection.closed``."""
+        if self._ws is not None and self._ws.transport is not None:
+            self._ws.transport.abort()
 
     async def close(self) -> None:
         """Close normally: the server ends the session (a dropped connection would keep it)."""
