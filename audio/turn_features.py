@@ -32,7 +32,7 @@ from .convert import TARGET_SAMPLE_RATE_HZ
 from .events import SpeechStarted, SpeechStopped
 
 __all__ = [
-    "SmartTurn", "TurnAudioFeatures", "TurnFeatureTracker", "default_turn_features", "prosody", "pitch_track",
+    "SmartTurn", "TurnAudioFeatures", "TurnFeatureTracker", "default_turn_features", "pitch_track", "prosody",
     "shared_smart_turn", "smart_turn_model_path", "whisper_log_mel",
 ]
 
@@ -119,7 +119,7 @@ def smart_turn_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("Smart Turn needs the pipecat-ai wheel for its ONNX weights: "
                           "pip install --no-deps pipecat-ai")
-    path = Path(list(spec.submodule_search_locations)[0]) / "audio" / "turn" / "smart_turn" / "data" / SMART_TURN_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / "audio" / "turn" / "smart_turn" / "data" / SMART_TURN_FILE
     if not path.exists():
         raise ImportError(f"pipecat-ai is installed but {path} is missing (Smart Turn v3.2 needs pipecat-ai >= 0.0.9x)")
     return path
@@ -214,7 +214,9 @@ def prosody(audio_16k: np.ndarray, window_s: float = 0.5) -> tuple[float, float,
     pitch_end = float(np.median(st[pv][-5:]) - np.median(st[voiced])) if pv.any() else 0.0
     ev = win & voiced_level
     energy_slope = _slope(times[ev], level_db[ev])
-    clip = lambda v, m: float(np.clip(v, -m, m))  # noqa: E731 - keep outliers from a bad frame bounded
+    def clip(v: float, m: float) -> float:  # keeps a bad frame's outlier bounded
+        return float(np.clip(v, -m, m))
+
     return clip(pitch_slope, 60.0), clip(pitch_end, 12.0), clip(energy_slope, 120.0)
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from duplex.audio import SpeechInput
-from duplex.audio.speech_input import merge_words
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
+from duplex.audio.speech_input import merge_words
 from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.session.events import TextInput
 

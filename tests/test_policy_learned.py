@@ -12,8 +12,7 @@ from duplex.eval.runner import RunSpec, parse_policy, read_timeline, run_eval
 from duplex.eval.scenario import AudioItem, Cue, Scenario, save_scenario
 from duplex.policies import Listen, Observation, Speak, make_policy
 from duplex.policies.learned import DEFAULT_WEIGHTS, LearnedPolicy, load_turn_model
-from duplex.policies.learned.train import (TrainConfig, load_episodes, simulate, split_episodes, tick_label,
-                                           train_policy)
+from duplex.policies.learned.train import TrainConfig, load_episodes, simulate, split_episodes, tick_label, train_policy
 
 from tests.fakes import tone_wav
 

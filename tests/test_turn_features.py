@@ -94,8 +94,8 @@ def test_tracker_snapshots_each_pause_once():
 
 async def test_features_reach_the_observation(tiny_engine):
     from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped
-    from duplex.session.core import Session, SessionConfig
     from duplex.session.clock import ManualClock
+    from duplex.session.core import Session, SessionConfig
 
     from tests.fakes import settle
 
