@@ -313,6 +313,7 @@ class _Sampler:
         self.pid, self.url, self.every_s, self.t0 = pid, url, every_s, t0
         self.rss: list[tuple[float, int]] = []
         self.sessions: list[tuple[float, int]] = []
+        self.soak_start_s = 0.0  # when the soak clients started (after the idle baseline)
 
     def sample(self) -> None:
         t = round(time.monotonic() - self.t0, 2)
@@ -405,6 +406,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
                 c.url = url
             stop = asyncio.Event()
             t_soak = time.monotonic()
+            sampler.soak_start_s = round(t_soak - sampler.t0, 2)
             tasks = [asyncio.ensure_future(_client_loop(c, stop, stats.first_text_ms)) for c in clients]
             try:
                 while (left := cfg.minutes * 60 - (time.monotonic() - t_soak)) > 0:
@@ -429,7 +431,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
 
 def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict[str, Any],
             machine: dict[str, Any], soak_s: float, wall_s: float) -> dict[str, Any]:
-    rss = rss_stats(sampler.rss, cfg.warmup)
+    rss = rss_stats(sampler.rss, sampler.soak_start_s + cfg.warmup)
     idle, loaded = _ms(stats.idle_first_text_ms), _ms(stats.first_text_ms)
     ratio = round(loaded["p95"] / idle["p95"], 2) if loaded["p95"] and idle["p95"] else None
     internal = stats.errors.get("internal_error", 0)
@@ -438,20 +440,24 @@ def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict
         "run_kind": run_kind(cfg),
         "what": "N clients for T minutes against duplex serve (text-only): talkers, cancel, type-over barge-in, "
                 "drop + resume with last_seq, slow reading, floods past the rate limit",
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("type", "auth_token")},
+        "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("type", "auth_token")},
+                   "warmup_effective_s": cfg.warmup},
         "machine": {**machine, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "server": server_info,
         "wall_s": round(wall_s, 1), "soak_s": round(soak_s, 1),
         "definitions": {
-            "rss": "VmRSS of the server process from /proc/PID/status every sample_s; growth = median of the "
-                   "last tenth of the post-warm-up samples vs the median of its first tenth",
+            "rss": "VmRSS of the server process from /proc/PID/status every sample_s (t = seconds since the first "
+                   "sample; the idle baseline runs first, the soak clients start at soak_start_s); warm-up ends "
+                   "at soak_start_s + config.warmup_effective_s (rss.warmup_s); growth = median of the last tenth of the "
+                   "post-warm-up samples vs the median of their first tenth",
             "lost_events": "per session, over all its connections: seq numbers up to the highest received that "
                            "never arrived (text-only sessions send JSON only, which is never dropped)",
             "first_text": "input_text sent -> first response.output_text.delta of the reply, client clock; "
                           "well-behaved = the talker clients during the soak; idle = one talker alone at the start",
             "roles": f"{max(1, cfg.clients // 2)} talkers (well-behaved), the rest rotate through {list(ACTIONS)}",
         },
-        "rss": {**{k: v for k, v in asdict(rss).items() if k != "type"}, "samples": sampler.rss},
+        "rss": {**{k: v for k, v in asdict(rss).items() if k != "type"}, "soak_start_s": sampler.soak_start_s,
+                "samples": sampler.rss},
         "sessions_held": {"samples": sampler.sessions,
                           "after_all_clients_closed": sampler.sessions[-1][1] if sampler.sessions else None},
         "errors_by_code": dict(sorted(stats.errors.items())),

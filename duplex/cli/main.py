@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes", type=float, default=30.0)
     s.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, to sample its RSS")
     s.add_argument("--warmup-s", type=float, default=None,
-                   help="RSS growth is measured after this (default: 10%% of the run, 30 s to 5 min)")
+                   help="RSS growth is measured from this long after the soak clients start "
+                        "(default: 10%% of the run, 30 s to 5 min)")
 
     try:
         from duplex.eval.cli import add_eval_parser
