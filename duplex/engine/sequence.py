@@ -408,9 +408,9 @@ class SharedSequence:
             self._ids = saved
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from duplex.engine.kv import new_kv_cache
 
-        return DynamicCache(config=self.lm.model.config)
+        return new_kv_cache(self.lm.model.config)  # appends in place, no per-step copy of the history
 
     def _append(self, ids: Seq[int], speaker: Speaker, status: Status, turn: int) -> None:
         ids = [int(i) for i in ids]

@@ -1,0 +1,89 @@
+"""A KV cache whose full-attention layers grow in place instead of by concatenation.
+
+transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies
+the whole history of every layer on every token: O(history) bytes per step, and on a 2-core CPU a
+visible share of a decode step once the conversation is a few hundred tokens long. A
+:class:`GrowableLayer` keeps one buffer per layer with spare room (doubling when full) and writes
+new positions in place; ``keys``/``values`` are views of the filled part, so attention, masks,
+``crop`` (barge-in rollback) and ``get_seq_length`` behave exactly as before. Sliding-window layers
+(Gemma 3) keep transformers' own implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["GrowableLayer", "new_kv_cache"]
+
+
+class GrowableLayer(DynamicLayer):
+    """``DynamicLayer`` with amortised O(new tokens) appends: ``[batch, heads, capacity, head_dim]``
+    buffers, of which ``keys``/``values`` view the first ``length`` positions."""
+
+    initial_capacity = 256
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self._length + n
+        if self._k is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, end)
+        assert self._k is not None and self._v is not None
+        self._k[..., self._length:end, :].copy_(key_states)
+        self._v[..., self._length:end, :].copy_(value_states)
+        self._length = end
+        self.keys = self._k[..., :end, :]
+        self.values = self._v[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        capacity = max(self.initial_capacity, needed, 2 * (self._k.shape[-2] if self._k is not None else 0))
+        k_shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
+        v_shape = (*value_states.shape[:-2], capacity, value_states.shape[-1])
+        k = torch.empty(k_shape, dtype=key_states.dtype, device=key_states.device)
+        v = torch.empty(v_shape, dtype=value_states.dtype, device=value_states.device)
+        if self._k is not None and self._v is not None and self._length:
+            k[..., :self._length, :].copy_(self._k[..., :self._length, :])
+            v[..., :self._length, :].copy_(self._v[..., :self._length, :])
+        self._k, self._v = k, v
+
+    def get_seq_length(self) -> int:
+        return self._length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Like ``DynamicLayer.crop``: a negative count drops that many trailing positions."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized or self._k is None or self._v is None:
+            return
+        self._length = max(0, self._length + tokens_to_remove)
+        self.keys = self._k[..., :self._length, :]
+        self.values = self._v[..., :self._length, :]
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._length = 0
+        super().reset()
+
+
+def new_kv_cache(config: Any) -> DynamicCache:
+    """transformers' ``DynamicCache`` for ``config``, its plain full-attention layers growable."""
+    cache = DynamicCache(config=config)
+    layers = getattr(cache, "layers", None)
+    if layers:
+        cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in layers]
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = GrowableLayer  # layers created on first use
+    return cache
