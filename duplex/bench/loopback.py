@@ -259,6 +259,8 @@ class _Driver:
     async def _on_audio(self, header: dict[str, Any], pcm: bytes, now: float) -> None:
         self._stats["audio_frames"] += 1
         self._record({"type": "server_event", "t": now, "event": {**header, "bytes": len(pcm)}})
+        if header.get("type") == "response.backchannel.audio":
+            return  # the agent's own "mm-hm": no turn, nothing to mark or truncate
         turn = int(header["turn"])
         if turn in self.interrupted:
             self._stats["audio_frames_dropped"] += 1
