@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RssStats", "SeqLedger", "TARGETS", "percentile", "plot_rss", "rss_stats", "targets"]
+__all__ = ["TARGETS", "RssStats", "SeqLedger", "percentile", "plot_rss", "rss_stats", "targets"]
 
 # issue 14: 30 minutes, 8 clients on 2 cores
 TARGETS = {"minutes": 30.0, "clients": 8, "rss_growth_pct": 5.0, "p95_vs_idle": 2.0}

@@ -1,0 +1,53 @@
+"""``duplex bench soak``: the seq ledger and RSS arithmetic, and a few seconds of the real soak
+(every client behaviour, a real socket) against an in-process server on the tiny model.
+Facts only (no loss, no internal_error, every flood message answered); nothing asserts on time."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from duplex.bench.servers import in_process_server
+from duplex.bench.soak import SoakConfig, bench_soak, read_rss_kib
+from duplex.bench.soak_report import SeqLedger, rss_stats, targets
+from duplex.engine.sampling import SamplingConfig
+from duplex.serving.server import ServerLimits
+from duplex.session.config import SessionConfig
+
+
+def test_seq_ledger_counts_gaps_and_duplicates() -> None:
+    ledger = SeqLedger()
+    for seq in (1, 2, 3, 5, 5, 0, None, True, 7):
+        ledger.see(seq)
+    assert ledger.missing() == [4, 6] and ledger.duplicates == 1 and ledger.highest == 7
+
+
+def test_rss_stats_after_warmup() -> None:
+    samples = [(float(t), 100 * 1024 if t < 10 else (200 + (t - 10) // 10) * 1024) for t in range(110)]
+    stats = rss_stats(samples, warmup_s=10)
+    assert stats.baseline_mib is not None and stats.final_mib is not None
+    assert stats.baseline_mib == 200 and stats.final_mib == stats.max_mib == 209
+    assert 0 < stats.growth_pct < 5  # the warm-up jump from 100 to 200 MiB does not count
+    assert rss_stats(samples[:5], warmup_s=10).growth_pct is None
+    checks = targets(2.0, 4, stats, 0, 0, 1.5)
+    assert checks["duration_min"]["met"] is False and checks["rss_growth_after_warmup_pct"]["met"] is True
+    assert read_rss_kib(os.getpid()) and read_rss_kib(-1) is None
+
+
+async def test_a_short_soak_loses_nothing(tiny_engine, tmp_path) -> None:
+    config = SessionConfig(policy="silence", sampling=SamplingConfig(temperature=1.0, max_tokens=16))
+    async with in_process_server(tiny_engine, config=config, limits=ServerLimits(max_sessions=16)) as url:
+        cfg = SoakConfig(clients=3, minutes=0.06, url=url, server_pid=os.getpid(), warmup_s=1.0, sample_s=0.5,
+                         idle_trials=1, flood_messages=450, max_reply_tokens=16, out=str(tmp_path / "soak.json"))
+        result = await bench_soak(cfg)
+    json.dumps(result)  # serializable as written by the CLI
+    assert result["run_kind"].startswith("SMOKE RUN ONLY")
+    assert result["internal_errors"] == 0 and "internal_error" not in result["errors_by_code"]
+    assert result["lost_events"] == 0 and result["duplicate_events"] == 0
+    counts = result["counts"]
+    assert counts["resumes"] >= 1 and not counts["resumes_failed"]  # client 2 starts with a drop + resume
+    assert counts["flood_messages_answered"] == counts["flood_messages_sent"]
+    assert result["sessions_held"]["after_all_clients_closed"] == 0
+    assert result["first_text_ms"]["idle"]["n"] == 1
+    assert set(result["targets"]) >= {"rss_growth_after_warmup_pct", "internal_error", "lost_events"}
+    assert (tmp_path / "soak.png").stat().st_size > 0 and result["plot"] == "soak.png"
