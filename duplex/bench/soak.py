@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 QUESTIONS = ["What is the capital of France?", "Name three colors of the rainbow.", "Why is the sky blue?",
              "How many legs does a spider have?", "What do bees make?", "Who wrote Hamlet?",
              "What is the largest ocean?", "Tell me a fact about the moon."]
-ACTIONS = ("cancel", "type_over", "resume", "slow_read", "flood")
+ACTIONS = ("resume", "flood", "cancel", "type_over", "slow_read")  # chaos client k starts at ACTIONS[k]
 GUARD_S = 120.0  # one step of a client waits at most this long (a stall is counted, not fatal)
 
 
@@ -136,6 +136,7 @@ class _SoakClient:
         self.ledger = SeqLedger()
         self.url = cfg.url or ""
         self.done_turn = -1  # the latest agent turn whose response.done was read
+        self.offset = 0  # where in ACTIONS this (chaos) client starts
 
     # ---- connection -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -289,7 +290,7 @@ async def _client_loop(c: _SoakClient, stop: asyncio.Event, record: list[float] 
                 await c.talk(record)
                 await asyncio.sleep(c.rng.uniform(0.5, 2.0))  # reading the answer, thinking
             else:
-                await c.act(ACTIONS[(rounds + c.index) % len(ACTIONS)])
+                await c.act(ACTIONS[(rounds + c.offset) % len(ACTIONS)])
                 await asyncio.sleep(c.rng.uniform(0.2, 1.0))
             rounds += 1
         except _Closed as exc:
@@ -403,7 +404,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             n_talkers = max(1, cfg.clients // 2)
             clients = [_SoakClient(cfg, stats, i, talker=i < n_talkers) for i in range(cfg.clients)]
             for c in clients:
-                c.url = url
+                c.url, c.offset = url, c.index - n_talkers
             stop = asyncio.Event()
             t_soak = time.monotonic()
             sampler.soak_start_s = round(t_soak - sampler.t0, 2)
