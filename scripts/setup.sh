@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DUPLEX_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-APT_PACKAGES="flite espeak-ng pocketsphinx-testdata chromium libportaudio2"
+APT_PACKAGES="flite espeak-ng pocketsphinx-testdata chromium libportaudio2 nginx"
 STAMP="$VENV/.duplex-setup-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha1sum | cut -c1-16)"
 
 missing_apt() {

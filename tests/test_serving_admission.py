@@ -16,7 +16,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from duplex.engine.sampling import SamplingConfig
-from duplex.serving.client import DuplexClient, DuplexClientError, ResumeError, new_session_id
+from duplex.serving.client import (
+    DuplexClient,
+    DuplexClientError,
+    ResumeError,
+    new_session_id,
+)
 from duplex.serving.server import DuplexServer, ServerLimits
 from duplex.session.config import SessionConfig
 
@@ -76,7 +81,7 @@ async def test_a_new_session_takes_the_client_chosen_id_and_resumes(make_server)
     client = DuplexClient(server.ws_url())
     assert (await client.connect(session_id=sid))["id"] == sid
     assert await client.reply("hello", timeout=GUARD_S) is not None
-    client._ws.transport.abort()  # noqa: SLF001 - a network drop: the session stays, detached
+    client._ws.transport.abort()
     while server.sessions[sid].owner is not None:
         await asyncio.sleep(0.02)
     assert (await client.resume())["id"] == sid

@@ -39,6 +39,11 @@ function wsUrl(resume) {
     q.set("session_id", state.session.id);
     q.set("resume_token", state.session.resume_token);
     q.set("last_seq", String(state.lastSeq));
+  } else {
+    // name the new session: a proxy hashing on session_id (deploy/nginx) then sends the
+    // resume to the replica that holds it
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    q.set("session_id", Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(""));
   }
   const qs = q.toString();
   return `${proto}//${location.host}/ws${qs ? "?" + qs : ""}`;
