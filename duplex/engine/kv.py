@@ -3,7 +3,7 @@
 transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies
 the whole history of every layer on every token: O(history) bytes per step, and on a 2-core CPU a
 visible share of a decode step once the conversation is a few hundred tokens long. A
-:class:`GrowableLayer` keeps one buffer per layer with spare room (doubling when full) and writes
+:class:`GrowableLayer` keeps one buffer per layer with spare room (+25 % when full) and writes
 new positions in place; ``keys``/``values`` are views of the filled part, so attention, masks,
 ``crop`` (barge-in rollback) and ``get_seq_length`` behave exactly as before. Sliding-window layers
 (Gemma 3) keep transformers' own implementation.
@@ -49,7 +49,10 @@ class GrowableLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        capacity = max(self.initial_capacity, needed, 2 * (self._k.shape[-2] if self._k is not None else 0))
+        current = self._k.shape[-2] if self._k is not None else 0
+        # +25 % (at least initial_capacity) per growth: amortised O(1) appends, and at most a quarter
+        # of spare memory per session, where doubling could waste as much as the cache itself
+        capacity = max(needed, current + max(self.initial_capacity, current // 4))
         k_shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
         v_shape = (*value_states.shape[:-2], capacity, value_states.shape[-1])
         k = torch.empty(k_shape, dtype=key_states.dtype, device=key_states.device)
