@@ -342,9 +342,10 @@ async def test_backchannel_pauses_then_resumes_and_opens_no_turn(make_server) ->
         assert paused["turn"] == turn and paused["audio_end_ms"] >= 0
         assert "response.output_audio.delta" not in kinds[kinds.index("response.output_audio.paused"):]
         # the turn goes on to its end; the backchannel is not answered and leaves no user words
-        later = await _until(client, "response.output_audio.done", turn=turn)
-        if not any(e["type"] == "response.done" for e in later):
-            later += await _until(client, "response.done", turn=turn)
+        later = list(events)  # generation (and its audio) may have finished during the pause
+        for kind in ("response.output_audio.done", "response.done"):
+            if not any(e["type"] == kind and e.get("turn") == turn for e in later):
+                later += await _until(client, kind, turn=turn)
         assert next(e for e in later if e["type"] == "response.done")["reason"] != "interrupted"
         assert not any(e["type"] == "response.interrupted" for e in later)
         await client.mark_playback(turn, audio_end_ms=1e7, done=True)
