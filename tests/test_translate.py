@@ -15,8 +15,20 @@ import torch
 from duplex.engine.models import LoadedModel
 from duplex.engine.sequence import SharedSequence, Speaker
 from duplex.engine.template import RoleMarkers, TurnTemplate
-from duplex.translate.evaluate import _stable_prefix_delays, load_test_set, translate_sentence
-from duplex.translate.metrics import InstanceDelays, al, ap, corpus_latency, corpus_quality, dal, laal
+from duplex.translate.evaluate import (
+    _stable_prefix_delays,
+    load_test_set,
+    translate_sentence,
+)
+from duplex.translate.metrics import (
+    InstanceDelays,
+    al,
+    ap,
+    corpus_latency,
+    corpus_quality,
+    dal,
+    laal,
+)
 from duplex.translate.policies import available_simul_policies, make_simul_policy
 from duplex.translate.prompt import UnsupportedLanguagePair, make_prompt
 from duplex.translate.translator import SimulTranslator, TargetWord, TranslationModel
@@ -129,7 +141,7 @@ def test_wait_k_reads_k_then_alternates() -> None:
     policy = make_simul_policy("wait-k", k=2)
     fake = FakeTranslation()
     schedule = []
-    for n, w in enumerate("a b c d e".split(), start=1):
+    for n, w in enumerate(["a", "b", "c", "d", "e"], start=1):
         fake.read([w])
         schedule.append((n, [t.text for t in policy.on_source(fake, n, False)]))
     fake.finished = True
@@ -141,7 +153,7 @@ def test_wait_k_delays_and_k_larger_than_the_source() -> None:
     fake_policy = make_simul_policy("wait-k", k=3)
     fake = FinishingFake()
     delays = []
-    for n, w in enumerate("a b c d e".split(), start=1):
+    for n, w in enumerate(["a", "b", "c", "d", "e"], start=1):
         fake.read([w])
         delays += [n] * len(fake_policy.on_source(fake, n, False))
     fake.finished = True
@@ -157,7 +169,7 @@ def test_local_agreement_confirms_the_common_prefix_of_two_hypotheses() -> None:
     policy = make_simul_policy("local-agreement")
     fake = FinishingFake()
     schedule = []
-    for n, w in enumerate("a b c d".split(), start=1):
+    for n, w in enumerate(["a", "b", "c", "d"], start=1):
         fake.read([w])
         schedule.append([t.text for t in policy.on_source(fake, n, False)])
         assert policy.hypothesis[-1] == f"?{n}"  # the unconfirmed guess is shown, not confirmed
@@ -170,10 +182,10 @@ def test_local_agreement_confirms_the_common_prefix_of_two_hypotheses() -> None:
 def test_retranslation_confirms_only_at_the_end_and_offline_reads_everything() -> None:
     policy = make_simul_policy("retranslate")
     fake = FinishingFake()
-    for n, w in enumerate("a b c".split(), start=1):
+    for n, w in enumerate(["a", "b", "c"], start=1):
         fake.read([w])
         assert policy.on_source(fake, n, False) == []
-        assert policy.hypothesis == [x.upper() for x in "a b c".split()[:n]] + [f"?{n}"]
+        assert policy.hypothesis == [x.upper() for x in ["a", "b", "c"][:n]] + [f"?{n}"]
     fake.finished = True
     assert [t.text for t in policy.on_source(fake, 3, True)] == ["A", "B", "C"]
     offline = make_simul_policy("offline")
@@ -262,12 +274,16 @@ def test_rollback_past_a_full_sliding_window_reencodes_exactly(tiny_lm: LoadedMo
 # ---- the session with a speech source (committed ASR words) --------------------------------
 async def test_translate_session_reads_committed_asr_words_and_ends_at_speech_stopped(tiny_engine) -> None:
     from duplex.session.events import AgentTextDelta, AsrWord, SpeechStopped, TurnEnded
-    from duplex.translate.session import TranslateConfig, TranslateSession, TranslationUpdated
+    from duplex.translate.session import (
+        TranslateConfig,
+        TranslateSession,
+        TranslationUpdated,
+    )
 
     session = TranslateSession(tiny_engine, TranslateConfig(policy="wait-k", k=1))
     await session.start()
     try:
-        for i, word in enumerate("where is the station".split()):
+        for i, word in enumerate(["where", "is", "the", "station"]):
             session.submit(AsrWord(word, 0.3 * i, 0.3 * i + 0.2, committed=True))
         session.submit(AsrWord("maybe", 1.5, 1.7, committed=False))  # tentative: shown, never read
         session.submit(SpeechStopped(2.0))

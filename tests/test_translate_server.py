@@ -49,7 +49,7 @@ async def test_translate_typed_source_over_the_websocket(server: DuplexServer) -
         assert updated["type"] == "session.updated", updated
         assert updated["session"]["mode"] == "translate"
         assert updated["session"]["translate"]["policy"] == "wait-k" and updated["session"]["translate"]["k"] == 2
-        for word in "where is the train".split():
+        for word in ["where", "is", "the", "train"]:
             await client.send_text(word + " ", final=False)
         await client.send_text("station", final=True)
         events = await _until(client, "response.done")

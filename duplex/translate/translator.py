@@ -228,7 +228,7 @@ class SimulTranslator(TranslationModel):
             t0 = time.perf_counter()
             token = self.seq.sample(self._sampler)
             new_text = tok.decode(before_ids + ids + [token], skip_special_tokens=True)
-            piece = new_text[len(text):] if new_text.startswith(text) else new_text
+            piece = new_text.removeprefix(text)
             if self._is_end(token, piece) or (ids and piece[:1].isspace()):
                 self.stats.forwards_s += time.perf_counter() - t0
                 return self._word(before, text, ids) if ids else None
