@@ -20,3 +20,18 @@ def test_bad_model_path_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "model error" in err and "missing" in err and "Traceback" not in err
+
+
+def test_serve_voice_options_set_voice_config_fields_and_reject_unknown_ones():
+    import pytest
+
+    from duplex.cli.main import build_parser
+    from duplex.serving.server import voice_config_from_args
+
+    args = build_parser().parse_args(["serve", "--speculate-after-silence-ms", "80", "--voice-option",
+                                      "hold_decode_for_first_audio=false", "--voice-option", "first_clause_words=2"])
+    config = voice_config_from_args(args)
+    assert config.speculate_after_silence_ms == 80.0 and config.first_clause_words == 2
+    assert config.hold_decode_for_first_audio is False
+    with pytest.raises(SystemExit, match="unknown --voice-option 'nope'"):
+        voice_config_from_args(build_parser().parse_args(["serve", "--voice-option", "nope=1"]))

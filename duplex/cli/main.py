@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAD hangover before speech_stopped (default: duplex.voice.config.VAD_MIN_SILENCE_MS)")
     p.add_argument("--speculate-after-silence-ms", type=float, default=None,
                    help="start the final ASR pass this far into a pause (default: duplex.voice.config)")
+    p.add_argument("--voice-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="set any VoiceConfig field (duplex/voice/config.py), e.g. hold_decode_for_first_audio=false")
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
     p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
     p.add_argument("--instructions", default=None)

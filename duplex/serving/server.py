@@ -49,7 +49,7 @@ from duplex.serving.ws_session import ServerLimits, ServerSession
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_input
 
-__all__ = ["DuplexServer", "ServerLimits", "run_server"]
+__all__ = ["DuplexServer", "ServerLimits", "run_server", "voice_config_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +543,28 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
     return tts, asr
 
 
+def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
+    """The voice defaults with ``serve``'s overrides: policy, instructions, the two end-of-speech
+    timings, and any ``--voice-option KEY=VALUE`` (a VoiceConfig field, converted to its type)."""
+    config = default_voice_config(getattr(args, "policy", None),
+                                  instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
+    changes: dict[str, Any] = {k: v for k, v in (("vad_min_silence_ms", getattr(args, "vad_min_silence_ms", None)),
+                                                 ("speculate_after_silence_ms",
+                                                  getattr(args, "speculate_after_silence_ms", None)))
+                               if v is not None}
+    names = {f.name for f in dataclasses.fields(VoiceConfig)} - {"session", "type"}
+    for item in getattr(args, "voice_option", None) or ():
+        key, _, value = item.partition("=")
+        if key not in names:
+            raise SystemExit(f"duplex serve: unknown --voice-option {key!r}; choose from {', '.join(sorted(names))}")
+        kind = type(getattr(config, key))
+        try:
+            changes[key] = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+        except ValueError as exc:
+            raise SystemExit(f"duplex serve: --voice-option {key}: {exc}") from exc
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 async def run_server(args: argparse.Namespace) -> int:
     """``duplex serve``: load the models, serve until SIGINT/SIGTERM, shut down gracefully."""
     print(f"loading model {args.model or 'default'} ...", file=sys.stderr)
@@ -552,13 +574,7 @@ async def run_server(args: argparse.Namespace) -> int:
                                                                   quantize=None if quantize == "none" else quantize))
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
-    config = default_voice_config(getattr(args, "policy", None),
-                                  instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
-    timing = {k: v for k, v in (("vad_min_silence_ms", getattr(args, "vad_min_silence_ms", None)),
-                                ("speculate_after_silence_ms", getattr(args, "speculate_after_silence_ms", None)))
-              if v is not None}
-    if timing:
-        config = dataclasses.replace(config, **timing)
+    config = voice_config_from_args(args)
     limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
                           max_detached_sessions=getattr(args, "max_detached_sessions", None))
     from duplex.translate.serving import TranslateService

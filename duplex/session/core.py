@@ -83,6 +83,7 @@ class Session:
         self._paused = False  # the agent's audio is paused while an overlap is judged
         self._speech_start_t: float | None = None  # the user's current utterance began (session clock)
         self._backchannel_t: float | None = None  # the agent's own last acknowledgement
+        self._decode_held: asyncio.Event | None = None  # set = released (see hold_decoding)
         self._transcript_pending = False  # an overlap ended; its final words are still coming
         self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
 
@@ -525,6 +526,37 @@ class Session:
         if isinstance(action, Resume) or action.reason == "backchannel":
             self._resume(action.reason)
 
+    def hold_decoding(self) -> None:
+        """Pause decoding for a moment (the voice pipeline does while the reply's first audio is
+        synthesised: on a 2-core CPU the decode steps would slow that synthesis, which is on the
+        end-of-speech -> first-audio path, while the text is far ahead of the audio anyway)."""
+        if self._decode_held is None:
+            self._decode_held = asyncio.Event()
+
+    def release_decoding(self) -> None:
+        held, self._decode_held = self._decode_held, None
+        if held is not None:
+            held.set()
+
+    async def _wait_decode_release(self, limit_s: float = 0.5) -> None:
+        """Until released, or a barge-in/cancel arrives, or ``limit_s`` (a guard: a slow or lost
+        synthesis must never stall the reply)."""
+        held = self._decode_held
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while held is not None and self._decode_held is held and not held.is_set() and not self._urgent:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.release_decoding()
+                return
+            self._wake.clear()  # the main loop re-checks its queues before sleeping: nothing is lost
+            tasks = {asyncio.ensure_future(held.wait()), asyncio.ensure_future(self._wake.wait())}
+            try:
+                await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+
     def _backchannel(self, text: str) -> None:
         """The policy acknowledges the talking user: say it (the voice pipeline speaks it), but
         open no agent turn and leave the conversation as it is: the user keeps the floor."""
@@ -563,6 +595,10 @@ class Session:
         for _ in range(max(1, n_tokens)):
             if self._urgent:
                 return  # a barge-in or cancel is waiting: let the loop handle it first
+            if self._decode_held is not None:
+                await self._wait_decode_release()
+                if self._urgent:
+                    return
             token = await self.engine.run(self.seq.sample, self._sampler)
             if self._agent is not agent or not agent.generating:
                 return

@@ -45,6 +45,7 @@ class VoiceConfig:
     first_clause_words: int = 1
     clause_words: int = 14
     hold_stop_for_final_words: bool = True
+    hold_decode_for_first_audio: bool = True  # decode waits while the reply's first word is synthesised
     type: str = "voice_config"
 
     def with_session(self, **changes: Any) -> VoiceConfig:

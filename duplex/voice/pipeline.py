@@ -466,6 +466,7 @@ class VoicePipeline:
 
     def _interrupt(self, turn: int) -> None:
         """Stop synthesis now and tell the transport to drop queued audio."""
+        self.session.release_decoding()
         if self.tts is not None:
             self.tts.cancel()  # thread-safe: a synthesis in flight yields nothing more
         if self.agent_turn == turn:
@@ -493,6 +494,12 @@ class VoicePipeline:
             if item.turn != current:
                 current = item.turn
                 tts.cancel()  # new turn: drop any text left over from the previous one
+            # The reply's first clause (one word) is on the end-of-speech -> first-audio path: decode
+            # steps wait for it rather than compete with it for the CPU (bounded in the session).
+            first = (isinstance(item, _TtsText) and state.ledger.queued_samples == 0 and bool(item.text.strip())
+                     and self.config.first_clause_words <= 1 and self.config.hold_decode_for_first_audio)
+            if first:
+                self.session.hold_decoding()
             try:
                 chunks = (tts.iter_push(item.text, item.token_start, item.token_end) if isinstance(item, _TtsText)
                           else tts.iter_flush())
@@ -500,6 +507,9 @@ class VoicePipeline:
             except Exception as exc:  # noqa: BLE001 - report, keep the session alive (text still flows)
                 log.exception("session %s: TTS failed", self.id)
                 self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
+            finally:
+                if first:
+                    self.session.release_decoding()
             if isinstance(item, _TtsFlush) and not state.interrupted and self._turns.get(item.turn) is state:
                 state.audio_done = True
                 self._deliver(state, AudioDone(item.turn, state.ledger.queued_samples, state.sample_rate_hz,
