@@ -282,3 +282,20 @@ async def test_user_backchannel_resumes_and_is_noted_in_the_next_user_turn(tiny_
     last_user = s.seq.text(user_spans[-1].start, user_spans[-1].end)
     assert BACKCHANNEL_MARKER.format("mm-hm") in last_user and "what about tomorrow" in last_user
     await s.close()
+
+
+async def test_held_decoding_waits_for_release_and_a_cancel_still_gets_through(tiny_engine):
+    s = await _session(tiny_engine, max_tokens=4000)
+    s.submit(TextInput("talk to me"))
+    await collect_until(s, _is("agent_text_delta"))
+    s.hold_decoding()
+    await settle(s)  # a step already under way may finish
+    frozen = len(s._agent.tokens)
+    await settle(s)
+    assert len(s._agent.tokens) == frozen  # no decode step while held
+    s.release_decoding()
+    await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end > frozen + 1)
+    s.hold_decoding()
+    s.submit(Cancel())  # a barge-in or cancel is never kept waiting by the hold
+    await collect_until(s, _is("interrupted"))
+    await s.close()
