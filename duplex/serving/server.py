@@ -361,7 +361,14 @@ class DuplexServer:
         await asyncio.gather(*(c.shutdown(1001, "server shutting down", self.limits.close_timeout_s)
                                for c in list(self._connections)), return_exceptions=True)
         if self._server is not None:
-            await self._server.wait_closed()
+            # Bounded: a handler stuck on a half-dead socket must not keep shutdown waiting forever.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), self.limits.close_timeout_s + 1.0)
+            except asyncio.TimeoutError:
+                log.warning("connection handlers still running after shutdown: closing them")
+                self._server.close(close_connections=True)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), self.limits.close_timeout_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
