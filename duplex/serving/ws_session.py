@@ -142,13 +142,7 @@ class ServerSession:
         Session's place (None: a fresh chat Session); ``tts`` replaces the server's (None: the server's)."""
         if self.mode == "chat":
             self._chat_config = self.pipeline.config
-        if self._pump is not None:
-            self._pump.cancel()
-            try:
-                await self._pump
-            except asyncio.CancelledError:
-                pass
-            self._pump = None
+        await self._stop_pump()
         await self.pipeline.close()
         tts = tts if tts is not None else self._tts
         pipeline = VoicePipeline(self._engine, self._chat_config, speech_factory=self._speech_factory, tts=tts,
@@ -167,6 +161,11 @@ class ServerSession:
         self.closed = True
         self.close_reason = reason
         await self.pipeline.close()
+        await self._stop_pump()
+        self._put({"type": "session.closed", "reason": reason})
+
+    async def _stop_pump(self) -> None:
+        """Cancel the task that forwards the pipeline's outputs, and wait for it to end."""
         if self._pump is not None:
             self._pump.cancel()
             try:
@@ -174,7 +173,6 @@ class ServerSession:
             except asyncio.CancelledError:
                 pass
             self._pump = None
-        self._put({"type": "session.closed", "reason": reason})
 
     def detach(self) -> None:
         """The connection is gone. An agent that is being *heard* stops at what was played."""
