@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,16 +249,19 @@ class AsyncSpeechInput:
     Close with ``aclose()``.
     """
 
-    def __init__(self, pipeline: SpeechInput, max_queued_blocks: int = 512) -> None:
+    def __init__(self, pipeline: SpeechInput, max_queued_blocks: int = 512, executor: Executor | None = None,
+                 turn_executor: Executor | None = None) -> None:
         self.pipeline = pipeline
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-asr")
+        # ``executor``/``turn_executor``: where whisper and the turn features run (default: a private
+        # thread each); the evaluation's simulated clock passes executors on its virtual timeline
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-asr")
         # bounded: past it push() waits (the transport stops reading), it never drops audio
         self._inbox: asyncio.Queue[np.ndarray | _Flush] = asyncio.Queue(max_queued_blocks)
         self._outbox: asyncio.Queue[SpeechEvent | TurnAudioFeatures | _Closed] = asyncio.Queue()
         self._asr_wake = asyncio.Event()
         self._asr_flush = False  # the pipeline has no close_turn(): run its flush() on the worker
         self._tasks: list[asyncio.Task[None]] = []
-        self._turn_executor: ThreadPoolExecutor | None = None  # turn features, beside whisper
+        self._turn_executor: Executor | None = turn_executor  # turn features, beside whisper
         self._turn_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closed = False

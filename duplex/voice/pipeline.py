@@ -157,12 +157,15 @@ class VoicePipeline:
     audio input; ``tts=None``: text-only output. ``tts_executor`` lets a server share one TTS
     thread between sessions (synthesis is CPU-bound; more threads than cores only oversubscribe).
     ``audio_output``: start with agent audio on (default: whenever there is a TTS).
+    ``asr_executor``/``turn_executor``: where whisper and the turn features run (default: a thread
+    each); with ``clock`` and ``tts_executor``, what the evaluation's simulated clock replaces.
     """
 
     def __init__(self, engine: Engine, config: VoiceConfig | None = None, *,
                  speech_factory: Callable[[], SpeechInput] | None = None, tts: TtsEngine | None = None,
                  tts_executor: Executor | None = None, clock: Clock | None = None,
-                 session_id: str | None = None, audio_output: bool | None = None) -> None:
+                 session_id: str | None = None, audio_output: bool | None = None,
+                 asr_executor: Executor | None = None, turn_executor: Executor | None = None) -> None:
         self.config = config or VoiceConfig()
         self.clock = clock or MonotonicClock()
         self.tts_engine = tts
@@ -172,6 +175,7 @@ class VoicePipeline:
         self.session = Session(engine, session_config, clock=self.clock, session_id=session_id)
         self._speech_factory = speech_factory
         self._speech: AsyncSpeechInput | None = None
+        self._asr_executor, self._turn_executor = asr_executor, turn_executor
         self.tts: StreamingTts | None = None
         if tts is not None:
             chunker = ClauseChunker(max_words=self.config.clause_words,
@@ -248,7 +252,8 @@ class VoicePipeline:
                 raise VoiceUnavailable("this pipeline has no speech recognition")
             phrases = _PhraseInput(self._speech_factory(),
                                    lambda: bool(getattr(self.session.policy, "needs_audio_features", False)))
-            self._speech = AsyncSpeechInput(cast(SpeechInput, phrases))
+            self._speech = AsyncSpeechInput(cast(SpeechInput, phrases), executor=self._asr_executor,
+                                            turn_executor=self._turn_executor)
             self._spawn("speech", self._pump_speech(self._speech))
         await self._speech.push(samples_16k)
 
