@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import (Action, Backchannel, BargeInRules, Continue, Listen, Observation, Pause, Policy, Resume, Speak,
-                   Yield, available_policies, make_policy, register_policy)
+                   Yield, available_policies, is_stop_phrase, make_policy, register_policy)
 from .simple import EouPolicy, HalfDuplexPolicy, SilencePolicy
 from .smart_turn import SmartTurnPolicy
 from .learned import LearnedPolicy
@@ -11,5 +11,5 @@ from .learned import LearnedPolicy
 __all__ = [
     "Action", "Backchannel", "BargeInRules", "Continue", "EouPolicy", "HalfDuplexPolicy", "LearnedPolicy", "Listen",
     "Observation", "Pause", "Policy", "Resume", "SilencePolicy", "SmartTurnPolicy", "Speak", "Yield",
-    "available_policies", "make_policy", "register_policy",
+    "available_policies", "is_stop_phrase", "make_policy", "register_policy",
 ]

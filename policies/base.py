@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Action", "Backchannel", "BargeInRules", "Continue", "Listen", "Observation", "Pause", "Policy", "Resume", "Speak",
-    "Yield", "agent_backchannel",
+    "Yield", "agent_backchannel", "is_stop_phrase",
     "available_policies", "make_policy", "register_policy",
 ]
 
@@ -35,6 +35,7 @@ class Observation:
     eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
     agent_paused: bool = False  # the agent's audio is paused while the user's overlap is judged
     transcript_pending: bool = False  # the user's sound has ended, its final words are on the way
+    overlap_ended: bool = False  # the user's sound over the agent has stopped (VAD), judged or not
     user_speech_s: float = 0.0  # how long the user has been talking, while talking (0 otherwise)
     since_agent_backchannel_s: float | None = None  # since the agent's own last "mm-hm"; None: never
     # the user's words, split (user_turn_words counts both)
@@ -168,6 +169,12 @@ def _words(text: str) -> list[str]:
     return [w.strip(".,!?;:\"'()").lower() for w in text.split() if w.strip(".,!?;:\"'()")]
 
 
+def is_stop_phrase(text: str) -> bool:
+    """Does the user's sound start with a word that means "stop" ("wait", "no", "sorry")? Also
+    used by the session for the late words of a sound it already judged to be a backchannel."""
+    return any(w in _STOP_WORDS for w in _words(text)[:2])
+
+
 @dataclass(frozen=True, slots=True)
 class BargeInRules:
     """Shared by every overlapping policy: what user sound during agent speech means.
@@ -178,6 +185,13 @@ class BargeInRules:
     (after ``min_overlap_ms``), a stop word, or lasts ``backchannel_max_ms`` while still going on.
     When the overlap ends as at most ``backchannel_max_words`` acknowledgement words (or no words:
     a cough, a door), resume where the audio paused.
+
+    A sound shorter than ``resume_sound_ms`` resumes at once, without waiting for its words:
+    acknowledgements are short ("uh-huh" is about 0.3 s), and what ASR makes of half a second
+    over the agent's own voice is unreliable ("uh-huh" came back as "Sir Sir" in ``bench
+    realtime``). Its late words can still turn it into a yield with a stop word ("wait", "no");
+    any other late words only go into the backchannel note. The cost: a one-word question under
+    ``resume_sound_ms`` ("what?") is taken for an acknowledgement.
     """
 
     min_overlap_ms: float = 600.0
@@ -187,6 +201,7 @@ class BargeInRules:
     pause_on_overlap: bool = True
     words_wait_ms: float = 1500.0  # how long a paused agent waits for the final words of an overlap
     short_sound_ms: float = 1000.0  # if they never come, a sound this short (VAD hangover included) resumes
+    resume_sound_ms: float = 700.0  # a sound shorter than this resumes at its end, words or not (0: off)
     type: str = "barge_in_rules"
 
     def decide(self, obs: Observation) -> Action | None:
@@ -198,7 +213,7 @@ class BargeInRules:
         words = _words(obs.partial_text)
         if obs.user_turn_final and words:
             return Yield("text")  # typed and submitted over the agent: an explicit barge-in
-        if any(w in _STOP_WORDS for w in words[:2]):
+        if is_stop_phrase(obs.partial_text):
             return Yield("stop_word")
         content = [w for w in words if w not in _ACK_WORDS]
         if len(content) >= 1 and len(words) >= self.min_words:
@@ -211,7 +226,10 @@ class BargeInRules:
             if overlap_ms >= self.backchannel_max_ms:
                 return Yield("overlap")  # too long for a backchannel, words or not
             return Pause("overlap") if self.pause_on_overlap else Continue("pending")
-        # the overlap has ended: judge what it was, from its final words (bounded wait)
+        # the overlap has ended: a short sound is an acknowledgement (see above) ...
+        if obs.overlap_ended and overlap_ms < self.resume_sound_ms:
+            return Resume("backchannel") if obs.agent_paused else Continue("backchannel")
+        # ... a longer one is judged from its final words (bounded wait)
         if obs.transcript_pending and obs.agent_paused and (obs.silence_s or 0.0) * 1000 < self.words_wait_ms:
             return Pause("words_pending")
         if content and not (obs.transcript_pending and overlap_ms < self.short_sound_ms):

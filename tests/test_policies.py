@@ -101,6 +101,22 @@ def test_barge_in_rules_are_configurable():
     assert rules.decide(obs(agent_speaking=False)) is None
 
 
+def test_a_short_sound_over_the_agent_resumes_whatever_asr_made_of_it():
+    rules = BargeInRules()
+    ended = dict(agent_speaking=True, user_speaking=False, agent_paused=True, overlap_ended=True)
+    # "uh-huh" (0.4 s) heard as "Sir Sir", or with no words yet: an acknowledgement
+    assert isinstance(rules.decide(obs(overlap_s=0.4, partial_text="Sir Sir", **ended)), Resume)
+    assert isinstance(rules.decide(obs(overlap_s=0.4, transcript_pending=True, **ended)), Resume)
+    # a stop word, however short, yields; a longer sound with content words is a turn
+    assert isinstance(rules.decide(obs(overlap_s=0.3, partial_text="wait", **ended)), Yield)
+    assert isinstance(rules.decide(obs(overlap_s=1.2, partial_text="what about Paris", **ended)), Yield)
+    # longer sounds still wait (bounded) for their words
+    assert isinstance(rules.decide(obs(overlap_s=0.9, transcript_pending=True, silence_s=0.2, **ended)), Pause)
+    # resume_sound_ms=0 turns the rule off: the short sound's content word makes it a turn again
+    off = BargeInRules(resume_sound_ms=0)
+    assert isinstance(off.decide(obs(overlap_s=0.4, partial_text="what", **ended)), Yield)
+
+
 def test_eou_gap_interpolates_between_bounds():
     p = make_policy("eou", short_gap_ms=200, long_gap_ms=1200)
     assert p.gap_ms(0.9) == 200

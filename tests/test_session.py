@@ -284,6 +284,59 @@ async def test_user_backchannel_resumes_and_is_noted_in_the_next_user_turn(tiny_
     await s.close()
 
 
+async def test_short_sound_resumes_at_once_and_its_late_misheard_words_open_no_turn(tiny_engine):
+    """ "uh-huh" (0.3 s) over the agent, whose final words come a second later as "Sir Sir":
+    the agent resumes at the sound's end and the late words only become the backchannel note."""
+    from duplex.session.core import BACKCHANNEL_MARKER
+    from duplex.session.events import TranscriptStatus
+
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    turn = (await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4))[-1].turn
+    s.submit(SpeechStarted(2.0))
+    await collect_until(s, _is("agent_paused"))
+    clock.advance(0.4)
+    s.submit(TranscriptStatus(True, 2.4))
+    s.submit(SpeechStopped(2.4))
+    await collect_until(s, _is("agent_resumed"))  # no words yet: resumed on the sound's length
+    clock.advance(1.0)
+    s.submit(AsrWord("Sir", 2.0, 2.2, committed=True))
+    s.submit(AsrWord("Sir", 2.2, 2.4, committed=True))
+    s.submit(TranscriptStatus(False, 3.4))
+    events = await settle(s)
+    assert not [e for e in events if e.type in ("interrupted", "agent_paused")]
+    assert [e for e in events if e.type == "user_transcript" and e.turn == -1 and e.text == "Sir Sir"]
+    assert s._agent is not None and s._agent.turn == turn and not s._user_committed
+    s.submit(Cancel())
+    await collect_until(s, _is("interrupted"))
+    s.submit(PlaybackMark(turn, 4, final=True))
+    await collect_until(s, _is("turn_ended", speaker="agent"))
+    s.submit(TextInput("go on"))
+    await collect_until(s, _is("turn_started", speaker="agent"))
+    user_spans = [sp for sp in s.seq.spans() if sp.speaker == Speaker.USER]
+    assert BACKCHANNEL_MARKER.format("Sir Sir") in s.seq.text(user_spans[-1].start, user_spans[-1].end)
+    await s.close()
+
+
+async def test_late_stop_word_after_a_resume_still_stops_the_agent(tiny_engine):
+    from duplex.session.events import TranscriptStatus
+
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4)
+    s.submit(SpeechStarted(2.0))
+    await collect_until(s, _is("agent_paused"))
+    clock.advance(0.3)
+    s.submit(TranscriptStatus(True, 2.3))
+    s.submit(SpeechStopped(2.3))
+    await collect_until(s, _is("agent_resumed"))
+    s.submit(AsrWord("wait", 2.0, 2.3, committed=True))  # "wait" is short too, but it means stop
+    await collect_until(s, _is("interrupted"))
+    await s.close()
+
+
 async def test_held_decoding_waits_for_release_and_a_cancel_still_gets_through(tiny_engine):
     s = await _session(tiny_engine, max_tokens=4000)
     s.submit(TextInput("talk to me"))

@@ -24,7 +24,8 @@ from duplex.engine.worker import Engine
 from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, AsrWord, Cancel, ErrorEvent, InstructionsUpdated, Interrupted,
                      PlaybackMark, PolicyDecided, SessionEvent, SpeechStarted, SpeechStopped, StateChanged, TextInput,
                      TranscriptStatus, TurnEnded, TurnStarted, UpdateSession, UserTranscript)
-from duplex.policies import Action, Backchannel, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield, make_policy
+from duplex.policies import (Action, Backchannel, Continue, Listen, Observation, Pause, Policy, Resume, Speak, Yield,
+                             is_stop_phrase, make_policy)
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
@@ -86,6 +87,8 @@ class Session:
         self._decode_held: asyncio.Event | None = None  # set = released (see hold_decoding)
         self._transcript_pending = False  # an overlap ended; its final words are still coming
         self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
+        # a sound was judged a backchannel before its final words came: they are its note, not a turn
+        self._backchannel_tail = False
 
     # ---- public API ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,6 +243,13 @@ class Session:
         words = [first]
         while self._inputs and isinstance(self._inputs[0], AsrWord) and self._inputs[0].committed:
             words.append(self._inputs.popleft())
+        if self._backchannel_tail:
+            late = " ".join(w.text.strip() for w in words if w.text.strip())
+            if not is_stop_phrase(late):
+                self._note_backchannel(late)  # "uh-huh" heard as "Sir Sir": still no turn
+                self._emit(UserTranscript(-1, late, True, self.clock.now()))  # heard, but not a turn
+                return
+            self._backchannel_tail = False  # "wait": the user did mean to stop the agent
         if self._inputs and isinstance(self._inputs[0], SpeechStopped):
             await self._handle(self._inputs.popleft())
         texts: list[str] = []
@@ -264,10 +274,13 @@ class Session:
             self._user_speaking = True
             self._speech_end_t = None
             self._audio_turn = None  # the pause it described is over
+            self._backchannel_tail = False  # a new sound: its words are its own
             if self._agent_speaking() and self._overlap_start_t is None:
                 self._overlap_start_t = now
         elif isinstance(ev, TranscriptStatus):
             self._transcript_pending = ev.pending
+            if not ev.pending:
+                self._backchannel_tail = False  # the final words (if any) came before this
         elif isinstance(ev, SpeechStopped):
             self._user_speaking = False
             self._speech_end_t = now
@@ -297,7 +310,7 @@ class Session:
         """Tentative words only go into the observation (committed ones go into the cache). A new
         ASR pass re-sends its whole tentative tail, recognisable by a start time that does not advance."""
         text = word.text.strip()
-        if not text:
+        if not text or self._backchannel_tail:
             return
         if self._tentative and word.start_s <= self._tentative[-1][0]:
             self._tentative = []
@@ -488,6 +501,7 @@ class Session:
             agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
             agent_paused=self._paused and agent is not None,
             transcript_pending=self._transcript_pending,
+            overlap_ended=self._overlap_start_t is not None and self._overlap_end_t is not None,
             user_speech_s=(now - self._speech_start_t) if self._user_speaking and self._speech_start_t is not None
             else 0.0,
             since_agent_backchannel_s=None if self._backchannel_t is None else now - self._backchannel_t,
@@ -574,16 +588,21 @@ class Session:
     def _end_overlap_as_backchannel(self) -> None:
         """The overlap was a backchannel: it is not a turn, so the agent does not answer "yeah"; its
         words are kept as a marked note that opens the user's next turn."""
-        heard = self._user_text_so_far().strip()  # committed words only: tentative ones may be garbled
-        if heard:
-            note = self.engine.tokenizer.encode(f"{BACKCHANNEL_MARKER.format(heard)} ", add_special_tokens=False)
-            kept = self._backchannel_ids if len(self._backchannel_ids) + len(note) <= _MAX_BACKCHANNEL_NOTE_TOKENS else []
-            self._backchannel_ids = kept + note  # bounded: only the latest notes are kept
+        self._note_backchannel(self._user_text_so_far())  # committed words only: tentative ones may be garbled
+        self._backchannel_tail = self._transcript_pending  # its final words may still be on the way
         self._overlap_start_t = self._overlap_end_t = None
         self._user_committed.clear()
         self._tentative = []
         self._held_ids.clear()
         self._user_final = False
+
+    def _note_backchannel(self, heard: str) -> None:
+        heard = heard.strip()
+        if not heard:
+            return
+        note = self.engine.tokenizer.encode(f"{BACKCHANNEL_MARKER.format(heard)} ", add_special_tokens=False)
+        kept = self._backchannel_ids if len(self._backchannel_ids) + len(note) <= _MAX_BACKCHANNEL_NOTE_TOKENS else []
+        self._backchannel_ids = kept + note  # bounded: only the latest notes are kept
 
     # ---- speaking ------------------------------------------------------------------------------
     async def _speak(self, n_tokens: int) -> None:
