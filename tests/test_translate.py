@@ -208,7 +208,16 @@ def test_policy_registry_and_errors() -> None:
 
 def test_test_set_is_parallel() -> None:
     src, ref = load_test_set()
-    assert len(src) == len(ref) >= 30
+    assert len(src) == len(ref) >= 100
+    assert all(s.strip() and r.strip() for s, r in zip(src, ref)), "no blank lines"
+    assert len(set(src)) == len(src), "no duplicate sources"
+    # alignment spot-check: a question stays a question, an exclamation stays one
+    for s, r in zip(src, ref):
+        assert s.rstrip().endswith("?") == r.rstrip().endswith("?"), (s, r)
+        if r.rstrip().endswith("?"):
+            assert "\u00bf" in r, r  # Spanish opens a question with ¿
+        if "!" in r:
+            assert "\u00a1" in r, r
 
 
 # ---- the real translator on the tiny random model ---------------------------------------------
