@@ -214,7 +214,7 @@ class VoicePipeline:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await self.session.start()
-        if not self._tasks:
+        if "session" not in self._tasks:  # audio pushed before the start has spawned its speech pump already
             self._spawn("session", self._pump_session())
             self._spawn("tts", self._pump_tts())
 
