@@ -1,8 +1,8 @@
-"""``duplex eval run``: replay every scenario with every policy, in parallel, and summarise.
+"""``duplex eval run``: play every scenario to every policy, in parallel, and summarise.
 
-The unit of work is a chunk of scenarios: a worker loads the models once per chunk, computes each
-scenario's user-side input (VAD + ASR) once, replays it with every policy, writes one JSONL
-timeline per episode and returns the episodes' metrics. Chunks run in a local process pool
+On the simulated clocks (:mod:`.simulated`) the unit of work is a chunk of scenarios: a worker
+loads the models once per chunk, plays each scenario to the served pipeline with every policy,
+writes one JSONL timeline per episode and returns the episodes' metrics. Chunks run in a local process pool
 (default), in this process (``workers <= 1``), or as Ray tasks (``ray_address``).
 """
 
@@ -22,14 +22,13 @@ from typing import Any
 
 from .metrics import EpisodeMetrics, MetricsConfig, episode_metrics, summarize
 from .scenario import load_scenario, render_user_audio, resolve_cues
-from .user_input import schedule_user_input
 
 __all__ = ["CLOCKS", "PolicySpec", "RunSpec", "git_commit", "interleave_by_category", "parse_policy", "read_timeline",
            "rebuild_summary", "run_chunk", "run_eval", "timeline_path", "write_summary", "write_timeline"]
 
 log = logging.getLogger(__name__)
 
-# measured: the real server in real time (default); ideal / replay-measured: virtual-time replays.
+# measured: the real server in real time (default); ideal / replay-measured: the same pipeline on a virtual clock.
 CLOCKS = ("measured", "ideal", "replay-measured")
 
 
@@ -87,20 +86,19 @@ class RunSpec:
 
 @dataclass(slots=True)
 class _Resources:
-    lm: Any
-    template: Any
-    speech: Any
-    tts: Any
+    models: Any  # simulated.SimModels
     voices: Any
 
 
 def _load(spec: RunSpec) -> _Resources:
+    """The models of the simulated clocks, as ``duplex serve`` would load them for this spec."""
     import torch
 
-    from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter, WebRtcVad, load_tts, load_whisper
+    from duplex.audio import WebRtcVad, load_tts, load_whisper
     from duplex.engine.models import load_model
     from duplex.engine.template import TurnTemplate
 
+    from .simulated import SimModels
     from .voices import VoiceBank
 
     torch.set_num_threads(max(1, spec.threads))
@@ -114,19 +112,17 @@ def _load(spec: RunSpec) -> _Resources:
     if spec.vad == "energy":
         from duplex.audio.fakes import EnergyVad
 
-        vad: Any = EnergyVad()
+        vad_factory: Any = EnergyVad
     else:
-        vad = WebRtcVad()
+        vad_factory = WebRtcVad
     if spec.tts == "fake":
         from duplex.audio.fakes import FakeTts
 
         tts: Any = FakeTts()
     else:
         tts = load_tts(spec.tts)
-    from duplex.audio.turn_features import default_turn_features
-
-    speech = SpeechInput(VadSegmenter(vad), StreamingAsr(whisper), turn_features=default_turn_features())
-    return _Resources(lm, TurnTemplate.from_tokenizer(lm.tokenizer), speech, tts, VoiceBank())
+    models = SimModels(lm, TurnTemplate.from_tokenizer(lm.tokenizer), tts, whisper, vad_factory)
+    return _Resources(models, VoiceBank())
 
 
 def timeline_path(out_dir: str, label: str, scenario_id: str) -> Path:
@@ -148,20 +144,19 @@ def read_timeline(path: str | Path) -> list[dict[str, Any]]:
 
 def _run_scenarios(spec: RunSpec, res: _Resources, paths: list[str],
                    on_episode: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    from .replay import ReplayConfig, replay_episode
+    from .simulated import SimConfig, simulate_episode
 
-    config = ReplayConfig(clock=spec.clock, seed=spec.seed, max_reply_tokens=spec.max_reply_tokens,
-                          instructions=spec.instructions, temperature=spec.temperature)
+    config = SimConfig(clock=spec.clock, seed=spec.seed, max_reply_tokens=spec.max_reply_tokens,
+                       instructions=spec.instructions, temperature=spec.temperature)
     out = []
     for path in paths:
         scenario = load_scenario(path)
         user = render_user_audio(scenario, res.voices)
         cues = resolve_cues(scenario, user)
-        schedule = schedule_user_input(user, res.speech, measured=spec.clock == "replay-measured")
         for p in spec.policies:
             t0 = time.perf_counter()
-            result = asyncio.run(replay_episode(scenario, user, schedule, cues, p.name, p.params, res.lm, res.tts,
-                                                config, template=res.template))
+            result = asyncio.run(simulate_episode(scenario, user, cues, p.name, p.params, res.models, config,
+                                                  label=p.label))
             records = [dict(r, policy=p.label, policy_name=p.name) if r.get("type") == "episode" else r
                        for r in result.records]
             write_timeline(timeline_path(spec.out_dir, p.label, scenario.id), records)
@@ -357,10 +352,9 @@ def write_summary(spec: RunSpec, rows: list[dict[str, Any]], meta: dict[str, Any
             f.write(json.dumps(r, default=float) + "\n")
     fields = set(EpisodeMetrics.__dataclass_fields__)
     table = summarize([EpisodeMetrics(**{k: v for k, v in r.items() if k in fields}) for r in rows])
-    # the measured clock runs a bare policy name with the served voice parameters (eval.measured)
-    served = getattr(spec, "clock", "") == "measured"
+    # every clock runs a bare policy name with the served voice parameters (measured, simulated)
     policies = {p.label: {"name": p.name, "params": make_policy(
-        p.name, **(dict(p.params) or (voice_policy_params(p.name) if served else {}))).params()} for p in spec.policies}
+        p.name, **(dict(p.params) or voice_policy_params(p.name))).params()} for p in spec.policies}
     compute = {k: sum(r.get(k, 0.0) for r in rows) for k in ("engine_compute_s", "tts_compute_s", "wall_s")}
     summary = {
         "meta": {**meta, "model": spec.model or "SmolLM2-135M-Instruct (packaged)", "asr": spec.asr,

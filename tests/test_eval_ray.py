@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from duplex.eval.runner import RunSpec, parse_policy, run_eval
-from tests.test_eval_replay import write_tone_scenarios
+from tests.test_eval_simulated import write_tone_scenarios
 
 ray = pytest.importorskip("ray")
 

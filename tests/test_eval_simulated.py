@@ -1,4 +1,4 @@
-"""Scenario files, the virtual-clock replay (determinism) and a small end-to-end smoke evaluation on
+"""Scenario files, the simulated clocks driving the served pipeline (determinism, pause-first barge-in) and a small end-to-end smoke evaluation on
 the tiny model with the fake VAD/ASR/TTS (tone bursts stand in for speech)."""
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from duplex.audio import SpeechInput, StreamingAsr, VadSegmenter
 from duplex.audio.fakes import EnergyVad, FakeTts, FakeWhisper
-from duplex.eval.replay import ReplayConfig, replay_episode
+from duplex.eval.metrics import episode_metrics
 from duplex.eval.runner import RunSpec, parse_policy, read_timeline, rebuild_summary, run_eval
+from duplex.eval.simulated import SimConfig, SimModels, simulate_episode
 from duplex.eval.scenario import (AudioItem, Cue, Scenario, TypedChunk, TypedItem, load_scenario, load_scenarios,
                                   render_user_audio, resolve_cues, save_scenario)
-from duplex.eval.user_input import schedule_user_input
 
 from tests.fakes import tone_wav
 
@@ -49,10 +48,6 @@ def tone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _speech() -> SpeechInput:
-    return SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(FakeWhisper()))
-
-
 def test_scenario_round_trip_and_cue_resolution(tone_dir: Path, tmp_path: Path):
     s = load_scenario(tone_dir / "interruption-0.json")
     user = render_user_audio(s)
@@ -64,28 +59,64 @@ def test_scenario_round_trip_and_cue_resolution(tone_dir: Path, tmp_path: Path):
     save_scenario(typed, tmp_path / "typed-0.json")
     again = load_scenario(tmp_path / "typed-0.json")
     assert again.items == typed.items and again.cues == typed.cues
-    schedule = schedule_user_input(render_user_audio(again), _speech(), measured=False)
-    assert [(x.t, x.event.text, x.event.final) for x in schedule.inputs] == [(1.0, "hello ", False), (1.4, "there", True)]
+    assert tuple(render_user_audio(again).typed) == ((1.0, "hello ", False), (1.4, "there", True))
     assert len(load_scenarios(tone_dir)) == 4
 
 
-def test_user_input_schedule_holds_speech_stopped_until_final_words(tone_dir: Path):
-    s = load_scenario(tone_dir / "turn_taking-0.json")
-    schedule = schedule_user_input(render_user_audio(s), _speech(), measured=False)
-    types = [x.event.type for x in schedule.inputs]
-    assert types[0] == "speech_started" and types[-1] == "speech_stopped"
-    committed = [x for x in schedule.inputs if x.event.type == "asr_word" and x.event.committed]
-    assert committed and committed[-1].t <= schedule.inputs[-1].t
-    assert " ".join(x.event.text for x in committed) == "w0 w1 w2"
+def _models(lm, whisper: FakeWhisper | None = None) -> SimModels:
+    return SimModels(lm, None, FakeTts(), whisper or FakeWhisper(), EnergyVad)
 
 
-def _replay(scenario_path: Path, lm, clock: str = "ideal", policy: str = "silence") -> list[dict]:
+def _replay(scenario_path: Path, lm, clock: str = "ideal", policy: str = "silence",
+            whisper: FakeWhisper | None = None) -> list[dict]:
     s = load_scenario(scenario_path)
     user = render_user_audio(s)
-    schedule = schedule_user_input(user, _speech(), measured=clock == "replay-measured")
-    config = ReplayConfig(clock=clock, seed=3, max_reply_tokens=16, temperature=1.0)
-    result = asyncio.run(replay_episode(s, user, schedule, resolve_cues(s, user), policy, {}, lm, FakeTts(), config))
+    config = SimConfig(clock=clock, seed=3, max_reply_tokens=16, temperature=1.0)
+    result = asyncio.run(simulate_episode(s, user, resolve_cues(s, user), policy, {}, _models(lm, whisper), config))
     return list(result.records)
+
+
+def test_ideal_clock_holds_speech_stopped_until_final_words(tone_dir: Path, tiny_lm):
+    """The pipeline's rule, seen through the simulated microphone: the session gets the end of
+    speech only with the utterance's final words, so the reply follows the whole question."""
+    records = _replay(tone_dir / "turn_taking-0.json", tiny_lm)
+    inputs = [r for r in records if r["type"] == "input"]
+    kinds = [r["event"]["type"] for r in inputs]
+    assert kinds[0] == "speech_started" and "speech_stopped" in kinds and "speech_finalized" in kinds
+    committed = [r["event"]["text"] for r in inputs if r["event"]["type"] == "asr_word" and r["event"]["committed"]]
+    assert " ".join(committed).split() == ["w0", "w1", "w2"]
+    user_end = next(r for r in records if r["type"] == "turn_ended" and r["speaker"] == "user")
+    assert user_end["text"].split() == ["w0", "w1", "w2"]
+    agent = next(r for r in records if r["type"] == "turn_started" and r["speaker"] == "agent")
+    assert agent["t"] >= next(r["t"] for r in inputs if r["event"]["type"] == "speech_finalized")
+
+
+def test_ideal_clock_pauses_then_resumes_for_a_backchannel_and_yields_to_an_interruption(tone_dir: Path, tiny_lm):
+    """Pause first, decide after, on the virtual clock: "yeah" over the agent pauses its audio and
+    resumes it (the paused stretch is not heard, the rest plays on); words over the agent pause it
+    and then take the turn."""
+    yeah = FakeWhisper(word_s=0.3, word_namer=lambda i: "yeah")
+    bc = _replay(tone_dir / "backchannel-0.json", tiny_lm, whisper=yeah)
+    kinds = [r["type"] for r in bc]
+    assert "playback_paused" in kinds and "playback_resumed" in kinds
+    assert kinds.index("playback_paused") < kinds.index("playback_resumed")
+    assert "interrupted" not in kinds and "agent_audio_halted" not in kinds
+    paused_t = next(r["t"] for r in bc if r["type"] == "playback_paused")
+    resumed_t = next(r["t"] for r in bc if r["type"] == "playback_resumed")
+    played = [r for r in bc if r["type"] == "agent_audio"]
+    assert not any(r["t"] < resumed_t and r["end"] > paused_t + 1e-9 for r in played)  # silent while paused
+    assert any(r["t"] >= resumed_t for r in played)  # and the same turn plays on
+    m = episode_metrics(bc)
+    assert m.false_interruption == 0.0 and m.tor == 0.0
+
+    it = _replay(tone_dir / "interruption-0.json", tiny_lm)
+    kinds = [r["type"] for r in it]
+    assert "playback_paused" in kinds and "interrupted" in kinds and "playback_resumed" not in kinds
+    assert kinds.index("playback_paused") < kinds.index("interrupted")
+    halted = next(r for r in it if r["type"] == "agent_audio_halted")
+    assert halted["t"] == next(r["t"] for r in it if r["type"] == "playback_paused")  # unheard since the pause
+    m = episode_metrics(it)
+    assert m.yielded == 1.0 and m.tor == 1.0
 
 
 def test_ideal_clock_replay_is_bit_identical(tone_dir: Path, tiny_lm):

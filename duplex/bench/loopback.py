@@ -14,7 +14,7 @@ It does what ``web/app.js`` does, over the native WebSocket protocol (``docs/pro
   played position.
 
 Everything lands in a timeline on the scenario's clock (0 = the first microphone sample), in the
-record format of :mod:`duplex.eval.replay`, so :mod:`duplex.eval.metrics` scores it unchanged.
+record format of :mod:`duplex.eval.timeline`, so :mod:`duplex.eval.metrics` scores it unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from duplex.eval.replay import EpisodeResult, agent_audio_records, voiced_bounds
+from duplex.eval.timeline import EpisodeResult, played_audio_records, scenario_records, sort_records
 from duplex.eval.scenario import Cue, RenderedUser, Scenario
 from duplex.serving.protocol import decode_audio_frame
 
@@ -282,11 +282,7 @@ class _Driver:
         if t.done_sent:
             return
         t.interrupted = True
-        paused_at = self.speaker.paused_at if self.speaker.paused else None
-        had_audio = self.speaker.position(turn, now) < t.pushed
-        pos = self.speaker.stop(turn, now)
-        # Audio that was already silenced by the page's pause stopped being heard back then.
-        halted = paused_at if paused_at is not None and had_audio else now
+        pos, halted, had_audio = self.speaker.halt(turn, now)
         self._record({"type": "agent_audio_halted", "t": halted, "turn": turn, "cut": had_audio,
                       "interrupted_t": now})
         await self._truncate(item, turn, t.ms(pos))
@@ -331,7 +327,6 @@ class _Driver:
     def _result(self) -> EpisodeResult:
         s = self.scenario
         end = s.duration_s
-        self.speaker.finish(end)
         head = {"type": "episode", "t": 0.0, "scenario": s.id, "category": s.category, "policy": self.label,
                 "policy_params": self.config.policy_params or {}, "clock": "measured", "seed": None,
                 "duration_s": s.duration_s, "max_reply_tokens": self.config.max_reply_tokens, "url": self.url,
@@ -339,19 +334,8 @@ class _Driver:
                                                              "output_audio_format")},
                 "client": {"frame_ms": self.config.frame_ms, "mark_interval_s": self.config.mark_interval_s,
                            "pause": "server-driven (response.output_audio.paused / resumed)"}}
-        out: list[dict[str, Any]] = []
-        out += [{"type": "cue", "t": c.t, "kind": c.kind, "end": c.end, "start": c.start} for c in self.cues]
-        out += [{"type": "user_speech", "t": on, "end": off, "item": i, "text": text}
-                for i, on, off, text in self.user.spans]
-        out += self.records
-        for f in self.speaker.frames:
-            if not f.pieces:
-                continue
-            on, off = voiced_bounds(f.pcm.astype(np.float32) / 32768.0, f.sample_rate_hz)
-            pieces = [(t, a / f.sample_rate_hz, (a + n) / f.sample_rate_hz) for t, a, n in f.pieces]
-            out += agent_audio_records(f.turn, f.text, f.token_start, f.token_end, on, off, pieces, until=end)
-        order = {id(r): i for i, r in enumerate(out)}
-        out.sort(key=lambda r: (r["t"] if r["t"] is not None else 0.0, order[id(r)]))
+        out = sort_records([*scenario_records(self.user, self.cues), *self.records,
+                            *played_audio_records(self.speaker, end)])
         stats = {**self._stats, "closed_early": self.closed_early}
         # the session set-up happens before the first microphone sample: negative times
         records = [head, *out, {"type": "episode_end", "t": max(end, out[-1]["t"] if out else end),

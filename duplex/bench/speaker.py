@@ -155,6 +155,15 @@ class VirtualSpeaker:
         self._head_t = now if self._queue else None
         return pos
 
+    def halt(self, turn: int, now: float) -> tuple[int, float, bool]:
+        """A barge-in as a listener hears it: :meth:`stop` ``turn`` now. Returns how far it was
+        played, when it stopped being heard (audio a pause had silenced stopped back then) and
+        whether any of it was still to play."""
+        self.advance(now)
+        cut = any(f.turn == turn for f in self._queue)
+        halted = self.paused_at if self.paused and self.paused_at is not None and cut else now
+        return self.stop(turn, now), halted, cut
+
     def finish(self, until: float) -> None:
         """The episode ends at ``until``: account for the part of the head frame played so far."""
         self.advance(until)
