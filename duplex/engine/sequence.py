@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,7 +24,7 @@ from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler
 from duplex.engine.template import TurnTemplate
 
-__all__ = ["SequenceConfig", "SharedSequence", "Span", "Speaker", "Status"]
+__all__ = ["ForwardRunner", "SequenceConfig", "SharedSequence", "Span", "Speaker", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,14 @@ def _decode_attention_for(lm: LoadedModel) -> str | None:
     return "eager"
 
 
+class ForwardRunner(Protocol):
+    """Where a sequence's model calls run when it belongs to an engine: the engine scheduler
+    (:mod:`duplex.engine.scheduler`) batches them with other sequences' and chunks long ones."""
+
+    def forward(self, owner: object, ids: list[int], start_pos: int, keep: int, cache: Any,
+                direct: Callable[[list[int], int, int], torch.Tensor]) -> torch.Tensor: ...
+
+
 class Speaker(str, Enum):
     SYSTEM = "system"
     USER = "user"
@@ -123,10 +132,13 @@ class SequenceConfig:
 
 
 class SharedSequence:
-    """Token ledger + KV cache for one session. Not thread-safe: only the engine worker touches it."""
+    """Token ledger + KV cache for one session. Not thread-safe: only the engine worker touches it.
+    With a ``runner`` (the engine's scheduler) its forwards run there; without one, in place."""
 
-    def __init__(self, lm: LoadedModel, template: TurnTemplate, config: SequenceConfig | None = None) -> None:
+    def __init__(self, lm: LoadedModel, template: TurnTemplate, config: SequenceConfig | None = None,
+                 runner: ForwardRunner | None = None) -> None:
         self.lm = lm
+        self._runner = runner
         self.template = template
         self.config = config or SequenceConfig()
         self._ids: list[int] = []
@@ -277,6 +289,36 @@ class SharedSequence:
         self._open = (to, new_turn)
         self.maybe_evict()
         return new_turn, eou
+
+    def interject(self, ids: Seq[int], speaker: Speaker) -> tuple[int, int, int]:
+        """Close the open turn, add ``ids`` as a closed turn of ``speaker`` and reopen a turn for
+        the interrupted side, in ONE forward pass: the user's words heard while the agent speaks
+        enter the sequence where they happened (see ``duplex.session.interleave``).
+
+        Returns (tokens inserted before the reopened turn's content, the interjection's turn id,
+        the reopened turn's id)."""
+        if self._open is None:
+            raise RuntimeError("interject() needs an open turn")
+        ids = [int(i) for i in ids]
+        was, turn = self._open
+        parts = [
+            (list(self.template.role(was.value).footer), was, turn),
+            (list(self.template.role(speaker.value).header), speaker, self._turn_counter + 1),
+            (ids, speaker, self._turn_counter + 1),
+            (list(self.template.role(speaker.value).footer), speaker, self._turn_counter + 1),
+            (list(self.template.role(was.value).header), was, self._turn_counter + 2),
+        ]
+        self._turn_counter += 2
+        everything = [i for part, _, _ in parts for i in part]
+        self._prefill(everything)
+        for part, spk, t in parts:
+            self._ids.extend(part)
+            self._speaker.extend([spk] * len(part))
+            self._status.extend([Status.COMMITTED] * len(part))
+            self._turn.extend([t] * len(part))
+        self._open = (was, self._turn_counter)
+        self.maybe_evict()
+        return len(everything), self._turn_counter - 1, self._turn_counter
 
     def append(self, ids: Seq[int], status: Status = Status.COMMITTED) -> None:
         """Append content ids to the open turn (incremental, chunked prefill)."""
@@ -430,9 +472,15 @@ class SharedSequence:
             piece = ids[i:i + chunk]
             self._logits = self._forward(piece, pos + i)
 
-    @torch.inference_mode()
     def _forward(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
         """Logits of the last position (``keep`` > 1: of the last ``keep`` positions, stacked)."""
+        if self._runner is None:
+            return self.forward_direct(ids, start_pos, keep)
+        return self._runner.forward(self, ids, start_pos, keep, self._cache, self.forward_direct)
+
+    @torch.inference_mode()
+    def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
+        """:meth:`_forward` as one model call of this sequence alone (the scheduler's fallback)."""
         device = self.lm.device
         if device.type == "cpu":
             # PyTorch's CPU flash-attention kernel is slow for a few queries against a long

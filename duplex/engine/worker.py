@@ -1,27 +1,27 @@
-"""The engine: owns the model and runs every model call on one worker thread per device.
+"""The engine: owns the model and its scheduler; every model call goes through them.
 
 Sessions never touch torch from the event loop. They hand sequence operations to
-:meth:`Engine.run`, which executes them on the device worker in submission order; the loop stays
-free to read sockets and handle barge-ins while a decode step runs. Several sequences share one
-loaded model, each with its own cache. The single worker is also where cross-session batching of
-decode steps will go.
+:meth:`Engine.run` / :meth:`Engine.run_for`, which execute them off the loop, in submission order
+per sequence; the loop stays free to read sockets and handle barge-ins while a step runs. Several
+sequences share one loaded model, each with its own cache; :mod:`duplex.engine.scheduler` batches
+their decode steps into one forward and cuts long prefills into bounded chunks between them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from duplex.engine.models import LoadedModel, load_model
-from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
+from duplex.engine.sampling import Sampler
+from duplex.engine.scheduler import Scheduler, SchedulerStats
+from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
 from duplex.engine.template import TurnTemplate
 
 __all__ = ["Engine"]
@@ -31,14 +31,22 @@ T = TypeVar("T")
 
 
 class Engine:
-    """One loaded model + its device worker. Create sequences with :meth:`new_sequence`."""
+    """One loaded model + its scheduler. Create sequences with :meth:`new_sequence`.
 
-    def __init__(self, lm: LoadedModel, threads: int | None = None) -> None:
+    ``scheduler``: ``batched`` (default; one forward per tick over all sessions), ``chunked``
+    (the same fair order, one forward per session) or ``fifo`` (the old single worker), also from
+    ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``).
+    """
+
+    def __init__(self, lm: LoadedModel, threads: int | None = None, scheduler: str | None = None,
+                 chunk_tokens: int | None = None) -> None:
         self.lm = lm
         self.template = TurnTemplate.from_tokenizer(lm.tokenizer)
         self._threads = threads or int(os.environ.get("DUPLEX_TORCH_THREADS", 0)) or (os.cpu_count() or 1)
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"duplex-{lm.device.type}", initializer=self._init_worker
+        self.scheduler = Scheduler(
+            lm.model, mode=scheduler or os.environ.get("DUPLEX_SCHEDULER", "batched"),
+            chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", 0)) or 64,
+            init_thread=self._init_worker, name=f"duplex-{lm.device.type}",
         )
         self._closed = False
 
@@ -55,30 +63,55 @@ class Engine:
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats
+
     def new_sequence(self, config: SequenceConfig | None = None) -> SharedSequence:
-        """An empty sequence sharing this engine's model (no model call yet)."""
-        return SharedSequence(self.lm, self.template, config)
+        """An empty sequence sharing this engine's model (no model call yet); its forwards go
+        through the scheduler, so call its methods via :meth:`run_for` (or :meth:`run`)."""
+        return SharedSequence(self.lm, self.template, config, runner=self.scheduler)
 
     async def start_sequence(self, system_prompt: str | None = None, config: SequenceConfig | None = None) -> SharedSequence:
-        """Create a sequence and prefill its system prompt on the worker."""
-        seq = SharedSequence(self.lm, self.template, config)
+        """Create a sequence and prefill its system prompt (in chunks, between other sessions' steps)."""
+        seq = self.new_sequence(config)
         if system_prompt:
-            await self.run(seq.add_message, Speaker.SYSTEM, system_prompt)
+            await self.run_for(seq, seq.add_message, Speaker.SYSTEM, system_prompt)
         return seq
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the device worker and await its result."""
+        """Run ``fn(*args, **kwargs)`` off the loop and await its result. A bound method of a
+        :class:`SharedSequence` runs in that sequence's lane (:meth:`run_for`); anything else in
+        one shared lane, in submission order. Code that touches a sequence through some other
+        callable must use :meth:`run_for`, or it could interleave with that sequence's steps."""
+        owner = getattr(fn, "__self__", None)
+        return await self._submit(owner if isinstance(owner, SharedSequence) else None, fn, *args, **kwargs)
+
+    async def run_for(self, seq: SharedSequence | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` after ``seq``'s earlier calls (FIFO per sequence); other sequences' work
+        interleaves with it at forward boundaries."""
+        return await self._submit(seq, fn, *args, **kwargs)
+
+    async def decode(self, seq: SharedSequence, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
+        """One decode step: sample the next token and append it; batched with other sessions' steps."""
+        return await self.run_for(seq, seq.step, sampler, status)
+
+    async def prefill(self, seq: SharedSequence, ids: Sequence[int], status: Status = Status.COMMITTED) -> None:
+        """Append ``ids`` to the open turn; long inputs run in ``chunk_tokens`` pieces between ticks
+        that keep other sessions decoding."""
+        await self.run_for(seq, seq.append, list(ids), status)
+
+    async def _submit(self, lane: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise RuntimeError("engine is closed")
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *args, **kwargs)
+        future = asyncio.wrap_future(self.scheduler.submit(lane, fn, *args, **kwargs))
         if not log.isEnabledFor(logging.DEBUG):
-            return await loop.run_in_executor(self._executor, call)
+            return await future
         t0 = time.perf_counter()
-        result = await loop.run_in_executor(self._executor, call)
+        result = await future
         log.debug("engine %s: %.1f ms (incl. queueing)", getattr(fn, "__name__", fn), 1000 * (time.perf_counter() - t0))
         return result
 
     def close(self) -> None:
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close()

@@ -348,9 +348,9 @@ class Session:
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
-            self._eou_prob, self._prepared = await self.engine.run(self._append_and_prepare_sync, ids)
+            self._eou_prob, self._prepared = await self.engine.run_for(self.seq, self._append_and_prepare_sync, ids)
             return
-        self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+        self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
 
     async def _maybe_prepare_reply(self) -> bool:
         """While the user is silent after committed words, prefill the user-turn footer and the
@@ -672,7 +672,7 @@ class Session:
             await self._prefill_user(prefix + text.strip())
         if self._held_ids:
             ids, self._held_ids = self._held_ids, []
-            self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+            self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
         user_text = self._user_text_so_far()
         user_turn = self._user_turn
         if self._prepared is not None:
@@ -747,7 +747,7 @@ class Session:
     async def _release_held(self) -> None:
         if self._held_ids:
             ids, self._held_ids = self._held_ids, []
-            self._eou_prob = await self.engine.run(self._append_user_sync, ids)
+            self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
 
     # ---- barge-in ------------------------------------------------------------------------------
     async def _yield(self, reason: str) -> None:
@@ -776,7 +776,7 @@ class Session:
         agent = self._agent
         assert agent is not None and self.seq is not None
         kept = min(agent.delivered_tokens, len(agent.tokens))
-        await self.engine.run(self._truncate_sync, agent, kept)
+        await self.engine.run_for(self.seq, self._truncate_sync, agent, kept)
         self._emit(TurnEnded("agent", agent.turn, self._text_of(agent, kept), "interrupted", self.clock.now()))
         self._truncate_deadline = None
         self._agent = None

@@ -1,0 +1,344 @@
+"""The engine scheduler: every session's model work, one batched forward per tick, fairly.
+
+Sessions hand the engine small synchronous jobs (append these words, sample a token, hand over
+the turn). Before, one worker ran those jobs FIFO, each to completion: a 100 KB instructions
+prefill held every other session's next token for its whole duration, and eight decoding
+sessions paid eight passes over the weights per round. Here:
+
+- **jobs** run on worker threads, one at a time (a baton), FIFO per *lane* (one lane per
+  sequence, plus one for calls that name none), so a session's calls stay in order while
+  different sessions interleave;
+- a job's model call (:meth:`Scheduler.forward`, reached from ``SharedSequence._forward``)
+  does not run on the job's thread: it parks the job and becomes a *request*;
+- when every started job is parked or done, the scheduler thread runs a **tick**: every pending
+  1-token request (decode steps: priority, all of them) plus prefill pieces from the other
+  requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all. In
+  ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
+  mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
+
+So a long prefill delays another session's next token by at most one tick, whose prefill part is
+bounded by ``chunk_tokens``; and decoders share the weight reads. Ticks are recorded
+(:attr:`Scheduler.trace`) so tests can check fairness by counting rows, not by timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from duplex.engine.ragged import Row, ragged_forward, register, supports
+
+__all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("batched", "chunked", "fifo")
+_MIN_PIECE = 8  # a later prefill row in a tick takes no intermediate piece smaller than this
+
+Direct = Callable[[list[int], int, int], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class RowRecord:
+    """One row of a tick. ``waited_ticks``: ticks begun between its request and this row (a
+    decode row waits at most for the one tick already running when it arrived: 0 or 1)."""
+
+    owner: int  # id() of the sequence
+    tokens: int
+    start_pos: int
+    decode: bool
+    waited_ticks: int
+    type: str = "row"
+
+
+@dataclass(frozen=True, slots=True)
+class TickRecord:
+    tick: int
+    rows: tuple[RowRecord, ...]
+    forwards: int  # model calls in this tick: 1 when batched
+    type: str = "tick"
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(r.tokens for r in self.rows if not r.decode)
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    ticks: int = 0
+    forwards: int = 0
+    rows: int = 0
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    max_rows: int = 0
+    type: str = "scheduler_stats"
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    owner: object
+    ids: list[int]
+    start_pos: int
+    keep: int
+    cache: Any
+    direct: Direct
+    job: bool  # made by a job thread (which gave the baton back while it waits)
+    order: int = 0
+    submitted_tick: int = 0
+    done: int = 0
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+    event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def decode(self) -> bool:
+        return len(self.ids) == 1
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    lane: Hashable
+    future: Future[Any]
+    call: Callable[[], Any]
+
+
+class Scheduler:
+    """Owns the model's compute: jobs in per-sequence lanes, forwards batched per tick."""
+
+    def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
+                 init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096) -> None:
+        if mode not in MODES:
+            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+        self.model = model
+        self.mode = mode
+        self.chunk_tokens = chunk_tokens
+        self.stats = SchedulerStats()
+        self.trace: deque[TickRecord] = deque(maxlen=trace_len)
+        self._init_thread = init_thread or (lambda: None)
+        self._name = name
+        self._lock = threading.Lock()  # queues and counters; never held across a model call
+        self._baton = threading.Lock()  # held by the running job, or by the scheduler during a tick
+        self._tick_cv = threading.Condition(self._lock)
+        self._work_cv = threading.Condition(self._lock)
+        self._local = threading.local()
+        self._lanes: dict[Hashable, deque[_Job]] = {}  # a lane is present while it has a job started
+        self._ready: deque[_Job] = deque()
+        self._idle = 0
+        self._workers: list[threading.Thread] = []
+        self._runnable = 0  # started jobs not parked in forward()
+        self._pending: list[_Request] = []
+        self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
+        self._arrivals = 0
+        self._batching = mode == "batched"
+        self._closing = False
+        if self._batching:
+            register()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def submit(self, lane: Hashable, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Queue ``fn(*args, **kwargs)`` behind earlier jobs of ``lane``; its result comes in the future."""
+        job = _Job(None if self.mode == "fifo" else lane, Future(), functools.partial(fn, *args, **kwargs))
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("engine is closed")
+            queued = self._lanes.get(job.lane)
+            if queued is None:
+                self._lanes[job.lane] = deque()
+                self._start(job)
+            else:
+                queued.append(job)
+        return job.future
+
+    def _start(self, job: _Job) -> None:  # under _lock
+        self._runnable += 1
+        self._ready.append(job)
+        if len(self._ready) > self._idle:
+            worker = threading.Thread(target=self._work, name=f"{self._name}-job{len(self._workers)}", daemon=True)
+            self._workers.append(worker)
+            worker.start()
+        else:
+            self._work_cv.notify()
+
+    def _work(self) -> None:
+        self._init_thread()
+        self._local.job = True
+        while True:
+            with self._lock:
+                while not self._ready and not self._closing:
+                    self._idle += 1
+                    self._work_cv.wait()
+                    self._idle -= 1
+                if not self._ready:
+                    return
+                job = self._ready.popleft()
+            with self._baton:
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(job.call())
+                    except BaseException as exc:  # handed to the awaiting caller
+                        job.future.set_exception(exc)
+            with self._lock:
+                self._runnable -= 1
+                lane = self._lanes[job.lane]
+                if lane:
+                    self._start(lane.popleft())
+                else:
+                    del self._lanes[job.lane]
+                self._tick_cv.notify()
+
+    # ---- model calls ---------------------------------------------------------------------------
+    def forward(self, owner: object, ids: list[int], start_pos: int, keep: int, cache: Any,
+                direct: Direct) -> torch.Tensor:
+        """Logits of the last ``keep`` positions after running ``ids`` at ``start_pos`` on
+        ``cache`` (written in place). Blocks the calling thread until a tick has run them all."""
+        if self.mode == "fifo":
+            return direct(ids, start_pos, keep)
+        job = bool(getattr(self._local, "job", False))
+        req = _Request(owner, list(ids), start_pos, keep, cache, direct, job)
+        with self._lock:
+            if self._closing and not job:
+                raise RuntimeError("engine is closed")
+            req.order, self._arrivals = self._arrivals, self._arrivals + 1
+            req.submitted_tick = self.stats.ticks
+            self._pending.append(req)
+            if job:
+                self._runnable -= 1
+            self._tick_cv.notify()
+        if job:
+            self._baton.release()
+        try:
+            req.event.wait()
+        finally:
+            if job:
+                self._baton.acquire()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _loop(self) -> None:
+        self._init_thread()
+        while True:
+            with self._lock:
+                while not (self._pending and self._runnable == 0) and not (
+                        self._closing and not self._lanes and not self._pending):
+                    self._tick_cv.wait()
+                if not self._pending:
+                    return  # closing, nothing left
+            with self._baton:
+                with self._lock:
+                    plan = self._plan()
+                    tick = self.stats.ticks
+                forwards = self._execute(plan)
+                with self._lock:
+                    self._finish_tick(tick, plan, forwards)
+
+    def _plan(self) -> list[tuple[_Request, int, int]]:
+        """(request, tokens, offset) rows: every decode request, then prefill pieces round robin
+        within ``chunk_tokens``."""
+        plan = [(r, 1, 0) for r in self._pending if r.decode]
+        prefills = sorted((r for r in self._pending if not r.decode),
+                          key=lambda r: (self._served.get(id(r.owner), -1), r.order))
+        budget = self.chunk_tokens
+        for r in prefills:
+            if budget <= 0:
+                break
+            remaining = len(r.ids) - r.done
+            if remaining <= budget:
+                n = remaining
+            else:
+                n = min(budget, remaining - r.keep)  # the positions that need logits stay in the last piece
+                if n <= 0:
+                    n = remaining
+                elif budget < self.chunk_tokens and n < _MIN_PIECE:
+                    continue
+            plan.append((r, n, r.done))
+            budget -= n
+        return plan
+
+    def _execute(self, plan: list[tuple[_Request, int, int]]) -> int:
+        """Run the planned rows (baton held, _lock not): one ragged forward, or one by one."""
+        batch = [(r, n) for r, n, _ in plan if self._batching and supports(self.model, r.cache)]
+        single = [(r, n) for r, n, _ in plan if not (self._batching and supports(self.model, r.cache))]
+        forwards = 0
+        if batch:
+            rows = [Row(r.cache, tuple(r.ids[r.done:r.done + n]), r.start_pos + r.done,
+                        r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
+            try:
+                outs = ragged_forward(self.model, rows)
+            except Exception:
+                log.warning("batched forward failed for %s; running sessions one by one from now on",
+                            type(self.model).__name__, exc_info=True)
+                self._batching = False
+                single = batch + single
+            else:
+                forwards += 1
+                for (r, n), out in zip(batch, outs):
+                    r.done += n
+                    if r.done == len(r.ids):
+                        r.result = out
+        for r, n in single:
+            final = r.done + n == len(r.ids)
+            try:
+                out = r.direct(r.ids[r.done:r.done + n], r.start_pos + r.done, r.keep if final else 1)
+            except Exception as exc:
+                r.error = exc
+                continue
+            forwards += 1
+            r.done += n
+            if final:
+                r.result = out
+        return forwards
+
+    def _finish_tick(self, tick: int, plan: list[tuple[_Request, int, int]], forwards: int) -> None:  # under _lock
+        records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick)
+                        for r, n, offset in plan)
+        self.trace.append(TickRecord(tick, records, forwards))
+        s = self.stats
+        s.ticks += 1
+        s.forwards += forwards
+        s.rows += len(plan)
+        s.decode_rows += sum(1 for r, _, _ in plan if r.decode)
+        s.prefill_tokens += sum(n for r, n, _ in plan if not r.decode)
+        s.max_rows = max(s.max_rows, len(plan))
+        for r, _, _ in plan:
+            if not r.decode:
+                self._served[id(r.owner)] = tick
+            if r.result is None and r.error is None:
+                continue  # more prefill pieces to go
+            self._pending.remove(r)
+            if not any(p.owner is r.owner for p in self._pending):
+                self._served.pop(id(r.owner), None)
+            if r.job:
+                self._runnable += 1
+            r.event.set()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Refuse new work, cancel queued jobs, let started ones finish, stop the threads."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            for lane in self._lanes.values():
+                for job in lane:
+                    job.future.cancel()
+                lane.clear()
+            self._tick_cv.notify_all()
+            self._work_cv.notify_all()
+        me = threading.current_thread()
+        for thread in [self._thread, *self._workers]:
+            if thread is not me:
+                thread.join()
