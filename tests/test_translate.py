@@ -314,3 +314,50 @@ async def test_translate_session_reads_committed_asr_words_and_ends_at_speech_st
     updates = [e for e in events if isinstance(e, TranslationUpdated)]
     assert [u.source for u in updates][:4] == ["where", "where is", "where is the", "where is the station"]
     assert session.lines == [(user.text, agent.text)]
+
+
+def test_translate_session_has_every_session_member_the_voice_pipeline_uses() -> None:
+    """The pipeline drives a TranslateSession as if it were the chat Session: every
+    ``self.session.X`` it touches must exist (a missing ``hold_decoding`` once killed the TTS pump
+    silently, so translate mode with audio output never spoke)."""
+    import re
+    from pathlib import Path
+
+    import duplex.voice.pipeline as pipeline_module
+    from duplex.translate.session import TranslateSession
+
+    used = set(re.findall(r"self\.session\.([A-Za-z_]\w*)", Path(pipeline_module.__file__).read_text()))
+    assert used, "the pipeline no longer reaches the session as self.session: update this test"
+    instance_attrs = {"id", "policy", "state", "config", "engine", "clock"}  # set in __init__
+    missing = sorted(name for name in used if not hasattr(TranslateSession, name) and name not in instance_attrs)
+    assert not missing, f"TranslateSession lacks {missing}"
+
+
+async def test_translate_session_step_waits_for_a_decode_hold_bounded(tiny_engine) -> None:
+    from duplex.session.events import TextInput, TurnEnded
+    from duplex.translate.session import TranslateConfig, TranslateSession
+
+    session = TranslateSession(tiny_engine, TranslateConfig(policy="offline", max_decode_hold_s=0.3),
+                               translator_factory=lambda lm, prompt: FakeTranslation())
+    await session.start()
+    try:
+        session.hold_decoding()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        session.submit(TextInput("where is it", final=True))
+
+        async def until_done() -> float:
+            async for ev in session.events():
+                if isinstance(ev, TurnEnded) and ev.speaker == "agent":
+                    return loop.time() - t0
+            raise AssertionError("closed")
+
+        waited = await asyncio.wait_for(until_done(), 30)
+        assert waited >= 0.25  # the hold held the first step, then gave up on its own
+        session.hold_decoding()
+        session.release_decoding()  # a release before the step: no wait at all
+        t0 = loop.time()
+        session.submit(TextInput("where is it", final=True))
+        assert await asyncio.wait_for(until_done(), 30) < 0.25
+    finally:
+        await session.close()

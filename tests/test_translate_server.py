@@ -98,8 +98,6 @@ async def test_bad_translate_updates_leave_the_session_unchanged(server: DuplexS
 
 
 @pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (scripts/setup.sh)")
-@pytest.mark.xfail(reason="times out waiting for session.updated with audio output since the last integration; "
-                          "under investigation (see the session note)", strict=False)
 async def test_translate_with_audio_output_speaks_the_target_with_espeak(tiny_engine) -> None:
     from duplex.audio.fakes import FakeTts
 

@@ -61,6 +61,7 @@ class TranslateConfig:
     max_source_words: int = 40
     max_text_chars: int = 16_000
     max_queued_inputs: int = 1_024
+    max_decode_hold_s: float = 0.5  # longest a translation step waits for the first audio (hold_decoding)
     type: str = "translate_config"
 
     def make_policy(self) -> SimulPolicy:
@@ -118,6 +119,7 @@ class TranslateSession:
         self._source: list[str] = []
         self._target: list[str] = []
         self._target_tokens = 0
+        self._decode_held: asyncio.Event | None = None  # set = released (see hold_decoding)
         self.lines: list[tuple[str, str]] = []  # finished (source, target) sentences
 
     # ---- public API (as Session) -----------------------------------------------------------
@@ -177,6 +179,18 @@ class TranslateSession:
             self._task = None
         self._out.put_nowait(None)
 
+    def hold_decoding(self) -> None:
+        """The voice pipeline holds decoding while a reply's first audio is synthesised (2 cores:
+        a translation step would slow that synthesis); the next step waits, at most
+        ``max_decode_hold_s``, for :meth:`release_decoding`."""
+        if self._decode_held is None:
+            self._decode_held = asyncio.Event()
+
+    def release_decoding(self) -> None:
+        held, self._decode_held = self._decode_held, None
+        if held is not None:
+            held.set()
+
     @property
     def idle(self) -> bool:
         """Nothing queued and no sentence open."""
@@ -229,8 +243,19 @@ class TranslateSession:
                                           self.clock.now()))
         elif isinstance(ev, SpeechStopped):
             await self._finish()
-        elif isinstance(ev, (SpeechStarted, PlaybackMark, Cancel, UpdateSession)):
+        elif isinstance(ev, Cancel):
+            self.release_decoding()
+        elif isinstance(ev, (SpeechStarted, PlaybackMark, UpdateSession)):
             pass  # translation runs on regardless; audio output changes need no action here
+
+    async def _wait_decode_release(self) -> None:
+        held = self._decode_held
+        if held is None:
+            return
+        try:
+            await asyncio.wait_for(held.wait(), self.config.max_decode_hold_s)
+        except asyncio.TimeoutError:
+            self.release_decoding()  # a slow or lost synthesis never stalls the translation
 
     async def _read(self, words: list[str]) -> None:
         for word in words:
@@ -239,6 +264,7 @@ class TranslateSession:
             assert self._user_turn is not None and self._agent_turn is not None
             self._source.append(word)
             self._emit(UserTranscript(self._user_turn, " ".join(self._source), True, self.clock.now()))
+            await self._wait_decode_release()
             out, hypothesis = await self.engine.run(self._step_sync, word, len(self._source))
             self._write(out, hypothesis)
             if word.endswith(_SENTENCE_END) or len(self._source) >= self.config.max_source_words:
@@ -247,6 +273,7 @@ class TranslateSession:
     async def _finish(self) -> None:
         if self._agent_turn is None:
             return
+        await self._wait_decode_release()
         out, _ = await self.engine.run(self._step_sync, None, len(self._source))
         self._write(out, [])
         now = self.clock.now()
