@@ -125,7 +125,7 @@ def supports(model: Any, cache: Any) -> bool:
     return all(type(layer) in (GrowableLayer, DynamicLayer) for layer in layers)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg(model_type: type) -> str:
     """``cache`` (transformers >= 5.x renamed it) or ``past_key_values`` (older)."""
     params = inspect.signature(model_type.forward).parameters

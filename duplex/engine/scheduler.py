@@ -187,7 +187,7 @@ class Scheduler:
                 if job.future.set_running_or_notify_cancel():
                     try:
                         job.future.set_result(job.call())
-                    except BaseException as exc:  # handed to the awaiting caller
+                    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
                         job.future.set_exception(exc)
             with self._lock:
                 self._runnable -= 1
@@ -293,7 +293,7 @@ class Scheduler:
             final = r.done + n == len(r.ids)
             try:
                 out = r.direct(r.ids[r.done:r.done + n], r.start_pos + r.done, r.keep if final else 1)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - raised in the requesting job
                 r.error = exc
                 continue
             forwards += 1

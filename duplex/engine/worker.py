@@ -42,10 +42,10 @@ class Engine:
                  chunk_tokens: int | None = None) -> None:
         self.lm = lm
         self.template = TurnTemplate.from_tokenizer(lm.tokenizer)
-        self._threads = threads or int(os.environ.get("DUPLEX_TORCH_THREADS", 0)) or (os.cpu_count() or 1)
+        self._threads = threads or int(os.environ.get("DUPLEX_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
         self.scheduler = Scheduler(
             lm.model, mode=scheduler or os.environ.get("DUPLEX_SCHEDULER", "batched"),
-            chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", 0)) or 64,
+            chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,
             init_thread=self._init_worker, name=f"duplex-{lm.device.type}",
         )
         self._closed = False

@@ -1,0 +1,144 @@
+"""Engine scheduler: batched decode equals decoding alone; fairness and priority by counting rows
+per tick (the scheduler's trace), never by timing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from duplex.engine.models import LoadedModel
+from duplex.engine.sampling import Sampler, SamplingConfig
+from duplex.engine.sequence import SharedSequence, Speaker
+from duplex.engine.worker import Engine
+
+PROMPTS = ["You are a pirate.", "Answer in one word, please, and be brief.", "Count to ten slowly " * 3]
+LONG = "The quick brown fox jumps over the lazy dog near the river bank. " * 70  # ~ 1000 tokens
+
+
+def _greedy() -> Sampler:
+    return Sampler(SamplingConfig(temperature=0.0, max_tokens=64))
+
+
+def _alone(lm: LoadedModel, engine: Engine, prompt: str, n: int) -> list[int]:
+    """Reference: the sequence on its own, no scheduler (the pre-scheduler code path)."""
+    seq = SharedSequence(lm, engine.template)
+    seq.add_message(Speaker.SYSTEM, prompt)
+    seq.hand_over(Speaker.AGENT)
+    sampler = _greedy()
+    return [seq.step(sampler) for _ in range(n)]
+
+
+async def _decode(engine: Engine, prompt: str, n: int, ready: list[int], gate: asyncio.Event) -> list[int]:
+    seq = await engine.start_sequence(prompt)
+    await engine.run(seq.hand_over, Speaker.AGENT)
+    ready.append(1)
+    await gate.wait()  # all sessions start decoding together
+    sampler = _greedy()
+    return [await engine.decode(seq, sampler) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["batched", "chunked", "fifo"])
+async def test_concurrent_greedy_decoding_equals_decoding_alone(tiny_lm: LoadedModel, mode: str) -> None:
+    engine = Engine(tiny_lm, scheduler=mode)
+    try:
+        gate, ready = asyncio.Event(), []
+        tasks = [asyncio.ensure_future(_decode(engine, p, 24, ready, gate)) for p in PROMPTS]
+        while len(ready) < len(PROMPTS):
+            await asyncio.sleep(0.01)
+        gate.set()
+        together = await asyncio.gather(*tasks)
+        assert together == [_alone(tiny_lm, engine, p, 24) for p in PROMPTS]
+        if mode == "batched":
+            # decode steps of different sessions shared forwards
+            assert engine.stats.max_rows >= 2
+            assert any(sum(r.decode for r in t.rows) >= 2 and t.forwards == 1 for t in engine.scheduler.trace)
+        if mode == "chunked":
+            assert all(t.forwards == len(t.rows) for t in engine.scheduler.trace)
+    finally:
+        engine.close()
+
+
+async def test_a_long_prefill_is_chunked_between_another_sessions_decode_steps(tiny_lm: LoadedModel) -> None:
+    engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=32)
+    try:
+        talker = await engine.start_sequence(PROMPTS[0])
+        await engine.run(talker.hand_over, Speaker.AGENT)
+        listener = engine.new_sequence()
+        engine.scheduler.trace.clear()
+        sampler = _greedy()
+
+        async def talk() -> None:
+            for _ in range(30):
+                await engine.decode(talker, sampler)
+
+        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+        ticks = list(engine.scheduler.trace)
+        pieces = [r for t in ticks for r in t.rows if r.owner == id(listener)]
+        decodes = [(t.tick, r) for t in ticks for r in t.rows if r.owner == id(talker)]
+        assert len(decodes) == 30 and all(r.decode for _, r in decodes)
+        # bounded chunks, in order, covering the whole prompt exactly once
+        assert all(t.prefill_tokens <= 32 for t in ticks)
+        assert [r.start_pos for r in pieces] == [sum(p.tokens for p in pieces[:i]) for i in range(len(pieces))]
+        assert sum(p.tokens for p in pieces) == len(listener) > 900
+        # a decode step waits at most for the tick already running when it arrived
+        assert max(r.waited_ticks for _, r in decodes) <= 1
+        # ... and the talker kept decoding while the prefill ran (not before or after it)
+        first, last = (min(t.tick for t in ticks if any(r.owner == id(listener) for r in t.rows)),
+                       max(t.tick for t in ticks if any(r.owner == id(listener) for r in t.rows)))
+        assert sum(first < tick < last for tick, _ in decodes) >= 10
+        assert any(len(t.rows) >= 2 and t.forwards == 1 for t in ticks)  # decode + chunk in one forward
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", ["batched", "chunked"])
+async def test_decode_steps_go_first_and_prefills_take_turns(tiny_lm: LoadedModel, mode: str) -> None:
+    engine = Engine(tiny_lm, scheduler=mode, chunk_tokens=64)
+    try:
+        talker = await engine.start_sequence(PROMPTS[1])
+        await engine.run(talker.hand_over, Speaker.AGENT)
+        a, b = engine.new_sequence(), engine.new_sequence()
+        engine.scheduler.trace.clear()
+        # both long prefills are queued before the decode step: it still runs in the first tick or the next
+        jobs = [engine.run(a.add_message, Speaker.SYSTEM, LONG), engine.run(b.add_message, Speaker.SYSTEM, LONG)]
+        futures = [asyncio.ensure_future(j) for j in jobs]
+        await asyncio.sleep(0)
+        token = await engine.decode(talker, _greedy())
+        await asyncio.gather(*futures)
+        ticks = list(engine.scheduler.trace)
+        step = next(t for t in ticks if any(r.owner == id(talker) for r in t.rows))
+        assert step.tick <= ticks[0].tick + 1
+        assert step.rows[0].owner == id(talker)  # decode rows lead the tick (run first when unbatched)
+        assert isinstance(token, int)
+        # round robin: b's prefill starts before a's finishes and vice versa
+        ticks_of = {s: [t.tick for t in ticks if any(r.owner == id(s) for r in t.rows)] for s in (a, b)}
+        assert ticks_of[b][0] < ticks_of[a][-1] and ticks_of[a][0] < ticks_of[b][-1]
+        assert all(t.prefill_tokens <= 64 for t in ticks)
+        assert len(a) == len(b)
+    finally:
+        engine.close()
+
+
+async def test_calls_on_one_sequence_keep_their_order(tiny_lm: LoadedModel) -> None:
+    """Jobs of one lane never overlap: a rollback queued behind a step runs after it."""
+    engine = Engine(tiny_lm)
+    try:
+        seq = await engine.start_sequence(PROMPTS[0])
+        await engine.run(seq.hand_over, Speaker.AGENT)
+        sampler = _greedy()
+        n0 = len(seq)
+        step = asyncio.ensure_future(engine.decode(seq, sampler))
+        rollback = asyncio.ensure_future(engine.run_for(seq, seq.rollback, 1))
+        await asyncio.gather(step, rollback)
+        assert len(seq) == n0 and seq.cache_length == n0
+    finally:
+        engine.close()
+
+
+async def test_close_refuses_new_work(tiny_lm: LoadedModel) -> None:
+    engine = Engine(tiny_lm)
+    seq = await engine.start_sequence(PROMPTS[0])
+    engine.close()
+    with pytest.raises(RuntimeError):
+        await engine.run(seq.hand_over, Speaker.AGENT)
