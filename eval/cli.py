@@ -83,8 +83,8 @@ def add_eval_parser(subparsers: Any) -> None:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_cmd_make)
 
-    r = sub.add_parser("run", help="play scenarios to the served agent in real time (or replay them on a "
-                                   "virtual clock)")
+    r = sub.add_parser("run", help="play scenarios to the served agent in real time (or to the same pipeline "
+                                   "on a virtual clock)")
     r.add_argument("--scenarios", required=True)
     r.add_argument("--policy", action="append", help="NAME or NAME:key=value,... (repeatable; default: "
                                                       "silence, eou, half-duplex)")
@@ -94,8 +94,8 @@ def add_eval_parser(subparsers: Any) -> None:
                    help="run episodes as Ray tasks (virtual clocks only)")
     r.add_argument("--clock", default="measured", choices=["measured", "ideal", "replay-measured"],
                    help="measured (default): a browser-like client speaks to the real server in real time, one "
-                        "episode at a time; ideal: virtual-time replay, compute counts as 0; replay-measured: "
-                        "virtual-time replay charged with each model call's measured compute")
+                        "episode at a time; ideal: the same voice pipeline on a virtual clock, compute counts as 0; "
+                        "replay-measured: the same on a virtual clock charged with each model call's measured compute")
     r.add_argument("--url", default=None, help="measured clock: use this running server (ws://HOST:PORT/ws) "
                                                "instead of starting duplex serve")
     r.add_argument("--seed", type=int, default=0)
