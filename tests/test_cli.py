@@ -35,3 +35,6 @@ def test_serve_voice_options_set_voice_config_fields_and_reject_unknown_ones():
     assert config.hold_decode_for_first_audio is False
     with pytest.raises(SystemExit, match="unknown --voice-option 'nope'"):
         voice_config_from_args(build_parser().parse_args(["serve", "--voice-option", "nope=1"]))
+    assert config.session.overlap_layout == "hold"
+    layout = voice_config_from_args(build_parser().parse_args(["serve", "--overlap-layout", "interleave"]))
+    assert layout.session.overlap_layout == "interleave"

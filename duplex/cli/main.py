@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the final ASR pass this far into a pause (default: duplex.voice.config)")
     p.add_argument("--voice-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any VoiceConfig field (duplex/voice/config.py), e.g. hold_decode_for_first_audio=false")
+    p.add_argument("--overlap-layout", choices=["hold", "interleave"], default=None,
+                   help="user words heard while the agent generates: wait outside the cache until it stops "
+                        "(hold, default) or enter it at once inside the agent's turn (interleave)")
     p.add_argument("--tts", default=None, help="piper | espeak-ng | flite | none")
     p.add_argument("--asr-model", default=None, help="tiny.en (default) | base | path | none")
     p.add_argument("--instructions", default=None)

@@ -569,7 +569,9 @@ def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
             changes[key] = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
         except ValueError as exc:
             raise SystemExit(f"duplex serve: --voice-option {key}: {exc}") from exc
-    return dataclasses.replace(config, **changes) if changes else config
+    config = dataclasses.replace(config, **changes) if changes else config
+    layout = getattr(args, "overlap_layout", None)
+    return config.with_session(overlap_layout=layout) if layout else config
 
 
 async def run_server(args: argparse.Namespace) -> int:

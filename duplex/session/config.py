@@ -7,6 +7,7 @@ from typing import Any
 
 from duplex.engine.sampling import SamplingConfig
 from duplex.engine.sequence import SequenceConfig
+from duplex.session.interleave import OVERLAP_LAYOUTS, Interjection
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "SessionConfig", "TRUNCATION_MARKER", "AgentTurnState"]
 
@@ -31,8 +32,13 @@ class SessionConfig:
     max_queued_inputs: int = 1_024  # inputs waiting for the session loop; past it submit() refuses
     log_decisions: bool = False
     speculative_handover: bool = True  # prefill the turn hand-over while the user is silent
+    overlap_layout: str = "hold"  # user words heard while the agent generates: see duplex.session.interleave
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     type: str = "session_config"
+
+    def __post_init__(self) -> None:
+        if self.overlap_layout not in OVERLAP_LAYOUTS:
+            raise ValueError(f"overlap_layout must be one of {', '.join(OVERLAP_LAYOUTS)}, not {self.overlap_layout!r}")
 
 
 @dataclass(slots=True)
@@ -49,3 +55,4 @@ class AgentTurnState:
     delivered_tokens: int = 0
     generating: bool = True
     playback_done: bool = False
+    interjections: list[Interjection] = field(default_factory=list)  # user words inside this turn (interleave)

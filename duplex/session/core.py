@@ -28,6 +28,7 @@ from duplex.policies import (Action, Backchannel, Continue, Listen, Observation,
                              is_stop_phrase, make_policy)
 from duplex.engine.sampling import Sampler
 from duplex.engine.sequence import SharedSequence, Speaker, Status
+from duplex.session.interleave import Interjection, agent_spans, kept_interjections
 from duplex.session.config import DEFAULT_INSTRUCTIONS, TRUNCATION_MARKER, AgentTurnState, SessionConfig
 from duplex.session.validation import validate_input
 
@@ -89,6 +90,7 @@ class Session:
         self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
         # a sound was judged a backchannel before its final words came: they are its note, not a turn
         self._backchannel_tail = False
+        self._interleaved_words = 0  # of _user_committed, already in the cache inside the agent's turn
 
     # ---- public API ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -344,7 +346,12 @@ class Session:
         """Committed user text goes into the cache now, unless the agent's turn is still open."""
         assert self.seq is not None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
-        if self._agent is not None and (self._agent.generating or self._truncate_deadline is not None):
+        agent = self._agent
+        if agent is not None and (agent.generating or self._truncate_deadline is not None):
+            if (self.config.overlap_layout == "interleave" and agent.generating and self._truncate_deadline is None
+                    and not self._held_ids and await self.engine.run_for(self.seq, self._interleave_sync, agent, ids)):
+                self._interleaved_words = len(self._user_committed)
+                return
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
@@ -392,6 +399,17 @@ class Session:
         turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
         return eou, turn
 
+    def _interleave_sync(self, agent: AgentTurnState, ids: list[int]) -> bool:
+        """Worker thread: the user's words go in where they were heard, inside the agent's turn
+        (``overlap_layout="interleave"``); False if the agent's turn closed meanwhile."""
+        assert self.seq is not None
+        open_turn = self.seq.open_turn
+        if not agent.generating or open_turn is None or open_turn[0] is not Speaker.AGENT:
+            return False
+        length, _, reopened = self.seq.interject(ids, Speaker.USER)
+        agent.interjections.append(Interjection(len(agent.tokens), length, tuple(ids), reopened))
+        return True
+
     def _append_user_sync(self, ids: list[int]) -> float:
         assert self.seq is not None
         self._unprepare_sync()
@@ -426,9 +444,7 @@ class Session:
             return
         heard = min(ev.heard_tokens, len(agent.tokens))
         if heard > agent.delivered_tokens and self._truncate_deadline is None:
-            base = self._content_start(agent)
-            assert self.seq is not None
-            self.seq.set_status(base + agent.delivered_tokens, base + heard, Status.SPOKEN)
+            self._mark_spoken(agent, agent.delivered_tokens, heard)
         if self._truncate_deadline is not None:
             if ev.final:
                 agent.delivered_tokens = heard  # the client's final word on what was heard
@@ -588,7 +604,9 @@ class Session:
     def _end_overlap_as_backchannel(self) -> None:
         """The overlap was a backchannel: it is not a turn, so the agent does not answer "yeah"; its
         words are kept as a marked note that opens the user's next turn."""
-        self._note_backchannel(self._user_text_so_far())  # committed words only: tentative ones may be garbled
+        # committed words only (tentative ones may be garbled); interleaved ones are in the cache already
+        self._note_backchannel(" ".join(self._user_committed[self._interleaved_words:]))
+        self._interleaved_words = 0
         self._backchannel_tail = self._transcript_pending  # its final words may still be on the way
         self._overlap_start_t = self._overlap_end_t = None
         self._user_committed.clear()
@@ -683,6 +701,7 @@ class Session:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
         self._user_turn = None
         self._user_committed = []
+        self._interleaved_words = 0
         self._tentative = []
         self._user_final = False
         self._eou_prob = None
@@ -713,9 +732,7 @@ class Session:
         self._emit(AgentTextDelta(agent.turn, text, start, end, self.clock.now()))
         if not self.config.audio_output:
             agent.delivered_tokens = end
-            base = self._content_start(agent)
-            assert self.seq is not None
-            self.seq.set_status(base + start, base + end, Status.SPOKEN)
+            self._mark_spoken(agent, start, end)
 
     def _hit_stop(self) -> bool:
         agent = self._agent
@@ -776,7 +793,7 @@ class Session:
         agent = self._agent
         assert agent is not None and self.seq is not None
         kept = min(agent.delivered_tokens, len(agent.tokens))
-        await self.engine.run_for(self.seq, self._truncate_sync, agent, kept)
+        self._held_ids = await self.engine.run_for(self.seq, self._truncate_sync, agent, kept) + self._held_ids
         self._emit(TurnEnded("agent", agent.turn, self._text_of(agent, kept), "interrupted", self.clock.now()))
         self._truncate_deadline = None
         self._agent = None
@@ -786,14 +803,25 @@ class Session:
         await self._apply_pending_instructions()
         await self._release_held()
 
-    def _truncate_sync(self, agent: AgentTurnState, kept: int) -> None:
+    def _truncate_sync(self, agent: AgentTurnState, kept: int) -> list[int]:
+        """Worker thread: keep the first ``kept`` agent tokens, mark the cut. User words that were
+        interleaved after the cut come back (returned) to be re-appended after the agent's turn."""
         assert self.seq is not None
         marker = self.engine.tokenizer.encode(TRUNCATION_MARKER, add_special_tokens=False)
-        start = self._content_start(agent)
-        kept = max(0, min(kept, len(self.seq) - start))  # never past the ledger's end
-        reopened = self.seq.truncate_turn(agent.turn, start, kept, marker)
+        stay, cut = kept_interjections(agent.interjections, kept)
+        first = stay[-1].at if stay else 0  # the cut lies in the agent span after the last kept interjection
+        start = self._content_start(agent) + first + sum(i.length for i in stay)
+        in_span = max(0, min(kept - first, len(self.seq) - start))  # never past the ledger's end
+        reopened = self.seq.truncate_turn(stay[-1].agent_turn if stay else agent.turn, start, in_span, marker)
+        agent.interjections = stay
         if reopened is not None:
             self._user_turn = reopened
+        return [t for i in cut for t in i.ids]
+
+    def _mark_spoken(self, agent: AgentTurnState, start: int, end: int) -> None:
+        assert self.seq is not None
+        for a, b in agent_spans(self._content_start(agent), agent.interjections, start, end):
+            self.seq.set_status(a, b, Status.SPOKEN)
 
     def _content_start(self, agent: AgentTurnState) -> int:
         """Sequence position of the agent turn's first content token now (after any eviction)."""
