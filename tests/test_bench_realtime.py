@@ -191,3 +191,14 @@ def test_cli_parses_bench_realtime_and_drops_pipeline() -> None:
         "realtime", 2, "librivox", True, "eou:short_gap_ms=0")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "pipeline"])
+
+
+def test_reply_after_an_interruption_is_checked_for_the_interruptions_content_words():
+    from duplex.bench.realtime import _addressed
+
+    hit = _addressed("No, no, I asked about Oslo.", "Oslo is the capital of Norway.")
+    assert hit["reply_uses_its_words"] is True and hit["words_used"] == ["oslo"]
+    miss = _addressed("Stop, stop. Let's talk about submarines.", "Wind turbines turn wind into power.")
+    assert miss["reply_uses_its_words"] is False
+    assert _addressed("No, no.", "Sure.")["reply_uses_its_words"] is None  # nothing to look for
+    assert _addressed("about Oslo", None)["reply_uses_its_words"] is None  # no reply at all

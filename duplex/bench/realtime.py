@@ -231,15 +231,41 @@ def episode_latencies(records: list[dict[str, Any]], window_s: float = 10.0) -> 
         t_pause = next((t for t, k in paused if k == playing.turn and c["t"] <= t <= hi), None)
         t_resume = next((t for t, k in resumed if k == playing.turn and t_pause is not None and t >= t_pause), None)
         end = float(c["end"] if c.get("end") is not None else c["t"])
-        reply_t = next((o.first_word_t for o in outputs.values() if o.turn > playing.turn
-                        and o.first_word_t is not None and o.first_word_t >= c["t"]), None)
+        reply_out = next((o for o in sorted(outputs.values(), key=lambda o: o.turn) if o.turn > playing.turn
+                          and o.first_word_t is not None and o.first_word_t >= c["t"]), None)
+        reply_t = None if reply_out is None else reply_out.first_word_t
+        said_by_user = next((r.get("text", "") for r in records if r.get("type") == "user_speech"
+                             and abs(float(r["t"]) - float(c["t"])) < 1e-3), "")
         bargeins.append({"kind": c["kind"], "cue_t": c["t"], "turn": playing.turn,
                          "to_paused_s": None if t_pause is None else round(t_pause - c["t"], 4),
                          "resumed": t_resume is not None and t_int is None,
                          "to_interrupted_s": None if t_int is None else round(t_int - c["t"], 4),
                          "to_audio_stopped_s": None if t_halt is None else round(t_halt - c["t"], 4),
-                         "reply_after_end_s": None if reply_t is None else round(max(0.0, reply_t - end), 4)})
+                         "reply_after_end_s": None if reply_t is None else round(max(0.0, reply_t - end), 4),
+                         **_addressed(said_by_user, said.get(reply_out.turn, "") if reply_out else None)})
     return {"replies": replies, "bargeins": bargeins}
+
+
+_FUNCTION_WORDS = frozenset(
+    "about actually again also another asked back been could does excuse from have instead just know like more "
+    "please really said should some sorry talk tell than that them then there they this tomorrow want what when "
+    "where which with would your".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = ("".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split())
+    return {w for w in words if len(w) >= 4 and w not in _FUNCTION_WORDS}
+
+
+def _addressed(user_text: str, reply_text: str | None) -> dict[str, Any]:
+    """Does the reply after an interruption use the interruption's content words ("Oslo",
+    "submarines")? A crude but checkable sign that the agent read what it was told."""
+    if reply_text is None:
+        return {"interruption_text": user_text, "reply_text": None, "reply_uses_its_words": None}
+    wanted = _content_words(user_text)
+    used = sorted(wanted & _content_words(reply_text))
+    return {"interruption_text": user_text, "reply_text": reply_text.strip(),
+            "reply_uses_its_words": bool(used) if wanted else None, "words_used": used}
 
 
 # ---- aggregation -----------------------------------------------------------------------------
@@ -251,6 +277,11 @@ def _stats(values: list[float], with_max: bool = True) -> dict[str, Any]:
     if with_max:
         out["max"] = round(max(vals), 3)
     return {**out, "n": len(vals)}
+
+
+def _rate(flags: list[bool | None]) -> dict[str, Any]:
+    known = [f for f in flags if f is not None]
+    return {"rate": round(sum(known) / len(known), 4) if known else None, "n": len(known)}
 
 
 def summarize_realtime(episodes: list[dict[str, Any]], label: str) -> dict[str, Any]:
@@ -300,6 +331,7 @@ def summarize_realtime(episodes: list[dict[str, Any]], label: str) -> dict[str, 
             "backchannel_resumed": f"{sum(1 for b in backchannels if b.get('resumed'))}/{len(backchannels)}",
             "backchannel_resumed_rate": None if resumed_rate is None else round(resumed_rate, 4),
             "interruption_end_to_reply_s": reply_s,
+            "interruption_reply_uses_its_words": _rate([b.get("reply_uses_its_words") for b in interruptions]),
             "targets": bargein_targets,
             "user_onset_to_response_interrupted_s": _stats([b["to_interrupted_s"] for b in interruptions], False),
             "user_onset_to_audio_stopped_s": _stats([b["to_audio_stopped_s"] for b in interruptions], False),
