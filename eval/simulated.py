@@ -21,6 +21,7 @@ seed. The timeline has the measured clock's record format, and the same :mod:`.m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -107,6 +108,7 @@ class _Episode:
             policy, policy_params=dict(policy_params) or voice_policy_params(policy), log_decisions=True,
             instructions=config.instructions or scenario.instructions or DEFAULT_INSTRUCTIONS,
             sampling=SamplingConfig(temperature=config.temperature, seed=config.seed, max_tokens=config.max_reply_tokens))
+        voice = dataclasses.replace(voice, turn_features_always=True)  # the decision log has them for every policy
         speech_factory = None
         if models.whisper is not None:
             vad_factory = models.vad_factory

@@ -46,6 +46,9 @@ class VoiceConfig:
     clause_words: int = 14
     hold_stop_for_final_words: bool = True
     hold_decode_for_first_audio: bool = True  # decode waits while the reply's first word is synthesised
+    # turn features (Smart Turn, prosody) at every pause even when the policy does not read them:
+    # the decision log (policies/learned's training data) then has them for every policy
+    turn_features_always: bool = False
     type: str = "voice_config"
 
     def with_session(self, **changes: Any) -> VoiceConfig:

@@ -251,7 +251,8 @@ class VoicePipeline:
             if self._speech_factory is None:
                 raise VoiceUnavailable("this pipeline has no speech recognition")
             phrases = _PhraseInput(self._speech_factory(),
-                                   lambda: bool(getattr(self.session.policy, "needs_audio_features", False)))
+                                   lambda: self.config.turn_features_always
+                                   or bool(getattr(self.session.policy, "needs_audio_features", False)))
             self._speech = AsyncSpeechInput(cast(SpeechInput, phrases), executor=self._asr_executor,
                                             turn_executor=self._turn_executor)
             self._spawn("speech", self._pump_speech(self._speech))
