@@ -72,7 +72,7 @@ async def _served(spec: Any) -> AsyncIterator[str]:
 async def run_measured(spec: Any, paths: list[str], on_episode: Callable[[], None] | None = None,
                        warmup: bool | None = None) -> list[dict[str, Any]]:
     """Play every scenario with every policy against one server; write each timeline; return the
-    per-episode rows (metrics + client statistics + wall time) like the replay runner does."""
+    per-episode rows (metrics + client statistics + wall time) like the simulated clocks do."""
     from duplex.bench.loopback import LoopbackConfig, run_episode
 
     from .runner import timeline_path, write_timeline
