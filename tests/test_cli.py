@@ -38,3 +38,15 @@ def test_serve_voice_options_set_voice_config_fields_and_reject_unknown_ones():
     assert config.session.overlap_layout == "hold"
     layout = voice_config_from_args(build_parser().parse_args(["serve", "--overlap-layout", "interleave"]))
     assert layout.session.overlap_layout == "interleave"
+
+
+def test_bench_realtime_passes_serve_flags_to_the_server_it_starts():
+    from duplex.bench.realtime import RealtimeConfig
+    from duplex.bench.servers import ServeOptions
+    from duplex.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "realtime", "--serve-arg=--overlap-layout interleave"])
+    flags = tuple(a for item in args.serve_arg for a in item.split())
+    assert flags == ("--overlap-layout", "interleave")
+    assert RealtimeConfig(serve_args=flags).serve_args == flags
+    assert ServeOptions(extra_args=flags).argv(1)[-2:] == ["--overlap-layout", "interleave"]

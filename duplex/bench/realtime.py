@@ -89,6 +89,7 @@ class RealtimeConfig:
     auth_token: str | None = None
     warmup: bool = True
     out: str | None = None
+    serve_args: tuple[str, ...] = ()  # more ``duplex serve`` flags for an A/B, e.g. ("--overlap-layout", "interleave")
     type: str = "realtime_config"
 
 
@@ -405,7 +406,7 @@ async def _server(cfg: RealtimeConfig, policy_name: str | None) -> AsyncIterator
         yield {"url": cfg.url, "started_by_bench": False}
         return
     options = ServeOptions(model=cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize,
-                           policy=policy_name, auth_token=cfg.auth_token)
+                           policy=policy_name, auth_token=cfg.auth_token, extra_args=tuple(cfg.serve_args))
     t = time.monotonic()
     log.warning("starting duplex serve (the first start converts the model; this can take a minute) ...")
     async with serve_subprocess(options, log_dir=_cache_root() / "logs") as url:

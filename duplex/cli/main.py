@@ -25,7 +25,8 @@ def _cmd_bench_realtime(args: argparse.Namespace) -> int:
     cfg = RealtimeConfig(url=args.url, scenarios=args.scenarios, n=args.n, seed=args.seed, speech=args.speech,
                          background_talker=args.background_talker, policy=args.policy, model=args.model,
                          device=args.device, dtype=args.dtype, quantize=args.quantize, auth_token=args.auth_token,
-                         warmup=not args.no_warmup, out=args.out)
+                         warmup=not args.no_warmup, out=args.out,
+                         serve_args=tuple(a for item in args.serve_arg or () for a in item.split()))
     result = asyncio.run(bench_realtime(cfg))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="also write the JSON here (and timelines to OUT.timelines/)")
     r.add_argument("--auth-token", default=None, help="the server's --auth-token")
     r.add_argument("--no-warmup", action="store_true", help="skip the unscored warm-up episode")
+    r.add_argument("--serve-arg", action="append", default=None, metavar="FLAGS",
+                   help="extra flags for the duplex serve the bench starts (A/B), e.g. --serve-arg='--overlap-layout "
+                        "interleave'")
     s = p.add_argument_group("soak", "duplex bench soak: N text clients for T minutes that talk, interrupt, drop and "
                                      "resume, read slowly and flood (--url, --auth-token, --seed above apply; "
                                      "--json FILE also writes the JSON there and the RSS plot next to it)")
