@@ -20,3 +20,13 @@ def test_matches_causal_sdpa_on_the_last_positions(q, n):
     mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
     ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q,n", [(1, 300), (5, 64)])
+def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n):
+    torch.manual_seed(1)
+    query, key, value = (torch.randn(1, h, t, 16) for h, t in ((6, q), (2, n), (2, n)))
+    ref, _ = gqa_decode_attention(None, *(t.bfloat16().float() for t in (query, key, value)), None)
+    out, _ = gqa_decode_attention(None, query.bfloat16(), key.bfloat16(), value.bfloat16(), None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)

@@ -27,6 +27,12 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
     kvh, n = key.shape[1], key.shape[2]
     g = h // kvh
     scale = scaling if scaling is not None else d ** -0.5
+    out_dtype = query.dtype
+    if query.device.type == "cpu" and out_dtype != torch.float32:
+        # CPUs without native bf16 run bf16 batched mat-muls through a slow path (at 4k context
+        # 1.3 + 2.2 ms per layer against 0.5 + 0.35 ms in fp32 including the upcast), and fp32
+        # scores are also what SDPA accumulates in
+        query, key, value = query.float(), key.float(), value.float()
     qg = query.reshape(b, kvh, g * q, d)  # head index = kv_head * g + j, as repeat_kv lays it out
     scores = torch.matmul(qg, key.transpose(-1, -2)) * scale  # [b, kvh, g*q, n]
     if q > 1:
@@ -36,7 +42,7 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
         scores = scores.masked_fill(future.repeat(g, 1), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [b, kvh, g*q, d]
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, h, q, d).transpose(1, 2).to(out_dtype).contiguous(), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
