@@ -128,7 +128,11 @@ class _Episode:
 
     def _on_features(self, features: list[Any]) -> None:
         now = self.clock.now()
-        self.records += [{"type": "input", "t": now, "event": to_dict(f)} for f in features]
+        for f in features:
+            event = to_dict(f)
+            if self.config.clock == "ideal":
+                event.pop("compute_ms", None)  # a wall time: an ideal timeline stays repeatable
+            self.records.append({"type": "input", "t": now, "event": event})
 
     # ---- transport: microphone -----------------------------------------------------------------
     async def _microphone(self) -> None:
@@ -190,7 +194,7 @@ class _Episode:
         while True:
             now = self.clock.now()
             turn = self.speaker.playing_turn(now)
-            if turn is not None and turn not in self.done:
+            if turn is not None:
                 self.pipeline.report_played(turn, self.speaker.position(turn, now))
             for turn, total in list(self.done.items()):
                 if self.speaker.position(turn, now) >= total:
