@@ -5,11 +5,17 @@ Layout of the one cached sequence (the prompt is the attention sink, prefilled o
     <few-shot prompt> "English:" | " w1 w2 w3" | "\\nSpanish:" " t1 t2" | " t3 t4" (unconfirmed)
       system turn (sink)         | source turn | target turn: confirmed  | hypothesis tokens
 
-Reading a source word rolls the target turn back (header, confirmed and unconfirmed tokens),
-appends the word, and re-encodes the header and the confirmed target in the same few forwards: the
-model always sees the layout it was prompted with (full source so far, then the target), and a
+Reading a source word rolls the target turn back (header, confirmed and unconfirmed tokens) and
+appends the word to the source turn (one forward, as it arrives). Only when the policy writes does
+the target turn come back: the header and the confirmed target in ONE forward, then greedy decoding.
+The model always sees the layout it was prompted with (full source so far, then the target), and a
 confirmed target prefix is forced, never re-generated. Rollback crops the cache; with sliding-window
 layers (Gemma 3) the sequence re-encodes instead when a layer already dropped positions.
+
+Cost (Gemma 3 270M, CPU): every forward reads all weights, and the 262k-row output layer alone is
+over half of a one-token forward, so the number of forwards is what counts. The target header is
+the agent turn's first content tokens rather than a template header, so that the header and the
+confirmed target share one forward (a template header would cost a forward of its own).
 
 Synchronous torch code: a session runs it on the engine worker.
 """
@@ -72,15 +78,17 @@ def _template(lm: LoadedModel, prompt: TranslationPrompt) -> TurnTemplate:
     bos = tok.bos_token_id
     eos = tok.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    header = tuple(tok.encode(prompt.target_header, add_special_tokens=False))
     none = RoleMarkers((), ())
+    # no agent header: the target header is written as the agent turn's first content (see the
+    # module docstring), so it shares a forward with the confirmed target
     return TurnTemplate(system=RoleMarkers((bos,) if bos is not None else (), ()), user=none,
-                        agent=RoleMarkers(header, ()), eos_ids=eos_ids)
+                        agent=none, eos_ids=eos_ids)
 
 
 @dataclass(slots=True)
 class _Stats:
     forwards_s: float = 0.0
+    forwards: int = 0  # model calls: source reads, target (re)opens, decode steps
     decoded_tokens: int = 0
     reencoded_tokens: int = 0
 
@@ -93,6 +101,7 @@ class SimulTranslator(TranslationModel):
         self.lm = lm
         self.prompt = prompt
         self.template = _template(lm, prompt)
+        self._header = tuple(lm.tokenizer.encode(prompt.target_header, add_special_tokens=False))
         self.seq = SharedSequence(lm, self.template, SequenceConfig(max_tokens=8192, keep_recent_tokens=4096))
         self._sampler = Sampler(SamplingConfig(temperature=0.0))
         self.max_word_tokens = max_word_tokens
@@ -128,20 +137,13 @@ class SimulTranslator(TranslationModel):
             return
         ids = self.lm.tokenizer.encode(" " + " ".join(words), add_special_tokens=False)
         self._drop_target()
-        if self._source_turn is None:
-            self._source_turn = self.seq.begin_turn(Speaker.USER)
-        else:
-            self.seq.reopen(Speaker.USER, self._source_turn)
+        self._open_source()
         self.source.extend(words)
         self._source_ids += len(ids)
-        # the words and the target header in one forward (header skipped by _open_target later)
-        self.seq.append_and_hand_over(ids, Speaker.AGENT)
-        self._source_end = len(self.seq) - len(self.template.agent.header)
-        self._target_ready = False
-        if self.confirmed:
-            self.seq.append([i for w in self.confirmed for i in w.ids], Status.SPOKEN)
-            self.stats.reencoded_tokens += sum(len(w.ids) for w in self.confirmed)
-        self._target_ready = True
+        # the words alone, as they arrive (incremental prefill); the target waits for a write
+        self.seq.append(ids)
+        self.stats.forwards += 1
+        self._source_end = len(self.seq)
 
     def next_word(self) -> TargetWord | None:
         self._open_target()
@@ -185,30 +187,39 @@ class SimulTranslator(TranslationModel):
             self.seq.truncate_to(self._source_end)
         self._target_ready = False
 
-    def _open_target(self) -> None:
-        if self._target_ready:
-            # drop unconfirmed hypothesis tokens beyond the confirmed target
-            want = self._source_end + len(self.template.agent.header) + sum(len(w.ids) for w in self.confirmed)
-            if len(self.seq) > want:
-                self.seq.truncate_to(want)
-            return
+    def _open_source(self) -> None:
         if self._source_turn is None:
             self._source_turn = self.seq.begin_turn(Speaker.USER)
             self._source_end = len(self.seq)
-        self.seq.hand_over(Speaker.AGENT)
-        if self.confirmed:
-            self.seq.append([i for w in self.confirmed for i in w.ids], Status.SPOKEN)
+        elif self.seq.open_turn != (Speaker.USER, self._source_turn):
+            self.seq.reopen(Speaker.USER, self._source_turn)  # the target turn was rolled back
+
+    def _open_target(self) -> None:
+        if self._target_ready:
+            # drop unconfirmed hypothesis tokens beyond the confirmed target
+            want = self._source_end + len(self._header) + sum(len(w.ids) for w in self.confirmed)
+            if len(self.seq) > want:
+                self.seq.truncate_to(want)
+            return
+        self._open_source()
+        self.seq.hand_over(Speaker.AGENT)  # no footer, no header: no forward
+        # the header and the confirmed target (forced, re-encoded after the new source) in one forward
+        confirmed = [i for w in self.confirmed for i in w.ids]
+        self.seq.append([*self._header, *confirmed], Status.SPOKEN if confirmed else Status.COMMITTED)
+        self.seq.set_status(self._source_end, self._source_end + len(self._header), Status.COMMITTED)
+        self.stats.forwards += 1
+        self.stats.reencoded_tokens += len(confirmed)
         self._target_ready = True
 
     def _rollback_to_confirmed(self, extra: list[TargetWord]) -> None:
         """Keep the cache at confirmed + ``extra`` tokens (drops a sampled-but-unused tail)."""
-        want = (self._source_end + len(self.template.agent.header) + sum(len(w.ids) for w in self.confirmed)
+        want = (self._source_end + len(self._header) + sum(len(w.ids) for w in self.confirmed)
                 + sum(len(w.ids) for w in extra))
         if len(self.seq) > want:
             self.seq.truncate_to(want)
 
     def _target_budget_left(self) -> int:
-        confirmed = len(self.seq) - self._source_end - len(self.template.agent.header)
+        confirmed = len(self.seq) - self._source_end - len(self._header)
         return int(self.max_target_ratio * max(1, self._source_ids) + 8) - confirmed
 
     def _is_end(self, token: int, piece: str) -> bool:
@@ -218,7 +229,7 @@ class SimulTranslator(TranslationModel):
         """Decode one whole word (until the next token starts a new word, or the end). The token
         that starts the next word is sampled but not appended: it was predicted from this source."""
         tok = self.lm.tokenizer
-        before_ids = [i for i in self.seq.ids[self._source_end + len(self.template.agent.header):]]
+        before_ids = self.seq.ids[self._source_end + len(self._header):]
         before = tok.decode(before_ids, skip_special_tokens=True)
         ids: list[int] = []
         text = before
@@ -233,6 +244,7 @@ class SimulTranslator(TranslationModel):
                 self.stats.forwards_s += time.perf_counter() - t0
                 return self._word(before, text, ids) if ids else None
             self.seq.append([token], Status.UNSPOKEN)
+            self.stats.forwards += 1
             self.stats.decoded_tokens += 1
             self.stats.forwards_s += time.perf_counter() - t0
             ids.append(token)
