@@ -1,37 +1,62 @@
-"""``duplex bench server``: N concurrent text sessions against an in-process server (TTS off).
+"""``duplex bench server``: N concurrent text sessions over the socket against an in-process server.
 
-Per N in (1, 2, 4, 8): every client sends a question at the same moment and reads its streamed
-reply. TTFT = send -> first ``response.output_text.delta``; tokens/s per session = agent tokens /
-(first delta -> ``response.done``). The baseline in the same run is the engine decoding one
-sequence directly (no sockets, no session), so the ratio shows what serving costs.
+Per N (default 1, 2, 4, 8, 16) every client sends a question at the same moment and reads its
+streamed reply: TTFT = send -> first ``response.output_text.delta``; inter-token = the gap between
+deltas spread over the tokens they carry (deltas are word-buffered); aggregate tokens/s = all
+reply tokens / the round's wall time; RSS of this process (model + server). Then the prefill case:
+``prefill_talkers`` sessions keep talking while one more session sends ``prefill_kb`` of
+instructions; their inter-token p95 during that prefill is compared with the same talkers idle.
+Each scheduler mode (``batched``, ``chunked``, ``fifo`` = the old single worker) runs on the same
+loaded model in the same run, so the modes compare on equal footing. A single-sequence decode
+without sockets is the baseline for what serving costs.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import logging
-import statistics
+import json
+import os
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from duplex.serving.client import DuplexClient
-from duplex.engine.worker import Engine
+from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler, SamplingConfig
-from duplex.engine.sequence import Speaker
+from duplex.engine.sequence import SequenceConfig, Speaker
+from duplex.engine.worker import Engine
+from duplex.serving.client import DuplexClient
 from duplex.serving.server import DuplexServer
-from duplex.session.core import SessionConfig
+from duplex.serving.ws_session import ServerLimits
+from duplex.session.config import SessionConfig
 
-__all__ = ["bench_server"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ServerBenchConfig", "add_server_bench_args", "bench_server", "bench_server_cli", "plot_server"]
 
 QUESTIONS = [
-    "What is the capital of France?", "Name three colors of the rainbow.", "How many legs does a spider have?",
-    "What do bees make?", "Why is the sky blue?", "What is two plus two?", "Who wrote Hamlet?",
-    "What is the largest ocean?",
+    "Tell me a story about a dragon who learns to cook.", "Explain how a bicycle works, step by step.",
+    "Describe your ideal weekend in detail.", "Why is the sky blue? Explain it to a child.",
+    "Write a short poem about the sea and the wind.", "What should I pack for a week of hiking?",
+    "Explain what a computer does when it starts.", "Describe a busy market in the morning.",
 ]
-CONCURRENCY = (1, 2, 4, 8)
+_FILLER = ("The committee reviewed the quarterly report, noted the rising costs of shipping, and asked the "
+           "team to prepare a plan that keeps the schedule while reducing waste in every department. ")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBenchConfig:
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = "auto"
+    sessions: tuple[int, ...] = (1, 2, 4, 8, 16)
+    max_tokens: int = 64
+    rounds: int = 1
+    schedulers: tuple[str, ...] = ("batched", "fifo")
+    prefill_kb: float = 100.0  # 0: skip the prefill case
+    prefill_talkers: int = 4
+    type: str = "server_bench_config"
 
 
 def _progress(msg: str) -> None:
@@ -47,8 +72,14 @@ def _pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
 def _decode_baseline(engine: Engine, tokens: int) -> dict[str, float]:
-    """One sequence, greedy, on the engine worker's thread settings: ms/token of bare decode."""
+    """One sequence, greedy, no sockets and no session: ms/token of bare decode (on the scheduler)."""
     seq = engine.new_sequence()
     seq.add_message(Speaker.SYSTEM, "You are a helpful assistant. Keep your answers short.")
     seq.add_message(Speaker.USER, QUESTIONS[0])
@@ -62,81 +93,232 @@ def _decode_baseline(engine: Engine, tokens: int) -> dict[str, float]:
     return {"ms_per_token": round(ms, 2), "tokens_per_s": round(1000 / ms, 2), "tokens": tokens}
 
 
-async def _one(url: str, question: str, start: asyncio.Event, ready: list[int]) -> dict[str, float]:
-    async with DuplexClient(url) as client:
-        ready.append(1)
-        await start.wait()
-        t_send = time.perf_counter()
-        await client.send_text(question)
-        t_first: float | None = None
-        n_tokens = 0
-        async for ev in client.events():
-            if ev["type"] == "response.output_text.delta":
-                if t_first is None:
-                    t_first = time.perf_counter()
-                n_tokens = max(n_tokens, int(ev["token_end"]))
-            elif ev["type"] == "response.done":
-                t_done = time.perf_counter()
-                break
-            elif ev["type"] == "connection.closed":
-                raise RuntimeError("connection closed during the benchmark")
-        assert t_first is not None
-        decode_s = max(1e-9, t_done - t_first)
-        return {"ttft_ms": (t_first - t_send) * 1000, "tokens": n_tokens,
-                "tokens_per_s": (n_tokens - 1) / decode_s if n_tokens > 1 else 0.0}
+@dataclass(slots=True)
+class _Reply:
+    t_send: float
+    t_first: float | None = None
+    t_done: float | None = None
+    tokens: int = 0
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (t, per-token interval s)
 
 
-async def bench_server(model: str | None = None, max_tokens: int = 48, rounds: int = 1,
-                       concurrency: tuple[int, ...] = CONCURRENCY) -> dict[str, Any]:
-    """Start a server on the default (or given) model, run the concurrency sweep, return JSON."""
-    _progress(f"loading model {model or 'default'}")
-    loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, Engine.load, model)
-    config = SessionConfig(policy="silence", sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens))
-    server = DuplexServer(engine, config=config)
-    await server.start("127.0.0.1", 0)
-    results: dict[str, Any] = {
-        "benchmark": "server", "model": model or "default", "device": str(engine.lm.device),
-        "max_reply_tokens": max_tokens, "rounds": rounds, "levels": [],
-    }
+async def _ask(client: DuplexClient, question: str) -> _Reply:
+    reply = _Reply(time.perf_counter())
+    await client.send_text(question)
+    t_last: float | None = None
+    async for ev in client.events():
+        if ev["type"] == "response.output_text.delta":
+            now = time.perf_counter()
+            end = int(ev["token_end"])
+            if reply.t_first is None:
+                reply.t_first = now
+            elif end > reply.tokens and t_last is not None:
+                per = (now - t_last) / (end - reply.tokens)
+                reply.gaps += [(now, per)] * (end - reply.tokens)
+            t_last = now
+            reply.tokens = max(reply.tokens, end)
+        elif ev["type"] == "response.done":
+            reply.t_done = time.perf_counter()
+            return reply
+        elif ev["type"] in ("connection.closed", "error"):
+            raise RuntimeError(f"benchmark session failed: {ev}")
+    raise RuntimeError("connection ended during the benchmark")
+
+
+async def _level(url: str, n: int, rounds: int) -> dict[str, Any]:
+    clients = [DuplexClient(url) for _ in range(n)]
+    await asyncio.gather(*(c.connect() for c in clients))
     try:
-        _progress("single-sequence decode baseline")
-        results["decode_baseline"] = await engine.run(_decode_baseline, engine, max_tokens)
-        _progress(f"baseline {results['decode_baseline']['ms_per_token']} ms/token")
-        # warm-up: one full round trip (first-call overheads out of the numbers)
-        await _one(server.ws_url(), QUESTIONS[0], _set(asyncio.Event()), [])
-        for n in concurrency:
-            samples: list[dict[str, float]] = []
-            t0 = time.perf_counter()
-            for _ in range(rounds):
-                start = asyncio.Event()
-                ready: list[int] = []
-                tasks = [asyncio.ensure_future(_one(server.ws_url(), QUESTIONS[i % len(QUESTIONS)], start, ready))
-                         for i in range(n)]
-                while len(ready) < n:  # everyone connected before the starting gun
-                    await asyncio.sleep(0.01)
-                start.set()
-                samples += await asyncio.gather(*tasks)
-            ttft = [s["ttft_ms"] for s in samples]
-            tps = [s["tokens_per_s"] for s in samples]
-            level = {
-                "sessions": n, "ttft_ms_p50": round(_pct(ttft, 0.5), 1), "ttft_ms_p95": round(_pct(ttft, 0.95), 1),
-                "tokens_per_s_per_session_mean": round(statistics.fmean(tps), 2),
-                "tokens_per_s_per_session_min": round(min(tps), 2),
-                "aggregate_tokens_per_s": round(sum(s["tokens"] for s in samples) / (time.perf_counter() - t0), 2),
-                "reply_tokens_mean": round(statistics.fmean(s["tokens"] for s in samples), 1),
-            }
-            level["per_session_vs_baseline"] = round(
-                level["tokens_per_s_per_session_mean"] / results["decode_baseline"]["tokens_per_s"], 3)
-            results["levels"].append(level)
-            _progress(f"N={n}: TTFT p50 {level['ttft_ms_p50']} ms p95 {level['ttft_ms_p95']} ms, "
-                      f"{level['tokens_per_s_per_session_mean']} tok/s/session")
+        replies: list[_Reply] = []
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            replies += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)])
+                                              for i, c in enumerate(clients)))
+        wall = time.perf_counter() - t0
+        rss = _rss_mib()
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    ttft = [1000 * (r.t_first - r.t_send) for r in replies if r.t_first is not None]
+    gaps = [1000 * g for r in replies for _, g in r.gaps]
+    tokens = sum(r.tokens for r in replies)
+    return {
+        "sessions": n, "replies": len(replies), "reply_tokens_mean": round(tokens / len(replies), 1),
+        "aggregate_tokens_per_s": round(tokens / wall, 2),
+        "ttft_ms_p50": round(_pct(ttft, 0.5), 1), "ttft_ms_p95": round(_pct(ttft, 0.95), 1),
+        "inter_token_ms_p50": round(_pct(gaps, 0.5), 1), "inter_token_ms_p95": round(_pct(gaps, 0.95), 1),
+        "rss_mib": round(rss, 1),
+    }
+
+
+async def _talk_until(client: DuplexClient, stop: asyncio.Event, replies: list[_Reply], offset: int) -> None:
+    i = offset
+    while not stop.is_set():
+        replies.append(await _ask(client, QUESTIONS[i % len(QUESTIONS)]))
+        i += 1
+
+
+async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2) -> dict[str, Any]:
+    """Talkers' inter-token p95 with nothing else going on, then while one more session's
+    ``kb`` KB instructions update is prefilled."""
+    clients = [DuplexClient(url) for _ in range(talkers)]
+    await asyncio.gather(*(c.connect() for c in clients))
+    big = DuplexClient(url)
+    await big.connect()
+    try:
+        idle: list[_Reply] = []
+        for r in range(idle_replies):
+            idle += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)]) for i, c in enumerate(clients)))
+        text = (_FILLER * (int(kb * 1024) // len(_FILLER) + 1))[:int(kb * 1024)]
+        stop = asyncio.Event()
+        busy: list[_Reply] = []
+        talking = [asyncio.ensure_future(_talk_until(c, stop, busy, i)) for i, c in enumerate(clients)]
+        await asyncio.sleep(0.5)  # the talkers are decoding when the update arrives
+        t_update = time.perf_counter()
+        await big.update_session(instructions=text)
+        ev = await big.wait_for("session.instructions_updated", "error", timeout=1800)
+        while ev["type"] == "session.instructions_updated" and ev.get("status") == "pending":
+            ev = await big.wait_for("session.instructions_updated", "error", timeout=1800)
+        t_applied = time.perf_counter()
+        stop.set()
+        await asyncio.gather(*talking)
+        if ev["type"] == "error":
+            raise RuntimeError(f"instructions update failed: {ev}")
+    finally:
+        await asyncio.gather(*(c.close() for c in [*clients, big]), return_exceptions=True)
+    idle_gaps = [1000 * g for r in idle for _, g in r.gaps]
+    during = [1000 * g for r in busy for t, g in r.gaps if t_update <= t <= t_applied]
+    p95_idle, p95_busy = _pct(idle_gaps, 0.95), _pct(during, 0.95)
+    return {
+        "talkers": talkers, "instructions_kb": kb, "instructions_chars": len(text),
+        "prefill_s": round(t_applied - t_update, 2),
+        "idle_inter_token_ms_p50": round(_pct(idle_gaps, 0.5), 1), "idle_inter_token_ms_p95": round(p95_idle, 1),
+        "during_inter_token_ms_p50": round(_pct(during, 0.5), 1), "during_inter_token_ms_p95": round(p95_busy, 1),
+        "during_inter_token_ms_max": round(max(during, default=float("nan")), 1),
+        "during_tokens": len(during), "p95_ratio": round(p95_busy / p95_idle, 2) if during else None,
+    }
+
+
+def _session_config(cfg: ServerBenchConfig) -> SessionConfig:
+    # room for the prefill case's instructions: (max_tokens - keep_recent) / 2 must hold them
+    instr_tokens = max(1_000, int(cfg.prefill_kb * 1024 / 3))
+    return SessionConfig(
+        policy="silence", sampling=SamplingConfig(temperature=0.0, max_tokens=cfg.max_tokens),
+        max_instructions_chars=max(8_000, int(cfg.prefill_kb * 1024) + 1), max_instructions_tokens=instr_tokens,
+        sequence=SequenceConfig(max_tokens=2 * instr_tokens + 4096, keep_recent_tokens=2048),
+    )
+
+
+async def _one_mode(lm: LoadedModel, mode: str, cfg: ServerBenchConfig) -> dict[str, Any]:
+    engine = Engine(lm, scheduler=mode)
+    server = DuplexServer(engine, config=_session_config(cfg), limits=ServerLimits(max_sessions=256))
+    await server.start("127.0.0.1", 0)
+    out: dict[str, Any] = {"scheduler": mode, "levels": []}
+    try:
+        out["decode_baseline"] = await engine.run(_decode_baseline, engine, cfg.max_tokens)
+        _progress(f"[{mode}] baseline {out['decode_baseline']['ms_per_token']} ms/token")
+        await _level(server.ws_url(), 1, 1)  # warm-up: first-call overheads out of the numbers
+        for n in cfg.sessions:
+            ticks0, rows0 = engine.stats.ticks, engine.stats.decode_rows
+            level = await _level(server.ws_url(), n, cfg.rounds)
+            ticks = engine.stats.ticks - ticks0
+            level["decode_rows_per_tick"] = round((engine.stats.decode_rows - rows0) / ticks, 2) if ticks else None
+            out["levels"].append(level)
+            _progress(f"[{mode}] N={n}: {level['aggregate_tokens_per_s']} tok/s, TTFT p95 {level['ttft_ms_p95']} ms, "
+                      f"inter-token p50/p95 {level['inter_token_ms_p50']}/{level['inter_token_ms_p95']} ms")
+        if cfg.prefill_kb > 0:
+            out["prefill"] = await _prefill_case(server.ws_url(), cfg.prefill_talkers, cfg.prefill_kb)
+            _progress(f"[{mode}] prefill {cfg.prefill_kb} KB: {out['prefill']}")
     finally:
         await server.close()
         engine.close()
+    return out
+
+
+def _targets(mode: dict[str, Any]) -> dict[str, Any]:
+    by_n = {lv["sessions"]: lv for lv in mode["levels"]}
+    out: dict[str, Any] = {}
+    if 1 in by_n and 8 in by_n:
+        tps = by_n[8]["aggregate_tokens_per_s"] / by_n[1]["aggregate_tokens_per_s"]
+        ttft = by_n[8]["ttft_ms_p95"] / by_n[1]["ttft_ms_p95"]
+        out.update(tokens_per_s_n8_over_n1=round(tps, 2), tokens_per_s_target_met=tps >= 3.0,
+                   ttft_p95_n8_over_n1=round(ttft, 2), ttft_target_met=ttft <= 2.0)
+    if mode.get("prefill") and mode["prefill"]["p95_ratio"] is not None:
+        out.update(prefill_p95_ratio=mode["prefill"]["p95_ratio"], prefill_target_met=mode["prefill"]["p95_ratio"] <= 2.0)
+    return out
+
+
+async def bench_server(cfg: ServerBenchConfig | None = None) -> dict[str, Any]:
+    """Load the model once, run every scheduler mode's sweep and prefill case, return JSON."""
+    cfg = cfg or ServerBenchConfig()
+    _progress(f"loading model {cfg.model or 'default'}")
+    loop = asyncio.get_running_loop()
+    lm = await loop.run_in_executor(None, lambda: load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                                                quantize=cfg.quantize))
+    load = os.getloadavg()
+    results: dict[str, Any] = {
+        "benchmark": "server", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+        "quantization": lm.quantization, "cpu_count": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load],
+        "max_reply_tokens": cfg.max_tokens, "rounds": cfg.rounds, "modes": [],
+    }
+    for mode in cfg.schedulers:
+        result = await _one_mode(lm, mode, cfg)
+        result["targets"] = _targets(result)
+        results["modes"].append(result)
+    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
 
-def _set(event: asyncio.Event) -> asyncio.Event:
-    event.set()
-    return event
+def plot_server(results: dict[str, Any], path: Path) -> Path:
+    """Aggregate tokens/s, TTFT p95 and inter-token p95 against N, one line per scheduler mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
+    for mode in results["modes"]:
+        ns = [lv["sessions"] for lv in mode["levels"]]
+        for ax, key in zip(axes, ("aggregate_tokens_per_s", "ttft_ms_p95", "inter_token_ms_p95")):
+            ax.plot(ns, [lv[key] for lv in mode["levels"]], marker="o", label=mode["scheduler"])
+    for ax, title in zip(axes, ("aggregate tokens/s", "TTFT p95 (ms)", "inter-token p95 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent sessions")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"duplex bench server: {results['model']} {results['dtype']} on {results['device']}, "
+                 f"{results['cpu_count']} CPUs, load {results['loadavg_before'][0]}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def add_server_bench_args(parser: argparse.ArgumentParser) -> None:
+    """``duplex bench server`` flags (the model flags and --tokens, --json, --out are shared)."""
+    g = parser.add_argument_group("server", "duplex bench server: N concurrent text sessions over the socket; "
+                                            "--json FILE / --out FILE also write the JSON there and a PNG plot next to it")
+    g.add_argument("--sessions", default="1,2,4,8,16", help="concurrency levels, comma-separated")
+    g.add_argument("--scheduler", default="batched,fifo",
+                   help="engine scheduler modes to compare in the same run: batched, chunked, fifo (the old worker)")
+    g.add_argument("--prefill-kb", type=float, default=100.0,
+                   help="instructions size for the prefill-while-others-decode case (0: skip it)")
+    g.add_argument("--prefill-talkers", type=int, default=4)
+    g.add_argument("--rounds", type=int, default=1, help="questions per session per level")
+
+
+def bench_server_cli(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = ServerBenchConfig(
+        model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        sessions=tuple(int(n) for n in str(args.sessions).split(",") if n.strip()), max_tokens=args.tokens,
+        rounds=args.rounds, schedulers=tuple(m.strip() for m in str(args.scheduler).split(",") if m.strip()),
+        prefill_kb=args.prefill_kb, prefill_talkers=args.prefill_talkers,
+    )
+    result = asyncio.run(bench_server(cfg))
+    for out in {args.out, args.json if isinstance(args.json, str) else None} - {None}:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plot_server(result, path.with_suffix(".png"))
+    return result

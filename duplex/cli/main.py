@@ -93,9 +93,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_tts()
     elif what == "server":
-        from duplex.bench.server import bench_server
+        from duplex.bench.server import bench_server_cli
 
-        result = asyncio.run(bench_server(args.model))
+        result = bench_server_cli(args)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {what}")
     _print_json(result)
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--serve-arg", action="append", default=None, metavar="FLAGS",
                    help="extra flags for the duplex serve the bench starts (A/B), e.g. --serve-arg='--overlap-layout "
                         "interleave'")
+    from duplex.bench.server import add_server_bench_args
+
+    add_server_bench_args(p)
     s = p.add_argument_group("soak", "duplex bench soak: N text clients for T minutes that talk, interrupt, drop and "
                                      "resume, read slowly and flood (--url, --auth-token, --seed above apply; "
                                      "--json FILE also writes the JSON there and the RSS plot next to it)")

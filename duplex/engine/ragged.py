@@ -159,8 +159,10 @@ def ragged_forward(model: Any, rows: Sequence[Row]) -> list[torch.Tensor | None]
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)
     keep_idx = torch.tensor(wanted, dtype=torch.long, device=device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(RAGGED)
+    if model.config._attn_implementation != RAGGED:
+        # left set afterwards: switching walks every module; SharedSequence.forward_direct
+        # switches back when it runs (the only other caller of the model)
+        model.set_attn_implementation(RAGGED)
     try:
         cache_kw = {_cache_kwarg(type(model)): RaggedCache(rows)}
         out = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=keep_idx,
@@ -168,8 +170,6 @@ def ragged_forward(model: Any, rows: Sequence[Row]) -> list[torch.Tensor | None]
     except BaseException:
         _restore(rows)
         raise
-    finally:
-        model.set_attn_implementation(previous)
     logits = out.logits[0]  # [len(wanted), vocab]
     results: list[torch.Tensor | None] = []
     k = 0

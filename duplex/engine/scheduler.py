@@ -10,7 +10,8 @@ sessions paid eight passes over the weights per round. Here:
   different sessions interleave;
 - a job's model call (:meth:`Scheduler.forward`, reached from ``SharedSequence._forward``)
   does not run on the job's thread: it parks the job and becomes a *request*;
-- when every started job is parked or done, the scheduler thread runs a **tick**: every pending
+- when every started job is parked or done, a **tick** runs (on the thread of the job that parked
+  last, or on the scheduler thread for callers that are not jobs): every pending
   1-token request (decode steps: priority, all of them) plus prefill pieces from the other
   requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all. In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
@@ -215,7 +216,20 @@ class Scheduler:
             self._pending.append(req)
             if job:
                 self._runnable -= 1
-            self._tick_cv.notify()
+            lead = job and self._runnable == 0
+            if not lead:
+                self._tick_cv.notify()
+        if lead:
+            # the last job to park runs the ticks itself (it holds the baton): no thread hand-over
+            # per token for a lone session, which a loaded 2-core machine makes cost milliseconds
+            while not req.event.is_set():
+                with self._lock:
+                    if self._runnable > 0:
+                        self._tick_cv.notify()
+                        break
+                self._tick()
+            else:
+                return self._result(req)
         if job:
             self._baton.release()
         try:
@@ -223,6 +237,10 @@ class Scheduler:
         finally:
             if job:
                 self._baton.acquire()
+        return self._result(req)
+
+    @staticmethod
+    def _result(req: _Request) -> torch.Tensor:
         if req.error is not None:
             raise req.error
         assert req.result is not None
@@ -238,12 +256,18 @@ class Scheduler:
                 if not self._pending:
                     return  # closing, nothing left
             with self._baton:
-                with self._lock:
-                    plan = self._plan()
-                    tick = self.stats.ticks
-                forwards = self._execute(plan)
-                with self._lock:
-                    self._finish_tick(tick, plan, forwards)
+                self._tick()
+
+    def _tick(self) -> None:
+        """Plan, run and finish one tick (baton held)."""
+        with self._lock:
+            if not self._pending:
+                return  # a leading job ran them meanwhile
+            plan = self._plan()
+            tick = self.stats.ticks
+        forwards = self._execute(plan)
+        with self._lock:
+            self._finish_tick(tick, plan, forwards)
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, then prefill pieces round robin

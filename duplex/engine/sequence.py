@@ -482,14 +482,15 @@ class SharedSequence:
     def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
         """:meth:`_forward` as one model call of this sequence alone (the scheduler's fallback)."""
         device = self.lm.device
+        want = self._prefill_attn  # as loaded (the engine scheduler may have left its own set)
         if device.type == "cpu":
             # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
             # cache (110 ms vs 60 ms eager for one token at 4k context, bf16): decode steps and
             # turn hand-overs use the GQA kernel of duplex.engine.attention; chunked prefill keeps sdpa.
             short = len(ids) <= _DECODE_MAX_QUERY and start_pos >= _DECODE_MIN_CONTEXT
             want = self._decode_attn if short and self._decode_attn else self._prefill_attn
-            if self.lm.model.config._attn_implementation != want:
-                self.lm.model.set_attn_implementation(want)
+        if self.lm.model.config._attn_implementation != want:
+            self.lm.model.set_attn_implementation(want)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         position_ids = torch.arange(start_pos, start_pos + len(ids), device=device).unsqueeze(0)
         out = self.lm.model(
