@@ -30,3 +30,27 @@ def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n):
     out, _ = gqa_decode_attention(None, query.bfloat16(), key.bfloat16(), value.bfloat16(), None)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130)])
+def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
+    from duplex.engine import attention
+
+    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
+    attention._cpu_decode_kernel.cache_clear()
+    try:
+        kernel = attention._cpu_decode_kernel()
+        if kernel is None:
+            pytest.skip("no C compiler or no AVX2")
+        torch.manual_seed(2)
+        query = torch.randn(1, 6, q, 16).bfloat16()
+        key = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]  # a view into a larger buffer, as the cache
+        value = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]
+        out = kernel(query, key, value, 0.25)
+        assert out is not None and out.shape == (1, q, 6, 16)
+        mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+        ref = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
+                                                               scale=0.25, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    finally:
+        attention._cpu_decode_kernel.cache_clear()

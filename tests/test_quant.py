@@ -7,7 +7,11 @@ import torch
 from torch import nn
 
 from duplex.engine.models import load_model
-from duplex.engine.quant import Int8WeightOnlyLinear, decode_bytes_per_token, quantize_int8
+from duplex.engine.quant import (
+    Int8WeightOnlyLinear,
+    decode_bytes_per_token,
+    quantize_int8,
+)
 
 
 def test_int8_linear_matches_float_linear():
@@ -64,7 +68,7 @@ def test_int8_gemv_kernel_is_bit_identical_to_torch(n, k):
 def test_int8_decode_with_the_fast_kernel_equals_torch_kernel_decode(monkeypatch):
     """Greedy decoding of the int8 tiny model gives the same logits, bit for bit, with and
     without the C mat-vec (one-token steps take it, prefill chunks keep PyTorch's kernel)."""
-    import duplex.engine.quant as quant
+    from duplex.engine import quant
     from duplex.engine.sampling import Sampler, SamplingConfig
     from duplex.engine.sequence import SharedSequence, Speaker
     from duplex.engine.template import TurnTemplate

@@ -361,3 +361,28 @@ async def test_translate_session_step_waits_for_a_decode_hold_bounded(tiny_engin
         assert await asyncio.wait_for(until_done(), 30) < 0.25
     finally:
         await session.close()
+
+
+def test_plot_draws_bleu_and_chrf_against_laal_from_a_tiny_eval_json(tmp_path) -> None:
+    from duplex.translate.plot import curve_points
+
+    def scores(bleu: float, chrf: float, laal: float) -> dict[str, float]:
+        return {"BLEU": bleu, "chrF": chrf, "LAAL": laal, "LAAL_CA_ms": 1000 * laal + 500}
+
+    text = {"policies": {"wait-k:k=3": scores(20, 45, 2.9), "wait-k:k=1": scores(10, 35, 1.1),
+                         "offline": scores(30, 55, 7.0), "local-agreement": scores(25, 50, 4.0)}}
+    speech = {"policies": {"wait-k:k=1": scores(8, 30, 1.5), "offline": {"BLEU": 28.0, "chrF": 52.0}}}
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    (tmp_path / "speech.json").write_text(json.dumps(speech))
+    points = curve_points(text)
+    assert [p.policy for p in points] == ["wait-k:k=1", "wait-k:k=3", "local-agreement", "offline"]
+    assert [p.latency for p in curve_points(text, "LAAL_CA_ms")][:2] == [1.6, 3.4]  # ms -> s
+    out = tmp_path / "curve.png"
+    run = subprocess.run([sys.executable, "-m", "duplex.cli.main", "translate", "plot", str(tmp_path / "text.json"),
+                          str(tmp_path / "speech.json"), "--labels", "text", "speech", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = run.stdout.splitlines()
+    assert len(lines) == 5  # 4 text points + the speech wait-k (its offline entry has no LAAL)
+    assert lines[0].split("\t")[:2] == ["text", "wait-k:k=1"] and "BLEU=10.00" in lines[0]

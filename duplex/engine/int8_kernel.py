@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["int8_gemv"]
+__all__ = ["build_c_kernel", "int8_gemv"]
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ _SOURCE = Path(__file__).with_name("int8_gemv.c")
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _build(source: Path) -> Path:
-    """Compile ``source`` once into the duplex cache (keyed by its hash); return the library path."""
+def build_c_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` (AVX2, OpenMP) once into the duplex cache, keyed by its hash and flags;
+    return the shared library's path. Raises OSError, RuntimeError or SubprocessError."""
     from duplex.engine.models import cache_dir
 
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    target = cache_dir() / "kernels" / f"int8_gemv-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + repr(extra_flags).encode()).hexdigest()[:12]
+    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -48,7 +49,8 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(source)],
+        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *extra_flags, "-o", tmp,
+                        str(source), "-lm"],
                        check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: concurrent first uses never load a half-written file
     finally:
@@ -78,7 +80,7 @@ def int8_gemv() -> Gemv | None:
     if torch.backends.cpu.get_cpu_capability() != "AVX2" or not _SOURCE.exists():
         return None
     try:
-        lib = ctypes.CDLL(str(_build(_SOURCE)))
+        lib = ctypes.CDLL(str(build_c_kernel(_SOURCE)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.info("int8 mat-vec kernel unavailable (%s); using torch._weight_int8pack_mm", exc)
         return None

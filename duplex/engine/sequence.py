@@ -59,7 +59,7 @@ def _transformers_major() -> int:
 
 _TRANSFORMERS_MAJOR = _transformers_major()
 _DECODE_MAX_QUERY = 16
-_DECODE_MIN_CONTEXT = 512
+_DECODE_MIN_CONTEXT = 0  # the decode kernel beats SDPA for short queries at every context length
 
 
 def _decode_attention_for(lm: LoadedModel) -> str | None:

@@ -134,7 +134,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from duplex.translate.plot import plot_quality_latency
+
+    points = plot_quality_latency(args.files, args.out, latency=args.latency, labels=args.labels, title=args.title)
+    for p in points:
+        print(f"{p.series}\t{p.policy}\t{args.latency}={p.latency:.3f}\tBLEU={p.bleu:.2f}\tchrF={p.chrf:.2f}")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_translate(args: argparse.Namespace) -> int:
+    if getattr(args, "translate_command", None) == "plot":
+        return _cmd_plot(args)
     if getattr(args, "translate_command", None) == "eval":
         return _cmd_eval(args)
     if getattr(args, "translate_command", None) == "report":
@@ -169,3 +181,11 @@ def add_translate_parser(sub: Any) -> None:
     r = tsub.add_parser("report", help="the README table (markdown) from an eval JSON")
     r.set_defaults(func=_cmd_translate)
     r.add_argument("file")
+    pl = tsub.add_parser("plot", help="BLEU and chrF against LAAL (PNG, matplotlib) from eval JSON files")
+    pl.set_defaults(func=_cmd_translate)
+    pl.add_argument("files", nargs="+", help="eval JSON files (`translate eval --json`); one series each")
+    pl.add_argument("--out", required=True, metavar="PNG")
+    pl.add_argument("--latency", default="LAAL", choices=["LAAL", "AL", "LAAL_CA_ms", "AL_CA_ms"],
+                    help="x axis: LAAL in source words (default) or computation-aware LAAL (plotted in s)")
+    pl.add_argument("--labels", nargs="+", default=None, help="series names, one per file (default: file stems)")
+    pl.add_argument("--title", default=None)
