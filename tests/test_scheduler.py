@@ -142,3 +142,24 @@ async def test_close_refuses_new_work(tiny_lm: LoadedModel) -> None:
     engine.close()
     with pytest.raises(RuntimeError):
         await engine.run(seq.hand_over, Speaker.AGENT)
+
+
+async def test_a_model_the_ragged_pass_cannot_run_falls_back_to_one_forward_per_session(
+        tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from duplex.engine import scheduler
+
+    def broken(model: object, rows: object) -> None:
+        raise TypeError("this architecture does not take a ragged cache")
+
+    monkeypatch.setattr(scheduler, "ragged_forward", broken)
+    engine = Engine(tiny_lm, scheduler="batched")
+    try:
+        gate, ready = asyncio.Event(), []
+        tasks = [asyncio.ensure_future(_decode(engine, p, 8, ready, gate)) for p in PROMPTS[:2]]
+        while len(ready) < 2:
+            await asyncio.sleep(0.01)
+        gate.set()
+        assert await asyncio.gather(*tasks) == [_alone(tiny_lm, engine, p, 8) for p in PROMPTS[:2]]
+        assert all(t.forwards == len(t.rows) for t in engine.scheduler.trace)
+    finally:
+        engine.close()
