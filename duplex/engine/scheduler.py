@@ -13,7 +13,8 @@ sessions paid eight passes over the weights per round. Here:
 - when every started job is parked or done, a **tick** runs (on the thread of the job that parked
   last, or on the scheduler thread for callers that are not jobs): every pending
   1-token request (decode steps: priority, all of them) plus prefill pieces from the other
-  requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all. In
+  requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all and,
+  while others decode, about one decode tick's worth of compute (:class:`_Pacer`). In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -111,6 +113,55 @@ class _Job:
     call: Callable[[], Any]
 
 
+class _Pacer:
+    """Sizes prefill pieces while sessions decode, so that a tick's prefill part costs about one
+    decode-only tick: their inter-token time stays near twice its idle value even when the prefill
+    is deep into a long prompt, where a fixed token count would cost ever more (attention grows
+    with the context). A prefill token at context L costs ``k + L`` units (``k``: the model's
+    linear work per token in units of attention work per cached position); seconds per unit and
+    per decode-only tick are running averages over measured ticks."""
+
+    def __init__(self, config: Any) -> None:
+        self.k = _linear_per_attention(config)
+        self.decode_s: float | None = None
+        self.unit_s: float | None = None
+
+    def units(self, n: int, start: int) -> float:
+        return n * (self.k + start + n / 2)
+
+    def budget(self) -> float | None:
+        """Units of prefill that cost about one decode tick (None until both were measured)."""
+        if self.decode_s is None or not self.unit_s:
+            return None
+        return self.decode_s / self.unit_s
+
+    def observe(self, seconds: float, decode_rows: int, units: float) -> None:
+        if units <= 0:
+            if decode_rows:
+                self.decode_s = _ema(self.decode_s, seconds)
+            return
+        base = (self.decode_s or 0.0) if decode_rows else 0.0
+        self.unit_s = _ema(self.unit_s, max(seconds - base, 0.0) / units)
+
+
+def _ema(old: float | None, new: float, alpha: float = 0.2) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+def _linear_per_attention(config: Any) -> float:
+    """Per layer: the linear layers' multiply-adds per token over the attention's per cached
+    position (SmolLM2-135M: about 3000)."""
+    try:
+        h = int(config.num_attention_heads)
+        hd = int(getattr(config, "head_dim", None) or config.hidden_size // h)
+        kvh = int(getattr(config, "num_key_value_heads", None) or h)
+        hidden = int(config.hidden_size)
+        inter = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+        return (2 * hidden * h * hd + 2 * hidden * kvh * hd + 3 * hidden * inter) / (2 * h * hd)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 4096.0
+
+
 class Scheduler:
     """Owns the model's compute: jobs in per-sequence lanes, forwards batched per tick."""
 
@@ -140,6 +191,7 @@ class Scheduler:
         self._pending: list[_Request] = []
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
+        self._pacer = _Pacer(getattr(model, "config", None))
         self._batching = mode == "batched"
         self._closing = False
         if self._batching:
@@ -265,31 +317,47 @@ class Scheduler:
                 return  # a leading job ran them meanwhile
             plan = self._plan()
             tick = self.stats.ticks
+        t0 = time.perf_counter()
         forwards = self._execute(plan)
+        self._pacer.observe(time.perf_counter() - t0, sum(1 for r, _, _ in plan if r.decode),
+                            sum(self._pacer.units(n, r.start_pos + off) for r, n, off in plan if not r.decode))
         with self._lock:
             self._finish_tick(tick, plan, forwards)
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
-        """(request, tokens, offset) rows: every decode request, then prefill pieces round robin
-        within ``chunk_tokens``."""
+        """(request, tokens, offset) rows: every decode request, then prefill pieces round robin,
+        at most ``chunk_tokens`` in all and, while anyone decodes, about one decode tick's cost."""
         plan = [(r, 1, 0) for r in self._pending if r.decode]
         prefills = sorted((r for r in self._pending if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
         budget = self.chunk_tokens
+        units = self._pacer.budget() if plan else None
+        first = True
         for r in prefills:
             if budget <= 0:
                 break
+            start = r.start_pos + r.done
+            cap = budget
+            if units is not None:
+                cap = min(cap, int(units // (self._pacer.k + start)))
+                if cap < 1:
+                    if not first:
+                        break
+                    cap = 1  # the first prefill always moves on
             remaining = len(r.ids) - r.done
-            if remaining <= budget:
+            if remaining <= cap:
                 n = remaining
             else:
-                n = min(budget, remaining - r.keep)  # the positions that need logits stay in the last piece
+                n = min(cap, remaining - r.keep)  # the positions that need logits stay in the last piece
                 if n <= 0:
                     n = remaining
-                elif budget < self.chunk_tokens and n < _MIN_PIECE:
+                elif not first and n < _MIN_PIECE:
                     continue
             plan.append((r, n, r.done))
             budget -= n
+            if units is not None:
+                units -= self._pacer.units(n, start)
+            first = False
         return plan
 
     def _execute(self, plan: list[tuple[_Request, int, int]]) -> int:
