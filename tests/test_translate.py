@@ -386,3 +386,30 @@ def test_plot_draws_bleu_and_chrf_against_laal_from_a_tiny_eval_json(tmp_path) -
     lines = run.stdout.splitlines()
     assert len(lines) == 5  # 4 text points + the speech wait-k (its offline entry has no LAAL)
     assert lines[0].split("\t")[:2] == ["text", "wait-k:k=1"] and "BLEU=10.00" in lines[0]
+
+
+def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost model: a source word is one forward (kept logits: 1); a write re-opens the target
+    (header + confirmed prefix) in one forward, then one forward per decoded token."""
+    tr = SimulTranslator(tiny_lm, make_prompt(), max_word_tokens=3, max_target_ratio=2.0)
+    calls: list[tuple[int, int]] = []
+    model = tiny_lm.model
+    original = model.forward
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((int(kwargs["input_ids"].shape[1]), int(kwargs.get("logits_to_keep", 0))))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    tr.read(["where"])
+    assert [keep for _, keep in calls] == [1] and tr.stats.forwards == 1
+    calls.clear()
+    word = tr.next_word()
+    assert word is not None
+    header = len(tiny_lm.tokenizer.encode(make_prompt().target_header, add_special_tokens=False))
+    assert calls[0] == (header, 1)  # the target header alone (nothing confirmed yet), then decode steps
+    assert len(calls) == 1 + len(word.ids)
+    calls.clear()
+    tr.read(["is"])
+    tr.next_word()
+    assert calls[0][1] == 1 and calls[1] == (header + len(word.ids), 1)  # word; header + confirmed in ONE forward
