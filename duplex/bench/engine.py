@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import sys
 import time
@@ -120,12 +121,23 @@ def bench_decode(model: str | None = None, device: str = "auto",
         rows.append({"dtype": label, "ms_per_token": round(ms, 2), "bound_ms_per_token": round(bound, 2),
                      "ratio": round(ms / bound, 3), "bandwidth_bound_ms": round(bw_bound, 2),
                      "bandwidth_ratio": round(ms / bw_bound, 2), "weight_mb": round(lm.weight_bytes / 1e6, 1)})
-        _progress(progress, f"{label}: {ms:.1f} ms/token, bound {bound:.1f} ms, bandwidth bound {bw_bound:.1f} ms")
+        _progress(progress, f"{label}: {ms:.1f} ms/token, bound {bound:.1f} ms ({ms / bound:.2f}x), "
+                            f"bandwidth bound {bw_bound:.1f} ms ({ms / bw_bound:.2f}x)")
         del lm
     best = min(rows, key=lambda r: r["ms_per_token"])
+    _progress(progress, f"fastest: {best['dtype']} {best['ms_per_token']} ms/token = {best['ratio']}x its bound "
+                        f"(target <= 1.5x, stretch 1.3x)")
     return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(dev),
-            "threads": torch.get_num_threads(), "bandwidth_gbps": round(gbps, 1), **best,
+            "threads": torch.get_num_threads(), "load_avg_1min": _load_avg(), "bandwidth_gbps": round(gbps, 1), **best,
             "all_variants": rows}
+
+
+def _load_avg() -> float | None:
+    """The machine's 1-minute load average when the result was taken (shared machines)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _history_sequence(lm: LoadedModel, history_tokens: int) -> tuple[SharedSequence, list[int]]:
@@ -198,6 +210,7 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
     first, last_row = rows[0], rows[-1]
     return {
         "benchmark": "ttft", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+        "quantization": lm.quantization, "load_avg_1min": _load_avg(),
         "rows": rows,
         "shared_growth_ratio": round(last_row["shared_cache_ms"] / first["shared_cache_ms"], 2),
         "speedup_at_longest": last_row["speedup"],
