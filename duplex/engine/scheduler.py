@@ -326,7 +326,8 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, then prefill pieces round robin,
-        at most ``chunk_tokens`` in all and, while anyone decodes, about one decode tick's cost."""
+        at most ``chunk_tokens`` in all; while anyone decodes, long prefills get about one decode
+        tick's cost."""
         plan = [(r, 1, 0) for r in self._pending if r.decode]
         prefills = sorted((r for r in self._pending if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
@@ -337,14 +338,16 @@ class Scheduler:
             if budget <= 0:
                 break
             start = r.start_pos + r.done
+            remaining = len(r.ids) - r.done
             cap = budget
-            if units is not None:
-                cap = min(cap, int(units // (self._pacer.k + start)))
+            if units is not None and remaining > self.chunk_tokens:
+                # only long prefills are paced: a short one (a user's words, a turn hand-over) is
+                # what someone's first reply token waits for, and costs at most one chunk
+                cap = min(cap, int(max(units, 0.0) // (self._pacer.k + start)))
                 if cap < 1:
                     if not first:
-                        break
+                        continue
                     cap = 1  # the first prefill always moves on
-            remaining = len(r.ids) - r.done
             if remaining <= cap:
                 n = remaining
             else:
