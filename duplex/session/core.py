@@ -558,17 +558,17 @@ class Session(BargeIn):
         """Until released, or a barge-in/cancel arrives, or ``limit_s`` (a guard: a slow or lost
         synthesis must never stall the reply)."""
         held = self._decode_held
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit_s
+        deadline = self.clock.now() + limit_s  # the session's clock: a virtual one in the evaluation
         while held is not None and self._decode_held is held and not held.is_set() and not self._urgent:
-            remaining = deadline - loop.time()
+            remaining = deadline - self.clock.now()
             if remaining <= 0:
                 self.release_decoding()
                 return
             self._wake.clear()  # the main loop re-checks its queues before sleeping: nothing is lost
-            tasks = {asyncio.ensure_future(held.wait()), asyncio.ensure_future(self._wake.wait())}
+            tasks = {asyncio.ensure_future(held.wait()), asyncio.ensure_future(self._wake.wait()),
+                     asyncio.ensure_future(self.clock.sleep(remaining))}
             try:
-                await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in tasks:
                     task.cancel()

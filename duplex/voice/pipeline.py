@@ -242,7 +242,18 @@ class VoicePipeline:
         self._out.put_nowait(None)
 
     def _spawn(self, name: str, coro: Any) -> None:
-        self._tasks[name] = asyncio.create_task(coro, name=f"voice-{name}-{self.session.id}")
+        task = asyncio.create_task(coro, name=f"voice-{name}-{self.session.id}")
+        task.add_done_callback(self._task_ended)
+        self._tasks[name] = task
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """A pump that dies must say so at once (a dead TTS pump means a silent agent), not when
+        the pipeline closes: log it and tell the transport."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("session %s: %s failed", self.id, task.get_name(), exc_info=exc)
+        self._emit(ErrorEvent("internal_error", f"{task.get_name()}: {type(exc).__name__}: {exc}", self.clock.now()))
 
     # ---- input ---------------------------------------------------------------------------------
     async def push_audio(self, samples_16k: np.ndarray) -> None:
