@@ -163,3 +163,24 @@ async def test_a_model_the_ragged_pass_cannot_run_falls_back_to_one_forward_per_
         assert all(t.forwards == len(t.rows) for t in engine.scheduler.trace)
     finally:
         engine.close()
+
+
+async def test_a_plain_forward_after_a_ragged_pass_still_works(tiny_lm: LoadedModel) -> None:
+    """The ragged pass leaves its attention implementation set on the shared model; a direct
+    caller (a test, a bench, another tool) must still get ordinary causal attention."""
+    import torch
+
+    ids = tiny_lm.tokenizer.encode("The weather today is", return_tensors="pt")
+    with torch.inference_mode():
+        before = tiny_lm.model(ids).logits[0, -1]
+    engine = Engine(tiny_lm, scheduler="batched")
+    try:
+        seqs = [await engine.start_sequence(p) for p in PROMPTS[:2]]
+        for seq in seqs:
+            await engine.run(seq.hand_over, Speaker.AGENT)
+        await asyncio.gather(*(engine.decode(seq, _greedy()) for seq in seqs))  # one ragged pass
+        with torch.inference_mode():
+            after = tiny_lm.model(ids).logits[0, -1]
+        assert torch.allclose(before, after, atol=1e-4)
+    finally:
+        engine.close()

@@ -88,7 +88,10 @@ def ragged_attention(module: Any, query: torch.Tensor, key: Any, value: Any, att
     """query [1, h, T, d]; key/value: per-row [1, kvh, n_i, d] (the row's new positions last).
     Returns [1, T, h, d] like transformers' attention functions."""
     if not isinstance(key, _PerRow):
-        raise TypeError("ragged attention needs a RaggedCache (the engine scheduler sets it up)")
+        # A plain forward of the shared model while this implementation is still set (the ragged
+        # pass leaves it set; a direct caller need not know): unpadded rows, causal, the queries
+        # the last positions of key/value. The GQA kernel does exactly that.
+        return gqa_decode_attention(module, query, key, value, None, scaling=scaling)
     outs = []
     for (s, e), k, v in zip(key.bounds, key.parts, value.parts):
         q = query[:, :, s:e]
