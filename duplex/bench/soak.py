@@ -70,6 +70,7 @@ class SoakConfig:
     slow_read_s: float = 0.2
     seed: int = 0
     out: str | None = None
+    serve_args: tuple[str, ...] = ()  # more ``duplex serve`` flags (recorded in the JSON)
     type: str = "soak_config"
 
     @property
@@ -341,7 +342,7 @@ async def _server(cfg: SoakConfig) -> AsyncIterator[tuple[str, int | None, dict[
         return
     options = ServeOptions(model=cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize, tts="none",
                            asr_model="none", auth_token=cfg.auth_token,
-                           extra_args=("--max-sessions", str(2 * cfg.clients + 4)))
+                           extra_args=("--max-sessions", str(2 * cfg.clients + 4), *cfg.serve_args))
     t0 = time.monotonic()
     async with serve_process(options) as served:
         info = {"url": served.url, "started_by_bench": True, "pid": served.pid,

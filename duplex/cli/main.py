@@ -58,7 +58,8 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     out = args.json if isinstance(args.json, str) else None
     cfg = SoakConfig(clients=args.clients, minutes=args.minutes, url=args.url, server_pid=args.server_pid,
                      auth_token=args.auth_token, model=args.model, device=args.device, dtype=args.dtype,
-                     quantize=args.quantize, warmup_s=args.warmup_s, seed=args.seed, out=out)
+                     quantize=args.quantize, warmup_s=args.warmup_s, seed=args.seed, out=out,
+                     serve_args=tuple(a for item in args.serve_arg or () for a in item.split()))
     result = asyncio.run(bench_soak(cfg))
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the final ASR pass this far into a pause (default: duplex.voice.config)")
     p.add_argument("--voice-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any VoiceConfig field (duplex/voice/config.py), e.g. hold_decode_for_first_audio=false")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="a conversation's KV window: past it the oldest turns are evicted down to half "
+                        "(default: duplex.engine.sequence.SequenceConfig, 4096); bounds memory per session")
     p.add_argument("--overlap-layout", choices=["hold", "interleave"], default=None,
                    help="user words heard while the agent generates: wait outside the cache until it stops "
                         "(hold, default) or enter it at once inside the agent's turn (interleave)")
@@ -224,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--auth-token", default=None, help="the server's --auth-token")
     r.add_argument("--no-warmup", action="store_true", help="skip the unscored warm-up episode")
     r.add_argument("--serve-arg", action="append", default=None, metavar="FLAGS",
-                   help="extra flags for the duplex serve the bench starts (A/B), e.g. --serve-arg='--overlap-layout "
-                        "interleave'")
+                   help="extra flags for the duplex serve the bench starts (realtime and soak), e.g. "
+                        "--serve-arg='--overlap-layout interleave'")
     from duplex.bench.server import add_server_bench_args
 
     add_server_bench_args(p)

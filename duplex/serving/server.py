@@ -37,6 +37,7 @@ from websockets.http11 import Request, Response
 
 from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.worker import Engine
+from duplex.engine.sequence import SequenceConfig
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
 from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission, ServerBusy
@@ -571,7 +572,14 @@ def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
             raise SystemExit(f"duplex serve: --voice-option {key}: {exc}") from exc
     config = dataclasses.replace(config, **changes) if changes else config
     layout = getattr(args, "overlap_layout", None)
-    return config.with_session(overlap_layout=layout) if layout else config
+    if layout:
+        config = config.with_session(overlap_layout=layout)
+    window = getattr(args, "context_tokens", None)
+    if window:
+        if window < 256:
+            raise SystemExit(f"duplex serve: --context-tokens {window}: at least 256")
+        config = config.with_session(sequence=SequenceConfig(max_tokens=window, keep_recent_tokens=window // 2))
+    return config
 
 
 async def run_server(args: argparse.Namespace) -> int:
