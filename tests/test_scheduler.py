@@ -151,7 +151,11 @@ async def test_a_model_the_ragged_pass_cannot_run_falls_back_to_one_forward_per_
     def broken(model: object, rows: object) -> None:
         raise TypeError("this architecture does not take a ragged cache")
 
+    class BrokenLean:
+        forward = staticmethod(lambda rows: broken(None, rows))
+
     monkeypatch.setattr(scheduler, "ragged_forward", broken)
+    monkeypatch.setattr(scheduler, "fast_decoder", lambda model: BrokenLean())
     engine = Engine(tiny_lm, scheduler="batched")
     try:
         gate, ready = asyncio.Event(), []

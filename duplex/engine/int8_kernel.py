@@ -61,10 +61,10 @@ def build_c_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
 
 def _agrees_with_torch(gemv: Gemv) -> bool:
     gen = torch.Generator().manual_seed(0)
-    for n, k in ((40, 64), (13, 24), (1536, 576)):
+    for m, n, k in ((1, 40, 64), (1, 13, 24), (1, 1536, 576), (3, 40, 64), (5, 1536, 576)):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         scales = (torch.rand(n, generator=gen) / 64).to(torch.bfloat16)
-        x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         if not torch.equal(gemv(x, w, scales), torch._weight_int8pack_mm(x, w, scales)):
             return False
     return True
@@ -72,7 +72,7 @@ def _agrees_with_torch(gemv: Gemv) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def int8_gemv() -> Gemv | None:
-    """``f(x [1, K] bf16, w [N, K] int8, scales [N] bf16) -> [1, N] bf16``, equal bit for bit to
+    """``f(x [M, K] bf16, w [N, K] int8, scales [N] bf16) -> [M, N] bf16``, equal bit for bit to
     ``torch._weight_int8pack_mm``; None where it cannot be built or does not match."""
     if os.environ.get("DUPLEX_INT8_KERNEL", "auto") == "aten":
         return None
@@ -90,9 +90,10 @@ def int8_gemv() -> Gemv | None:
 
     def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         n, k = w.shape
-        out = torch.empty(1, n, dtype=torch.bfloat16)
+        m = x.shape[0]
+        out = torch.empty(m, n, dtype=torch.bfloat16)
         x = x.contiguous()
-        if fn(x.data_ptr(), w.data_ptr(), scales.data_ptr(), out.data_ptr(), 1, n, k) != 0:
+        if fn(x.data_ptr(), w.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k) != 0:
             return torch._weight_int8pack_mm(x, w, scales)
         return out
 

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Int8WeightOnlyLinear", "decode_bytes_per_token", "quantize_int8"]
+__all__ = ["Int8WeightOnlyLinear", "decode_bytes_per_token", "int8_matmul", "quantize_int8"]
+
+_GEMV_MAX_ROWS = 16  # the C mat-vec reuses each weight block from L1 across this many activation rows
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -28,15 +30,19 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        scales = self.scales.to(x.dtype)
-        gemv = _cpu_gemv() if rows.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
-        # one decode token: the bit-identical, faster mat-vec of duplex.engine.int8_kernel
-        y = gemv(rows, self.weight_int8, scales) if gemv else torch._weight_int8pack_mm(rows, self.weight_int8, scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        y = int8_matmul(x, self.weight_int8, self.scales.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ (weight_int8 [N, K] * scales [N]).T`` in ``x``'s dtype. A few tokens (decode
+    steps, batched or not) take the bit-identical, faster mat-vec of duplex.engine.int8_kernel."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    gemv = _cpu_gemv() if (rows.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.bfloat16
+                           and x.device.type == "cpu") else None
+    y = gemv(rows, weight_int8, scales) if gemv else torch._weight_int8pack_mm(rows, weight_int8, scales)
+    return y.reshape(*shape[:-1], weight_int8.shape[0])
 
 
 def _cpu_gemv() -> Any:

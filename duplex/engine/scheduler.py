@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from duplex.engine.fast_decode import DecodeRow, fast_decoder
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 
 __all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord"]
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("batched", "chunked", "fifo")
 _MIN_PIECE = 8  # a later prefill row in a tick takes no intermediate piece smaller than this
+# a tick of at most this many tokens (decode steps, short prefill pieces) takes the lean forward of
+# duplex.engine.fast_decode; a bigger one the ragged transformers forward (SDPA for long rows)
+_FAST_MAX_TOKENS = 96
 
 Direct = Callable[[list[int], int, int], torch.Tensor]
 
@@ -371,8 +375,10 @@ class Scheduler:
         if batch:
             rows = [Row(r.cache, tuple(r.ids[r.done:r.done + n]), r.start_pos + r.done,
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
+            fast = fast_decoder(self.model) if sum(len(row.ids) for row in rows) <= _FAST_MAX_TOKENS else None
             try:
-                outs = ragged_forward(self.model, rows)
+                outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
+                        if fast is not None else ragged_forward(self.model, rows))
             except Exception:
                 log.warning("batched forward failed for %s; running sessions one by one from now on",
                             type(self.model).__name__, exc_info=True)

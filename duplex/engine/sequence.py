@@ -19,7 +19,11 @@ from enum import Enum
 from typing import Any, Protocol
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
+from duplex.engine.fast_decode import MAX_QUERY as FAST_MAX_QUERY
+from duplex.engine.fast_decode import DecodeRow, fast_decoder
+from duplex.engine.kv import GrowableLayer
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler
 from duplex.engine.template import TurnTemplate
@@ -449,6 +453,11 @@ class SharedSequence:
         finally:
             self._ids = saved
 
+    def _fast_cache(self) -> bool:
+        """The cache takes the lean decode forward: plain appending layers (no sliding window)."""
+        layers = getattr(self._cache, "layers", None)
+        return layers is not None and all(type(layer) in (GrowableLayer, DynamicLayer) for layer in layers)
+
     def _new_cache(self) -> Any:
         from duplex.engine.kv import new_kv_cache
 
@@ -482,6 +491,11 @@ class SharedSequence:
     def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
         """:meth:`_forward` as one model call of this sequence alone (the scheduler's fallback)."""
         device = self.lm.device
+        fast = fast_decoder(self.lm.model) if len(ids) <= FAST_MAX_QUERY and self._fast_cache() else None
+        if fast is not None:  # decode steps and hand-overs: the lean forward (same arithmetic)
+            out = fast.forward([DecodeRow(self._cache, ids, start_pos, keep)])[0]
+            assert out is not None
+            return out
         want = self._prefill_attn  # as loaded (the engine scheduler may have left its own set)
         if device.type == "cpu":
             # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
