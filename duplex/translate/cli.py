@@ -1,4 +1,4 @@
-"""``duplex translate``: live translation of stdin text, and ``duplex translate eval`` on a test set."""
+"""``duplex translate``: live translation of stdin text; ``run``/``eval`` on a test set; ``score`` an instances.log."""
 
 from __future__ import annotations
 
@@ -32,6 +32,94 @@ def _load(args: argparse.Namespace) -> Any:
     return load_translate_model(args.translate_model, device=args.device, dtype=args.dtype, quantize=quantize)
 
 
+def _command_line() -> str:
+    return " ".join(["duplex", *sys.argv[1:]])
+
+
+def _run_info(args: argparse.Namespace, lm: Any, load_start: float) -> dict[str, Any]:
+    """What a results file records about how it was made (command, model, machine, load)."""
+    import torch
+
+    return {
+        "command": _command_line(),
+        "model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
+        "device": str(lm.device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "language_pair": f"{args.source_language}-{args.target_language}",
+        "latency_unit": "source words (AL, LAAL, AP, DAL); *_CA_ms: computation-aware, ms, source words "
+                        f"arriving every {args.word_interval_ms:g} ms",
+        "word_interval_ms": args.word_interval_ms,
+    }
+
+
+def _policy_spec(args: argparse.Namespace) -> str:
+    """``--policy wait-k --k 3`` -> ``wait-k:k=3`` (checked before the model loads)."""
+    from duplex.translate.session import TranslateConfig
+
+    TranslateConfig(args.source_language, args.target_language, policy=args.policy, k=args.k).validate()
+    return f"{args.policy}:k={args.k}" if args.policy in ("wait-k", "waitk") else args.policy
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from duplex.translate.evaluate import read_lines, score_sentences, translate_corpus
+    from duplex.translate.instances import write_instances
+    from duplex.translate.prompt import make_prompt
+    from duplex.translate.translator import SimulTranslator
+
+    try:
+        spec = _policy_spec(args)
+        sources = read_lines(args.src)
+        references: list[str | None] = list(read_lines(args.ref)) if args.ref else [None] * len(sources)
+    except (OSError, ValueError) as exc:
+        print(f"duplex translate run: {exc}", file=sys.stderr)
+        return 2
+    if len(references) != len(sources):
+        print(f"duplex translate run: {args.src} has {len(sources)} sentences but {args.ref} has "
+              f"{len(references)}", file=sys.stderr)
+        return 2
+    if args.limit:
+        sources, references = sources[:args.limit], references[:args.limit]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = _load(args)
+    model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language))
+    load_start = round(os.getloadavg()[0], 2)
+    t0 = time.perf_counter()
+    with tqdm(total=len(sources), desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
+        def on_sentence(res: Any) -> None:
+            bar.set_postfix_str(res.prediction[:40], refresh=False)
+            bar.update(1)
+
+        sentences = translate_corpus(model, sources, references, spec, word_interval_ms=args.word_interval_ms,
+                                     on_sentence=on_sentence)
+    out = Path(args.out)
+    write_instances(out / "instances.log", (r.to_log() for r in sentences))
+    result = {**_run_info(args, lm, load_start), "policy": spec,
+              "test_set": {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
+                           "sentences": len(sources)},
+              **score_sentences(sentences, wall_s=time.perf_counter() - t0)}
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    (out / "scores.json").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'instances.log'} and {out / 'scores.json'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from duplex.translate.instances import score_instances
+
+    try:
+        scores = score_instances(args.instances, word_interval_ms=args.word_interval_ms)
+    except (OSError, ValueError) as exc:
+        print(f"duplex translate score: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(scores, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -57,17 +145,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       instances_dir=args.instances)
 
     result = {
-        "command": " ".join(["duplex", "translate", "eval", *sys.argv[3:]]),
-        "model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
-        "device": str(lm.device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
-        "language_pair": f"{args.source_language}-{args.target_language}",
+        **_run_info(args, lm, load_start),
         "test_set": {"src": str(args.src or "eval/data/translate_en.txt"),
                      "ref": str(args.ref or "eval/data/translate_es.txt"), "sentences": len(sources),
                      "source_words": sum(len(s.split()) for s in sources)},
-        "latency_unit": "source words (AL, LAAL, AP, DAL); *_CA_ms: computation-aware, ms, source words "
-                        f"arriving every {args.word_interval_ms:g} ms",
-        "word_interval_ms": args.word_interval_ms,
         "policies": scores,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -145,6 +226,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
+    if getattr(args, "translate_command", None) == "run":
+        return _cmd_run(args)
+    if getattr(args, "translate_command", None) == "score":
+        return _cmd_score(args)
     if getattr(args, "translate_command", None) == "plot":
         return _cmd_plot(args)
     if getattr(args, "translate_command", None) == "eval":
@@ -178,6 +263,25 @@ def add_translate_parser(sub: Any) -> None:
                    help="torch CPU threads (on a shared, loaded machine 1 thread decoded 10x faster than 2)")
     e.add_argument("--instances", default=None, metavar="DIR",
                    help="write SimulEval-style DIR/<policy>/instances.log")
+    run = tsub.add_parser("run", help="translate a test set with one policy: DIR/instances.log (SimulEval's "
+                          "format) and DIR/scores.json")
+    run.set_defaults(func=_cmd_translate)
+    _add_model_args(run)
+    run.add_argument("--src", required=True, help="source sentences, one per line")
+    run.add_argument("--ref", default=None, help="references, one per line (BLEU/chrF and |Y| for AL/AP)")
+    run.add_argument("--policy", default="wait-k", help="wait-k | local-agreement | retranslate | offline")
+    run.add_argument("--k", type=int, default=3, help="wait-k: source words read before the first target word")
+    run.add_argument("--out", required=True, metavar="DIR", help="writes DIR/instances.log and DIR/scores.json")
+    run.add_argument("--limit", type=int, default=None, help="first N sentences only")
+    run.add_argument("--word-interval-ms", type=float, default=300.0,
+                     help="computation-aware latency: one source word arrives every this many ms")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sc = tsub.add_parser("score", help="corpus AL/LAAL/AP/DAL (+ computation-aware, BLEU, chrF) of an "
+                         "instances.log, as JSON")
+    sc.set_defaults(func=_cmd_translate)
+    sc.add_argument("instances", metavar="PATH/instances.log")
+    sc.add_argument("--word-interval-ms", type=float, default=300.0,
+                    help="source word duration for elapsed times when the log has no source_duration_ms")
     r = tsub.add_parser("report", help="the README table (markdown) from an eval JSON")
     r.set_defaults(func=_cmd_translate)
     r.add_argument("file")

@@ -8,7 +8,6 @@ variants time every step (see :mod:`duplex.translate.metrics` for the timed text
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duplex.translate.metrics import InstanceDelays, corpus_latency, corpus_quality
+from duplex.translate.instances import (
+    DEFAULT_WORD_INTERVAL_MS,
+    score_records,
+    write_instances,
+)
 from duplex.translate.policies import SimulPolicy, make_simul_policy
 from duplex.translate.translator import TranslationModel
 
-__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "markdown_table", "translate_sentence"]
+__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "markdown_table", "policy_dir_name",
+           "read_lines", "score_sentences", "translate_corpus", "translate_sentence"]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +50,20 @@ class SentenceResult:
     def to_log(self) -> dict[str, Any]:
         return {"index": self.index, "prediction": self.prediction, "delays": list(self.delays),
                 "elapsed": [round(e, 3) for e in self.elapsed_ms], "prediction_length": len(self.delays),
-                "reference": self.reference, "source_length": len(self.source.split())}
+                "reference": self.reference, "source_length": len(self.source.split()),
+                "source_duration_ms": self.source_duration_ms}
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """One sentence per line, blank lines skipped."""
+    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def load_test_set(src: str | Path | None = None, ref: str | Path | None = None) -> tuple[list[str], list[str]]:
     """One sentence per line; default: the committed en->es set in eval/data/."""
     src_path = Path(src) if src else DATA_DIR / "translate_en.txt"
     ref_path = Path(ref) if ref else DATA_DIR / "translate_es.txt"
-    sources = [ln.strip() for ln in src_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    refs = [ln.strip() for ln in ref_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    sources, refs = read_lines(src_path), read_lines(ref_path)
     if len(sources) != len(refs):
         raise ValueError(f"{src_path} has {len(sources)} sentences but {ref_path} has {len(refs)}")
     return sources, refs
@@ -71,7 +80,7 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def translate_sentence(model: TranslationModel, policy: SimulPolicy, source: str, *, index: int = 0,
-                       reference: str | None = None, word_interval_ms: float = 300.0,
+                       reference: str | None = None, word_interval_ms: float = DEFAULT_WORD_INTERVAL_MS,
                        timer: Callable[[], float] = time.perf_counter) -> SentenceResult:
     """Feed ``source`` word by word; log when each target word was written (in words and ms)."""
     words = source.split()
@@ -130,40 +139,60 @@ def _stable_prefix_delays(final: list[str], shown: list[tuple[int, float, list[s
     return delays, elapsed, revisions
 
 
+def translate_corpus(model: TranslationModel, sources: Sequence[str], references: Sequence[str | None],
+                     spec: str, *, word_interval_ms: float = DEFAULT_WORD_INTERVAL_MS,
+                     on_sentence: Callable[[SentenceResult], None] | None = None) -> list[SentenceResult]:
+    """One policy (``wait-k:k=3``) over every sentence, in order; ``on_sentence`` sees each result
+    as it is done (progress)."""
+    name, params = parse_policy(spec)
+    policy = make_simul_policy(name, **params)
+    sentences: list[SentenceResult] = []
+    for i, (src, ref) in enumerate(zip(sources, references, strict=True)):
+        res = translate_sentence(model, policy, src, index=i, reference=ref, word_interval_ms=word_interval_ms)
+        sentences.append(res)
+        if on_sentence is not None:
+            on_sentence(res)
+    return sentences
+
+
+def score_sentences(sentences: Sequence[SentenceResult], *, wall_s: float | None = None) -> dict[str, Any]:
+    """The scores of one policy's run: exactly what ``translate score`` computes from its
+    instances.log, plus the compute cost, re-translation's revisions and three examples."""
+    src_words = sum(len(r.source.split()) for r in sentences)
+    scores = score_records([r.to_log() for r in sentences])
+    scores["compute_ms_per_source_word"] = round(1000 * sum(r.compute_s for r in sentences) / max(src_words, 1), 1)
+    scores["revisions"] = sum(r.revisions for r in sentences)
+    if wall_s is not None:
+        scores["wall_s"] = round(wall_s, 1)
+    scores["examples"] = [{"source": r.source, "prediction": r.prediction, "reference": r.reference}
+                          for r in sentences[:3]]
+    return scores
+
+
+def policy_dir_name(spec: str) -> str:
+    """``wait-k:k=3`` -> ``wait-k_k3`` (one instances.log folder per policy)."""
+    return spec.replace(":", "_").replace("=", "")
+
+
 def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequence[str],
-             policies: Sequence[str] = DEFAULT_POLICIES, *, word_interval_ms: float = 300.0,
+             policies: Sequence[str] = DEFAULT_POLICIES, *, word_interval_ms: float = DEFAULT_WORD_INTERVAL_MS,
              progress: Callable[[str], None] | None = None, instances_dir: str | Path | None = None
              ) -> dict[str, Any]:
     """Every policy over every sentence -> {policy: {BLEU, chrF, AL, LAAL, AP, DAL, *_CA_ms, ...}}."""
     results: dict[str, Any] = {}
     for spec in policies:
-        name, params = parse_policy(spec)
-        policy = make_simul_policy(name, **params)
         t0 = time.perf_counter()
-        sentences: list[SentenceResult] = []
-        for i, (src, ref) in enumerate(zip(sources, references)):
-            res = translate_sentence(model, policy, src, index=i, reference=ref, word_interval_ms=word_interval_ms)
-            sentences.append(res)
+
+        def report(res: SentenceResult, spec: str = spec) -> None:
             if progress is not None:
-                progress(f"[{spec}] {i + 1}/{len(sources)} {res.prediction}")
-        latency = corpus_latency([InstanceDelays(r.delays, len(r.source.split()), len(ref.split()), r.elapsed_ms,
-                                                 r.source_duration_ms)
-                                  for r, ref in zip(sentences, references)])
-        quality = corpus_quality([r.prediction for r in sentences], list(references))
-        src_words = sum(len(s.split()) for s in sources)
-        results[spec] = {
-            **quality, **{k: round(v, 3) for k, v in latency.items()},
-            "compute_ms_per_source_word": round(1000 * sum(r.compute_s for r in sentences) / src_words, 1),
-            "revisions": sum(r.revisions for r in sentences),
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "examples": [{"source": r.source, "prediction": r.prediction, "reference": ref}
-                         for r, ref in list(zip(sentences, references))[:3]],
-        }
+                progress(f"[{spec}] {res.index + 1}/{len(sources)} {res.prediction}")
+
+        sentences = translate_corpus(model, sources, references, spec, word_interval_ms=word_interval_ms,
+                                     on_sentence=report)
+        results[spec] = score_sentences(sentences, wall_s=time.perf_counter() - t0)
         if instances_dir is not None:
-            out = Path(instances_dir) / spec.replace(":", "_").replace("=", "")
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "instances.log").write_text("".join(json.dumps(r.to_log(), ensure_ascii=False) + "\n"
-                                                       for r in sentences), encoding="utf-8")
+            write_instances(Path(instances_dir) / policy_dir_name(spec) / "instances.log",
+                            (r.to_log() for r in sentences))
     return results
 
 
