@@ -7,6 +7,7 @@ passes agree on it; the audio buffer is trimmed at completed segments so each pa
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import logging
 import os
@@ -194,13 +195,19 @@ class StreamingAsr:
             self._audio = np.concatenate([self._audio, samples])
         self._dirty = self._dirty or bool(len(samples))
 
-    def process(self) -> list[AsrWord]:
-        """One whisper pass: newly committed words, then the current tentative tail."""
+    def process(self, word_times: bool = True) -> list[AsrWord]:
+        """One whisper pass: newly committed words, then the current tentative tail.
+
+        ``word_times=False``: skip whisper's word alignment (about a third of a tiny.en pass on 2
+        cores). Words then get times spread over their segment by length, and are matched to the
+        words already committed by their text instead of their times. For the passes the end of
+        a turn waits for (the speculative and final ones), where every millisecond is latency.
+        """
         if not len(self._audio):
             return []
-        words, segment_ends = self._transcribe()
+        words, segment_ends = self._transcribe(word_times)
         self._passed = True
-        committed = self._agree(words)
+        committed = self._agree(words, timed=word_times)
         self._maybe_trim(segment_ends)
         return [self._event(w, True) for w in committed] + [
             self._event(w, False) for w in self._previous
@@ -211,7 +218,7 @@ class StreamingAsr:
         """Audio arrived since the last whisper pass."""
         return self._dirty
 
-    def finish(self, reuse_last_pass: bool = False) -> list[AsrWord]:
+    def finish(self, reuse_last_pass: bool = False, word_times: bool = True) -> list[AsrWord]:
         """End of utterance: one last pass if audio is new, commit everything, clear the audio.
 
         ``reuse_last_pass``: the caller knows only silence arrived since this utterance's last
@@ -221,8 +228,8 @@ class StreamingAsr:
         committed: list[AsrWord] = []
         reuse = reuse_last_pass and self._passed
         if len(self._audio) and self._dirty and not reuse:
-            words, _ = self._transcribe()
-            new = self._drop_overlap(words)
+            words, _ = self._transcribe(word_times)
+            new = self._drop_overlap(words) if word_times else self._drop_committed_text(words)
             committed = [self._event(w, True) for w in new]
             self._commit(new)
         elif self._previous:
@@ -250,7 +257,7 @@ class StreamingAsr:
             out.append(word.text)
         return " ".join(reversed(out))
 
-    def _transcribe(self) -> tuple[list[_Word], list[float]]:
+    def _transcribe(self, word_times: bool = True) -> tuple[list[_Word], list[float]]:
         self.passes += 1
         self._dirty = False
         t0 = time.perf_counter()
@@ -259,7 +266,7 @@ class StreamingAsr:
                 language=self.language,
                 beam_size=self.beam_size,
                 initial_prompt=self._prompt() or None,
-                word_timestamps=True,
+                word_timestamps=word_times,
                 condition_on_previous_text=False,
                 temperature=0.0,
                 vad_filter=False,  # the VAD gate in front of us already did this
@@ -274,6 +281,9 @@ class StreamingAsr:
                              seg.text, seg.no_speech_prob, seg.avg_logprob, seg.compression_ratio)
                 continue
             ends.append(self._offset_s + float(seg.end))
+            if not word_times:
+                words += self._spread_over_segment(seg)
+                continue
             for w in seg.words or ():
                 text = w.word.strip()
                 if not text:
@@ -327,6 +337,39 @@ class StreamingAsr:
             return list(model.transcribe(self._audio, **options)[0])
         return segments
 
+    def _spread_over_segment(self, seg: Any) -> list[_Word]:
+        """A segment's words without alignment: its time span shared out by word length."""
+        texts = seg.text.split()
+        if not texts:
+            return []
+        start, end = self._offset_s + float(seg.start), self._offset_s + float(seg.end)
+        per_char = max(end - start, 0.0) / sum(len(t) + 1 for t in texts)
+        words: list[_Word] = []
+        t = start
+        for text in texts:
+            span = (len(text) + 1) * per_char
+            words.append(_Word(text, t, t + span))
+            t += span
+        return words
+
+    def _drop_committed_text(self, words: list[_Word]) -> list[_Word]:
+        """Untimed words: a pass re-reads the whole buffer, so it starts with the words already
+        committed from it. Align the two by their text (difflib) and keep what follows; times of
+        the kept words are clamped after the last committed word."""
+        committed = [w.key for w in self._committed_in_buffer]
+        keys = [w.key for w in words]
+        if committed:
+            blocks = [b for b in difflib.SequenceMatcher(None, committed, keys, autojunk=False).get_matching_blocks()
+                      if b.size]
+            if blocks:
+                last = blocks[-1]
+                cut = last.b + last.size + (len(committed) - (last.a + last.size))
+            else:  # nothing in common: fall back to times, however rough
+                return self._drop_overlap(words)
+            words = words[cut:]
+        floor = self._last_committed_end_s
+        return [_Word(w.text, max(w.start_s, floor), max(w.end_s, floor)) for w in words]
+
     def _is_hallucination(self, seg: Any) -> bool:
         if seg.no_speech_prob > self.no_speech_threshold and seg.avg_logprob < self.logprob_threshold:
             return True
@@ -345,9 +388,9 @@ class StreamingAsr:
                     break
         return new
 
-    def _agree(self, words: list[_Word]) -> list[_Word]:
+    def _agree(self, words: list[_Word], timed: bool = True) -> list[_Word]:
         """LocalAgreement-2: commit the longest prefix shared with the previous pass."""
-        new = self._drop_overlap(words)
+        new = self._drop_overlap(words) if timed else self._drop_committed_text(words)
         n = 0
         while n < len(new) and n < len(self._previous) and new[n].key == self._previous[n].key:
             n += 1

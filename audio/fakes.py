@@ -41,7 +41,7 @@ class _FakeWord:
 
 @dataclass
 class _FakeSegment:
-    words: list[_FakeWord]
+    words: list[_FakeWord] | None
     start: float
     end: float
     text: str = ""
@@ -88,7 +88,10 @@ class FakeWhisper:
             i += 1
         if end_s - t > 0.1:  # partial word at the buffer end: garbled
             words.append(_FakeWord(f" {self.word_namer(i)}~{len(audio)}", t, end_s))
-        seg = _FakeSegment(words, start_s, end_s, "".join(w.word for w in words),
+        text = "".join(w.word for w in words)
+        if kwargs.get("word_timestamps") is False:
+            words = []  # as faster-whisper: no word list without alignment
+        seg = _FakeSegment(words or None, start_s, end_s, text,
                            no_speech_prob=self.no_speech_prob,
                            avg_logprob=-1.2 if self.no_speech_prob > 0.5 else -0.2)
         return [seg], None

@@ -75,6 +75,38 @@ def test_long_utterance_keeps_buffer_bounded_and_times_increasing() -> None:
     assert starts[-1] > 35.0  # times are absolute, not buffer-relative
 
 
+def test_an_untimed_final_pass_commits_every_word_once_in_order() -> None:
+    """The turn-end passes skip whisper's word alignment: their words are matched to the
+    committed ones by text, so nothing is committed twice or lost."""
+    timed, untimed = StreamingAsr(FakeWhisper()), StreamingAsr(FakeWhisper())
+    out: dict[int, list[AsrWord]] = {}
+    for asr in (timed, untimed):
+        words: list[AsrWord] = []
+        for _ in range(3):
+            asr.push(_tone(0.6))
+            words += [w for w in asr.process() if w.committed]
+        asr.push(_tone(0.4))
+        words += asr.finish(word_times=asr is timed)
+        out[id(asr)] = words
+    assert [c.get("word_timestamps") for c in untimed.model.calls][-1] is False
+    ref, got = out[id(timed)], out[id(untimed)]
+    assert [w.text.split("~")[0] for w in got] == [w.text.split("~")[0] for w in ref]
+    starts = [w.start_s for w in got]
+    assert starts == sorted(starts)
+
+
+def test_untimed_words_follow_the_committed_text_even_if_whisper_revises_a_word() -> None:
+    from duplex.audio.asr import _Word
+
+    asr = StreamingAsr(FakeWhisper())
+    committed = [_Word("Can", 0.0, 0.2), _Word("you", 0.2, 0.4), _Word("help", 0.4, 0.7)]
+    asr._commit(committed)
+    hypothesis = [_Word(t, i * 0.1, i * 0.1 + 0.1) for i, t in enumerate(["Can", "you", "kelp", "me", "write?"])]
+    kept = asr._drop_committed_text(hypothesis)
+    assert [w.text for w in kept] == ["me", "write?"]
+    assert all(w.start_s >= 0.7 for w in kept)  # after the last committed word
+
+
 def test_hallucination_filter_drops_no_speech_segments() -> None:
     asr = StreamingAsr(FakeWhisper(no_speech_prob=0.9))
     asr.push(_tone(2.0))
