@@ -1,5 +1,6 @@
 """Python client for a duplex server: asyncio :class:`DuplexClient`, a thread-backed
 :class:`SyncDuplexClient` for robot control loops, and the ``duplex client`` command.
+Both stream simultaneous translation with ``translate()`` (duplex/serving/client_translate.py).
 
 Events come out as dicts (the JSON wire events). Agent audio frames come out as dicts too, of type
 ``response.output_audio.delta`` with the alignment header's fields plus ``audio`` (PCM16LE bytes).
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -276,6 +277,18 @@ class DuplexClient:
         await self.send_text(text)
         return str((await self.wait_for("response.done", timeout=timeout)).get("text", ""))
 
+    def translate(self, source: str | Iterable[str] | AsyncIterable[str], *, source_language: str = "en",
+                  target_language: str = "es", policy: str = "wait-k", k: int = 3,
+                  policy_params: dict[str, Any] | None = None, timeout_s: float | None = None) -> AsyncIterator[str]:
+        """Switch to translate mode and stream ``source`` (a text, or words/chunks as they come)
+        word by word; yields the target text deltas. Raises
+        :class:`~duplex.serving.client_translate.TranslateError` when the server refuses.
+        Events that arrive meanwhile are consumed. ``async for delta in client.translate("...")``."""
+        from duplex.serving.client_translate import stream_translation
+
+        return stream_translation(self, source, timeout_s=timeout_s, source_language=source_language,
+                                  target_language=target_language, policy=policy, k=k, policy_params=policy_params)
+
 
 class SyncDuplexClient:
     """Blocking wrapper for control loops: a background thread runs the asyncio client.
@@ -315,6 +328,22 @@ class SyncDuplexClient:
 
     def say(self, text: str) -> None:
         self._call(self._client.send_text(text))
+
+    def send_text(self, text: str, final: bool = True) -> None:
+        self._call(self._client.send_text(text, final))
+
+    def update_session(self, **session: Any) -> None:
+        self._call(self._client.update_session(**session))
+
+    def translate(self, source: str | Iterable[str], *, source_language: str = "en", target_language: str = "es",
+                  policy: str = "wait-k", k: int = 3, policy_params: dict[str, Any] | None = None,
+                  timeout_s: float | None = None) -> Iterator[str]:
+        """Blocking :meth:`DuplexClient.translate`: ``for delta in client.translate("...")``."""
+        from duplex.serving.client_translate import stream_translation_sync
+
+        return stream_translation_sync(self, self._events, source, timeout_s=timeout_s,
+                                       source_language=source_language, target_language=target_language,
+                                       policy=policy, k=k, policy_params=policy_params)
 
     def interrupt(self) -> None:
         self._call(self._client.interrupt())
