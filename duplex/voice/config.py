@@ -41,7 +41,11 @@ class VoiceConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     vad_min_silence_ms: int = VAD_MIN_SILENCE_MS
     asr_interval_ms: int = 500  # periodic whisper passes while the user speaks (words commit early)
-    speculate_after_silence_ms: float = 120.0  # the final pass starts this long into a pause
+    # The final pass starts this long into a pause (its result is reused if only silence
+    # follows), and no periodic pass starts once the silence is ``skip_pass_after_silence_ms``
+    # long: one running then would hold the ASR thread when the turn-end pass is due.
+    speculate_after_silence_ms: float = 80.0
+    skip_pass_after_silence_ms: float = 40.0
     first_clause_words: int = 1
     clause_words: int = 14
     hold_stop_for_final_words: bool = True
@@ -81,6 +85,7 @@ def make_speech_input(whisper: Any, config: VoiceConfig | None = None, vad: Fram
     segmenter = VadSegmenter(vad if vad is not None else WebRtcVad(), min_silence_ms=config.vad_min_silence_ms)
     speech_options.setdefault("asr_interval_ms", config.asr_interval_ms)
     speech_options.setdefault("speculate_after_silence_ms", config.speculate_after_silence_ms)
+    speech_options.setdefault("skip_pass_after_silence_ms", config.skip_pass_after_silence_ms)
     if "turn_features" not in speech_options:  # Smart Turn + prosody at each pause, for the turn policy
         speech_options["turn_features"] = default_turn_features()
     return SpeechInput(segmenter, StreamingAsr(whisper, lock=whisper_lock), **speech_options)
