@@ -32,12 +32,14 @@ _MAX_NESTING = 32  # JSON deeper than this is refused before any field is read
 
 
 class ProtocolError(ValueError):
-    """A client message we cannot act on; ``code`` goes into the ``error`` event."""
+    """A client message we cannot act on; ``code`` goes into the ``error`` event, and ``param``
+    (the offending field, e.g. ``session.target_language``) with it when there is one."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 # ---- client -> server -----------------------------------------------------------------------

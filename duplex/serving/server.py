@@ -224,7 +224,7 @@ class _Connection:
             else:
                 await self._dispatch(hub, parse_client_message(message))
         except ProtocolError as exc:
-            hub.send_error(exc.code, exc.message)
+            hub.send_error(exc.code, exc.message, exc.param)
         except Exception as exc:  # noqa: BLE001 - contain per connection
             log.exception("connection %s: handling a message failed", hub.id)
             hub.send_error("internal_error", f"{type(exc).__name__}: {exc}")

@@ -192,8 +192,10 @@ class ServerSession:
             if self._on_overflow is not None:
                 self._on_overflow(self)
 
-    def send_error(self, code: str, message: str) -> None:
-        self._put(error_event(code, message))
+    def send_error(self, code: str, message: str, param: str | None = None) -> None:
+        """``param``: the offending field, in ``error`` and at the top level like ``code``."""
+        extra = {"param": param} if param else {}
+        self._put({**error_event(code, message, **extra), **extra})
 
     def send(self, event: dict[str, Any]) -> None:
         self._put(event)

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import ProtocolError
-from duplex.translate.prompt import LANGUAGES, UnsupportedLanguagePair
+from duplex.translate.prompt import (
+    LANGUAGES,
+    UnsupportedLanguagePair,
+    make_prompt,
+    supported_pairs,
+)
 from duplex.translate.session import TranslateConfig, TranslateSession
 
 if TYPE_CHECKING:
@@ -41,17 +46,26 @@ class TranslateService:
         self.translator_factory = translator_factory  # (lm, prompt) -> TranslationModel; None = SimulTranslator
         self.device, self.dtype, self.quantize = device, dtype, quantize
         self._engine = engine
+        self._load_error: Exception | None = None
         self._lock = asyncio.Lock()
         self.speech = speech and shutil.which("espeak-ng") is not None
 
     async def engine(self) -> Engine:
+        """The loaded model's engine; a load that failed fails again at once (no reload per update)."""
         async with self._lock:
+            if self._load_error is not None:
+                raise self._load_error
             if self._engine is None:
                 from duplex.translate.models import load_translate_model
 
                 loop = asyncio.get_running_loop()
-                lm = await loop.run_in_executor(None, lambda: load_translate_model(
-                    self.model, device=self.device, dtype=self.dtype, quantize=self.quantize))
+                try:
+                    lm = await loop.run_in_executor(None, lambda: load_translate_model(
+                        self.model, device=self.device, dtype=self.dtype, quantize=self.quantize))
+                except Exception as exc:
+                    log.error("translation model %s failed to load: %s", self.model or "gemma3-270m", exc)
+                    self._load_error = exc
+                    raise
                 self._engine = Engine(lm)
             return self._engine
 
@@ -88,30 +102,36 @@ async def update_mode(hub: ServerSession, msg: SessionUpdate) -> bool:
     ordinary chat update the caller handles; raises ProtocolError (nothing changed) when refused."""
     mode = msg.mode or hub.mode
     if mode not in MODES:
-        raise ProtocolError("invalid_value", f"session.update: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ProtocolError("invalid_value", f"session.update: mode must be one of {', '.join(MODES)}, got {mode!r}",
+                            "session.mode")
     if mode == "chat" and hub.mode == "chat":
         return False
     service: TranslateService | None = hub.translate
     if mode == "translate" and service is None:
-        raise ProtocolError("translation_unavailable", "this server runs without a translation model")
+        raise ProtocolError("translation_unavailable", "session.update: mode 'translate' needs a translation model, "
+                            f"and this server runs without one; the session stays in {hub.mode} mode", "session.mode")
     config: TranslateConfig | None = None
     if mode == "translate":
         try:
             config = _config_from(msg, hub.translate_config if hub.mode == "translate" else None)
             config.validate()
         except UnsupportedLanguagePair as exc:
-            raise ProtocolError("unsupported_language_pair", str(exc)) from exc
+            raise _pair_error(config or _config_from(msg, None), hub.mode) from exc
         except ValueError as exc:
-            raise ProtocolError("invalid_policy", str(exc)) from exc
+            field = "policy_params" if msg.policy_params is not None and msg.policy is None else "policy"
+            raise ProtocolError("invalid_policy", f"session.update: {field}: {exc}; the session stays in "
+                                f"{hub.mode} mode", f"session.{field}") from exc
     if hub.busy:
-        raise ProtocolError("invalid_state", "the mode and translation settings can only change between turns "
-                            "(wait for response.done)")
+        raise ProtocolError("invalid_state", f"session.update: mode and translation settings can only change between "
+                            f"turns, and a turn is open (wait for response.done); the session stays in {hub.mode} "
+                            "mode", "session.mode")
     if msg.output_modalities is not None and "audio" in msg.output_modalities and mode == "translate" \
             and (service is None or not service.speech):
-        raise ProtocolError("audio_output_unavailable", "target-language speech needs espeak-ng on the server")
+        raise ProtocolError("audio_output_unavailable", "target-language speech needs espeak-ng on the server",
+                            "session.output_modalities")
     if mode == "translate":
         assert service is not None and config is not None
-        engine = await service.engine()
+        engine = await _translation_engine(service, config, hub.mode)
         audio = hub.audio_output if msg.output_modalities is None else "audio" in msg.output_modalities
         tts = service.tts_for(config.target_language) if (audio or hub.tts_available) else None
         session = TranslateSession(engine, config, session_id=hub.id, translator_factory=service.translator_factory)
@@ -125,6 +145,37 @@ async def update_mode(hub: ServerSession, msg: SessionUpdate) -> bool:
         hub.mode, hub.translate_config = "chat", None
     hub.send({"type": "session.updated", "session": hub.describe()})
     return True
+
+
+def _pair_error(config: TranslateConfig, mode: str) -> ProtocolError:
+    """Name the language field at fault: an unknown source language, else the target."""
+    pairs = ", ".join(f"{a}->{b}" for a, b in supported_pairs())
+    if config.source_language not in LANGUAGES:
+        field, detail = "source_language", f"source_language {config.source_language!r} is not supported"
+    else:
+        field, detail = "target_language", (f"target_language {config.target_language!r} is not supported "
+                                            f"with source_language {config.source_language!r}")
+    return ProtocolError("unsupported_language_pair", f"session.update: {detail} (supported language pairs: "
+                         f"{pairs}); the session stays in {mode} mode", f"session.{field}")
+
+
+async def _translation_engine(service: TranslateService, config: TranslateConfig, mode: str) -> Engine:
+    """The server's translation engine, if its model loads and can translate this pair."""
+    from duplex.translate.models import UnfitTranslationModel, check_can_translate
+
+    name = service.model or "gemma3-270m"
+    try:
+        engine = await service.engine()
+    except Exception as exc:
+        raise ProtocolError("translation_model_unavailable", f"session.update: mode 'translate': the translation "
+                            f"model {name!r} cannot be loaded ({exc}); the session stays in {mode} mode",
+                            "session.mode") from exc
+    try:
+        check_can_translate(engine.lm, make_prompt(config.source_language, config.target_language))
+    except UnfitTranslationModel as exc:
+        raise ProtocolError("translation_model_unsupported", f"session.update: {exc}; the session stays in {mode} "
+                            "mode", f"session.{exc.field}") from exc
+    return engine
 
 
 def describe_translate(config: TranslateConfig | None) -> dict[str, Any] | None:
