@@ -1,5 +1,6 @@
 // duplex browser client: mic -> 16 kHz PCM16 binary frames; agent audio frames -> playback
 // worklet; barge-in stops playback at once and reports the played position. Plain ES module.
+// Translate mode: a toggle switches the session to simultaneous translation, with subtitles.
 // Test hooks: window.duplexLog (received events), window.duplex (state, counters, send()).
 
 const $ = (id) => document.getElementById(id);
@@ -27,6 +28,9 @@ const state = {
   configured: false, // mic frames wait until the session has our audio settings
   pendingFrames: [],
   errors: [],
+  mode: "chat", // the session's mode as the server last confirmed it
+  subtitles: { source: "", target: "", hypothesis: "" }, // translate mode: the current sentence
+  typedSent: 0, // translate mode: characters of the text box already sent as source words
 };
 window.duplex = { state, send, startAudio };
 
@@ -79,6 +83,7 @@ function onEvent(ev) {
     case "session.resumed":
       state.session = ev.session;
       setStatus(`connected · session ${ev.session.id}`);
+      showMode(ev.session.mode || "chat");
       if (ev.type === "session.created") configureSession();
       else {
         state.configured = true;
@@ -88,7 +93,11 @@ function onEvent(ev) {
     case "session.updated":
       state.session = { ...state.session, ...ev.session };
       state.configured = true;
+      showMode(ev.session.mode || "chat");
       flushFrames();
+      break;
+    case "translation.updated":
+      subtitle({ source: ev.source, target: ev.target, hypothesis: ev.hypothesis });
       break;
     case "state.changed":
       state.serverState = ev.state;
@@ -114,6 +123,7 @@ function onEvent(ev) {
       break;
     case "conversation.item.input_audio_transcription.delta":
       userText(ev.turn, ev.committed_text, ev.tentative_text);
+      if (state.mode === "translate") subtitle({ source: [ev.committed_text, ev.tentative_text].filter(Boolean).join(" ") });
       break;
     case "conversation.item.input_audio_transcription.completed":
       userText(ev.turn, ev.transcript, "");
@@ -121,11 +131,13 @@ function onEvent(ev) {
     case "response.created":
       state.turns[ev.turn] = state.turns[ev.turn] || newTurn();
       agentEl(ev.turn);
+      if (state.mode === "translate") subtitle({ source: "", target: "", hypothesis: "" }); // a new sentence
       break;
     case "response.output_text.delta":
       if (!state.interrupted.has(ev.turn)) {
         agentEl(ev.turn).querySelector(".text").textContent += ev.delta;
         firstOutput("text");
+        if (state.mode === "translate") subtitle({ target: (state.subtitles.target + ev.delta).trim() });
       }
       break;
     case "response.output_audio.done": {
@@ -143,6 +155,7 @@ function onEvent(ev) {
       const el = agentEl(ev.turn);
       el.querySelector(".text").textContent = ev.text;
       if (ev.reason === "interrupted" || ev.reason === "cancelled") el.classList.add("interrupted");
+      if (state.mode === "translate") subtitle({ target: ev.text.trim(), hypothesis: "" });
       break;
     }
     case "audio.dropped":
@@ -151,6 +164,7 @@ function onEvent(ev) {
     case "error":
       state.errors.push(ev.code);
       note("error", `${ev.code}: ${ev.message}`);
+      if (ev.param?.startsWith("session.")) showMode(state.mode); // refused: the toggle shows the real mode
       break;
     case "session.closed":
       state.noResume = true;
@@ -163,6 +177,49 @@ function configureSession() {
   const update = { input_audio_format: { encoding: "pcm16", sample_rate_hz: 16000, channels: 1 } };
   if (s.audio_output_available && params.get("audio") !== "0") update.output_modalities = ["text", "audio"];
   send({ type: "session.update", session: update });
+}
+
+// ---- translate mode: toggle + subtitles ---------------------------------------------------
+// The server confirms target words append-only (response.output_text.delta); translation.updated
+// adds the unconfirmed guess, shown dimmed after them. ?src=en&tgt=es&policy=wait-k&k=3 override.
+function setTranslate(on) {
+  const update = { mode: on ? "translate" : "chat" };
+  if (on) {
+    update.source_language = params.get("src") || "en";
+    update.target_language = params.get("tgt") || "es";
+    update.policy = params.get("policy") || "wait-k";
+    update.k = Number(params.get("k") || 3);
+  }
+  send({ type: "session.update", session: update });
+}
+
+function showMode(mode) {
+  state.mode = mode;
+  $("translate").checked = mode === "translate";
+  $("subtitles").hidden = mode !== "translate";
+  $("text").placeholder = mode === "translate"
+    ? "Type the source (each word is sent as you type it; Enter ends the sentence)"
+    : "Type a message (Enter sends; interrupts the agent)";
+  state.typedSent = 0;
+}
+
+function subtitle(change) {
+  Object.assign(state.subtitles, change);
+  const s = state.subtitles;
+  $("sub-source").textContent = s.source;
+  $("sub-target").querySelector(".text").textContent = s.target;
+  $("sub-target").querySelector(".tentative").textContent = s.hypothesis ? (s.target ? " " : "") + s.hypothesis : "";
+}
+
+function sendTypedWords() {
+  // translate mode: every word is a source word once the space after it is typed (sent words stay
+  // sent, like spoken ones; edits before them are not sent again)
+  const value = $("text").value;
+  const end = value.lastIndexOf(" ") + 1;
+  if (end > state.typedSent) {
+    send({ type: "input_text", text: value.slice(state.typedSent, end), final: false });
+    state.typedSent = end;
+  }
 }
 
 // ---- transcripts ----------------------------------------------------------------------
@@ -436,6 +493,12 @@ function flushFrames() {
 // ---- typed input ----------------------------------------------------------------------
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
+  if (state.mode === "translate") {
+    send({ type: "input_text", text: $("text").value.slice(state.typedSent), final: true }); // ends the sentence
+    $("text").value = "";
+    state.typedSent = 0;
+    return;
+  }
   const text = $("text").value.trim();
   if (!text) return;
   send({ type: "input_text", text });
@@ -443,6 +506,10 @@ $("form").addEventListener("submit", (e) => {
   state.waitingSince = performance.now();
   setIndicator("thinking");
 });
+$("text").addEventListener("input", () => {
+  if (state.mode === "translate") sendTypedWords();
+});
+$("translate").addEventListener("change", (e) => setTranslate(e.target.checked));
 $("stop").addEventListener("click", () => send({ type: "response.cancel" }));
 $("start").addEventListener("click", () => startAudio());
 
