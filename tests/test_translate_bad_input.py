@@ -15,7 +15,11 @@ from duplex.engine.worker import Engine
 from duplex.serving.client import DuplexClient
 from duplex.serving.server import DuplexServer
 from duplex.session.core import SessionConfig
-from duplex.translate.models import UnfitTranslationModel, check_can_translate
+from duplex.translate.fitness import (
+    UnfitTranslationModel,
+    check_can_translate,
+    check_tokenizer,
+)
 from duplex.translate.prompt import make_prompt
 from duplex.translate.serving import TranslateService
 
@@ -101,10 +105,10 @@ async def test_a_model_that_does_not_load_is_refused_and_the_session_stays_chat(
 
 
 async def test_a_model_that_cannot_write_the_target_language_is_refused(tiny_lm: LoadedModel, tiny_engine) -> None:
-    check_can_translate(tiny_lm, make_prompt("en", "es"))  # a byte-level tokenizer writes Spanish
+    check_tokenizer(tiny_lm, make_prompt("en", "es"))  # a byte-level tokenizer writes Spanish
     ascii_lm = dataclasses.replace(tiny_lm, tokenizer=AsciiOnlyTokenizer(tiny_lm.tokenizer), name="ascii-only")
     with pytest.raises(UnfitTranslationModel, match="cannot write Spanish"):
-        check_can_translate(ascii_lm, make_prompt("en", "es"))
+        check_tokenizer(ascii_lm, make_prompt("en", "es"))
     ascii_engine = Engine(ascii_lm)
     srv = await _start(tiny_engine, TranslateService(engine=ascii_engine, speech=False))
     try:
@@ -119,6 +123,22 @@ async def test_a_model_that_cannot_write_the_target_language_is_refused(tiny_lm:
     finally:
         await srv.close()
         ascii_engine.close()
+
+
+async def test_a_model_whose_probe_translations_fail_is_refused(tiny_lm: LoadedModel, tiny_engine) -> None:
+    # the random tiny model writes Spanish bytes but translates nothing: the probe catches it
+    with pytest.raises(UnfitTranslationModel, match=r"does not translate English to Spanish: probe chrF 0\.0"):
+        check_can_translate(tiny_lm, make_prompt("en", "es"))
+    srv = await _start(tiny_engine, TranslateService(engine=tiny_engine, speech=False, probe=True))
+    try:
+        async with DuplexClient(srv.ws_url()) as client:
+            for _ in range(2):  # probed once per pair, then remembered
+                err = await _refused(client, mode="translate", source_language="en", target_language="es")
+                assert err["code"] == "translation_model_unsupported" and err["param"] == "session.target_language"
+                assert "'tiny' does not translate English to Spanish" in err["message"]
+            await _still_chat(client)
+    finally:
+        await srv.close()
 
 
 async def test_switching_to_translate_during_a_chat_reply_is_refused(tiny_engine) -> None:

@@ -597,7 +597,8 @@ async def run_server(args: argparse.Namespace) -> int:
     from duplex.translate.serving import TranslateService
 
     translate = TranslateService(getattr(args, "translate_model", None), device=args.device,
-                                 quantize=None if quantize == "none" else quantize)  # loaded on first use
+                                 quantize=None if quantize == "none" else quantize,  # loaded on first use
+                                 probe=True)  # a model that cannot translate a pair is refused at session.update
     server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token, limits=limits,
                           allowed_origins=getattr(args, "allowed_origin", None) or (), translate=translate)
     stop = asyncio.Event()

@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 
 from duplex.engine.models import LoadedModel, ModelNotFoundError, cache_dir, load_model
-from duplex.translate.prompt import TranslationPrompt
 
-__all__ = ["DEFAULT_TRANSLATE_MODEL", "UnfitTranslationModel", "check_can_translate", "converted_gemma_dir",
-           "load_translate_model"]
+__all__ = ["DEFAULT_TRANSLATE_MODEL", "converted_gemma_dir", "load_translate_model"]
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +87,3 @@ def load_translate_model(name_or_path: str | None = None, device: str | torch.de
         lm.name = DEFAULT_TRANSLATE_MODEL
         return lm
     return load_model(name_or_path, device=device, dtype=dtype, quantize=quantize)
-
-
-class UnfitTranslationModel(ValueError):
-    """The model cannot translate a pair; ``field`` names the language it cannot write."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def check_can_translate(lm: LoadedModel, prompt: TranslationPrompt) -> None:
-    """Refuse a model whose tokenizer cannot write both languages (unknown-token ids, or text that
-    does not decode back, e.g. lost accents or "¿"): it would only produce garbage. Cheap: it
-    tokenizes the few-shot sentences, no forward."""
-    tok = lm.tokenizer
-    if not callable(getattr(tok, "encode", None)) or not callable(getattr(tok, "decode", None)):
-        raise UnfitTranslationModel(f"the translation model {lm.name!r} has no text tokenizer", "mode")
-    unk = getattr(tok, "unk_token_id", None)
-    for source, target in prompt.shots:
-        for text, field, language in ((source, "source_language", prompt.source_name),
-                                      (target, "target_language", prompt.target_name)):
-            ids = tok.encode(text, add_special_tokens=False)
-            back = tok.decode(ids)
-            if (unk is not None and unk in ids) or back.strip() != text.strip():
-                raise UnfitTranslationModel(
-                    f"the translation model {lm.name!r} cannot write {language}: its tokenizer turns "
-                    f"{text!r} into {back!r}", field)

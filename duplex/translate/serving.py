@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import ProtocolError
+from duplex.translate.fitness import UnfitTranslationModel, check_can_translate
 from duplex.translate.prompt import (
     LANGUAGES,
     UnsupportedLanguagePair,
@@ -41,8 +42,11 @@ class TranslateService:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  quantize: str | None = "auto", engine: Engine | None = None, speech: bool = True,
-                 translator_factory: Any | None = None) -> None:
+                 translator_factory: Any | None = None, probe: bool = False) -> None:
         self.model = model
+        self.probe = probe  # probe each pair's translation quality once (duplex.translate.fitness)
+        self._fitness: dict[tuple[str, str], UnfitTranslationModel | None] = {}
+        self._fitness_lock = asyncio.Lock()
         self.translator_factory = translator_factory  # (lm, prompt) -> TranslationModel; None = SimulTranslator
         self.device, self.dtype, self.quantize = device, dtype, quantize
         self._engine = engine
@@ -68,6 +72,23 @@ class TranslateService:
                     raise
                 self._engine = Engine(lm)
             return self._engine
+
+    async def check_pair(self, engine: Engine, source_language: str, target_language: str) -> None:
+        """Raise :class:`UnfitTranslationModel` when the model cannot translate the pair; checked
+        once per pair (the probe runs on the engine worker, a few seconds), then remembered."""
+        pair = (source_language, target_language)
+        async with self._fitness_lock:
+            if pair not in self._fitness:
+                try:
+                    await engine.run(check_can_translate, engine.lm, make_prompt(*pair), probe=self.probe,
+                                     translator_factory=self.translator_factory)
+                    self._fitness[pair] = None
+                except UnfitTranslationModel as exc:
+                    log.warning("translation model cannot translate %s->%s: %s", *pair, exc)
+                    self._fitness[pair] = exc
+        unfit = self._fitness[pair]
+        if unfit is not None:
+            raise UnfitTranslationModel(str(unfit), unfit.field)
 
     def tts_for(self, language: str) -> Any | None:
         """espeak-ng speaking ``language`` (it speaks Spanish as ``-v es``), or None without it."""
@@ -161,8 +182,6 @@ def _pair_error(config: TranslateConfig, mode: str) -> ProtocolError:
 
 async def _translation_engine(service: TranslateService, config: TranslateConfig, mode: str) -> Engine:
     """The server's translation engine, if its model loads and can translate this pair."""
-    from duplex.translate.models import UnfitTranslationModel, check_can_translate
-
     name = service.model or "gemma3-270m"
     try:
         engine = await service.engine()
@@ -171,7 +190,7 @@ async def _translation_engine(service: TranslateService, config: TranslateConfig
                             f"model {name!r} cannot be loaded ({exc}); the session stays in {mode} mode",
                             "session.mode") from exc
     try:
-        check_can_translate(engine.lm, make_prompt(config.source_language, config.target_language))
+        await service.check_pair(engine, config.source_language, config.target_language)
     except UnfitTranslationModel as exc:
         raise ProtocolError("translation_model_unsupported", f"session.update: {exc}; the session stays in {mode} "
                             "mode", f"session.{exc.field}") from exc
