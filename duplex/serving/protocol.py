@@ -215,7 +215,7 @@ def _parse_session_update(msg: dict[str, Any]) -> SessionUpdate:
                             f"{MAX_TEMPERATURE:g}, got {temperature}")
     k = s.get("k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ProtocolError("invalid_value", "session.update: 'k' must be a positive integer")
+        raise ProtocolError("invalid_value", "session.update: 'k' must be a positive integer", "session.k")
     return SessionUpdate(
         mode=_get(s, "mode", str), source_language=_get(s, "source_language", str),
         target_language=_get(s, "target_language", str), k=k,
