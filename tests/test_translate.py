@@ -392,15 +392,17 @@ def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.
     """The cost model: a source word is one forward (kept logits: 1); a write re-opens the target
     (header + confirmed prefix) in one forward, then one forward per decoded token."""
     tr = SimulTranslator(tiny_lm, make_prompt(), max_word_tokens=3, max_target_ratio=2.0)
+    from duplex.engine.sequence import SharedSequence
+
     calls: list[tuple[int, int]] = []
-    model = tiny_lm.model
-    original = model.forward
+    original = SharedSequence.forward_direct
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append((int(kwargs["input_ids"].shape[1]), int(kwargs.get("logits_to_keep", 0))))
-        return original(*args, **kwargs)
+    def counting(self, ids, start_pos, keep=1):  # type: ignore[no-untyped-def]
+        # one model call, whichever forward runs it (the lean decode one or transformers')
+        calls.append((len(ids), keep))
+        return original(self, ids, start_pos, keep)
 
-    monkeypatch.setattr(model, "forward", counting)
+    monkeypatch.setattr(SharedSequence, "forward_direct", counting)
     tr.read(["where"])
     assert [keep for _, keep in calls] == [1] and tr.stats.forwards == 1
     calls.clear()

@@ -243,14 +243,14 @@ def _supported(model: nn.Module) -> str | None:
 
 def fast_decoder(model: nn.Module) -> FastDecoder | None:
     """The lean forward for ``model`` (built once; fuses its projections in place), or None when
-    the model is not one it reproduces, on a GPU (the generic forward is fine there), or with
-    ``DUPLEX_FAST_DECODE=0``."""
+    the model is not one it reproduces, or with ``DUPLEX_FAST_DECODE=0``. On CUDA it pays too: a
+    decode step there is bound by kernel launches, and fusing cuts them."""
     if model in _decoders:
         return _decoders[model]
     decoder: FastDecoder | None = None
     device = next(model.parameters()).device
     why = "off ($DUPLEX_FAST_DECODE=0)" if os.environ.get("DUPLEX_FAST_DECODE", "1") == "0" else (
-        f"device {device.type}" if device.type != "cpu" else _supported(model))
+        f"device {device.type}" if device.type not in ("cpu", "cuda") else _supported(model))
     if why is None:
         try:
             decoder = FastDecoder(model)

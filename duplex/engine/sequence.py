@@ -497,12 +497,14 @@ class SharedSequence:
             assert out is not None
             return out
         want = self._prefill_attn  # as loaded (the engine scheduler may have left its own set)
-        if device.type == "cpu":
-            # PyTorch's CPU flash-attention kernel is slow for a few queries against a long
-            # cache (110 ms vs 60 ms eager for one token at 4k context, bf16): decode steps and
-            # turn hand-overs use the GQA kernel of duplex.engine.attention; chunked prefill keeps sdpa.
-            short = len(ids) <= _DECODE_MAX_QUERY and start_pos >= _DECODE_MIN_CONTEXT
-            want = self._decode_attn if short and self._decode_attn else self._prefill_attn
+        # PyTorch's CPU flash-attention kernel is slow for a few queries against a long cache
+        # (110 ms vs 60 ms eager for one token at 4k context, bf16), and on CUDA bf16 SDPA picks
+        # cuDNN, which rebuilds its graph for every new cache length (1.3 ms of CPU per layer per
+        # token on an H100: 57 vs 17 ms/token in fp32): decode steps and turn hand-overs use the
+        # GQA kernel of duplex.engine.attention; chunked prefill keeps sdpa.
+        short = len(ids) <= _DECODE_MAX_QUERY and start_pos >= _DECODE_MIN_CONTEXT
+        if short and self._decode_attn:
+            want = self._decode_attn
         if self.lm.model.config._attn_implementation != want:
             self.lm.model.set_attn_implementation(want)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
