@@ -65,6 +65,34 @@ async def test_over_capacity_a_new_connection_gets_server_busy_and_a_close(make_
     await live.close()
 
 
+def test_the_kv_budget_caps_sessions_at_their_context_window() -> None:
+    from duplex.engine.kv import kv_bytes_per_token
+    from duplex.engine.models import load_model
+
+    config = load_model("tiny", device="cpu", dtype="float32").model.config
+    # 2 layers x (keys + values) x 2 KV heads x 16 dims x 4 bytes
+    assert kv_bytes_per_token(config, __import__("torch").float32) == 2 * 2 * 2 * 16 * 4
+    adm = Admission.from_limits(8, None, max_kv_bytes=300 << 20, kv_bytes_per_session=100 << 20)
+    assert adm.admits(2) and not adm.admits(3)  # the 4th session would need 400 MiB
+    assert adm.limit_hit(3) == "max_kv_mb" and adm.limit_hit(8) == "max_sessions"
+    assert "max_kv_mb" in adm.busy_message(3) and "300 MiB" in adm.busy_message(3)
+    with pytest.raises(ValueError, match="max_kv_mb"):  # not even one session fits
+        Admission.from_limits(8, None, max_kv_bytes=50 << 20, kv_bytes_per_session=100 << 20)
+
+
+async def test_a_session_over_the_kv_budget_is_refused_naming_max_kv_mb(make_server) -> None:
+    probe = await make_server()
+    per_session = probe.admission.kv_bytes_per_session
+    assert per_session > 0
+    server = await make_server(limits=ServerLimits(max_kv_mb=1.5 * per_session / 2**20))
+    async with DuplexClient(server.ws_url()) as first:
+        async with connect(server.ws_url()) as ws:
+            refused = json.loads(await asyncio.wait_for(ws.recv(), GUARD_S))
+            assert refused["type"] == "error" and refused["code"] == "server_busy"
+            assert refused["error"]["limit"] == "max_kv_mb" and "max_kv_mb" in refused["message"]
+        assert await first.reply("still fine?", timeout=GUARD_S) is not None
+
+
 async def test_detached_sessions_are_capped_oldest_first(make_server) -> None:
     server = await make_server(limits=ServerLimits(max_sessions=8, max_detached_sessions=1))
     ids = []

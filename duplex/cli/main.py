@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Always accepted: same origin, localhost/127.0.0.1, and clients that send no Origin")
     p.add_argument("--max-sessions", type=int, default=None,
                    help="sessions held at once, detached ones included (default: 4 per core, 1 per 256 MiB RAM)")
+    p.add_argument("--max-kv-mb", type=float, default=None,
+                   help="KV memory budget for all sessions, each counted at its context window (default: half the "
+                        "RAM; 0: none); a session over it is refused with server_busy naming max_kv_mb")
     p.add_argument("--max-detached-sessions", type=int, default=None,
                    help="detached sessions kept for resume (default: half of --max-sessions; oldest closed first)")
     p.add_argument("--vad-min-silence-ms", type=int, default=None,

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["GrowableLayer", "new_kv_cache"]
+__all__ = ["GrowableLayer", "kv_bytes_per_token", "new_kv_cache"]
 
 
 class GrowableLayer(DynamicLayer):
@@ -90,3 +90,13 @@ def new_kv_cache(config: Any) -> DynamicCache:
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layer_class_to_replicate = GrowableLayer  # layers created on first use
     return cache
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one sequence position costs in the KV cache of a model with ``config``: keys and values
+    of every layer (a sliding-window layer is counted in full: an upper bound)."""
+    text = getattr(config, "text_config", None) or config
+    layers = int(text.num_hidden_layers)
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    return 2 * layers * heads * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -3,8 +3,13 @@
 Every session holds a KV cache and a share of the one engine, so the server caps them: live and
 detached sessions together count toward ``max_sessions`` (a new connection over it gets a
 ``server_busy`` error and a close, code 1013), and detached sessions, which wait for a resume, are
-also capped on their own (the oldest is closed first) and expire after ``resume_ttl_s``. Pure
-logic: the server feeds it what it holds.
+also capped on their own (the oldest is closed first) and expire after ``resume_ttl_s``.
+
+Total KV memory is bounded too: a session's cache never outgrows its context window (the shared
+sequence evicts beyond ``max_tokens``), so ``kv_bytes_per_session`` (the window's worst case,
+growth headroom included) times the sessions held stays within ``max_kv_bytes``; a new session
+that would break the budget is refused like one over ``max_sessions``, and the error names the
+limit hit. Pure logic: the server feeds it what it holds.
 """
 
 from __future__ import annotations
@@ -51,23 +56,43 @@ class Admission:
 
     max_sessions: int
     max_detached: int
+    max_kv_bytes: int | None = None  # None: no KV budget beyond max_sessions
+    kv_bytes_per_session: int = 0
     type: str = "admission"
 
     @classmethod
-    def from_limits(cls, max_sessions: int | None, max_detached: int | None) -> Admission:
+    def from_limits(cls, max_sessions: int | None, max_detached: int | None, max_kv_bytes: int | None = None,
+                    kv_bytes_per_session: int = 0) -> Admission:
         total = max_sessions if max_sessions is not None else default_max_sessions()
         if total < 1:
             raise ValueError(f"max_sessions must be >= 1, got {total}")
         detached = max_detached if max_detached is not None else max(1, total // 2)
         if detached < 0:
             raise ValueError(f"max_detached_sessions must be >= 0, got {detached}")
-        return cls(total, min(detached, total))
+        if max_kv_bytes is not None and kv_bytes_per_session > max_kv_bytes:
+            raise ValueError(f"max_kv_mb {max_kv_bytes / 2**20:.0f} is less than one session's KV cache "
+                             f"({kv_bytes_per_session / 2**20:.0f} MiB at the context window): no session could start")
+        return cls(total, min(detached, total), max_kv_bytes, kv_bytes_per_session)
+
+    def limit_hit(self, held: int) -> str | None:
+        """The limit a new session would break while ``held`` sessions (live and detached) exist:
+        ``max_sessions``, ``max_kv_mb``, or None when it may start."""
+        if held >= self.max_sessions:
+            return "max_sessions"
+        if self.max_kv_bytes is not None and (held + 1) * self.kv_bytes_per_session > self.max_kv_bytes:
+            return "max_kv_mb"
+        return None
 
     def admits(self, held: int) -> bool:
         """May a new session start while ``held`` sessions (live and detached) exist?"""
-        return held < self.max_sessions
+        return self.limit_hit(held) is None
 
     def busy_message(self, held: int) -> str:
+        if self.limit_hit(held) == "max_kv_mb":
+            assert self.max_kv_bytes is not None
+            return (f"server busy: {held} sessions hold up to {held * self.kv_bytes_per_session / 2**20:.0f} MiB of "
+                    f"KV cache and one more needs {self.kv_bytes_per_session / 2**20:.0f} MiB; the limit (max_kv_mb) "
+                    f"is {self.max_kv_bytes / 2**20:.0f} MiB; try again later")
         return (f"server busy: {held} sessions held, the limit (max_sessions) is {self.max_sessions}; "
                 "try again later")
 

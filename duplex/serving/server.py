@@ -36,8 +36,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from duplex.audio import SpeechInput, WebRtcVad
-from duplex.engine.worker import Engine
+from duplex.engine.kv import kv_bytes_per_token
 from duplex.engine.sequence import SequenceConfig
+from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
 from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission, ServerBusy
@@ -53,6 +54,7 @@ from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_i
 __all__ = ["DuplexServer", "ServerLimits", "run_server", "voice_config_from_args"]
 
 log = logging.getLogger(__name__)
+_KV_GROWTH_HEADROOM = 1.25  # a growable KV layer keeps up to a quarter of spare room (duplex.engine.kv)
 
 WS_PATH = "/ws"
 CLOSE_NORMAL = frozenset({1000, 1001})
@@ -125,11 +127,12 @@ class _Connection:
 
     async def _refuse_busy(self) -> None:
         """Over capacity: say so in an ``error`` event, then close (1013, try again later)."""
-        message = self.server.admission.busy_message(len(self.server.sessions))
+        admission, held = self.server.admission, len(self.server.sessions)
+        message = admission.busy_message(held)
         log.warning("refusing a connection: %s", message)
         with contextlib.suppress(ConnectionClosed):
-            await self._send_direct({**error_event("server_busy", message,
-                                                   max_sessions=self.server.admission.max_sessions), "seq": 0})
+            await self._send_direct({**error_event("server_busy", message, limit=admission.limit_hit(held),
+                                                   max_sessions=admission.max_sessions), "seq": 0})
         await self.close(CLOSE_TRY_AGAIN_LATER, "server_busy")
 
     async def _attach_new(self, session_id: str | None = None) -> None:
@@ -302,7 +305,9 @@ class DuplexServer:
         self.limits = limits or ServerLimits()
         self.auth_token = auth_token or None
         self.origins = OriginPolicy(allowed_origins)
-        self.admission = Admission.from_limits(self.limits.max_sessions, self.limits.max_detached_sessions)
+        self.admission = Admission.from_limits(self.limits.max_sessions, self.limits.max_detached_sessions,
+                                               _kv_budget_bytes(self.limits.max_kv_mb),
+                                               _kv_bytes_per_session(engine, self.config.session))
         self.tts = tts
         self.web_dir = Path(web_dir) if web_dir is not None else _web_dir()
         if speech_factory is None and asr is not None:
@@ -551,6 +556,25 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
     return tts, asr
 
 
+def _kv_bytes_per_session(engine: Engine, session: SessionConfig) -> int:
+    """One session's worst-case KV cache: its context window, plus the cache's growth headroom."""
+    try:
+        per_token = kv_bytes_per_token(engine.lm.model.config, engine.lm.dtype)
+    except (AttributeError, TypeError, ValueError):
+        return 0  # an engine double without a model config (tests): no KV budget applies
+    return int(session.sequence.max_tokens * per_token * _KV_GROWTH_HEADROOM)
+
+
+def _kv_budget_bytes(max_kv_mb: float | None) -> int | None:
+    """``--max-kv-mb``, or half the machine's memory when not given (0: no budget)."""
+    if max_kv_mb is None:
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES")) // 2
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None if max_kv_mb == 0 else int(max_kv_mb * 2**20)
+
+
 def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
     """The voice defaults with ``serve``'s overrides: policy, instructions, the two end-of-speech
     timings, and any ``--voice-option KEY=VALUE`` (a VoiceConfig field, converted to its type)."""
@@ -593,7 +617,8 @@ async def run_server(args: argparse.Namespace) -> int:
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = voice_config_from_args(args)
     limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
-                          max_detached_sessions=getattr(args, "max_detached_sessions", None))
+                          max_detached_sessions=getattr(args, "max_detached_sessions", None),
+                          max_kv_mb=getattr(args, "max_kv_mb", None))
     from duplex.translate.serving import TranslateService
 
     translate = TranslateService(getattr(args, "translate_model", None), device=args.device,

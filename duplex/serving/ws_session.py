@@ -55,6 +55,7 @@ class ServerLimits:
     send_buffer_bytes: int | None = None  # SO_SNDBUF per connection; None = kernel autotuning
     max_sessions: int | None = None  # live + detached; None = sized to the machine (admission.py)
     max_detached_sessions: int | None = None  # None = half of max_sessions
+    max_kv_mb: float | None = None  # all sessions' KV caches at their context window; None = half the RAM, 0 = off
     type: str = "server_limits"
 
 
