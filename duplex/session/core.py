@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from duplex.audio.turn_features import TurnAudioFeatures
@@ -44,6 +43,7 @@ from duplex.session.config import (
     SessionConfig,
 )
 from duplex.session.detok import IncrementalDetokenizer, WordBuffer
+from duplex.session.lifecycle import SessionLifecycle
 from duplex.session.events import (
     AgentTextDelta,
     AsrWord,
@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 _URGENT = (SpeechStarted, Cancel)
 
 
-class Session(BargeIn):
+class Session(SessionLifecycle, BargeIn):
     """Drive with :meth:`start`, feed with :meth:`submit`, read :meth:`events`, end with :meth:`close`."""
 
     def __init__(self, engine: Engine, config: SessionConfig | None = None, clock: Clock | None = None,
@@ -167,29 +167,6 @@ class Session(BargeIn):
 
     def _count_tokens(self, text: str) -> int:
         return len(self.engine.tokenizer.encode(text, add_special_tokens=False))
-
-    async def events(self) -> AsyncIterator[SessionEvent]:
-        while True:
-            ev = await self._out.get()
-            if ev is None:
-                return
-            yield ev
-
-    def get_nowait(self) -> SessionEvent | None:
-        try:
-            return self._out.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        self._out.put_nowait(None)
 
     @property
     def transcript(self) -> str:
@@ -541,18 +518,6 @@ class Session(BargeIn):
         if isinstance(action, Yield) and not self._agent_speaking():
             return Listen()
         return action
-
-    def hold_decoding(self) -> None:
-        """Pause decoding for a moment (the voice pipeline does while the reply's first audio is
-        synthesised: on a 2-core CPU the decode steps would slow that synthesis, which is on the
-        end-of-speech -> first-audio path, while the text is far ahead of the audio anyway)."""
-        if self._decode_held is None:
-            self._decode_held = asyncio.Event()
-
-    def release_decoding(self) -> None:
-        held, self._decode_held = self._decode_held, None
-        if held is not None:
-            held.set()
 
     async def _wait_decode_release(self, limit_s: float = 0.5) -> None:
         """Until released, or a barge-in/cancel arrives, or ``limit_s`` (a guard: a slow or lost

@@ -17,12 +17,13 @@ import asyncio
 import collections
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
+from duplex.session.lifecycle import SessionLifecycle
 from duplex.session.events import (
     AgentTextDelta,
     AsrWord,
@@ -88,7 +89,7 @@ class TranslationUpdated:
     type: str = "translation_updated"
 
 
-class TranslateSession:
+class TranslateSession(SessionLifecycle):
     """Drive with :meth:`start`, feed with :meth:`submit`, read :meth:`events`, end with :meth:`close`
     (the chat Session's interface, so the voice pipeline can carry it)."""
 
@@ -155,41 +156,6 @@ class TranslateSession:
         while not self.has_room:
             self._room.clear()
             await self._room.wait()
-
-    async def events(self) -> AsyncIterator[Any]:
-        while True:
-            ev = await self._out.get()
-            if ev is None:
-                return
-            yield ev
-
-    def get_nowait(self) -> Any:
-        try:
-            return self._out.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        self._out.put_nowait(None)
-
-    def hold_decoding(self) -> None:
-        """The voice pipeline holds decoding while a reply's first audio is synthesised (2 cores:
-        a translation step would slow that synthesis); the next step waits, at most
-        ``max_decode_hold_s``, for :meth:`release_decoding`."""
-        if self._decode_held is None:
-            self._decode_held = asyncio.Event()
-
-    def release_decoding(self) -> None:
-        held, self._decode_held = self._decode_held, None
-        if held is not None:
-            held.set()
 
     @property
     def idle(self) -> bool:
