@@ -26,7 +26,7 @@ def test_serve_voice_options_set_voice_config_fields_and_reject_unknown_ones():
     import pytest
 
     from duplex.cli.main import build_parser
-    from duplex.serving.server import voice_config_from_args
+    from duplex.cli.serve import voice_config_from_args
 
     args = build_parser().parse_args(["serve", "--speculate-after-silence-ms", "80", "--voice-option",
                                       "hold_decode_for_first_audio=false", "--voice-option", "first_clause_words=2"])

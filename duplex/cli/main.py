@@ -117,7 +117,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from duplex.serving.server import run_server
+    from duplex.cli.serve import run_server
 
     return asyncio.run(run_server(args))
 

@@ -7,10 +7,8 @@ and one TTS voice. Wire format: ``docs/protocol.md``; parsing lives in :mod:`dup
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
 import http
 import importlib.resources
 import json
@@ -19,9 +17,7 @@ import mimetypes
 import os
 import re
 import secrets
-import signal
 import socket
-import sys
 import threading
 import time
 import urllib.parse
@@ -37,7 +33,6 @@ from websockets.http11 import Request, Response
 
 from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.kv import kv_bytes_per_token
-from duplex.engine.sequence import SequenceConfig
 from duplex.engine.worker import Engine
 from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
                        ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
@@ -48,10 +43,10 @@ from duplex.serving.openai_chat import make_openai_http
 from duplex.serving.openai_realtime import REALTIME_PATH, RealtimeConnection
 from duplex.serving.outbox import TokenBucket
 from duplex.serving.ws_session import ServerLimits, ServerSession
-from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
+from duplex.session.config import SessionConfig
 from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_input
 
-__all__ = ["DuplexServer", "ServerLimits", "run_server", "voice_config_from_args"]
+__all__ = ["DuplexServer", "ServerLimits"]
 
 log = logging.getLogger(__name__)
 _KV_GROWTH_HEADROOM = 1.25  # a growable KV layer keeps up to a quarter of spare room (duplex.engine.kv)
@@ -534,28 +529,6 @@ class DuplexServer:
                     await self._discard(hub, "expired")
 
 
-# ---- CLI -----------------------------------------------------------------------------------
-def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
-    tts = asr = None
-    tts_name = getattr(args, "tts", None)
-    if tts_name != "none":
-        from duplex.audio import CachedTts, load_tts
-
-        try:
-            tts = CachedTts(load_tts(tts_name))  # one clause cache shared by every session
-        except Exception as exc:  # noqa: BLE001 - serve text-only rather than not at all
-            log.warning("no TTS (%s): agent replies will be text only", exc)
-    asr_name = getattr(args, "asr_model", None)
-    if asr_name != "none":
-        from duplex.audio import load_whisper
-
-        try:
-            asr = load_whisper(asr_name)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("no ASR (%s): audio input disabled", exc)
-    return tts, asr
-
-
 def _kv_bytes_per_session(engine: Engine, session: SessionConfig) -> int:
     """One session's worst-case KV cache: its context window, plus the cache's growth headroom."""
     try:
@@ -573,73 +546,3 @@ def _kv_budget_bytes(max_kv_mb: float | None) -> int | None:
         except (AttributeError, ValueError, OSError):
             return None
     return None if max_kv_mb == 0 else int(max_kv_mb * 2**20)
-
-
-def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
-    """The voice defaults with ``serve``'s overrides: policy, instructions, the two end-of-speech
-    timings, and any ``--voice-option KEY=VALUE`` (a VoiceConfig field, converted to its type)."""
-    config = default_voice_config(getattr(args, "policy", None),
-                                  instructions=getattr(args, "instructions", None) or DEFAULT_INSTRUCTIONS)
-    changes: dict[str, Any] = {k: v for k, v in (("vad_min_silence_ms", getattr(args, "vad_min_silence_ms", None)),
-                                                 ("speculate_after_silence_ms",
-                                                  getattr(args, "speculate_after_silence_ms", None)))
-                               if v is not None}
-    names = {f.name for f in dataclasses.fields(VoiceConfig)} - {"session", "type"}
-    for item in getattr(args, "voice_option", None) or ():
-        key, _, value = item.partition("=")
-        if key not in names:
-            raise SystemExit(f"duplex serve: unknown --voice-option {key!r}; choose from {', '.join(sorted(names))}")
-        kind = type(getattr(config, key))
-        try:
-            changes[key] = value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
-        except ValueError as exc:
-            raise SystemExit(f"duplex serve: --voice-option {key}: {exc}") from exc
-    config = dataclasses.replace(config, **changes) if changes else config
-    layout = getattr(args, "overlap_layout", None)
-    if layout:
-        config = config.with_session(overlap_layout=layout)
-    window = getattr(args, "context_tokens", None)
-    if window:
-        if window < 256:
-            raise SystemExit(f"duplex serve: --context-tokens {window}: at least 256")
-        config = config.with_session(sequence=SequenceConfig(max_tokens=window, keep_recent_tokens=window // 2))
-    return config
-
-
-async def run_server(args: argparse.Namespace) -> int:
-    """``duplex serve``: load the models, serve until SIGINT/SIGTERM, shut down gracefully."""
-    print(f"loading model {args.model or 'default'} ...", file=sys.stderr)
-    loop = asyncio.get_running_loop()
-    quantize = getattr(args, "quantize", "auto")
-    engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype,
-                                                                  quantize=None if quantize == "none" else quantize))
-    tts, asr = await loop.run_in_executor(None, _load_audio, args)
-    token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
-    config = voice_config_from_args(args)
-    limits = ServerLimits(max_sessions=getattr(args, "max_sessions", None),
-                          max_detached_sessions=getattr(args, "max_detached_sessions", None),
-                          max_kv_mb=getattr(args, "max_kv_mb", None))
-    from duplex.translate.serving import TranslateService
-
-    translate = TranslateService(getattr(args, "translate_model", None), device=args.device,
-                                 quantize=None if quantize == "none" else quantize,  # loaded on first use
-                                 probe=True)  # a model that cannot translate a pair is refused at session.update
-    server = DuplexServer(engine, config=config, tts=tts, asr=asr, auth_token=token, limits=limits,
-                          allowed_origins=getattr(args, "allowed_origin", None) or (), translate=translate)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start(args.host, args.port)
-        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-        suffix = f"?token={urllib.parse.quote(token)}" if token else ""
-        print(f"duplex: voice chat at {server.url(shown)}{suffix}  (WebSocket {server.ws_url(shown)}; "
-              f"tts={getattr(tts, 'name', 'off')}, asr={'on' if asr else 'off'}; Ctrl-C to stop)", flush=True)
-        await stop.wait()
-        print("duplex: shutting down ...", file=sys.stderr)
-    finally:
-        await server.close()
-        engine.close()
-        translate.close()
-    return 0
