@@ -1,12 +1,30 @@
-/* Int8 weight-only mat-vec for CPU decode, bit-identical to ATen's AVX2 _weight_int8pack_mm.
+/* Int8 weight-only mat-vecs for CPU decode: a few bf16 activation rows (A [M, K]) against int8
+ * weight rows (B [N, K], one bf16 scale per row in S [N]) -> C [M, N] bf16. Built at first use by
+ * duplex.engine.int8_kernel (gcc -O3 -mavx2 -mfma -fopenmp); OpenMP gives each thread a
+ * contiguous slice of weight rows, which it streams once, in order, with a software prefetch.
  *
+ * duplex_int8_q16_gemv_bf16 (the default): each activation row is quantized once per call to
+ * int16 in blocks of 32 (one fp32 scale per block, round to nearest: a bf16 value keeps all its
+ * 8 significant bits unless it is 256x smaller than its block's largest). A block's dot product
+ * with a weight row is exact integer arithmetic (weights sign-extended to int16 once, vpmaddwd;
+ * |sum| <= 2 * 2 * 32767 * 127 < 2^24, so its fp32 conversion is exact too), scaled by the block's
+ * scale into fp32 accumulators; the row's weight scale is applied at the end, rounded to bf16.
+ * 7 instructions per 32 weights for one row, 5 per further row (each loaded weight serves up to
+ * 4 activation rows): fast enough to stream at DRAM speed. Equal to the exact product up to fp32
+ * summation order and the bf16 output rounding.
+ *
+ * duplex_int8_q8_gemv_bf16: llama.cpp's Q8_0 x int8: activations rounded to int8 per block of 32,
+ * block dots with vpmaddubsw on |x| and sign(x) * w, then vpmaddwd. Weights must lie in
+ * [-127, 127] (the sign trick overflows on -128). 5 instructions per 32 weights, but no faster
+ * than q16 where both are memory-bound, and ~0.5 % relative error per output (the 8-bit rounding).
+ *
+ * duplex_int8_gemv_bf16: bit-identical to ATen's AVX2 _weight_int8pack_mm.
  * C[m, n] = bf16( sum_k A[m, k] * (B[n, k] * S[n]) ), accumulated per 8-lane fp32 vector in k
  * order (step 8, one fma per step), then reduced with ATen's horizontal-add tree and rounded to
  * bf16 (nearest even). Every output uses the same operations in the same order as ATen's AVX2
  * kernel, so results are equal bit for bit; what differs is the schedule: A is converted to fp32
  * once per call instead of once per 4 weight rows, and one activation row is applied to 8 weight
- * rows at a time (8 independent fma chains instead of 4), which keeps the memory stream busy.
- * Built at first use by duplex.engine.int8_kernel (gcc -O3 -mavx2 -mfma -fopenmp).
+ * rows at a time (8 independent fma chains instead of 4). Instruction-bound (~14 GB/s here).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -101,5 +119,275 @@ int duplex_int8_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t* S,
         if (n0 < n1) row_block(x, B, S, C, n0, n1, M, N, K);
     }
     free(x);
+    return 0;
+}
+
+/* ---- Q8_0 activations x int8 weights ---------------------------------------------------- */
+
+#define QK 32
+
+static inline int thread_slice(int blocks, int* b0, int* b1) {
+#ifdef _OPENMP
+    extern int omp_get_thread_num(void);
+    extern int omp_get_num_threads(void);
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    int t = 0, nt = 1;
+#endif
+    *b0 = (int)((int64_t)blocks * t / nt);
+    *b1 = (int)((int64_t)blocks * (t + 1) / nt);
+    return *b0 < *b1;
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline __m256 load_bf16x8(const uint16_t* p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+/* one bf16 row [K] -> q [nb * 32] int8 (the tail block zero-padded), |q| as uint8, d [nb] fp32 */
+static void quantize_row_q8(const uint16_t* a, int K, int8_t* q, uint8_t* aq, float* d) {
+    int nb = (K + QK - 1) / QK;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < nb; ++b) {
+        float buf[QK];
+        __m256 v[4];
+        int len = K - b * QK < QK ? K - b * QK : QK;
+        if (len == QK) {
+            for (int j = 0; j < 4; ++j) v[j] = load_bf16x8(a + b * QK + 8 * j);
+        } else {
+            for (int j = 0; j < QK; ++j) buf[j] = j < len ? bf16_to_f32(a[b * QK + j]) : 0.0f;
+            for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(buf + 8 * j);
+        }
+        __m256 mx = _mm256_andnot_ps(sign, v[0]);
+        for (int j = 1; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        float amax = hmax8(mx);
+        float dd = amax / 127.0f;
+        d[b] = dd;
+        __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i i[4];
+        for (int j = 0; j < 4; ++j)
+            i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        p = _mm256_permutevar8x32_epi32(p, perm); /* undo the per-lane interleave of the packs */
+        _mm256_storeu_si256((__m256i*)(q + b * QK), p);
+        _mm256_storeu_si256((__m256i*)(aq + b * QK), _mm256_sign_epi8(p, p));
+    }
+}
+
+/* exact int32 dot of 32 activations (|x| unsigned, x signed) with 32 weights, as 8 int32 lanes */
+static inline __m256i dot32(__m256i ax, __m256i sx, __m256i w) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, sx)), ones);
+}
+
+#ifndef Q_PF
+#define Q_PF 1024 /* software prefetch distance in bytes: the row stream runs at DRAM speed */
+#endif
+#define Q_U 2     /* accumulators per output: blocks alternate between them (fma latency) */
+#define Q_MT 4    /* activation rows per pass over a weight row (each weight load reused) */
+
+/* weight row w [K] against MT quantized activation rows (qx, ux, dx: row j at + j * kp / nb);
+ * out[j * N] = bf16(row scale * sum over blocks of dx * exact int32 block dot) */
+static inline __attribute__((always_inline)) void q8_row(const int8_t* w, float scale, const int8_t* qx,
+                                                         const uint8_t* ux, const float* dx, uint16_t* out,
+                                                         int K, int64_t kp, int nb, int64_t N, const int MT) {
+    __m256 acc[Q_MT][Q_U];
+    int nfull = K / QK;
+    for (int j = 0; j < MT; ++j)
+        for (int u = 0; u < Q_U; ++u) acc[j][u] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + Q_U <= nfull; b += Q_U)
+        for (int u = 0; u < Q_U; ++u) {
+            const int8_t* wp = w + (int64_t)(b + u) * QK;
+            _mm_prefetch((const char*)(wp + Q_PF), _MM_HINT_T0);
+            __m256i wv = _mm256_loadu_si256((const __m256i*)wp);
+            for (int j = 0; j < MT; ++j) {
+                __m256i sx = _mm256_loadu_si256((const __m256i*)(qx + j * kp + (b + u) * QK));
+                __m256i ax = _mm256_loadu_si256((const __m256i*)(ux + j * kp + (b + u) * QK));
+                acc[j][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, sx, wv)),
+                                            _mm256_broadcast_ss(dx + j * nb + b + u), acc[j][u]);
+            }
+        }
+    for (; b < nb; ++b) { /* the odd last full block, then a partial one (weights zero-padded) */
+        int8_t tail[QK] = {0};
+        const int8_t* wp = w + (int64_t)b * QK;
+        if (b >= nfull) {
+            memcpy(tail, wp, (size_t)(K - b * QK));
+            wp = tail;
+        }
+        __m256i wv = _mm256_loadu_si256((const __m256i*)wp);
+        for (int j = 0; j < MT; ++j) {
+            __m256i sx = _mm256_loadu_si256((const __m256i*)(qx + j * kp + b * QK));
+            __m256i ax = _mm256_loadu_si256((const __m256i*)(ux + j * kp + b * QK));
+            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, sx, wv)),
+                                        _mm256_broadcast_ss(dx + j * nb + b), acc[j][0]);
+        }
+    }
+    for (int j = 0; j < MT; ++j) {
+        for (int u = 1; u < Q_U; ++u) acc[j][0] = _mm256_add_ps(acc[j][0], acc[j][u]);
+        out[j * N] = f32_to_bf16(hsum(acc[j][0]) * scale);
+    }
+}
+
+/* A [M, K] bf16, B [N, K] int8 in [-127, 127], S [N] bf16, C [M, N] bf16. */
+int duplex_int8_q8_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t* S, uint16_t* C,
+                             int M, int N, int K) {
+    if (M < 1 || N < 1 || K < 1) return -1;
+    int nb = (K + QK - 1) / QK;
+    int64_t kp = (int64_t)nb * QK;
+    int8_t* qxs = (int8_t*)aligned_alloc(32, (size_t)(2 * kp * M));
+    float* dxs = (float*)malloc(sizeof(float) * (size_t)nb * (size_t)M);
+    if (!qxs || !dxs) {
+        free(qxs);
+        free(dxs);
+        return -2;
+    }
+    uint8_t* uxs = (uint8_t*)(qxs + kp * M);
+    for (int m = 0; m < M; ++m)
+        quantize_row_q8(A + (int64_t)m * K, K, qxs + kp * m, uxs + kp * m, dxs + (int64_t)nb * m);
+    /* contiguous slices of weight rows per thread: each thread streams its slice once, in order */
+#pragma omp parallel
+    {
+        int n0, n1;
+        if (thread_slice(N, &n0, &n1))
+            for (int n = n0; n < n1; ++n) {
+                const int8_t* w = B + (int64_t)n * K;
+                float scale = bf16_to_f32(S[n]);
+                int m = 0;
+                for (; m + Q_MT <= M; m += Q_MT)
+                    q8_row(w, scale, qxs + kp * m, uxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                           K, kp, nb, N, Q_MT);
+                switch (M - m) {
+                    case 3: q8_row(w, scale, qxs + kp * m, uxs + kp * m, dxs + (int64_t)nb * m,
+                                   C + (int64_t)m * N + n, K, kp, nb, N, 3); break;
+                    case 2: q8_row(w, scale, qxs + kp * m, uxs + kp * m, dxs + (int64_t)nb * m,
+                                   C + (int64_t)m * N + n, K, kp, nb, N, 2); break;
+                    case 1: q8_row(w, scale, qxs + kp * m, uxs + kp * m, dxs + (int64_t)nb * m,
+                                   C + (int64_t)m * N + n, K, kp, nb, N, 1); break;
+                    default: break;
+                }
+            }
+    }
+    free(qxs);
+    free(dxs);
+    return 0;
+}
+
+/* ---- Q16 activations (int16 per block of 32) x int8 weights ------------------------------ */
+
+static void quantize_row_q16(const uint16_t* a, int K, int16_t* q, float* d) {
+    int nb = (K + QK - 1) / QK;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < nb; ++b) {
+        float buf[QK];
+        __m256 v[4];
+        int len = K - b * QK < QK ? K - b * QK : QK;
+        if (len == QK) {
+            for (int j = 0; j < 4; ++j) v[j] = load_bf16x8(a + b * QK + 8 * j);
+        } else {
+            for (int j = 0; j < QK; ++j) buf[j] = j < len ? bf16_to_f32(a[b * QK + j]) : 0.0f;
+            for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(buf + 8 * j);
+        }
+        __m256 mx = _mm256_andnot_ps(sign, v[0]);
+        for (int j = 1; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        float amax = hmax8(mx);
+        d[b] = amax / 32767.0f;
+        __m256 id = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+        __m256i i[4];
+        for (int j = 0; j < 4; ++j)
+            i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        /* packs interleaves 128-bit lanes: (i0 lo, i1 lo, i0 hi, i1 hi) -> fix with a permute */
+        __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8);
+        __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8);
+        _mm256_storeu_si256((__m256i*)(q + b * QK), p01);
+        _mm256_storeu_si256((__m256i*)(q + b * QK + 16), p23);
+    }
+}
+
+/* one block of 32 weights (sign-extended to int16) against MT activation rows' int16 blocks */
+#define Q16STEP(WP, B_, A_)                                                                              \
+    do {                                                                                                 \
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(WP)));                        \
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)((WP) + 16)));                 \
+        for (int j = 0; j < MT; ++j) {                                                                   \
+            const int16_t* xp = qx + j * kp + (B_) * QK;                                                 \
+            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xp)),  \
+                                         _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xp + 16)))); \
+            acc[j][A_] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + j * nb + (B_)), acc[j][A_]); \
+        }                                                                                                \
+    } while (0)
+
+static inline __attribute__((always_inline)) void q16_row(const int8_t* w, float scale, const int16_t* qx,
+                                                          const float* dx, uint16_t* out, int K, int64_t kp,
+                                                          int nb, int64_t N, const int MT) {
+    __m256 acc[Q_MT][Q_U];
+    int nfull = K / QK;
+    for (int j = 0; j < MT; ++j)
+        for (int u = 0; u < Q_U; ++u) acc[j][u] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + Q_U <= nfull; b += Q_U)
+        for (int u = 0; u < Q_U; ++u) {
+            const int8_t* wp = w + (int64_t)(b + u) * QK;
+            _mm_prefetch((const char*)(wp + Q_PF), _MM_HINT_T0);
+            Q16STEP(wp, b + u, u);
+        }
+    for (; b < nb; ++b) { /* the odd last full block, then a partial one (weights zero-padded) */
+        int8_t tail[QK] = {0};
+        const int8_t* wp = w + (int64_t)b * QK;
+        if (b >= nfull) {
+            memcpy(tail, wp, (size_t)(K - b * QK));
+            wp = tail;
+        }
+        Q16STEP(wp, b, 0);
+    }
+    for (int j = 0; j < MT; ++j) {
+        for (int u = 1; u < Q_U; ++u) acc[j][0] = _mm256_add_ps(acc[j][0], acc[j][u]);
+        out[j * N] = f32_to_bf16(hsum(acc[j][0]) * scale);
+    }
+}
+
+int duplex_int8_q16_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t* S, uint16_t* C,
+                              int M, int N, int K) {
+    if (M < 1 || N < 1 || K < 1) return -1;
+    int nb = (K + QK - 1) / QK;
+    int64_t kp = (int64_t)nb * QK;
+    int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kp * M));
+    float* dxs = (float*)malloc(sizeof(float) * (size_t)nb * (size_t)M);
+    if (!qxs || !dxs) {
+        free(qxs);
+        free(dxs);
+        return -2;
+    }
+    for (int m = 0; m < M; ++m) quantize_row_q16(A + (int64_t)m * K, K, qxs + kp * m, dxs + (int64_t)nb * m);
+#pragma omp parallel
+    {
+        int n0, n1;
+        if (thread_slice(N, &n0, &n1))
+            for (int n = n0; n < n1; ++n) {
+                const int8_t* w = B + (int64_t)n * K;
+                float scale = bf16_to_f32(S[n]);
+                int m = 0;
+                for (; m + Q_MT <= M; m += Q_MT)
+                    q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, Q_MT);
+                switch (M - m) {
+                    case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 3); break;
+                    case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 2); break;
+                    case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 1); break;
+                    default: break;
+                }
+            }
+    }
+    free(qxs);
+    free(dxs);
     return 0;
 }

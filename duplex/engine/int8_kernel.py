@@ -1,13 +1,31 @@
-"""A faster int8 weight-only mat-vec for single-token CPU decode, bit-identical to PyTorch's.
+"""Int8 weight-only mat-vecs for CPU decode steps (1-16 activation rows), in C.
 
-``torch._weight_int8pack_mm`` on AVX2 CPUs applies one activation row to 4 weight rows at a time
-and converts the activation from bf16 once per 4 rows. ``int8_gemv.c`` keeps the exact per-output
-arithmetic (same fma order, same reduction tree, same bf16 rounding) but converts the activation
-once and runs 8 independent weight rows per pass: 1.2-1.7x faster per core on one-token decode
-mat-vecs here. It is compiled with the system C compiler at first use into the duplex cache and
-checked against PyTorch's kernel before use; anything missing or different (no compiler, an
-AVX-512 build of PyTorch whose kernel sums in another order) leaves PyTorch's kernel in place.
-``DUPLEX_INT8_KERNEL=aten`` turns it off.
+Decode reads every weight once per token, so a mat-vec should run at DRAM speed. PyTorch's
+``torch._weight_int8pack_mm`` does not on AVX2: per 8 weights it widens, converts, scales and
+fmas, ~11 GB/s of weights on this 2-core machine against ~25 GB/s for an fp32 sum. The kernels of
+``int8_gemv.c`` are compiled with the system C compiler at first use into the duplex cache:
+
+- ``q16`` (the default): the activation rows are quantized once per call to int16 in blocks of 32
+  (one fp32 scale per block, so every bf16 input keeps its 8 significant bits unless it is 256x
+  smaller than its block's largest); a block's dot product with a weight row is exact integer
+  arithmetic (weights sign-extended once, ``vpmaddwd``), scaled in fp32, and the row's weight
+  scale is applied at the end. ~21 GB/s at one row; each loaded weight serves up to 4 activation
+  rows at a time (batched decode). Its results differ from PyTorch's by summation order only:
+  the relative error against an fp32 reference is PyTorch's own (~0.2 %, the bf16 rounding).
+- ``q8`` (``DUPLEX_INT8_KERNEL=q8``): llama.cpp's Q8_0 scheme, activations rounded to int8 per
+  block of 32 and ``vpmaddubsw`` with the sign trick. Not faster than ``q16`` here (both stream
+  at memory speed; at 4-16 rows q16 is 5-10 % faster) and 3x the error (~0.5 % per output on
+  random data), enough to flip a greedy token of the 135M model after 7-30 tokens: kept for
+  comparison.
+- ``exact`` (``DUPLEX_INT8_KERNEL=exact``): PyTorch's AVX2 arithmetic in a better schedule,
+  equal bit for bit (checked at load), ~14 GB/s; to reproduce the generic forward exactly.
+
+Each kernel is checked at load (:func:`_within_tolerance`: the relative error of each output row
+against an fp32 reference at most :data:`Q_TOLERANCE`; ``exact``: equality) and PyTorch's kernel
+stays in place if it fails. Weights must lie in [-127, 127], as
+:func:`duplex.engine.quant.quantize_int8` makes them (the q8 sign trick overflows on -128).
+``DUPLEX_INT8_KERNEL=aten`` turns them off. A machine without a C compiler or AVX2 keeps
+PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_c_kernel", "int8_gemv"]
+__all__ = ["KINDS", "Q_TOLERANCE", "build_c_kernel", "int8_gemv", "kernel_choice", "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +77,63 @@ def build_c_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     return target
 
 
-def _agrees_with_torch(gemv: Gemv) -> bool:
+Q_TOLERANCE = {"q16": 0.005, "q8": 0.02}  # relative L2 error per output row vs an fp32 reference
+KINDS = ("q16", "q8", "exact", "aten")
+
+
+def _cases() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    for m, n, k in ((1, 40, 64), (1, 13, 24), (1, 1536, 576), (3, 40, 64), (5, 1536, 576)):
+    cases = []
+    for m, n, k in ((1, 40, 64), (1, 13, 24), (1, 1536, 576), (3, 40, 64), (5, 1536, 576), (16, 64, 200)):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         scales = (torch.rand(n, generator=gen) / 64).to(torch.bfloat16)
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-        if not torch.equal(gemv(x, w, scales), torch._weight_int8pack_mm(x, w, scales)):
-            return False
-    return True
+        cases.append((x, w, scales))
+    return cases
 
 
-@functools.lru_cache(maxsize=1)
-def int8_gemv() -> Gemv | None:
-    """``f(x [M, K] bf16, w [N, K] int8, scales [N] bf16) -> [M, N] bf16``, equal bit for bit to
-    ``torch._weight_int8pack_mm``; None where it cannot be built or does not match."""
-    if os.environ.get("DUPLEX_INT8_KERNEL", "auto") == "aten":
+def relative_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> float:
+    """Largest relative L2 error of an output row of ``y`` against ``x @ (w * scales).T`` in fp32."""
+    ref = x.float() @ (w.float() * scales.float()[:, None]).T
+    return float(((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)).max())
+
+
+def _within_tolerance(gemv: Gemv, tolerance: float) -> bool:
+    return all(relative_error(gemv(x, w, s), x, w, s) <= tolerance for x, w, s in _cases())
+
+
+def _agrees_with_torch(gemv: Gemv) -> bool:
+    return all(torch.equal(gemv(x, w, s), torch._weight_int8pack_mm(x, w, s)) for x, w, s in _cases() if x.shape[1] % 8 == 0)
+
+
+def kernel_choice() -> str:
+    """One of :data:`KINDS`, from ``$DUPLEX_INT8_KERNEL`` (default ``q16``)."""
+    choice = os.environ.get("DUPLEX_INT8_KERNEL", "q16").strip().lower() or "q16"
+    if choice not in KINDS:
+        log.warning("unknown DUPLEX_INT8_KERNEL=%r; using q16", choice)
+        return "q16"
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def int8_gemv(kind: str | None = None) -> Gemv | None:
+    """``f(x [M, K] bf16, w [N, K] int8, scales [N] bf16) -> [M, N] bf16`` for ``kind`` (default:
+    :func:`kernel_choice`): ``q16``/``q8`` within :data:`Q_TOLERANCE` of the exact product,
+    ``exact`` equal bit for bit to ``torch._weight_int8pack_mm``; None where it cannot be built or
+    fails its check (PyTorch's kernel then runs)."""
+    kind = kind or kernel_choice()
+    if kind == "aten" or not _SOURCE.exists():
         return None
-    # the C kernel reproduces the summation order of PyTorch's AVX2 kernel only
-    if torch.backends.cpu.get_cpu_capability() != "AVX2" or not _SOURCE.exists():
+    capability = torch.backends.cpu.get_cpu_capability()
+    # the exact kernel reproduces the summation order of PyTorch's AVX2 kernel only
+    if capability not in (("AVX2",) if kind == "exact" else ("AVX2", "AVX512")):
         return None
     try:
         lib = ctypes.CDLL(str(build_c_kernel(_SOURCE)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.info("int8 mat-vec kernel unavailable (%s); using torch._weight_int8pack_mm", exc)
         return None
-    fn = lib.duplex_int8_gemv_bf16
+    fn = getattr(lib, "duplex_int8_gemv_bf16" if kind == "exact" else f"duplex_int8_{kind}_gemv_bf16")
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     fn.restype = ctypes.c_int
 
@@ -97,7 +146,11 @@ def int8_gemv() -> Gemv | None:
             return torch._weight_int8pack_mm(x, w, scales)
         return out
 
-    if not _agrees_with_torch(gemv):
+    if kind in Q_TOLERANCE and not _within_tolerance(gemv, Q_TOLERANCE[kind]):
+        log.warning("int8 %s mat-vec kernel is off by more than %.1f %% here; not using it", kind,
+                    Q_TOLERANCE[kind] * 100)
+        return None
+    if kind == "exact" and not _agrees_with_torch(gemv):
         log.warning("int8 mat-vec kernel differs from torch._weight_int8pack_mm here; not using it")
         return None
     return gemv
