@@ -284,6 +284,32 @@ async def test_user_backchannel_resumes_and_is_noted_in_the_next_user_turn(tiny_
     await s.close()
 
 
+async def test_decoding_waits_while_the_agent_is_paused_and_goes_on_after_the_resume(tiny_engine):
+    """Pause first, decide after: during the pause no decode step competes with the whisper pass
+    that decides the overlap; a resume picks the reply up where it was."""
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    seen = await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4)
+    s.submit(SpeechStarted(2.0))
+    seen += await collect_until(s, _is("agent_paused"))
+    seen += await settle(s)
+    generated = len(s.seq)
+    for _ in range(5):  # ticks pass while the overlap is judged: nothing more is generated
+        clock.advance(0.05)
+        seen += await settle(s)
+    assert len(s.seq) == generated
+    s.submit(AsrWord("mm-hm", 2.0, 2.3, committed=True))
+    s.submit(SpeechStopped(2.3))
+    await collect_until(s, _is("agent_resumed"))
+    for _ in range(50):  # the reply goes on (the first deltas may be words decoded before the pause)
+        if len(s.seq) > generated:
+            break
+        await collect_until(s, lambda e: e.type == "agent_text_delta")
+    assert len(s.seq) > generated
+    await s.close()
+
+
 async def test_short_sound_resumes_at_once_and_its_late_misheard_words_open_no_turn(tiny_engine):
     """ "uh-huh" (0.3 s) over the agent, whose final words come a second later as "Sir Sir":
     the agent resumes at the sound's end and the late words only become the backchannel note."""

@@ -190,7 +190,10 @@ class Session(SessionLifecycle, BargeIn):
                     continue
                 if isinstance(action, (Continue, Pause, Resume)):
                     self._apply_overlap_action(action)
-                    if self._agent is not None and self._agent.generating:
+                    # While paused the agent waits with its decoding too: the text is far ahead of
+                    # the audio, and on 2 cores the whisper pass that decides the overlap (and,
+                    # for an interruption, starts the reply) is what needs the CPU.
+                    if self._agent is not None and self._agent.generating and not self._paused:
                         await self._speak(1)
                         continue
                 elif isinstance(action, Backchannel):
