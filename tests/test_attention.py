@@ -23,13 +23,22 @@ def test_matches_causal_sdpa_on_the_last_positions(q, n):
 
 
 @pytest.mark.parametrize("q,n", [(1, 300), (5, 64)])
-def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n):
-    torch.manual_seed(1)
-    query, key, value = (torch.randn(1, h, t, 16) for h, t in ((6, q), (2, n), (2, n)))
-    ref, _ = gqa_decode_attention(None, *(t.bfloat16().float() for t in (query, key, value)), None)
-    out, _ = gqa_decode_attention(None, query.bfloat16(), key.bfloat16(), value.bfloat16(), None)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n, monkeypatch):
+    """The torch path (``DUPLEX_DECODE_ATTN_KERNEL=torch``; the default C kernel sums in another
+    order) computes bf16 inputs exactly as fp32 attention of the same values."""
+    from duplex.engine import attention
+
+    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "torch")
+    attention._cpu_decode_kernel.cache_clear()
+    try:
+        torch.manual_seed(1)
+        query, key, value = (torch.randn(1, h, t, 16) for h, t in ((6, q), (2, n), (2, n)))
+        ref, _ = gqa_decode_attention(None, *(t.bfloat16().float() for t in (query, key, value)), None)
+        out, _ = gqa_decode_attention(None, query.bfloat16(), key.bfloat16(), value.bfloat16(), None)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    finally:
+        attention._cpu_decode_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130)])

@@ -156,3 +156,39 @@ def test_int8_decode_with_quantized_activation_kernels_stays_close_to_torch_kern
     assert fast_ids == ref_ids
     rel = ((fast_logits.float() - ref_logits.float()).norm() / ref_logits.float().norm()).item()
     assert rel < tolerance
+
+
+def test_fused_helpers_equal_the_torch_op_sequences_they_replace():
+    """RMS norm / SwiGLU prologues, the residual epilogue and rope keep transformers' bf16
+    roundings: equal bit for bit to the op-by-op computation around the same q16 mat-vec."""
+    import torch.nn.functional as F
+
+    from duplex.engine.int8_kernel import fused_ops, int8_gemv
+
+    ops, gemv = fused_ops(), int8_gemv("q16")
+    if ops is None or gemv is None:
+        pytest.skip("no C helpers here")
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 3, 200, 96
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    s = (torch.rand(n, generator=gen) / 64).bfloat16()
+    x = (torch.randn(m, k, generator=gen) * 4).bfloat16()
+    norm_w = (torch.rand(k, generator=gen) + 0.5).bfloat16()
+    h = x.float()
+    h = norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(ops.gemv(x, w, s, ops.RMSNORM, norm_w, 1e-5), gemv(h, w, s))
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 2).bfloat16()
+    assert torch.equal(ops.gemv(gate_up, w, s, ops.SWIGLU), gemv(F.silu(gate_up[:, :k]) * gate_up[:, k:], w, s))
+    residual = torch.randn(m, n, generator=gen).bfloat16()
+    expected = residual + gemv(x, w, s)
+    assert ops.gemv(x, w, s, residual=residual, out=residual) is residual
+    assert torch.equal(residual, expected)
+    t, heads, d = 3, 5, 16
+    qk = torch.randn(t, heads * d + 7, generator=gen).bfloat16()
+    cos, sin = torch.randn(t, d, generator=gen).bfloat16(), torch.randn(t, d, generator=gen).bfloat16()
+    q = qk[:, :heads * d].view(t, heads, d)
+    expected = q * cos[:, None] + torch.cat((-q[..., d // 2:], q[..., :d // 2]), -1) * sin[:, None]
+    tail = qk[:, heads * d:].clone()
+    ops.rope(qk, heads, d, cos, sin)
+    assert torch.equal(qk[:, :heads * d].view(t, heads, d), expected)
+    assert torch.equal(qk[:, heads * d:], tail)

@@ -13,10 +13,17 @@ embedding, :func:`~duplex.engine.attention.gqa_decode_attention`, the cache's ``
 - **ragged rows**: several sequences' new tokens (each at its own positions, with its own cache)
   share every weight read, as in :mod:`duplex.engine.ragged`.
 
-Each output element is computed with the same operations in the same order as the generic
-forward (the fused mat-vec computes every output row independently), so logits match it; a test
-checks that. Models it does not recognise (other layer structures, sliding-window attention,
-non-SiLU MLPs) return None from :func:`fast_decoder` and keep the generic forward.
+With int8 weights and bf16 activations on a CPU with the C helpers of
+:mod:`duplex.engine.int8_kernel` (the default model's format), a layer is five calls: the q/k/v
+mat-vec with the input RMS norm fused in, rotary embedding in place, attention
+(:func:`~duplex.engine.attention.gqa_decode_attention`, the C kernel by default) with the cache
+update, the o mat-vec with the residual add fused in, gate/up with the post-attention norm, and
+down with SwiGLU and the residual add; the fused steps keep every bf16 rounding of the module
+sequence (bit-identical, tested), so what differs from transformers' forward is the summation
+order inside the mat-vecs and attention. Other formats run the same layers op by op. A test
+checks logits against the generic forward within bf16 noise. Models it does not recognise (other
+layer structures, sliding-window attention, non-SiLU MLPs) return None from :func:`fast_decoder`
+and keep the generic forward.
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ class _Layer:
         self.attn = attn
         self.index = int(attn.layer_idx)
         self.head_dim = int(attn.head_dim)
+        self.scaling = float(attn.scaling)
         self.qkv = _Fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = attn.o_proj
         self.gate_up = _Fused([mlp.gate_proj, mlp.up_proj])
@@ -110,6 +118,13 @@ class _Layer:
         self.norm2 = layer.post_attention_layernorm
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
         self.k_norm = getattr(attn, "k_norm", None)
+        nq, nk, nv = self.qkv.sizes
+        self.n_heads, self.n_kv = nq // self.head_dim, nk // self.head_dim
+        self.fusable = (self.qkv.int8 and self.gate_up.int8 and isinstance(self.o, Int8WeightOnlyLinear)
+                        and isinstance(self.down, Int8WeightOnlyLinear) and self.o.bias is None
+                        and self.down.bias is None and self.qkv.bias is None and self.gate_up.bias is None
+                        and self.q_norm is None and nk == nv
+                        and all(n.weight.dtype == torch.bfloat16 for n in (self.norm1, self.norm2)))
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +151,72 @@ class FastDecoder:
         self.final_norm = inner.norm
         self.head = model.lm_head
         self.layers = [_Layer(layer) for layer in inner.layers]
+        self.fused = _fused_ops() if (self.embed.weight.dtype == torch.bfloat16 and all(l.fusable for l in self.layers)
+                                      and isinstance(self.head, Int8WeightOnlyLinear) and self.head.bias is None
+                                      and self.final_norm.weight.dtype == torch.bfloat16) else None
+
+    def _forward_fused(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
+        """:meth:`_forward` for int8 weights and bf16 activations on a CPU with the C helpers: each
+        mat-vec takes its RMS norm, SwiGLU or residual add along (same bf16 roundings), the rotary
+        embedding runs in place on the q/k output, and the hidden state is a [tokens, hidden]
+        buffer updated in place. Only the cache updates and attention stay torch calls."""
+        ops = self.fused
+        assert ops is not None
+        ids: list[int] = []
+        positions: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        for row in rows:
+            bounds.append((len(ids), len(ids) + len(row.ids)))
+            ids.extend(row.ids)
+            positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
+        t = len(ids)
+        x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
+        cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [t, d]
+        single = len(rows) == 1
+        for layer in self.layers:
+            d, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv
+            qkv = ops.gemv(x, layer.qkv.weight, layer.qkv.scales, ops.RMSNORM, layer.norm1.weight,
+                           layer.norm1.variance_epsilon)  # [t, (nh + 2 nkv) d]
+            ops.rope(qkv, nh + nkv, d, cos, sin)  # q and k heads are adjacent: one pass
+            q = qkv[:, :nh * d].view(1, t, nh, d).transpose(1, 2)
+            k = qkv[:, nh * d:(nh + nkv) * d].view(1, t, nkv, d).transpose(1, 2)
+            v = qkv[:, (nh + nkv) * d:].view(1, t, nkv, d).transpose(1, 2)
+            if single:
+                keys, values = rows[0].cache.update(k, v, layer.index)
+                attn, _ = gqa_decode_attention(layer.attn, q, keys, values, None, scaling=layer.scaling)
+            else:
+                outs = []
+                for row, (s, e) in zip(rows, bounds):
+                    keys, values = row.cache.update(k[:, :, s:e], v[:, :, s:e], layer.index)
+                    out, _ = gqa_decode_attention(layer.attn, q[:, :, s:e], keys, values, None, scaling=layer.scaling)
+                    outs.append(out)
+                attn = torch.cat(outs, dim=1)
+            attn = attn.reshape(t, nh * d)
+            ops.gemv(attn, layer.o.weight_int8, layer.o.scales, residual=x, out=x)
+            gate_up = ops.gemv(x, layer.gate_up.weight, layer.gate_up.scales, ops.RMSNORM, layer.norm2.weight,
+                               layer.norm2.variance_epsilon)
+            ops.gemv(gate_up, layer.down.weight_int8, layer.down.scales, ops.SWIGLU, residual=x, out=x)
+        wanted: list[int] = []
+        for row, (s, e) in zip(rows, bounds):
+            wanted.extend(range(e - row.keep, e))
+        if not wanted:
+            return [None] * len(rows)
+        h = x[wanted] if len(wanted) < t else x
+        logits = ops.gemv(h, self.head.weight_int8, self.head.scales, ops.RMSNORM, self.final_norm.weight,
+                          self.final_norm.variance_epsilon)  # [len(wanted), vocab]
+        results: list[torch.Tensor | None] = []
+        i = 0
+        for row in rows:
+            if row.keep == 0:
+                results.append(None)
+                continue
+            part = logits[i:i + row.keep]
+            i += row.keep
+            if len(rows) > 1:
+                part = part.clone()  # own storage: a row's logits must not keep the batch's alive
+            results.append(part[0] if row.keep == 1 else part)
+        return results
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
@@ -153,6 +234,8 @@ class FastDecoder:
             raise
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
+        if self.fused is not None:
+            return self._forward_fused(rows)
         device = self.embed.weight.device
         ids: list[int] = []
         positions: list[int] = []
@@ -208,6 +291,12 @@ class FastDecoder:
                 part = part.clone()  # own storage: a row's logits must not keep the batch's alive
             results.append(part[0] if row.keep == 1 else part)
         return results
+
+
+def _fused_ops() -> Any:
+    from duplex.engine.int8_kernel import fused_ops
+
+    return fused_ops()
 
 
 _decoders: weakref.WeakKeyDictionary[nn.Module, FastDecoder | None] = weakref.WeakKeyDictionary()

@@ -27,6 +27,7 @@
  * rows at a time (8 independent fma chains instead of 4). Instruction-bound (~14 GB/s here).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -327,9 +328,10 @@ static void quantize_row_q16(const uint16_t* a, int K, int16_t* q, float* d) {
         }                                                                                                \
     } while (0)
 
+/* out[j * N] = bf16(scale * row dot) (+ res[j * N], rounded again, as bf16 tensors add) */
 static inline __attribute__((always_inline)) void q16_row(const int8_t* w, float scale, const int16_t* qx,
-                                                          const float* dx, uint16_t* out, int K, int64_t kp,
-                                                          int nb, int64_t N, const int MT) {
+                                                          const float* dx, uint16_t* out, const uint16_t* res,
+                                                          int K, int64_t kp, int nb, int64_t N, const int MT) {
     __m256 acc[Q_MT][Q_U];
     int nfull = K / QK;
     for (int j = 0; j < MT; ++j)
@@ -352,12 +354,55 @@ static inline __attribute__((always_inline)) void q16_row(const int8_t* w, float
     }
     for (int j = 0; j < MT; ++j) {
         for (int u = 1; u < Q_U; ++u) acc[j][0] = _mm256_add_ps(acc[j][0], acc[j][u]);
-        out[j * N] = f32_to_bf16(hsum(acc[j][0]) * scale);
+        uint16_t y = f32_to_bf16(hsum(acc[j][0]) * scale);
+        out[j * N] = res ? f32_to_bf16(bf16_to_f32(res[j * N]) + bf16_to_f32(y)) : y;
     }
 }
 
+/* The activation row a kernel multiplies, built from its inputs with the bf16 roundings of
+ * transformers' modules (so the fused call equals the module sequence up to summation order):
+ * PRO_NONE: a [K] itself; PRO_RMSNORM: LlamaRMSNorm(a [K]) with weight aux [K] and eps;
+ * PRO_SWIGLU: silu(a[0:K]) * a[K:2K] (the gate and up halves of a fused gate/up output). */
+enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
+
+static void prologue_row(int mode, const uint16_t* a, int K, const uint16_t* aux, float eps, uint16_t* act) {
+    if (mode == PRO_RMSNORM) {
+        float ss = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            float v = bf16_to_f32(a[k]);
+            ss += v * v;
+        }
+        float r = 1.0f / sqrtf(ss / (float)K + eps);
+        for (int k = 0; k < K; ++k)
+            act[k] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(a[k]) * r)) * bf16_to_f32(aux[k]));
+    } else if (mode == PRO_SWIGLU) {
+        for (int k = 0; k < K; ++k) {
+            float g = bf16_to_f32(a[k]);
+            float sg = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
+            act[k] = f32_to_bf16(sg * bf16_to_f32(a[K + k]));
+        }
+    } else {
+        memcpy(act, a, sizeof(uint16_t) * (size_t)K);
+    }
+}
+
+static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C, int M, int N,
+                    int K, int mode, const uint16_t* aux, float eps, const uint16_t* R);
+
 int duplex_int8_q16_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t* S, uint16_t* C,
                               int M, int N, int K) {
+    return q16_gemv(A, K, B, S, C, M, N, K, PRO_NONE, NULL, 0.0f, NULL);
+}
+
+/* C [M, N] = (R [M, N] +) prologue(A [M, lda]) @ (B [N, K] * S).T, all bf16 but B (int8); C may be R
+ * (in place). PRO_SWIGLU reads 2K columns of each row of A. */
+int duplex_int8_q16_gemv_fused(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C,
+                               int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
+    return q16_gemv(A, lda, B, S, C, M, N, K, mode, aux, eps, R);
+}
+
+static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C, int M, int N,
+                    int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
     if (M < 1 || N < 1 || K < 1) return -1;
     int nb = (K + QK - 1) / QK;
     int64_t kp = (int64_t)nb * QK;
@@ -368,7 +413,21 @@ int duplex_int8_q16_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t
         free(dxs);
         return -2;
     }
-    for (int m = 0; m < M; ++m) quantize_row_q16(A + (int64_t)m * K, K, qxs + kp * m, dxs + (int64_t)nb * m);
+    if (mode == PRO_NONE && lda == K) {
+        for (int m = 0; m < M; ++m) quantize_row_q16(A + (int64_t)m * K, K, qxs + kp * m, dxs + (int64_t)nb * m);
+    } else {
+        uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)K);
+        if (!act) {
+            free(qxs);
+            free(dxs);
+            return -2;
+        }
+        for (int m = 0; m < M; ++m) {
+            prologue_row(mode, A + (int64_t)m * lda, K, aux, eps, act);
+            quantize_row_q16(act, K, qxs + kp * m, dxs + (int64_t)nb * m);
+        }
+        free(act);
+    }
 #pragma omp parallel
     {
         int n0, n1;
@@ -378,16 +437,46 @@ int duplex_int8_q16_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t
                 float scale = bf16_to_f32(S[n]);
                 int m = 0;
                 for (; m + Q_MT <= M; m += Q_MT)
-                    q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, Q_MT);
+                    q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, Q_MT);
                 switch (M - m) {
-                    case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 3); break;
-                    case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 2); break;
-                    case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n, K, kp, nb, N, 1); break;
+                    case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 3); break;
+                    case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 2); break;
+                    case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 1); break;
                     default: break;
                 }
             }
     }
     free(qxs);
     free(dxs);
+    return 0;
+}
+
+/* ---- rotary embedding ----------------------------------------------------------------------- */
+
+/* In place on t rows of `heads` vectors of size d (row i, head h at x + i * row_stride + h * d):
+ * x = x * cos + rotate_half(x) * sin with cos/sin [t, d], every product and the sum rounded to bf16
+ * as transformers' apply_rotary_pos_emb does on bf16 tensors (bit-identical to it). */
+int duplex_rope_bf16(uint16_t* x, int t, int heads, int d, int64_t row_stride, const uint16_t* cos,
+                     const uint16_t* sin) {
+    if (d % 2 || d > 1024) return -1;
+    int half = d / 2;
+    float v[1024];
+    for (int i = 0; i < t; ++i)
+        for (int h = 0; h < heads; ++h) {
+            uint16_t* p = x + (int64_t)i * row_stride + (int64_t)h * d;
+            const uint16_t* c = cos + (int64_t)i * d;
+            const uint16_t* sn = sin + (int64_t)i * d;
+            for (int j = 0; j < d; ++j) v[j] = bf16_to_f32(p[j]);
+            for (int j = 0; j < d; ++j) {
+                float rot = j < half ? -v[j + half] : v[j - half];
+                float a = bf16_to_f32(f32_to_bf16(v[j] * bf16_to_f32(c[j])));
+                float b = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(sn[j])));
+                p[j] = f32_to_bf16(a + b);
+            }
+        }
     return 0;
 }

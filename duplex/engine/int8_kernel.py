@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KINDS", "Q_TOLERANCE", "build_c_kernel", "int8_gemv", "kernel_choice", "relative_error"]
+__all__ = ["KINDS", "Q_TOLERANCE", "FusedOps", "build_c_kernel", "fused_ops", "int8_gemv", "kernel_choice", "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +154,59 @@ def int8_gemv(kind: str | None = None) -> Gemv | None:
         log.warning("int8 mat-vec kernel differs from torch._weight_int8pack_mm here; not using it")
         return None
     return gemv
+
+
+class FusedOps:
+    """The decode-step helpers of ``int8_gemv.c`` around the q16 mat-vec (bf16 tensors, CPU).
+
+    - :meth:`gemv`: ``(residual +) prologue(x) @ (w * scales).T``, where the prologue is nothing,
+      an RMS norm (LlamaRMSNorm, with its bf16 roundings) or SwiGLU's ``silu(gate) * up`` over a
+      fused gate/up output: one call instead of 5-10 small torch ops around each mat-vec.
+    - :meth:`rope`: transformers' rotary embedding on bf16 q/k heads in place, bit for bit.
+    """
+
+    PLAIN, RMSNORM, SWIGLU = 0, 1, 2
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._gemv = lib.duplex_int8_q16_gemv_fused
+        self._gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [
+            ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+        self._gemv.restype = ctypes.c_int
+        self._rope = lib.duplex_rope_bf16
+        self._rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+        self._rope.restype = ctypes.c_int
+
+    def gemv(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mode: int = 0,
+             aux: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] (SWIGLU: [M, 2K]) bf16 with unit column stride; -> [M, N] bf16 (``out``, which
+        may be ``residual`` itself)."""
+        n, k = w.shape
+        m = x.shape[0]
+        if out is None:
+            out = torch.empty(m, n, dtype=torch.bfloat16)
+        rc = self._gemv(x.data_ptr(), x.stride(0), w.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k, mode,
+                        aux.data_ptr() if aux is not None else None, eps,
+                        residual.data_ptr() if residual is not None else None)
+        if rc != 0:
+            raise MemoryError("int8 fused mat-vec failed")
+        return out
+
+    def rope(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place on the first ``heads * head_dim`` columns of each row of x [t, width];
+        cos/sin [t, head_dim] contiguous."""
+        if self._rope(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr()) != 0:
+            raise ValueError(f"rope: unsupported head_dim {head_dim}")
+
+
+@functools.lru_cache(maxsize=1)
+def fused_ops() -> FusedOps | None:
+    """The fused decode helpers where the q16 kernel is the one in use (None otherwise: no
+    compiler, no AVX2, or ``$DUPLEX_INT8_KERNEL`` other than q16)."""
+    if kernel_choice() != "q16" or int8_gemv("q16") is None:
+        return None
+    try:
+        return FusedOps(ctypes.CDLL(str(build_c_kernel(_SOURCE))))
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        log.info("fused decode helpers unavailable (%s)", exc)
+        return None
