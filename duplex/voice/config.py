@@ -20,7 +20,7 @@ from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 __all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig", "default_voice_config",
            "make_speech_input", "voice_policy_params", "voice_session_config"]
 
-VAD_MIN_SILENCE_MS = 300
+VAD_MIN_SILENCE_MS = 200
 VOICE_POLICY = "eou"
 # The VAD's hangover and the final ASR pass already are the acoustic gap, so the model's
 # end-of-turn belief only adds time when the words look unfinished.
