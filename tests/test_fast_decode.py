@@ -91,12 +91,13 @@ def test_fused_int8_forward_matches_the_unfused_lean_forward_alone_and_batched()
     assert fast is not None
     if fast.fused is None:
         pytest.skip("no C helpers here (no compiler or no AVX2)")
-    fused = fast.fused
+    fused, uniform = fast.fused, fast._uniform
     prompts = [lm.tokenizer.encode(t) for t in ("The lighthouse keeper said", "Once upon a time there", "Rain")]
     new = [[11, 12], [13], [14, 15, 16]]
     results = {}
-    for mode in ("fused", "unfused"):
-        fast.fused = fused if mode == "fused" else None
+    for mode in ("program", "fused", "unfused"):  # program: one C call per layer; fused: a few per layer
+        fast.fused = fused if mode != "unfused" else None
+        fast._uniform = uniform and mode == "program"
         caches = []
         for prompt in prompts:
             cache = new_kv_cache(lm.model.config)
@@ -105,7 +106,9 @@ def test_fused_int8_forward_matches_the_unfused_lean_forward_alone_and_batched()
         together = fast.forward([DecodeRow(c, ids, len(p), keep=len(ids)) for c, ids, p in zip(caches, new, prompts)])
         alone = fast.forward([DecodeRow(caches[0], [17], len(prompts[0]) + 2)])
         results[mode] = [*together, *alone]
-    fast.fused = fused
+    fast.fused, fast._uniform = fused, uniform
+    for a, b in zip(results["program"], results["fused"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same arithmetic, in fewer calls
     for a, b in zip(results["fused"], results["unfused"]):
         assert a is not None and b is not None and a.shape == b.shape
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GQA_DECODE", "gqa_decode_attention", "register"]
+__all__ = ["GQA_DECODE", "decode_kernel", "gqa_decode_attention", "register"]
 
 GQA_DECODE = "duplex_gqa_decode"
 
@@ -57,7 +57,7 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
     return out.reshape(b, h, q, d).transpose(1, 2).to(out_dtype).contiguous(), None
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
+Kernel = Callable[..., "torch.Tensor | None"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,8 +88,10 @@ def _cpu_decode_kernel() -> Kernel | None:
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_float]
     fn.restype = ctypes.c_int
 
-    def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """query [1, h, t, d]; key/value [1, kvh, n, d] views with unit stride rows; -> [1, t, h, d]."""
+    def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """query [1, h, t, d]; key/value [1, kvh, n, d] views with unit stride rows; -> [1, t, h, d]
+        (into ``out``, a contiguous bf16 tensor of that size, if given)."""
         _, h, t, d = query.shape
         kvh, n = key.shape[1], key.shape[2]
         if t * (h // kvh) > 16:
@@ -98,12 +100,19 @@ def _cpu_decode_kernel() -> Kernel | None:
                 or value.stride() != key.stride():
             return None
         q = query.contiguous()
-        out = torch.empty(1, t, h, d, dtype=torch.bfloat16)
+        if out is None:
+            out = torch.empty(1, t, h, d, dtype=torch.bfloat16)
         if fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), h, kvh, t, n, d, key.stride(1), scale):
             return None
         return out
 
     return kernel
+
+
+def decode_kernel() -> Kernel | None:
+    """The C decode-attention kernel (see :func:`_cpu_decode_kernel`): ``f(query, key, value,
+    scale, out=None)`` -> [1, t, h, d] bf16, or None for shapes it does not take; None if off."""
+    return _cpu_decode_kernel()
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -359,24 +359,76 @@ static inline __attribute__((always_inline)) void q16_row(const int8_t* w, float
     }
 }
 
+/* what a fused mat-vec applies to its input rows first (see prologue_row) */
+enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
+
+/* bf16 round to nearest even of 8 floats, kept as floats (NaN -> the quiet NaN, as c10 does) */
+static inline __m256 round_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    __m256 r = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+    return _mm256_blendv_ps(r, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* expf for 8 lanes (Cephes' polynomial, as in avx_mathfun; ~1 ulp over the float range) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+    fx = _mm256_floor_ps(fx);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline void store_bf16x8(uint16_t* p, __m256 v) { /* v already rounded to bf16 values */
+    __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(lo, hi));
+}
+
 /* The activation row a kernel multiplies, built from its inputs with the bf16 roundings of
  * transformers' modules (so the fused call equals the module sequence up to summation order):
  * PRO_NONE: a [K] itself; PRO_RMSNORM: LlamaRMSNorm(a [K]) with weight aux [K] and eps;
  * PRO_SWIGLU: silu(a[0:K]) * a[K:2K] (the gate and up halves of a fused gate/up output). */
-enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
-
 static void prologue_row(int mode, const uint16_t* a, int K, const uint16_t* aux, float eps, uint16_t* act) {
+    int k8 = K & ~7;
     if (mode == PRO_RMSNORM) {
+        __m256 acc = _mm256_setzero_ps();
         float ss = 0.0f;
-        for (int k = 0; k < K; ++k) {
+        for (int k = 0; k < k8; k += 8) {
+            __m256 v = load_bf16x8(a + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        for (int k = k8; k < K; ++k) {
             float v = bf16_to_f32(a[k]);
             ss += v * v;
         }
+        ss += hsum(acc);
         float r = 1.0f / sqrtf(ss / (float)K + eps);
-        for (int k = 0; k < K; ++k)
+        __m256 rv = _mm256_set1_ps(r);
+        for (int k = 0; k < k8; k += 8)
+            store_bf16x8(act + k, round_bf16(_mm256_mul_ps(round_bf16(_mm256_mul_ps(load_bf16x8(a + k), rv)),
+                                                           load_bf16x8(aux + k))));
+        for (int k = k8; k < K; ++k)
             act[k] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(a[k]) * r)) * bf16_to_f32(aux[k]));
     } else if (mode == PRO_SWIGLU) {
-        for (int k = 0; k < K; ++k) {
+        const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+        for (int k = 0; k < k8; k += 8) {
+            __m256 g = load_bf16x8(a + k);
+            __m256 sg = round_bf16(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg)))));
+            store_bf16x8(act + k, round_bf16(_mm256_mul_ps(sg, load_bf16x8(a + K + k))));
+        }
+        for (int k = k8; k < K; ++k) {
             float g = bf16_to_f32(a[k]);
             float sg = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
             act[k] = f32_to_bf16(sg * bf16_to_f32(a[K + k]));
@@ -478,5 +530,88 @@ int duplex_rope_bf16(uint16_t* x, int t, int heads, int d, int64_t row_stride, c
                 p[j] = f32_to_bf16(a + b);
             }
         }
+    return 0;
+}
+
+/* ---- a sequence of fused q16 mat-vecs in one parallel region -------------------------------- */
+
+/* One step: c [M, n] = (r +) prologue(a [M, lda]) @ (w [n, k] * s).T, then, if rope_heads > 0,
+ * duplex_rope_bf16 on the first rope_heads heads of each row of c (cos/sin [M, head_dim]). */
+typedef struct {
+    const uint16_t* a;
+    int64_t lda;
+    const int8_t* w;
+    const uint16_t* s;
+    uint16_t* c;
+    const uint16_t* r;
+    const uint16_t* aux;
+    const uint16_t* cos;
+    const uint16_t* sin;
+    float eps;
+    int n, k, mode, rope_heads, head_dim;
+} q16_step;
+
+/* Steps run in order, each reading what the ones before wrote (a barrier between them): a decode
+ * layer's o (+ residual), gate/up (+ RMS norm), down (+ SwiGLU + residual) and the next layer's
+ * q/k/v (+ RMS norm, rope) cost one call and one thread team instead of four. */
+int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
+    int kmax = 0;
+    for (int i = 0; i < nsteps; ++i) {
+        if (steps[i].k < 1 || steps[i].n < 1 || steps[i].head_dim > 1024 || steps[i].head_dim % 2) return -1;
+        if (steps[i].k > kmax) kmax = steps[i].k;
+    }
+    if (M < 1 || nsteps < 1) return -1;
+    int64_t kpmax = (int64_t)((kmax + QK - 1) / QK) * QK;
+    int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kpmax * M));
+    float* dxs = (float*)malloc(sizeof(float) * (size_t)(kpmax / QK) * (size_t)M);
+    uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)kmax);
+    if (!qxs || !dxs || !act) {
+        free(qxs);
+        free(dxs);
+        free(act);
+        return -2;
+    }
+#pragma omp parallel
+    {
+        for (int i = 0; i < nsteps; ++i) {
+            const q16_step* st = steps + i;
+            int K = st->k, N = st->n, nb = (K + QK - 1) / QK;
+            int64_t kp = (int64_t)nb * QK;
+#pragma omp single
+            for (int m = 0; m < M; ++m) {
+                prologue_row(st->mode, st->a + (int64_t)m * st->lda, K, st->aux, st->eps, act);
+                quantize_row_q16(act, K, qxs + kp * m, dxs + (int64_t)nb * m);
+            } /* implicit barrier: the quantized rows are ready */
+            int n0, n1;
+            if (thread_slice(N, &n0, &n1))
+                for (int n = n0; n < n1; ++n) {
+                    const int8_t* w = st->w + (int64_t)n * K;
+                    float scale = bf16_to_f32(st->s[n]);
+                    uint16_t* C = st->c;
+                    const uint16_t* R = st->r;
+                    int m = 0;
+                    for (; m + Q_MT <= M; m += Q_MT)
+                        q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                                R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, Q_MT);
+                    switch (M - m) {
+                        case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 3); break;
+                        case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 2); break;
+                        case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
+                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 1); break;
+                        default: break;
+                    }
+                }
+#pragma omp barrier
+            if (st->rope_heads > 0) {
+#pragma omp single
+                duplex_rope_bf16(st->c, M, st->rope_heads, st->head_dim, N, st->cos, st->sin);
+            }
+        }
+    }
+    free(qxs);
+    free(dxs);
+    free(act);
     return 0;
 }

@@ -40,10 +40,11 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["KINDS", "Q_TOLERANCE", "FusedOps", "build_c_kernel", "fused_ops", "int8_gemv", "kernel_choice", "relative_error"]
+__all__ = ["KINDS", "Q_TOLERANCE", "FusedOps", "Step", "build_c_kernel", "fused_ops", "int8_gemv", "kernel_choice", "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,16 @@ def int8_gemv(kind: str | None = None) -> Gemv | None:
     return gemv
 
 
+class Step(ctypes.Structure):
+    """One mat-vec of :meth:`FusedOps.run` (``q16_step`` in int8_gemv.c): pointers to bf16 tensors
+    (``w``: int8) that must stay alive and in place while it is used."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("lda", ctypes.c_int64), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
+                ("c", ctypes.c_void_p), ("r", ctypes.c_void_p), ("aux", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p), ("eps", ctypes.c_float), ("n", ctypes.c_int), ("k", ctypes.c_int),
+                ("mode", ctypes.c_int), ("rope_heads", ctypes.c_int), ("head_dim", ctypes.c_int)]
+
+
 class FusedOps:
     """The decode-step helpers of ``int8_gemv.c`` around the q16 mat-vec (bf16 tensors, CPU).
 
@@ -163,6 +174,8 @@ class FusedOps:
       an RMS norm (LlamaRMSNorm, with its bf16 roundings) or SwiGLU's ``silu(gate) * up`` over a
       fused gate/up output: one call instead of 5-10 small torch ops around each mat-vec.
     - :meth:`rope`: transformers' rotary embedding on bf16 q/k heads in place, bit for bit.
+    - :meth:`step` / :meth:`run`: several such mat-vecs (and a rope) in one call and one thread
+      team, each reading what the previous wrote: a decode layer's tail and the next layer's head.
     """
 
     PLAIN, RMSNORM, SWIGLU = 0, 1, 2
@@ -175,6 +188,29 @@ class FusedOps:
         self._rope = lib.duplex_rope_bf16
         self._rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
         self._rope.restype = ctypes.c_int
+        self._steps = lib.duplex_int8_q16_steps
+        self._steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self._steps.restype = ctypes.c_int
+
+    def step(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, mode: int = 0,
+             aux: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+             rope: tuple[int, int, torch.Tensor, torch.Tensor] | None = None) -> Step:
+        """A :class:`Step` computing what :meth:`gemv` would (then ``rope``: heads, head_dim, cos,
+        sin as in :meth:`rope`) over the buffers given; ``x`` [M, lda], ``out`` [M, N] contiguous."""
+        heads, head_dim, cos, sin = rope if rope is not None else (0, 0, None, None)
+        ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        return Step(x.data_ptr(), x.stride(0), w.data_ptr(), scales.data_ptr(), out.data_ptr(), ptr(residual),
+                    ptr(aux), ptr(cos), ptr(sin), eps, w.shape[0], w.shape[1], mode, heads, head_dim)
+
+    @staticmethod
+    def program(steps: list[Step]) -> Any:
+        """A C array of steps for :meth:`run`."""
+        return (Step * len(steps))(*steps)
+
+    def run(self, program: Any, rows: int) -> None:
+        """Run a :meth:`program` over ``rows`` activation rows."""
+        if self._steps(ctypes.addressof(program), len(program), rows) != 0:
+            raise MemoryError("int8 fused mat-vec steps failed")
 
     def gemv(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mode: int = 0,
              aux: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
