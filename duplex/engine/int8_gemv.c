@@ -193,6 +193,9 @@ static inline __m256i dot32(__m256i ax, __m256i sx, __m256i w) {
 #ifndef Q_PF
 #define Q_PF 1024 /* software prefetch distance in bytes: the row stream runs at DRAM speed */
 #endif
+#ifndef Q_PF_START
+#define Q_PF_START 4096 /* bytes of the next step's rows each thread prefetches before a barrier */
+#endif
 #define Q_U 2     /* accumulators per output: blocks alternate between them (fma latency) */
 #define Q_MT 4    /* activation rows per pass over a weight row (each weight load reused) */
 
@@ -603,6 +606,15 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
                         default: break;
                     }
                 }
+            if (i + 1 < nsteps) { /* start this thread's next slice streaming while the team regroups */
+                const q16_step* nx = steps + i + 1;
+                int m0, m1;
+                if (thread_slice(nx->n, &m0, &m1)) {
+                    const char* p = (const char*)(nx->w + (int64_t)m0 * nx->k);
+                    int64_t bytes = (int64_t)(m1 - m0) * nx->k;
+                    for (int64_t off = 0; off < bytes && off < Q_PF_START; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+                }
+            }
 #pragma omp barrier
             if (st->rope_heads > 0) {
 #pragma omp single
