@@ -23,8 +23,10 @@ __all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceCo
 VAD_MIN_SILENCE_MS = 200
 VOICE_POLICY = "eou"
 # The VAD's hangover and the final ASR pass already are the acoustic gap, so the model's
-# end-of-turn belief only adds time when the words look unfinished.
-VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 700.0, "confident": 0.2,
+# end-of-turn belief only adds time when the words look unfinished; then it waits up to 1.5 s
+# ("So my plan for tomorrow is to ..."). With 700 ms, once the path got fast, the agent talked for
+# over a second into 2 of 5 mid-sentence pauses (TOR pause 0.4, bench/results/realtime-long-gap-700.json).
+VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.2,
                                        "unlikely": 0.02}
 
 
