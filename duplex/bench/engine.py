@@ -40,17 +40,20 @@ def _progress(out: TextIO | None, msg: str) -> None:
 def memory_bound_ms(weight_bytes: int, dtype: torch.dtype, device: torch.device, reps: int = 10,
                     int8: bool = False) -> float:
     """Time one mat-vec that reads ``weight_bytes`` of weights in the model's storage format
-    (``int8``: the same fused int8 kernel the quantized model uses): the floor for a decode step."""
+    (``int8``: the same int8 mat-vec the quantized model's decode steps use): the floor for a decode
+    step with that kernel; ``bandwidth_bound_ms`` in :func:`bench_decode` is the physical one."""
     elem = 1 if int8 else torch.tensor([], dtype=dtype).element_size()
     cols = 4096
     rows = max(1, weight_bytes // (elem * cols))
     x = torch.randn(1, cols, dtype=torch.float32).to(dtype=dtype, device=device)
     if int8:
+        from duplex.engine.quant import int8_matmul
+
         w = torch.randint(-127, 127, (rows, cols), dtype=torch.int8, device=device)
         scales = torch.rand(rows, device=device).to(dtype)
 
         def op() -> None:
-            torch._weight_int8pack_mm(x, w, scales)
+            int8_matmul(x, w, scales)  # the mat-vec decode steps use (the C kernel where it builds)
     else:
         w = torch.randn(rows, cols, dtype=torch.float32).to(dtype=dtype, device=device)
 
