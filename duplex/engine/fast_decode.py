@@ -180,6 +180,34 @@ class _Buffers:
         return views
 
 
+def _layout(rows: Sequence[DecodeRow]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """The rows laid out flat: token ids, their positions, and each row's [start, end) in them."""
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds: list[tuple[int, int]] = []
+    for row in rows:
+        bounds.append((len(ids), len(ids) + len(row.ids)))
+        ids.extend(row.ids)
+        positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
+    return ids, positions, bounds
+
+
+def _split_logits(rows: Sequence[DecodeRow], logits: torch.Tensor) -> list[torch.Tensor | None]:
+    """[sum of keeps, vocab] -> per row [vocab] (keep 1), [keep, vocab], or None (keep 0)."""
+    results: list[torch.Tensor | None] = []
+    i = 0
+    for row in rows:
+        if row.keep == 0:
+            results.append(None)
+            continue
+        part = logits[i:i + row.keep]
+        i += row.keep
+        if len(rows) > 1:
+            part = part.clone()  # own storage: a row's logits must not keep the batch's alive
+        results.append(part[0] if row.keep == 1 else part)
+    return results
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm, op for op."""
     dtype = x.dtype
@@ -218,13 +246,7 @@ class FastDecoder:
         layer, that call, the cache update and the attention kernel."""
         ops = self.fused
         assert ops is not None
-        ids: list[int] = []
-        positions: list[int] = []
-        bounds: list[tuple[int, int]] = []
-        for row in rows:
-            bounds.append((len(ids), len(ids) + len(row.ids)))
-            ids.extend(row.ids)
-            positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
+        ids, positions, bounds = _layout(rows)
         t = len(ids)
         buf = self._buffers.get(t)
         if buf is None:
@@ -250,26 +272,13 @@ class FastDecoder:
                     att, _ = gqa_decode_attention(layer.attn, qs, keys, values, None, scaling=layer.scaling)
                     out.copy_(att)
             ops.run(program, t)
-        wanted: list[int] = []
-        for row, (s, e) in zip(rows, bounds):
-            wanted.extend(range(e - row.keep, e))
+        wanted = [i for row, (_, e) in zip(rows, bounds) for i in range(e - row.keep, e)]
         if not wanted:
             return [None] * len(rows)
         h = x[wanted] if len(wanted) < t else x
         logits = ops.gemv(h, self.head.weight_int8, self.head.scales, ops.RMSNORM, self.final_norm.weight,
                           self.final_norm.variance_epsilon)  # [len(wanted), vocab], new storage
-        results: list[torch.Tensor | None] = []
-        i = 0
-        for row in rows:
-            if row.keep == 0:
-                results.append(None)
-                continue
-            part = logits[i:i + row.keep]
-            i += row.keep
-            if len(rows) > 1:
-                part = part.clone()  # own storage: a row's logits must not keep the batch's alive
-            results.append(part[0] if row.keep == 1 else part)
-        return results
+        return _split_logits(rows, logits)
 
     def _forward_fused(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         """:meth:`_forward` for int8 weights and bf16 activations on a CPU with the C helpers: each
@@ -278,13 +287,7 @@ class FastDecoder:
         buffer updated in place. Only the cache updates and attention stay torch calls."""
         ops = self.fused
         assert ops is not None
-        ids: list[int] = []
-        positions: list[int] = []
-        bounds: list[tuple[int, int]] = []
-        for row in rows:
-            bounds.append((len(ids), len(ids) + len(row.ids)))
-            ids.extend(row.ids)
-            positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
+        ids, positions, bounds = _layout(rows)
         t = len(ids)
         x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
         cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
@@ -313,26 +316,13 @@ class FastDecoder:
             gate_up = ops.gemv(x, layer.gate_up.weight, layer.gate_up.scales, ops.RMSNORM, layer.norm2.weight,
                                layer.norm2.variance_epsilon)
             ops.gemv(gate_up, layer.down.weight_int8, layer.down.scales, ops.SWIGLU, residual=x, out=x)
-        wanted: list[int] = []
-        for row, (s, e) in zip(rows, bounds):
-            wanted.extend(range(e - row.keep, e))
+        wanted = [i for row, (_, e) in zip(rows, bounds) for i in range(e - row.keep, e)]
         if not wanted:
             return [None] * len(rows)
         h = x[wanted] if len(wanted) < t else x
         logits = ops.gemv(h, self.head.weight_int8, self.head.scales, ops.RMSNORM, self.final_norm.weight,
                           self.final_norm.variance_epsilon)  # [len(wanted), vocab]
-        results: list[torch.Tensor | None] = []
-        i = 0
-        for row in rows:
-            if row.keep == 0:
-                results.append(None)
-                continue
-            part = logits[i:i + row.keep]
-            i += row.keep
-            if len(rows) > 1:
-                part = part.clone()  # own storage: a row's logits must not keep the batch's alive
-            results.append(part[0] if row.keep == 1 else part)
-        return results
+        return _split_logits(rows, logits)
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
@@ -358,13 +348,7 @@ class FastDecoder:
                     self._lock.release()
             return self._forward_fused(rows)
         device = self.embed.weight.device
-        ids: list[int] = []
-        positions: list[int] = []
-        bounds: list[tuple[int, int]] = []
-        for row in rows:
-            bounds.append((len(ids), len(ids) + len(row.ids)))
-            ids.extend(row.ids)
-            positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
+        ids, positions, bounds = _layout(rows)
         x = self.embed(torch.tensor([ids], dtype=torch.long, device=device))  # [1, T, hidden]
         cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long, device=device))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, d]
@@ -393,25 +377,12 @@ class FastDecoder:
             gate_up = layer.gate_up(h)
             n_gate = layer.gate_up.sizes[0]
             x = x + layer.down(F.silu(gate_up[..., :n_gate]) * gate_up[..., n_gate:])
-        wanted: list[int] = []
-        for row, (s, e) in zip(rows, bounds):
-            wanted.extend(range(e - row.keep, e))
+        wanted = [i for row, (_, e) in zip(rows, bounds) for i in range(e - row.keep, e)]
         if not wanted:
             return [None] * len(rows)
         h = _rms_norm(self.final_norm, x[:, wanted])
         logits = self.head(h)[0]  # [len(wanted), vocab]
-        results: list[torch.Tensor | None] = []
-        i = 0
-        for row in rows:
-            if row.keep == 0:
-                results.append(None)
-                continue
-            part = logits[i:i + row.keep]
-            i += row.keep
-            if len(rows) > 1:
-                part = part.clone()  # own storage: a row's logits must not keep the batch's alive
-            results.append(part[0] if row.keep == 1 else part)
-        return results
+        return _split_logits(rows, logits)
 
 
 def _fused_ops() -> Any:
