@@ -8,25 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from test_translate_server import GUARD_S, server  # noqa: F401, F811 - the fixture: a server with translate mode
 
-from duplex.engine.sampling import SamplingConfig
 from duplex.serving.client import DuplexClient, SyncDuplexClient
 from duplex.serving.client_translate import TranslateError, TranslationProgress
 from duplex.serving.server import DuplexServer
-from duplex.session.core import SessionConfig
-from duplex.translate.serving import TranslateService
-
-GUARD_S = 60.0
-
-
-@pytest.fixture()
-async def server(tiny_engine):
-    srv = DuplexServer(tiny_engine, config=SessionConfig(policy="silence",
-                                                         sampling=SamplingConfig(temperature=1.0, max_tokens=20)),
-                       translate=TranslateService(engine=tiny_engine, speech=False))
-    await srv.start("127.0.0.1", 0)
-    yield srv
-    await srv.close()
 
 
 async def _words(*words: str) -> AsyncIterator[str]:

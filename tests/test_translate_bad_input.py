@@ -3,11 +3,11 @@ naming the field (``param``), and the session stays in chat mode. Timeouts are h
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
 import pytest
+from test_translate_server import _until
 
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import SamplingConfig
@@ -23,8 +23,6 @@ from duplex.translate.fitness import (
 from duplex.translate.prompt import make_prompt
 from duplex.translate.serving import TranslateService
 
-GUARD_S = 60.0
-
 
 async def _start(engine: Engine, service: TranslateService, max_tokens: int = 20) -> DuplexServer:
     srv = DuplexServer(engine, config=SessionConfig(policy="silence", sampling=SamplingConfig(
@@ -33,16 +31,6 @@ async def _start(engine: Engine, service: TranslateService, max_tokens: int = 20
     return srv
 
 
-async def _until(client: DuplexClient, *types: str) -> list[dict[str, Any]]:
-    async def run() -> list[dict[str, Any]]:
-        seen = []
-        async for ev in client.events():
-            seen.append(ev)
-            if ev["type"] in types:
-                return seen
-        raise AssertionError(f"closed before {types}: {[e['type'] for e in seen]}")
-
-    return await asyncio.wait_for(run(), GUARD_S)
 
 
 async def _refused(client: DuplexClient, **session: Any) -> dict[str, Any]:
