@@ -3,9 +3,9 @@
 The voice path runs three CPU-bound stages at once: the LLM's decode steps (torch and the int8
 kernels, OpenMP), whisper passes (CTranslate2) and Piper synthesis (onnxruntime). Each pool's
 threads meet at a barrier after every parallel region, and when another stage holds one of the
-cores that barrier waits out a descheduled thread's time slice. On the 2-core dev machine, with one
-other busy process, a 2-thread decode step took 750 ms/token against 19-60 ms with one thread, and
-``bench realtime``'s first audio p50 went from 1.19 s (2 threads) to 0.72 s (1 thread). So by
+cores that barrier waits out a descheduled thread's time slice. On the 2-core dev machine, under
+another process's load, ``bench realtime``'s first audio p50 went from 1.19 s (2 threads) to
+0.72 s (a single-threaded LLM; bench/results/ab-threads/). So by
 default the LLM and the TTS get half the cores, at least one: on 2 cores they run single-threaded
 and the OS interleaves them (``$DUPLEX_TORCH_THREADS``, ``$DUPLEX_TTS_THREADS`` override it).
 Whisper keeps every core (``audio.asr.load_whisper``, ``$DUPLEX_ASR_THREADS``): its turn-end pass is
