@@ -41,8 +41,10 @@ def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n, monkeypatch):
         attention._cpu_decode_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130)])
+@pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130), (6, 6), (6, 300), (11, 200)])
 def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
+    """Blocks of more than 5 tokens (3 query heads per KV head: over the kernel's 16 rows, as a
+    6-token turn hand-over is) run as consecutive calls, each with its own causal bound."""
     from duplex.engine import attention
 
     monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
