@@ -66,8 +66,8 @@ _SHAPES = [(1, 7, 64), (1, 40, 576), (1, 1536, 576), (1, 576, 1536), (1, 13, 24)
 @pytest.mark.parametrize("kind,factor", [("q16", 1.2), ("q8", 10.0)])
 @pytest.mark.parametrize("m,n,k", _SHAPES)
 def test_int8_quantized_activation_kernels_are_within_tolerance_of_the_exact_product(m, n, k, kind, factor):
-    """The C kernels quantize activations per block of 32 (q16: to int16, the default; q8: to
-    int8, llama.cpp's Q8_0): not bit-identical to PyTorch, but each output row within
+    """The C kernels quantize activations (q16, the default: to int16 with one scale per row;
+    q8: to int8 per block of 32, llama.cpp's Q8_0): not bit-identical to PyTorch, but each output row within
     Q_TOLERANCE (relative L2) of the fp32 product. q16's error is PyTorch's own bf16 rounding
     (~0.2 %), q8 adds its 8-bit rounding (~0.5 %)."""
     from duplex.engine.int8_kernel import Q_TOLERANCE, int8_gemv, relative_error

@@ -4,14 +4,19 @@
  * contiguous slice of weight rows, which it streams once, in order, with a software prefetch.
  *
  * duplex_int8_q16_gemv_bf16 (the default): each activation row is quantized once per call to
- * int16 in blocks of 32 (one fp32 scale per block, round to nearest: a bf16 value keeps all its
- * 8 significant bits unless it is 256x smaller than its block's largest). A block's dot product
- * with a weight row is exact integer arithmetic (weights sign-extended to int16 once, vpmaddwd;
- * |sum| <= 2 * 2 * 32767 * 127 < 2^24, so its fp32 conversion is exact too), scaled by the block's
- * scale into fp32 accumulators; the row's weight scale is applied at the end, rounded to bf16.
- * 7 instructions per 32 weights for one row, 5 per further row (each loaded weight serves up to
- * 4 activation rows): fast enough to stream at DRAM speed. Equal to the exact product up to fp32
- * summation order and the bf16 output rounding.
+ * int16 with one scale per row (amax / 32767, round to nearest). Dot products are exact integer
+ * arithmetic (weights sign-extended to int16 once per tile, vpmaddwd, int32 lanes: |lane| <= k/8 *
+ * 32767 * 127 < 2^31 for k <= 4128, longer rows sum 4096-k chunks in double) converted once per
+ * output, then scaled by the row's and the weight row's scales and rounded to bf16. The error
+ * against the exact product is the activation rounding: <= amax / 65534 per element, and since
+ * amax <= sqrt(K) * rms(row), its L2 norm is <= sqrt(K) / 65534 * |row| (6e-4 |row| at K = 1536),
+ * below the bf16 rounding the inputs already carry; the bf16 output rounding (~0.2 %) dominates.
+ * (Per-block scales, as before, cost a float conversion and an fma per 32 weights per row, which
+ * made each extra decode row cost ~1/4 of the weight stream.) Tiles of 2 weight rows x 4 activation
+ * rows (4 x 1 for a single row) keep 8 int32 accumulators in registers: per 16 weights and output,
+ * one vpmaddwd and one add; the tile's weights are reused from L1 for every 4 rows and each
+ * activation load for 2 weight rows. Results do not depend on the tiling or the thread count
+ * (exact sums), so a row gives the same output alone or batched.
  *
  * duplex_int8_q8_gemv_bf16: llama.cpp's Q8_0 x int8: activations rounded to int8 per block of 32,
  * block dots with vpmaddubsw on |x| and sign(x) * w, then vpmaddwd. Weights must lie in
@@ -286,79 +291,144 @@ int duplex_int8_q8_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t*
     return 0;
 }
 
-/* ---- Q16 activations (int16 per block of 32) x int8 weights ------------------------------ */
+/* ---- Q16 activations (int16, one scale per row) x int8 weights ---------------------------- */
 
-static void quantize_row_q16(const uint16_t* a, int K, int16_t* q, float* d) {
-    int nb = (K + QK - 1) / QK;
+#ifndef Q16_MT
+#define Q16_MT 4 /* activation rows per pass over a tile of weight rows (each weight load reused) */
+#endif
+#ifndef Q16_NR
+#define Q16_NR 2 /* weight rows per tile (each activation load reused) */
+#endif
+#define Q_MB 16       /* activation rows per sweep over a thread's weight slice (their int16 rows stay in cache) */
+#define Q16_CHUNK 4096 /* k per int32 accumulation: an int32 lane sums k / 8 products of |x| <= 32767 and
+                        * |w| <= 127, < 2^31 up to k = 4128; longer rows add chunk sums in double */
+
+/* one bf16 row [K] -> q [kp] int16 (zero-padded past K) with one scale: returns it (amax / 32767).
+ * Round to nearest: each value's error is at most amax / 65534. */
+static float quantize_row_q16(const uint16_t* a, int K, int64_t kp, int16_t* q) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int b = 0; b < nb; ++b) {
-        float buf[QK];
-        __m256 v[4];
-        int len = K - b * QK < QK ? K - b * QK : QK;
-        if (len == QK) {
-            for (int j = 0; j < 4; ++j) v[j] = load_bf16x8(a + b * QK + 8 * j);
-        } else {
-            for (int j = 0; j < QK; ++j) buf[j] = j < len ? bf16_to_f32(a[b * QK + j]) : 0.0f;
-            for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(buf + 8 * j);
-        }
-        __m256 mx = _mm256_andnot_ps(sign, v[0]);
-        for (int j = 1; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
-        float amax = hmax8(mx);
-        d[b] = amax / 32767.0f;
-        __m256 id = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-        __m256i i[4];
-        for (int j = 0; j < 4; ++j)
-            i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id),
-                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        /* packs interleaves 128-bit lanes: (i0 lo, i1 lo, i0 hi, i1 hi) -> fix with a permute */
-        __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8);
-        __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8);
-        _mm256_storeu_si256((__m256i*)(q + b * QK), p01);
-        _mm256_storeu_si256((__m256i*)(q + b * QK + 16), p23);
+    int k8 = K & ~7;
+    __m256 mx = _mm256_setzero_ps();
+    for (int k = 0; k < k8; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, load_bf16x8(a + k)));
+    float amax = hmax8(mx);
+    for (int k = k8; k < K; ++k) {
+        float v = fabsf(bf16_to_f32(a[k]));
+        if (v > amax) amax = v;
     }
+    float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    __m256 id = _mm256_set1_ps(inv);
+    for (int k = 0; k < k8; k += 8) {
+        __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(a + k), id)); /* MXCSR: nearest even */
+        _mm_storeu_si128((__m128i*)(q + k),
+                         _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+    }
+    for (int k = k8; k < K; ++k) q[k] = (int16_t)lrintf(bf16_to_f32(a[k]) * inv);
+    for (int64_t k = K; k < kp; ++k) q[k] = 0;
+    return amax / 32767.0f;
 }
 
-/* one block of 32 weights (sign-extended to int16) against MT activation rows' int16 blocks */
-#define Q16STEP(WP, B_, A_)                                                                              \
-    do {                                                                                                 \
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(WP)));                        \
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)((WP) + 16)));                 \
-        for (int j = 0; j < MT; ++j) {                                                                   \
-            const int16_t* xp = qx + j * kp + (B_) * QK;                                                 \
-            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xp)),  \
-                                         _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xp + 16)))); \
-            acc[j][A_] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + j * nb + (B_)), acc[j][A_]); \
-        }                                                                                                \
+static inline __m256i widen16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+
+static inline double hsum_epi32_exact(__m256i v) { /* 8 int32 lanes summed without overflow */
+    __m256d s = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(v)),
+                              _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1)));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+/* acc[j][r] += the int16 rows qx + j * kp times the int8 weight rows w + r * K over 16 k from k */
+#define Q16STEP(K_)                                                                                  \
+    do {                                                                                             \
+        __m256i wv[Q16_NR > 4 ? Q16_NR : 4];                                                             \
+        for (int r = 0; r < NR; ++r) wv[r] = widen16(w + r * (int64_t)K + (K_));                     \
+        for (int j = 0; j < MT; ++j) {                                                               \
+            __m256i xv = _mm256_load_si256((const __m256i*)(qx + j * kp + (K_)));                    \
+            for (int r = 0; r < NR; ++r) {                                                           \
+                acc[j][r] = _mm256_add_epi32(acc[j][r], _mm256_madd_epi16(wv[r], xv));                \
+                __asm__("" : "+x"(acc[j][r])); /* one accumulator register each: no reassociation */ \
+            }                                                                                        \
+        }                                                                                            \
     } while (0)
 
-/* out[j * N] = bf16(scale * row dot) (+ res[j * N], rounded again, as bf16 tensors add) */
-static inline __attribute__((always_inline)) void q16_row(const int8_t* w, float scale, const int16_t* qx,
-                                                          const float* dx, uint16_t* out, const uint16_t* res,
-                                                          int K, int64_t kp, int nb, int64_t N, const int MT) {
-    __m256 acc[Q_MT][Q_U];
-    int nfull = K / QK;
-    for (int j = 0; j < MT; ++j)
-        for (int u = 0; u < Q_U; ++u) acc[j][u] = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + Q_U <= nfull; b += Q_U)
-        for (int u = 0; u < Q_U; ++u) {
-            const int8_t* wp = w + (int64_t)(b + u) * QK;
-            _mm_prefetch((const char*)(wp + Q_PF), _MM_HINT_T0);
-            Q16STEP(wp, b + u, u);
+/* C[j * N + n + r] = (R[j * N + n + r] +) bf16(S[n + r] * dx[j] * sum_k qx[j, k] * w[n + r, k]) for
+ * j < MT activation rows and r < NR weight rows: exact int32 block sums, one conversion per output */
+static inline __attribute__((always_inline)) void q16_tile(const int8_t* w, const uint16_t* S, const int16_t* qx,
+                                                           const float* dx, uint16_t* C, const uint16_t* R, int K,
+                                                           int64_t kp, int64_t N, int pf, const int MT, const int NR) {
+    double tot[Q16_MT > 4 ? Q16_MT : 4][Q16_NR > 4 ? Q16_NR : 4] = {{0}};
+    __m256i acc[Q16_MT > 4 ? Q16_MT : 4][Q16_NR > 4 ? Q16_NR : 4];
+    int kfull = K & ~15;
+    for (int k0 = 0; k0 < K; k0 += Q16_CHUNK) {
+        int k1 = K - k0 <= Q16_CHUNK ? K : k0 + Q16_CHUNK;
+        int k1f = k1 < kfull ? k1 : kfull;
+        for (int j = 0; j < MT; ++j)
+            for (int r = 0; r < NR; ++r) acc[j][r] = _mm256_setzero_si256();
+        int k = k0;
+        for (; k + 64 <= k1f; k += 64) {
+            if (pf) /* the tile's NR rows are one contiguous stream, NR * 64 bytes per step: run ahead of it */
+                for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(w + NR * ((int64_t)K + k) + Q_PF + r * 64), _MM_HINT_T0);
+            Q16STEP(k);
+            Q16STEP(k + 16);
+            Q16STEP(k + 32);
+            Q16STEP(k + 48);
         }
-    for (; b < nb; ++b) { /* the odd last full block, then a partial one (weights zero-padded) */
-        int8_t tail[QK] = {0};
-        const int8_t* wp = w + (int64_t)b * QK;
-        if (b >= nfull) {
-            memcpy(tail, wp, (size_t)(K - b * QK));
-            wp = tail;
+        for (; k < k1f; k += 16) Q16STEP(k);
+        if (k < k1) { /* the last k % 16 weights, zero-padded (qx is zero past K) */
+            __m256i wv[Q16_NR > 4 ? Q16_NR : 4];
+            for (int r = 0; r < NR; ++r) {
+                int8_t tail[16] = {0};
+                memcpy(tail, w + r * (int64_t)K + k, (size_t)(k1 - k));
+                wv[r] = widen16(tail);
+            }
+            for (int j = 0; j < MT; ++j) {
+                __m256i xv = _mm256_load_si256((const __m256i*)(qx + j * kp + k));
+                for (int r = 0; r < NR; ++r) acc[j][r] = _mm256_add_epi32(acc[j][r], _mm256_madd_epi16(wv[r], xv));
+            }
         }
-        Q16STEP(wp, b, 0);
+        for (int j = 0; j < MT; ++j)
+            for (int r = 0; r < NR; ++r) tot[j][r] += hsum_epi32_exact(acc[j][r]);
     }
-    for (int j = 0; j < MT; ++j) {
-        for (int u = 1; u < Q_U; ++u) acc[j][0] = _mm256_add_ps(acc[j][0], acc[j][u]);
-        uint16_t y = f32_to_bf16(hsum(acc[j][0]) * scale);
-        out[j * N] = res ? f32_to_bf16(bf16_to_f32(res[j * N]) + bf16_to_f32(y)) : y;
+    for (int j = 0; j < MT; ++j)
+        for (int r = 0; r < NR; ++r) {
+            uint16_t y = f32_to_bf16((float)(tot[j][r] * ((double)dx[j] * (double)bf16_to_f32(S[r]))));
+            C[j * N + r] = R ? f32_to_bf16(bf16_to_f32(R[j * N + r]) + bf16_to_f32(y)) : y;
+        }
+}
+
+#define Q16_TILE(MT_, NR_) \
+    q16_tile(B + (int64_t)n * K, S + n, qx + kp * m, dx + m, C + (int64_t)m * N + n, \
+             R ? R + (int64_t)m * N + n : NULL, K, kp, N, m == m0, MT_, NR_)
+
+#define Q16_ROWS(NR_)                                                             \
+    do {                                                                          \
+        int m = m0;                                                               \
+        for (; m + Q16_MT <= m1; m += Q16_MT) Q16_TILE(Q16_MT, NR_);                    \
+        switch (m1 - m) {                                                         \
+            case 5: Q16_TILE(5 < Q16_MT ? 5 : 1, NR_); break;                       \
+            case 4: Q16_TILE(4 < Q16_MT ? 4 : 1, NR_); break;                       \
+            case 3: Q16_TILE(3, NR_); break;                                      \
+            case 2: Q16_TILE(2, NR_); break;                                      \
+            case 1: Q16_TILE(1, NR_); break;                                      \
+            default: break;                                                       \
+        }                                                                         \
+    } while (0)
+
+/* C [M, N] (+)= the quantized rows (qx [M, kp] int16, dx [M]) @ (B [N, K] * S).T for weight rows
+ * n0..n1: tiles of Q16_NR weight rows against Q16_MT activation rows (4 weight rows for a single
+ * activation row, the memory-bound case); each tile's weights stay in L1 across the passes. */
+static void q16_slice(const int8_t* B, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0, int n1, int M,
+                      int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+    for (int m0 = 0; m0 < M; m0 += Q_MB) {
+        int m1 = M - m0 < Q_MB ? M : m0 + Q_MB;
+        int n = n0;
+        if (m1 - m0 == 1) {
+            const int m = m0;
+            for (; n + 4 <= n1; n += 4) Q16_TILE(1, 4);
+            for (; n < n1; ++n) Q16_TILE(1, 1);
+            continue;
+        }
+        for (; n + Q16_NR <= n1; n += Q16_NR) Q16_ROWS(Q16_NR);
+        for (; n < n1; ++n) Q16_ROWS(1);
     }
 }
 
@@ -459,51 +529,30 @@ int duplex_int8_q16_gemv_fused(const uint16_t* A, int64_t lda, const int8_t* B, 
 static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C, int M, int N,
                     int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
     if (M < 1 || N < 1 || K < 1) return -1;
-    int nb = (K + QK - 1) / QK;
-    int64_t kp = (int64_t)nb * QK;
+    int64_t kp = (int64_t)((K + 31) / 32) * 32;
     int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kp * M));
-    float* dxs = (float*)malloc(sizeof(float) * (size_t)nb * (size_t)M);
-    if (!qxs || !dxs) {
+    float* dxs = (float*)malloc(sizeof(float) * (size_t)M);
+    uint16_t* act = mode == PRO_NONE ? NULL : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)K);
+    if (!qxs || !dxs || (mode != PRO_NONE && !act)) {
         free(qxs);
         free(dxs);
+        free(act);
         return -2;
     }
-    if (mode == PRO_NONE && lda == K) {
-        for (int m = 0; m < M; ++m) quantize_row_q16(A + (int64_t)m * K, K, qxs + kp * m, dxs + (int64_t)nb * m);
-    } else {
-        uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)K);
-        if (!act) {
-            free(qxs);
-            free(dxs);
-            return -2;
+    for (int m = 0; m < M; ++m) {
+        const uint16_t* row = A + (int64_t)m * lda;
+        if (act) {
+            prologue_row(mode, row, K, aux, eps, act);
+            row = act;
         }
-        for (int m = 0; m < M; ++m) {
-            prologue_row(mode, A + (int64_t)m * lda, K, aux, eps, act);
-            quantize_row_q16(act, K, qxs + kp * m, dxs + (int64_t)nb * m);
-        }
-        free(act);
+        dxs[m] = quantize_row_q16(row, K, kp, qxs + kp * m);
     }
+    free(act);
+    /* contiguous slices of weight rows per thread: each thread streams its slice once, in order */
 #pragma omp parallel
     {
         int n0, n1;
-        if (thread_slice(N, &n0, &n1))
-            for (int n = n0; n < n1; ++n) {
-                const int8_t* w = B + (int64_t)n * K;
-                float scale = bf16_to_f32(S[n]);
-                int m = 0;
-                for (; m + Q_MT <= M; m += Q_MT)
-                    q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, Q_MT);
-                switch (M - m) {
-                    case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 3); break;
-                    case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 2); break;
-                    case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                            R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 1); break;
-                    default: break;
-                }
-            }
+        if (thread_slice(N, &n0, &n1)) q16_slice(B, S, C, R, n0, n1, M, N, K, qxs, dxs, kp);
     }
     free(qxs);
     free(dxs);
@@ -564,9 +613,9 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
         if (steps[i].k > kmax) kmax = steps[i].k;
     }
     if (M < 1 || nsteps < 1) return -1;
-    int64_t kpmax = (int64_t)((kmax + QK - 1) / QK) * QK;
+    int64_t kpmax = (int64_t)((kmax + 31) / 32) * 32;
     int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kpmax * M));
-    float* dxs = (float*)malloc(sizeof(float) * (size_t)(kpmax / QK) * (size_t)M);
+    float* dxs = (float*)malloc(sizeof(float) * (size_t)M);
     uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)kmax);
     if (!qxs || !dxs || !act) {
         free(qxs);
@@ -578,34 +627,15 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
     {
         for (int i = 0; i < nsteps; ++i) {
             const q16_step* st = steps + i;
-            int K = st->k, N = st->n, nb = (K + QK - 1) / QK;
-            int64_t kp = (int64_t)nb * QK;
+            int K = st->k, N = st->n;
+            int64_t kp = (int64_t)((K + 31) / 32) * 32;
 #pragma omp single
             for (int m = 0; m < M; ++m) {
                 prologue_row(st->mode, st->a + (int64_t)m * st->lda, K, st->aux, st->eps, act);
-                quantize_row_q16(act, K, qxs + kp * m, dxs + (int64_t)nb * m);
+                dxs[m] = quantize_row_q16(act, K, kp, qxs + kp * m);
             } /* implicit barrier: the quantized rows are ready */
             int n0, n1;
-            if (thread_slice(N, &n0, &n1))
-                for (int n = n0; n < n1; ++n) {
-                    const int8_t* w = st->w + (int64_t)n * K;
-                    float scale = bf16_to_f32(st->s[n]);
-                    uint16_t* C = st->c;
-                    const uint16_t* R = st->r;
-                    int m = 0;
-                    for (; m + Q_MT <= M; m += Q_MT)
-                        q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                                R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, Q_MT);
-                    switch (M - m) {
-                        case 3: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 3); break;
-                        case 2: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 2); break;
-                        case 1: q16_row(w, scale, qxs + kp * m, dxs + (int64_t)nb * m, C + (int64_t)m * N + n,
-                                        R ? R + (int64_t)m * N + n : NULL, K, kp, nb, N, 1); break;
-                        default: break;
-                    }
-                }
+            if (thread_slice(N, &n0, &n1)) q16_slice(st->w, st->s, st->c, st->r, n0, n1, M, N, K, qxs, dxs, kp);
             if (i + 1 < nsteps) { /* start this thread's next slice streaming while the team regroups */
                 const q16_step* nx = steps + i + 1;
                 int m0, m1;

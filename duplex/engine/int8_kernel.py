@@ -5,13 +5,17 @@ Decode reads every weight once per token, so a mat-vec should run at DRAM speed.
 fmas, ~11 GB/s of weights on this 2-core machine against ~25 GB/s for an fp32 sum. The kernels of
 ``int8_gemv.c`` are compiled with the system C compiler at first use into the duplex cache:
 
-- ``q16`` (the default): the activation rows are quantized once per call to int16 in blocks of 32
-  (one fp32 scale per block, so every bf16 input keeps its 8 significant bits unless it is 256x
-  smaller than its block's largest); a block's dot product with a weight row is exact integer
-  arithmetic (weights sign-extended once, ``vpmaddwd``), scaled in fp32, and the row's weight
-  scale is applied at the end. ~21 GB/s at one row; each loaded weight serves up to 4 activation
-  rows at a time (batched decode). Its results differ from PyTorch's by summation order only:
-  the relative error against an fp32 reference is PyTorch's own (~0.2 %, the bf16 rounding).
+- ``q16`` (the default): each activation row is quantized once per call to int16 with one scale
+  per row (round to nearest: each value off by at most max|row| / 65534, and since max|row| <=
+  sqrt(K) * rms(row) that is below the bf16 rounding the inputs already carry); dot products are
+  exact integer arithmetic (weights sign-extended once, ``vpmaddwd``, int32 accumulators over the
+  whole row), converted to float once per output and scaled by the row's and the weight row's
+  scales. Tiles of 2 weight rows x 4 activation rows share every load, so extra decode rows cost
+  little: over the 135M model's linears (1 thread) 8 rows take ~2x one row instead of ~2.6x, 16
+  rows ~4.3x instead of ~5.3x (one row is bound by the weight stream). Its results differ from
+  PyTorch's by summation order and the activation rounding: the relative error against an fp32
+  reference is PyTorch's own (~0.2 %, the bf16 output rounding), and a row's result does not
+  depend on the other rows of the batch.
 - ``q8`` (``DUPLEX_INT8_KERNEL=q8``): llama.cpp's Q8_0 scheme, activations rounded to int8 per
   block of 32 and ``vpmaddubsw`` with the sign trick. Not faster than ``q16`` here (both stream
   at memory speed; at 4-16 rows q16 is 5-10 % faster) and 3x the error (~0.5 % per output on
