@@ -65,3 +65,33 @@ def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
         torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
     finally:
         attention._cpu_decode_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("q", [1, 6, 11])
+@pytest.mark.parametrize("n", [11, 64, 65, 130, 1000])
+def test_c_decode_kernel_with_smollm_heads_matches_fp32_attention(q, n, monkeypatch):
+    """SmolLM2's layout (9 query heads over 3 KV heads, head_dim 64): key blocks of 64 with a
+    partial last one, the online softmax across blocks, and rows whose causal bound ends inside a
+    block (t > 1) or before the last block starts."""
+    from duplex.engine import attention
+
+    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
+    attention._cpu_decode_kernel.cache_clear()
+    try:
+        kernel = attention._cpu_decode_kernel()
+        if kernel is None:
+            pytest.skip("no C compiler or no AVX2")
+        if n < q:
+            pytest.skip("fewer keys than queries")
+        torch.manual_seed(n * 100 + q)
+        query = (torch.randn(1, 9, q, 64) * 2).bfloat16()
+        key = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+        value = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+        out = kernel(query, key, value, 0.125)
+        assert out is not None and out.shape == (1, q, 9, 64)
+        mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+        ref = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
+                                                               scale=0.125, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    finally:
+        attention._cpu_decode_kernel.cache_clear()

@@ -59,7 +59,7 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
 
 Kernel = Callable[..., "torch.Tensor | None"]
 
-_MAX_QUERY_ROWS = 16  # query heads x tokens one kernel call holds in registers (decode_attention.c)
+_MAX_QUERY_ROWS = 48  # query heads x tokens one kernel call takes (MAX_ROWS in decode_attention.c)
 _MAX_SPLIT_TOKENS = 16  # longer blocks are prefill chunks, for the torch path
 
 

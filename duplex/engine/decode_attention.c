@@ -1,22 +1,25 @@
 /* Grouped-query attention for a few new tokens over a bf16 KV cache (CPU decode steps, hand-overs).
  *
  * out[h] = softmax(scale * q[h] . K[h / g]^T) V[h / g], fp32 inside, bf16 out. Each KV head's keys
- * and values are read once, in place (strided cache views), for its whole group of g query heads:
- * no fp32 copies of the cache, which at 4k context cost more than the mat-muls themselves.
- * Built with -ffast-math (vectorised expf); results match PyTorch's attention to fp32 rounding,
- * not bit for bit. Built at first use by duplex.engine.int8_kernel.
+ * and values are read once, in place (strided cache views), for its whole group of g query heads
+ * and t tokens (rows = g * t): no fp32 copies of the cache, which at 4k context cost more than the
+ * mat-muls themselves. One pass over the cache in blocks of KB keys with an online softmax:
+ *
+ * - a block's keys and values are converted to fp32 once for all rows (row-major, 8 lanes a step);
+ * - scores: 2 query rows x 4 keys per step (6 loads, 8 fmas), each group of 4 dot products
+ *   reduced with one hadd tree (no horizontal sum per row and key);
+ * - values: 2 rows x 32 output columns in 8 register accumulators over the whole block (the
+ *   running output is loaded, rescaled by exp(old max - new max), and stored once per block).
+ *
+ * expf is Cephes' polynomial (~1 ulp), so results match PyTorch's attention to fp32 rounding, not
+ * bit for bit, and do not depend on the thread count. Built at first use by
+ * duplex.engine.int8_kernel (-O3 -mavx2 -mfma -ffast-math -fopenmp).
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -25,71 +28,168 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
+static inline __m256 load_bf16x8(const uint16_t* p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+/* expf for 8 lanes (Cephes' polynomial, as in avx_mathfun); inputs <= 0 here */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) { /* (sum a0, .., sum a3) */
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 #define MAX_D 256
 #define MAX_ROWS 48 /* query heads per KV head x new tokens */
-#define KEY_BLOCK 64
+#define KB 64       /* keys per block */
+
+/* sc[r0 + i][0 .. jb4) = q[r0 + i] . kf[j] for i < NR (1 or 2) query rows; jb4 % 4 == 0 */
+static inline __attribute__((always_inline)) void scores(const float* qf, const float* kf, float* sc, int r0,
+                                                         int jb4, int d, const int NR) {
+    const float* q0 = qf + (int64_t)r0 * d;
+    const float* q1 = NR > 1 ? q0 + d : q0;
+    for (int j = 0; j < jb4; j += 4) {
+        const float* k0 = kf + (int64_t)j * d;
+        __m256 a[2][4];
+        for (int i = 0; i < NR; ++i)
+            for (int u = 0; u < 4; ++u) a[i][u] = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8) {
+            __m256 x0 = _mm256_load_ps(q0 + c), x1 = _mm256_load_ps(q1 + c);
+            for (int u = 0; u < 4; ++u) {
+                __m256 kv = _mm256_load_ps(k0 + u * d + c);
+                a[0][u] = _mm256_fmadd_ps(x0, kv, a[0][u]);
+                if (NR > 1) a[1][u] = _mm256_fmadd_ps(x1, kv, a[1][u]);
+            }
+        }
+        for (int i = 0; i < NR; ++i) _mm_store_ps(sc + (int64_t)(r0 + i) * KB + j, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
+    }
+}
+
+/* acc[r0 + i][c0 .. c0 + 8 NV) = alpha[r0 + i] * acc + sum_j p[r0 + i][j] * vf[j][c0 ..] */
+static inline __attribute__((always_inline)) void values(const float* p, const float* vf, float* acc,
+                                                         const float* alpha, int r0, int c0, int jb, int d,
+                                                         const int NR, const int NV) {
+    __m256 a[2][4];
+    for (int i = 0; i < NR; ++i) {
+        __m256 al = _mm256_set1_ps(alpha[r0 + i]);
+        for (int u = 0; u < NV; ++u)
+            a[i][u] = _mm256_mul_ps(al, _mm256_load_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u));
+    }
+    const float* p0 = p + (int64_t)r0 * KB;
+    for (int j = 0; j < jb; ++j) {
+        __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p0 + (NR > 1 ? KB : 0) + j);
+        for (int u = 0; u < NV; ++u) {
+            __m256 vv = _mm256_load_ps(vf + (int64_t)j * d + c0 + 8 * u);
+            a[0][u] = _mm256_fmadd_ps(w0, vv, a[0][u]);
+            if (NR > 1) a[1][u] = _mm256_fmadd_ps(w1, vv, a[1][u]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int u = 0; u < NV; ++u) _mm256_store_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u, a[i][u]);
+}
 
 /* q [h, t, d] bf16 contiguous (t new tokens, the last t positions of the cache); k, v: element
  * (head, j, c) at head * head_stride + j * d + c (bf16); out [t, h, d] bf16. Token i of the t
- * attends causally to keys 0 .. n - t + i. Returns 0, or -1 for unsupported sizes. */
+ * attends causally to keys 0 .. n - t + i. Returns 0, -1 for unsupported sizes, -2 without memory. */
 int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                            int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
     int g = h / kvh, rows = g * t;
-    if (d > MAX_D || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
-#pragma omp parallel for schedule(static)
+    if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
     for (int kh = 0; kh < kvh; ++kh) {
-        float qf[MAX_ROWS][MAX_D], acc[MAX_ROWS][MAX_D], kf[MAX_D], denom[MAX_ROWS], mx[MAX_ROWS];
-        float kt[MAX_D][KEY_BLOCK];
+        size_t fl = (size_t)rows * d * 2 + (size_t)KB * d * 2 + (size_t)rows * KB;
+        float* ws = (float*)aligned_alloc(32, sizeof(float) * fl);
+        if (!ws) {
+            failed = 1;
+            continue;
+        }
+        float *qf = ws, *acc = qf + (size_t)rows * d, *kf = acc + (size_t)rows * d, *vf = kf + (size_t)KB * d;
+        float* sc = vf + (size_t)KB * d; /* scores, then probabilities [rows][KB] */
+        float mx[MAX_ROWS], den[MAX_ROWS], alpha[MAX_ROWS];
         int last[MAX_ROWS];
-        float* s = (float*)malloc(sizeof(float) * (size_t)rows * (size_t)n);
         const uint16_t* kb = k + kh * head_stride;
         const uint16_t* vb = v + kh * head_stride;
+        const __m256 sv = _mm256_set1_ps(scale);
         for (int r = 0; r < rows; ++r) { /* row r = query head kh * g + r / t, token r % t */
-            for (int c = 0; c < d; ++c) qf[r][c] = bf16_to_f32(q[((int64_t)kh * rows + r) * d + c]) * scale;
-            mx[r] = -INFINITY;
+            const uint16_t* qr = q + ((int64_t)kh * rows + r) * d;
+            for (int c = 0; c < d; c += 8) _mm256_store_ps(qf + (int64_t)r * d + c, _mm256_mul_ps(load_bf16x8(qr + c), sv));
+            memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
+            mx[r] = 0.0f;
+            den[r] = 0.0f;
             last[r] = n - t + r % t;
         }
-        for (int j0 = 0; j0 < n; j0 += KEY_BLOCK) { /* scores, a block of keys at a time */
-            int jb = n - j0 < KEY_BLOCK ? n - j0 : KEY_BLOCK;
-            for (int jj = 0; jj < jb; ++jj) /* converted and transposed once for all rows */
-                for (int c = 0; c < d; ++c) kt[c][jj] = bf16_to_f32(kb[(int64_t)(j0 + jj) * d + c]);
-            for (int r = 0; r < rows; ++r) {
-                float sc[KEY_BLOCK] = {0};
-                for (int c = 0; c < d; ++c) {
-                    float qc = qf[r][c];
-                    for (int jj = 0; jj < KEY_BLOCK; ++jj) sc[jj] += qc * kt[c][jj];
+        for (int j0 = 0; j0 < n; j0 += KB) {
+            int jb = n - j0 < KB ? n - j0 : KB, jb4 = (jb + 3) & ~3;
+            for (int j = 0; j < jb; ++j) /* this block's keys and values in fp32, once for all rows */
+                for (int c = 0; c < d; c += 8) {
+                    _mm256_store_ps(kf + (int64_t)j * d + c, load_bf16x8(kb + (int64_t)(j0 + j) * d + c));
+                    _mm256_store_ps(vf + (int64_t)j * d + c, load_bf16x8(vb + (int64_t)(j0 + j) * d + c));
                 }
-                float* sr = s + (int64_t)r * n + j0;
-                int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb;
-                for (int jj = 0; jj < jb; ++jj) sr[jj] = sc[jj];
-                for (int jj = 0; jj < lim; ++jj)
-                    if (sc[jj] > mx[r]) mx[r] = sc[jj];
+            memset(kf + (int64_t)jb * d, 0, sizeof(float) * (size_t)(jb4 - jb) * d);
+            int r = 0;
+            for (; r + 2 <= rows; r += 2) scores(qf, kf, sc, r, jb4, d, 2);
+            if (r < rows) scores(qf, kf, sc, r, jb4, d, 1);
+            for (r = 0; r < rows; ++r) { /* online softmax: new max, rescale, probabilities */
+                float* s = sc + (int64_t)r * KB;
+                int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb; /* keys this row may see */
+                if (lim <= 0) {
+                    alpha[r] = 1.0f;
+                    memset(s, 0, sizeof(float) * KB);
+                    continue;
+                }
+                float m = den[r] > 0.0f ? mx[r] : s[0];
+                for (int j = 0; j < lim; ++j) m = s[j] > m ? s[j] : m;
+                alpha[r] = den[r] > 0.0f ? expf(mx[r] - m) : 0.0f; /* den > 0 once a key was seen */
+                mx[r] = m;
+                __m256 mv = _mm256_set1_ps(m), z = _mm256_setzero_ps();
+                int j = 0;
+                for (; j + 8 <= lim; j += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), mv));
+                    _mm256_store_ps(s + j, e);
+                    z = _mm256_add_ps(z, e);
+                }
+                float zs = 0.0f;
+                for (; j < lim; ++j) zs += (s[j] = expf(s[j] - m));
+                for (; j < KB; ++j) s[j] = 0.0f;
+                __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+                z4 = _mm_add_ps(z4, _mm_movehl_ps(z4, z4));
+                zs += _mm_cvtss_f32(_mm_add_ss(z4, _mm_movehdup_ps(z4)));
+                den[r] = den[r] * alpha[r] + zs;
             }
-        }
-        for (int r = 0; r < rows; ++r) { /* softmax numerators; future keys get 0 */
-            float* sr = s + (int64_t)r * n;
-            float m = mx[r], z = 0.f;
-            int lim = last[r] + 1;
-            for (int j = 0; j < lim; ++j) {
-                sr[j] = expf(sr[j] - m);
-                z += sr[j];
+            for (r = 0; r + 2 <= rows; r += 2) {
+                int c = 0;
+                for (; c + 32 <= d; c += 32) values(sc, vf, acc, alpha, r, c, jb, d, 2, 4);
+                for (; c < d; c += 8) values(sc, vf, acc, alpha, r, c, jb, d, 2, 1);
             }
-            for (int j = lim; j < n; ++j) sr[j] = 0.f;
-            denom[r] = z;
-            memset(acc[r], 0, sizeof(float) * d);
-        }
-        for (int j = 0; j < n; ++j) { /* values: each converted once for all rows */
-            for (int c = 0; c < d; ++c) kf[c] = bf16_to_f32(vb[(int64_t)j * d + c]);
-            for (int r = 0; r < rows; ++r) {
-                float p = s[(int64_t)r * n + j];
-                for (int c = 0; c < d; ++c) acc[r][c] += p * kf[c];
+            if (r < rows) {
+                int c = 0;
+                for (; c + 32 <= d; c += 32) values(sc, vf, acc, alpha, r, c, jb, d, 1, 4);
+                for (; c < d; c += 8) values(sc, vf, acc, alpha, r, c, jb, d, 1, 1);
             }
         }
         for (int r = 0; r < rows; ++r) {
             int head = kh * g + r / t, tok = r % t;
-            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(acc[r][c] / denom[r]);
+            float inv = 1.0f / den[r];
+            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(acc[(int64_t)r * d + c] * inv);
         }
-        free(s);
+        free(ws);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
