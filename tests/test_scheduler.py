@@ -188,3 +188,53 @@ async def test_a_plain_forward_after_a_ragged_pass_still_works(tiny_lm: LoadedMo
         assert torch.allclose(before, after, atol=1e-4)
     finally:
         engine.close()
+
+
+def test_the_pacer_fits_a_fixed_part_and_a_per_unit_part() -> None:
+    """Tick time = a + b * units, fitted over recent ticks; a prefill may add (PACE - 1) times
+    the decode rows' own cost (their units plus the fixed part), not a guess from other ticks."""
+    from duplex.engine.scheduler import _Pacer
+
+    pacer = _Pacer(None)
+    assert pacer.fit() is None
+    assert pacer.budget(1000.0) == pytest.approx((_Pacer.PACE - 1) * 1000.0)  # no fit: no fixed part assumed
+    for units in (1e3, 5e3, 2e4, 4e4, 8e4, 3e3):
+        pacer.observe(0.02 + 1e-6 * units, units)
+    a, b = pacer.fit()
+    assert a == pytest.approx(0.02) and b == pytest.approx(1e-6)
+    assert pacer.budget(1e4) == pytest.approx((_Pacer.PACE - 1) * (2e4 + 1e4))
+    flat = _Pacer(None)
+    for _ in range(5):
+        flat.observe(0.05, 1e4)  # no spread in size: proportional
+    assert flat.fit() == (0.0, pytest.approx(5e-6))
+
+
+async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: LoadedModel, monkeypatch) -> None:
+    """A tick that starts while the speaker's loop is still emitting its last token (no decode
+    request queued) must not give the whole chunk to a long prefill: the speaker would queue its
+    next step a moment later and wait behind it."""
+    engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=32)
+    try:
+        monkeypatch.setattr(engine.scheduler._pacer, "budget", lambda decode_units: 0.0)  # 1 token a tick
+        talker = await engine.start_sequence(PROMPTS[0])
+        await engine.run(talker.hand_over, Speaker.AGENT)
+        listener = engine.new_sequence()
+        engine.scheduler.trace.clear()
+        sampler = _greedy()
+
+        async def talk() -> None:
+            for _ in range(20):
+                await engine.decode(talker, sampler)
+                await asyncio.sleep(0)  # the session emits its token between steps
+
+        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+        ticks = list(engine.scheduler.trace)
+        talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
+        during = [t for t in ticks if talking[0] <= t.tick <= talking[-1]]
+        assert any(not any(r.owner == id(talker) for r in t.rows) and t.prefill_tokens for t in during)
+        # (the message header is a short request of its own: short ones are never paced)
+        assert all(r.tokens <= 1 for t in during for r in t.rows if r.owner == id(listener) and r.start_pos > 0)
+        assert max(t.prefill_tokens for t in ticks) == 32  # after the talk, full chunks again
+        assert sum(r.tokens for t in ticks for r in t.rows if r.owner == id(listener)) == len(listener)
+    finally:
+        engine.close()

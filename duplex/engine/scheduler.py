@@ -14,7 +14,8 @@ sessions paid eight passes over the weights per round. Here:
   last, or on the scheduler thread for callers that are not jobs): every pending
   1-token request (decode steps: priority, all of them) plus prefill pieces from the other
   requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all and,
-  while others decode, about one decode tick's worth of compute (:class:`_Pacer`). In
+  while anyone speaks (decoded in the last ticks, queued now or not), at most 0.6x the
+  decode rows' own cost more (:class:`_Pacer`). In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("batched", "chunked", "fifo")
 _MIN_PIECE = 8  # a later prefill row in a tick takes no intermediate piece smaller than this
+# a session that decoded within this many ticks, or this many seconds, still counts as speaking
+_SPEAKER_TICKS = 2
+_SPEAKER_SECONDS = 0.25
 # a tick of at most this many tokens (decode steps, short prefill pieces) takes the lean forward of
 # duplex.engine.fast_decode; a bigger one the ragged transformers forward (SDPA for long rows)
 _FAST_MAX_TOKENS = 96
@@ -71,6 +75,7 @@ class TickRecord:
     tick: int
     rows: tuple[RowRecord, ...]
     forwards: int  # model calls in this tick: 1 when batched
+    seconds: float = 0.0  # wall time of its forwards (diagnostics; tests count rows, not time)
     type: str = "tick"
 
     @property
@@ -118,34 +123,56 @@ class _Job:
 
 
 class _Pacer:
-    """Sizes prefill pieces while sessions decode, so that a tick's prefill part costs about one
-    decode-only tick: their inter-token time stays near twice its idle value even when the prefill
-    is deep into a long prompt, where a fixed token count would cost ever more (attention grows
-    with the context). A prefill token at context L costs ``k + L`` units (``k``: the model's
-    linear work per token in units of attention work per cached position); seconds per unit and
-    per decode-only tick are running averages over measured ticks."""
+    """Sizes prefill pieces while sessions speak, so that a tick carrying a piece costs at most
+    ``PACE`` times what its decode rows alone would: the speakers' inter-token time stays under
+    twice its idle value even deep into a long prompt, where a fixed token count would cost ever
+    more (attention grows with the context).
+
+    Every token in a tick, decode row or prefill, costs ``k + L`` units (``k``: the model's linear
+    work per token in units of attention work per cached position; ``L``: its context). Tick time
+    is fitted as ``a + b * units`` by least squares over recent ticks: ``a`` is what any tick pays
+    (reading the weights, per-tick overhead), ``b`` the compute per unit. Fitting both matters: the
+    old model charged a decode-only tick's mean time against whatever decode rows a tick had, so a
+    tick with fewer rows than usual made prefill look free and the next pieces ran 5-10x over."""
+
+    PACE = 1.6  # a tick with prefill costs at most this times its decode rows alone (target: 2x)
+    WINDOW = 48
 
     def __init__(self, config: Any) -> None:
         self.k = _linear_per_attention(config)
-        self.decode_s: float | None = None
-        self.unit_s: float | None = None
+        self._ticks: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)  # (units, seconds)
 
     def units(self, n: int, start: int) -> float:
         return n * (self.k + start + n / 2)
 
-    def budget(self) -> float | None:
-        """Units of prefill that cost about one decode tick (None until both were measured)."""
-        if self.decode_s is None or not self.unit_s:
-            return None
-        return self.decode_s / self.unit_s
+    def observe(self, seconds: float, units: float) -> None:
+        if units > 0:
+            self._ticks.append((units, seconds))
 
-    def observe(self, seconds: float, decode_rows: int, units: float) -> None:
-        if units <= 0:
-            if decode_rows:
-                self.decode_s = _ema(self.decode_s, seconds)
-            return
-        base = (self.decode_s or 0.0) if decode_rows else 0.0
-        self.unit_s = _ema(self.unit_s, max(seconds - base, 0.0) / units)
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b) of ``seconds = a + b * units`` over the recent ticks; None until they vary enough
+        to fit (then a proportional fit, a = 0, if the line comes out with a negative part)."""
+        if len(self._ticks) < 4:
+            return None
+        n = len(self._ticks)
+        mu = sum(u for u, _ in self._ticks) / n
+        ms = sum(t for _, t in self._ticks) / n
+        var = sum((u - mu) ** 2 for u, _ in self._ticks)
+        if var <= (0.05 * mu) ** 2 * n:
+            return (0.0, ms / mu) if mu > 0 else None
+        b = sum((u - mu) * (t - ms) for u, t in self._ticks) / var
+        a = ms - b * mu
+        if b <= 0 or a < 0:
+            total = sum(u for u, _ in self._ticks)
+            return (0.0, sum(t for _, t in self._ticks) / total) if total > 0 else None
+        return a, b
+
+    def budget(self, decode_units: float) -> float:
+        """Prefill units a tick whose decode rows are ``decode_units`` may add (see ``PACE``).
+        Before any fit: as many units as the decode rows (no fixed part assumed: the safe side)."""
+        line = self.fit()
+        a_over_b = line[0] / line[1] if line is not None else 0.0
+        return (self.PACE - 1) * (a_over_b + decode_units)
 
 
 def _ema(old: float | None, new: float, alpha: float = 0.2) -> float:
@@ -196,6 +223,10 @@ class Scheduler:
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
         self._pacer = _Pacer(getattr(model, "config", None))
+        # owner id -> (tick and time of its last decode row, that row's units): a speaker between
+        # two steps (its loop is emitting the last token) still paces the prefill of the tick
+        # that starts meanwhile
+        self._speakers: dict[int, tuple[int, float, float]] = {}
         self._batching = mode == "batched"
         self._closing = False
         if self._batching:
@@ -323,10 +354,11 @@ class Scheduler:
             tick = self.stats.ticks
         t0 = time.perf_counter()
         forwards = self._execute(plan)
-        self._pacer.observe(time.perf_counter() - t0, sum(1 for r, _, _ in plan if r.decode),
-                            sum(self._pacer.units(n, r.start_pos + off) for r, n, off in plan if not r.decode))
+        seconds = time.perf_counter() - t0
+        if forwards == 1:
+            self._pacer.observe(seconds, sum(self._pacer.units(n, r.start_pos + off) for r, n, off in plan))
         with self._lock:
-            self._finish_tick(tick, plan, forwards)
+            self._finish_tick(tick, plan, forwards, seconds)
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, then prefill pieces round robin,
@@ -336,7 +368,19 @@ class Scheduler:
         prefills = sorted((r for r in self._pending if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
         budget = self.chunk_tokens
-        units = self._pacer.budget() if plan else None
+        tick = self.stats.ticks
+        now = time.perf_counter()
+        for owner, (last, at, _) in list(self._speakers.items()):
+            if last < tick - _SPEAKER_TICKS and now - at > _SPEAKER_SECONDS:
+                del self._speakers[owner]  # stopped decoding: its turn ended or it was interrupted
+        units = None
+        if prefills and self._speakers:
+            planned = {id(r.owner) for r, _, _ in plan}
+            decode_units = sum(self._pacer.units(1, r.start_pos) for r, _, _ in plan)
+            # a speaker whose next step is not queued yet counts as if it were: it will queue it
+            # while this tick runs, and must not then wait behind an unpaced piece
+            decode_units += sum(u for owner, (_, _, u) in self._speakers.items() if owner not in planned)
+            units = self._pacer.budget(decode_units)
         first = True
         for r in prefills:
             if budget <= 0:
@@ -344,8 +388,9 @@ class Scheduler:
             start = r.start_pos + r.done
             remaining = len(r.ids) - r.done
             cap = budget
-            if units is not None and remaining > self.chunk_tokens:
-                # only long prefills are paced: a short one (a user's words, a turn hand-over) is
+            if units is not None and len(r.ids) > self.chunk_tokens:
+                # only long prefills are paced, to their last piece (a sequence sends a long
+                # prompt as several requests): a short one (a user's words, a turn hand-over) is
                 # what someone's first reply token waits for, and costs at most one chunk
                 cap = min(cap, int(max(units, 0.0) // (self._pacer.k + start)))
                 if cap < 1:
@@ -403,10 +448,12 @@ class Scheduler:
                 r.result = out
         return forwards
 
-    def _finish_tick(self, tick: int, plan: list[tuple[_Request, int, int]], forwards: int) -> None:  # under _lock
+    def _finish_tick(self, tick: int, plan: list[tuple[_Request, int, int]], forwards: int,
+                     seconds: float) -> None:  # under _lock
+        now = time.perf_counter()
         records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick)
                         for r, n, offset in plan)
-        self.trace.append(TickRecord(tick, records, forwards))
+        self.trace.append(TickRecord(tick, records, forwards, seconds))
         s = self.stats
         s.ticks += 1
         s.forwards += forwards
@@ -415,7 +462,9 @@ class Scheduler:
         s.prefill_tokens += sum(n for r, n, _ in plan if not r.decode)
         s.max_rows = max(s.max_rows, len(plan))
         for r, _, _ in plan:
-            if not r.decode:
+            if r.decode:
+                self._speakers[id(r.owner)] = (tick, now, self._pacer.units(1, r.start_pos))
+            else:
                 self._served[id(r.owner)] = tick
             if r.result is None and r.error is None:
                 continue  # more prefill pieces to go

@@ -150,7 +150,8 @@ class SharedSequence:
         self._status: list[Status] = []
         self._turn: list[int] = []
         self._cache: Any = self._new_cache()
-        self._logits: torch.Tensor | None = None  # [vocab] prediction after the last position
+        self._logits_value: torch.Tensor | None = None  # [vocab] prediction after the last position
+        self._logits_version = 0  # bumped whenever that prediction is replaced or dropped
         self._sink_tokens = 0  # the first system turn; never evicted
         self._turn_counter = 0
         self._open: tuple[Speaker, int] | None = None  # (speaker, turn id) of the open turn
@@ -197,6 +198,21 @@ class SharedSequence:
 
     def text(self, start: int = 0, end: int | None = None) -> str:
         return self.lm.tokenizer.decode(self._ids[start:end], skip_special_tokens=False)
+
+    @property
+    def _logits(self) -> torch.Tensor | None:
+        return self._logits_value
+
+    @_logits.setter
+    def _logits(self, value: torch.Tensor | None) -> None:
+        self._logits_value = value
+        self._logits_version += 1
+
+    @property
+    def logits_version(self) -> int:
+        """Changes whenever the next-token prediction may have: a token sampled from
+        :attr:`logits` is still the next token only while this value is unchanged."""
+        return self._logits_version
 
     @property
     def logits(self) -> torch.Tensor:
@@ -347,6 +363,15 @@ class SharedSequence:
         """The next token from the current logits, without appending it (so a caller can emit it
         before paying for its forward pass)."""
         return sampler(self.logits, self._ids[-recent:])
+
+    def append_and_sample(self, token: int, sampler: Sampler, status: Status = Status.UNSPOKEN) -> tuple[int, int]:
+        """Append a sampled ``token`` and sample the one after it: a speaking session's decode step
+        as ONE engine job, so each token costs one hand-off between the event loop and the engine
+        (two made batched ticks miss the sessions whose loop had not yet queued their forward).
+        Returns (the next token, :attr:`logits_version` it was sampled at); that token is not
+        appended: the caller emits it first, then passes it back."""
+        self.append([token], status)
+        return self.sample(sampler), self._logits_version
 
     def step(self, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
         """Sample the next token and append it (one decode step)."""

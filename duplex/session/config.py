@@ -56,3 +56,7 @@ class AgentTurnState:
     generating: bool = True
     playback_done: bool = False
     interjections: list[Interjection] = field(default_factory=list)  # user words inside this turn (interleave)
+    # the next token, sampled by the last decode step and not yet appended, and the sequence's
+    # logits_version it was sampled at (valid only while that is unchanged)
+    next_token: int | None = None
+    next_version: int = -1

@@ -555,7 +555,11 @@ class Session(SessionLifecycle, BargeIn):
                 await self._wait_decode_release()
                 if self._urgent:
                     return
-            token = await self.engine.run(self.seq.sample, self._sampler)
+            if agent.next_token is not None and agent.next_version == self.seq.logits_version:
+                token = agent.next_token  # sampled by the last step's job
+            else:
+                token = await self.engine.run(self.seq.sample, self._sampler)
+            agent.next_token = None
             if self._agent is not agent or not agent.generating:
                 return
             if token in self.seq.template.end_of_agent_turn_ids:
@@ -566,7 +570,8 @@ class Session(SessionLifecycle, BargeIn):
             agent.text += piece
             agent.char_ends.append(len(agent.text))
             self._emit_words(self._words.push(piece))
-            await self._step_listening(self.engine.run(self.seq.append, [token], Status.UNSPOKEN))
+            agent.next_token, agent.next_version = await self._step_listening(
+                self.engine.run(self.seq.append_and_sample, token, self._sampler, Status.UNSPOKEN))
             if not agent.generating:
                 return  # interrupted while the step ran
             stop = self._hit_stop()
@@ -574,7 +579,7 @@ class Session(SessionLifecycle, BargeIn):
                 await self._complete_turn("stop_sequence" if stop else "max_tokens")
                 return
 
-    async def _step_listening(self, step: Any) -> None:
+    async def _step_listening(self, step: Any) -> Any:
         """Await a decode step while still reacting to inputs: a barge-in that arrives mid-step is
         decided and announced at once; the rollback then queues behind the step on the worker."""
         fut = asyncio.ensure_future(step)
@@ -594,7 +599,7 @@ class Session(SessionLifecycle, BargeIn):
                     await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
-            fut.result()
+            return fut.result()
         finally:
             if not fut.done():
                 fut.cancel()
