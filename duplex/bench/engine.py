@@ -1,6 +1,8 @@
 """Engine benchmarks that print JSON and compare against a bound or baseline measured in the same run.
 
-- decode: ms/token of the model vs the memory-bandwidth bound (a mat-vec over the same weight bytes).
+- decode: ms/token of the model vs the memory-bandwidth bound (a mat-vec over the same weight bytes);
+          for the int8 model also batched decode rows through the lean forward (ms per forward at
+          1-16 rows, the 8-row/1-row ratio) and a 6-token hand-over at a short and a long history.
 - ttft:   end of user turn -> first reply token, shared cache (incremental prefill) vs re-prefilling
           the whole history as a stateless chat API must.
 """
@@ -22,7 +24,7 @@ from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
 from duplex.engine.template import TurnTemplate
 
-__all__ = ["bench_decode", "bench_ttft", "memory_bound_ms"]
+__all__ = ["bench_decode", "bench_decode_rows", "bench_ttft", "memory_bound_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,9 @@ _VARIANTS = (("float32", None), ("bfloat16", None), ("bfloat16", "int8"))
 
 def bench_decode(model: str | None = None, device: str = "auto",
                  variants: tuple[tuple[str, str | None], ...] = _VARIANTS,
-                 tokens: int = 48, progress: TextIO | None = sys.stderr) -> dict[str, Any]:
+                 tokens: int = 48, progress: TextIO | None = sys.stderr, batched: bool = True) -> dict[str, Any]:
     """Decode speed per weight format next to its bound; the headline is the fastest format.
+    ``batched``: for the int8 format also :func:`bench_decode_rows` (key ``batched``).
 
     ``bound_ms_per_token``: one mat-vec over the same weight bytes in the same storage format.
     ``bandwidth_bound_ms``: the same bytes at the best streaming bandwidth measured in this run
@@ -113,6 +116,7 @@ def bench_decode(model: str | None = None, device: str = "auto",
     gbps = bandwidth_gbps(dev)
     _progress(progress, f"streaming bandwidth {gbps:.1f} GB/s")
     rows = []
+    batched_result: dict[str, Any] | None = None
     for dt, quant in variants:
         label = dt if quant is None else f"{dt}+{quant}"
         _progress(progress, f"loading {model or 'default'} as {label}")
@@ -121,6 +125,8 @@ def bench_decode(model: str | None = None, device: str = "auto",
         ms = _decode_ms_per_token(lm, tokens)
         bound = memory_bound_ms(lm.weight_bytes, lm.dtype, lm.device, int8=quant == "int8")
         bw_bound = lm.weight_bytes / 1e9 / gbps * 1000
+        if quant == "int8" and batched:
+            batched_result = bench_decode_rows(lm, progress=progress)
         rows.append({"dtype": label, "ms_per_token": round(ms, 2), "bound_ms_per_token": round(bound, 2),
                      "ratio": round(ms / bound, 3), "bandwidth_bound_ms": round(bw_bound, 2),
                      "bandwidth_ratio": round(ms / bw_bound, 2), "weight_mb": round(lm.weight_bytes / 1e6, 1)})
@@ -132,7 +138,78 @@ def bench_decode(model: str | None = None, device: str = "auto",
                         f"(target <= 1.5x, stretch 1.3x)")
     return {"benchmark": "decode", "model": model or "smollm2-135m-instruct", "device": str(dev),
             "threads": torch.get_num_threads(), "load_avg_1min": _load_avg(), "bandwidth_gbps": round(gbps, 1), **best,
-            "all_variants": rows}
+            "all_variants": rows, **({"batched": batched_result} if batched_result else {})}
+
+
+def _prefilled_cache(lm: LoadedModel, ids: list[int], chunk: int = 512) -> Any:
+    from duplex.engine.kv import new_kv_cache
+
+    cache = new_kv_cache(lm.model.config)  # the engine's cache: in-place appends
+    with torch.inference_mode():
+        for i in range(0, len(ids), chunk):
+            lm.model(input_ids=torch.tensor([ids[i:i + chunk]], device=lm.device), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1)
+    return cache
+
+
+def bench_decode_rows(lm: LoadedModel, row_counts: tuple[int, ...] = (1, 2, 4, 8, 16), history: int = 100,
+                      handover: tuple[int, int] = (100, 4000), handover_tokens: int = 6, reps: int = 7,
+                      threads: int | None = None, progress: TextIO | None = sys.stderr) -> dict[str, Any]:
+    """The scheduler's batched decode forward (:meth:`FastDecoder.forward`, one row per session,
+    each with its own cache at ``history`` tokens): median ms per forward at each row count, per
+    row, and the 8-row/1-row ratio (the issue target: aggregate tokens/s at 8 sessions >= 3x one,
+    so well under 2x); and one row's ``handover_tokens``-token forward (a turn hand-over) over
+    ``handover`` cached tokens, short vs long. Runs at ``threads`` torch/OpenMP threads (default:
+    the served LLM stage's, :func:`duplex.cpu.stage_threads`), restored afterwards."""
+    from duplex.cpu import stage_threads
+    from duplex.engine.fast_decode import DecodeRow, fast_decoder
+
+    dec = fast_decoder(lm.model)
+    if dec is None:
+        return {"skipped": "no lean decode forward for this model"}
+    threads = threads or stage_threads("DUPLEX_TORCH_THREADS")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        filler = lm.tokenizer.encode(_FILLER, add_special_tokens=False)
+        text = filler * (max(*handover, history) // len(filler) + 2)
+        result: dict[str, Any] = {"threads": threads, "history_tokens": history, "forward_ms": {}, "ms_per_row": {}}
+        caches = [_prefilled_cache(lm, text[i:i + history]) for i in range(max(row_counts))]
+
+        def timed_forward(rows: list[DecodeRow], n_cached: list[int]) -> float:
+            ms = _timed(lambda: dec.forward(rows), lm.device)
+            for row, n in zip(rows, n_cached):
+                extra = int(row.cache.get_seq_length()) - n
+                if extra > 0:
+                    row.cache.crop(-extra)  # back to n cached tokens for the next repetition
+            return ms
+
+        for m in row_counts:
+            rows = [DecodeRow(caches[i], [text[history + i]], history) for i in range(m)]
+            times = [timed_forward(rows, [history] * m) for _ in range(reps + 2)][2:]
+            ms = statistics.median(times)
+            result["forward_ms"][str(m)] = round(ms, 2)
+            result["ms_per_row"][str(m)] = round(ms / m, 2)
+            _progress(progress, f"batched decode: {m} rows {ms:.1f} ms per forward ({ms / m:.2f} ms per row)")
+        if "1" in result["forward_ms"] and "8" in result["forward_ms"]:
+            result["ratio_8_to_1"] = round(result["forward_ms"]["8"] / result["forward_ms"]["1"], 2)
+            result["aggregate_tokens_per_s_8_vs_1"] = round(8 / result["ratio_8_to_1"], 2)
+        del caches
+        ho: dict[str, float] = {}
+        for n in handover:
+            cache = _prefilled_cache(lm, text[:n])
+            row = DecodeRow(cache, text[n:n + handover_tokens], n)
+            times = [timed_forward([row], [n]) for _ in range(reps + 2)][2:]
+            ho[str(n)] = round(statistics.median(times), 2)
+            _progress(progress, f"hand-over: {handover_tokens} tokens at {n} cached: {ho[str(n)]:.1f} ms")
+            del cache
+        result["handover"] = {"tokens": handover_tokens, "forward_ms": ho,
+                              "ratio_long_to_short": round(ho[str(handover[-1])] / ho[str(handover[0])], 2)}
+        # 8 sessions' aggregate tokens/s >= 3x one session's: a forward of 8 rows <= 8/3 of one row's
+        result["targets"] = {"ratio_8_to_1_max": round(8 / 3, 2), "handover_ratio_long_to_short_max": 1.5}
+        return result
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load_avg() -> float | None:

@@ -78,7 +78,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if what == "openai":
         return _cmd_bench_openai(args)
     if what == "decode":
-        result = bench.bench_decode(args.model, device=args.device, tokens=args.tokens)
+        variants = (("bfloat16", "int8"),) if args.int8_only else bench._VARIANTS
+        result = bench.bench_decode(args.model, device=args.device, tokens=args.tokens, variants=variants)
     elif what == "ttft":
         result = bench.bench_ttft(args.model, device=args.device, dtype=args.dtype)
     elif what == "bargein":
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON output (always on except for realtime, which prints a summary without it); "
                         "bench openai also writes it to FILE when one is given")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--int8-only", action="store_true",
+                   help="bench decode: only the int8 format (the served one), with its batched-rows part")
     p.add_argument("--trials", type=int, default=20)
     r = p.add_argument_group("realtime", "duplex bench realtime: a browser-like client speaks scenarios to the "
                                          "served agent over /ws in real time")
