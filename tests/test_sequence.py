@@ -95,8 +95,44 @@ def test_eviction_keeps_memory_bounded_over_long_stream(tiny_lm):
     assert peak <= 512 + 5
     assert seq.evicted_tokens >= 10_000 - 512
     assert seq.ids[:len(sink)] == sink  # the system prompt (attention sink) survives
-    # after eviction the cache still matches a fresh forward pass over the kept tokens
-    torch.testing.assert_close(seq.logits, _full_logits(tiny_lm, seq.ids), rtol=1e-4, atol=1e-4)
+    # the kept positions were renumbered from the start without a re-encode: the first layer's
+    # keys (token and position only) equal a fresh pass's over the kept tokens; deeper layers keep
+    # what they computed with the evicted tokens in view
+    fresh = _fresh_cache(tiny_lm, seq.ids)
+    torch.testing.assert_close(seq._cache.layers[0].keys, fresh.layers[0].keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seq._cache.layers[0].values, fresh.layers[0].values, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(seq.logits).all()
+
+
+def _fresh_cache(lm, ids: list[int]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    with torch.inference_mode():
+        lm.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_compacting_a_cache_rotates_each_kept_key_to_its_new_position(tiny_lm):
+    """Eviction keeps a sink and a recent window and moves them to positions 0..n-1: every kept
+    key is rotated by how far it moved, so the cache equals one written at the new positions
+    for what depends on token and position alone (the first layer); values move as they are."""
+    from duplex.engine.kv import compact_rotated, new_kv_cache
+
+    ids = tiny_lm.tokenizer.encode(TEXT * 10, add_special_tokens=False)[:120]
+    cache = new_kv_cache(tiny_lm.model.config)
+    with torch.inference_mode():
+        tiny_lm.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    kept = list(range(8)) + list(range(50, 120))
+    before_v = [layer.values[..., kept, :].clone() for layer in cache.layers]
+    assert compact_rotated(cache, kept, tiny_lm.model.model.rotary_emb)
+    assert cache.get_seq_length() == len(kept)
+    fresh = _fresh_cache(tiny_lm, [ids[i] for i in kept])
+    torch.testing.assert_close(cache.layers[0].keys, fresh.layers[0].keys, rtol=1e-4, atol=1e-4)
+    for layer, v in zip(cache.layers, before_v):
+        assert torch.equal(layer.values, v)
+    # a key that did not move is untouched; one that moved is not its old self
+    assert not torch.allclose(cache.layers[1].keys[..., 8:, :], fresh.layers[1].keys[..., 8:, :], atol=1e-3)
 
 
 def _generate(lm, seed: int, **kw) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["GrowableLayer", "kv_bytes_per_token", "new_kv_cache"]
+__all__ = ["GrowableLayer", "compact_rotated", "kv_bytes_per_token", "new_kv_cache"]
 
 
 class GrowableLayer(DynamicLayer):
@@ -100,3 +100,43 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     return 2 * layers * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+@torch.inference_mode()
+def compact_rotated(cache: Any, kept: list[int], rotary: Any) -> bool:
+    """Keep only the cache positions ``kept`` (ascending), moved to positions 0..len(kept)-1, in
+    place: each kept key is rotated back by how far it moves (RoPE is a rotation by position, so
+    R(p - d) = R(-d) R(p)) and values are just moved. What a conversation's eviction needs,
+    without re-encoding the kept window: on 2 CPU cores a 1000-token re-encode takes seconds,
+    during which that session cannot answer. (The kept keys and values were computed with the
+    evicted tokens in view, as in StreamingLLM; a re-encode would forget those.)
+
+    Only for caches of :class:`GrowableLayer` (full attention) and a rotary embedding without an
+    attention scale that covers the whole head; returns False (nothing changed) otherwise."""
+    layers = getattr(cache, "layers", None)
+    if not layers or rotary is None or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        return False
+    if not all(type(layer) is GrowableLayer and layer.is_initialized and layer._k is not None for layer in layers):
+        return False
+    first = layers[0]._k
+    device = first.device
+    index = torch.tensor(kept, dtype=torch.long, device=device)
+    shift = index - torch.arange(len(kept), dtype=torch.long, device=device)
+    cos, sin = rotary(first, shift.unsqueeze(0))  # the rotation by +shift; we apply its inverse
+    d = first.shape[-1]
+    if cos.shape[-1] != d or d % 2:
+        return False
+    cos, sin = cos[0].float(), sin[0].float()  # [n, d]
+    n = len(kept)
+    for layer in layers:
+        k = layer._k.index_select(-2, index).float()
+        half = d // 2
+        rotated_half = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        k = k * cos - rotated_half * sin  # R(-shift) k: cos(-x) = cos x, sin(-x) = -sin x
+        v = layer._v.index_select(-2, index)
+        layer._k[..., :n, :].copy_(k.to(layer._k.dtype))
+        layer._v[..., :n, :].copy_(v)
+        layer._length = n
+        layer.keys = layer._k[..., :n, :]
+        layer.values = layer._v[..., :n, :]
+    return True

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from duplex.engine.fast_decode import MAX_QUERY as FAST_MAX_QUERY
 from duplex.engine.fast_decode import DecodeRow, fast_decoder
-from duplex.engine.kv import GrowableLayer
+from duplex.engine.kv import GrowableLayer, compact_rotated
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler
 from duplex.engine.template import TurnTemplate
@@ -43,6 +43,11 @@ def _crop_cache(cache: Any, length: int) -> None:
         cache.crop(-remove)
     else:
         cache.crop(length)
+
+
+def _rotary_embedding(model: Any) -> Any:
+    """The model's shared rotary embedding module (Llama-family layout), or None."""
+    return getattr(getattr(model, "model", None), "rotary_emb", None)
 
 
 def _can_crop(cache: Any) -> bool:
@@ -425,7 +430,9 @@ class SharedSequence:
 
     def maybe_evict(self) -> bool:
         """Over the token budget: keep the system prompt + a recent window starting at a turn
-        boundary, and re-encode them so positions stay inside the model's trained range."""
+        boundary, renumbered from the start so positions stay inside the model's trained range:
+        their cached keys rotated to the new positions where the cache allows it
+        (:func:`~duplex.engine.kv.compact_rotated`, milliseconds), else re-encoded (seconds)."""
         cfg = self.config
         if len(self._ids) <= cfg.max_tokens:
             return False
@@ -441,10 +448,15 @@ class SharedSequence:
         self._speaker = [self._speaker[i] for i in kept]
         self._status = [self._status[i] for i in kept]
         self._turn = [self._turn[i] for i in kept]
+        self._logits = None  # recomputed from the kept context when next needed
+        self.evicted_tokens += removed
+        if compact_rotated(self._cache, kept, _rotary_embedding(self.lm.model)):
+            log.debug("evicted %d tokens; %d kept in the cache, keys rotated to their new positions",
+                      removed, len(ids))
+            self._ids = ids
+            return True
         self._ids = []
         self._cache = self._new_cache()
-        self._logits = None
-        self.evicted_tokens += removed
         log.debug("evicted %d tokens; re-encoding %d", removed, len(ids))
         self._prefill(ids)
         self._ids = ids
