@@ -190,23 +190,22 @@ async def test_a_plain_forward_after_a_ragged_pass_still_works(tiny_lm: LoadedMo
         engine.close()
 
 
-def test_the_pacer_fits_a_fixed_part_and_a_per_unit_part() -> None:
-    """Tick time = a + b * units, fitted over recent ticks; a prefill may add (PACE - 1) times
-    the decode rows' own cost (their units plus the fixed part), not a guess from other ticks."""
+def test_the_pacer_fits_a_fixed_part_a_per_token_part_and_an_attention_part() -> None:
+    """Tick time = a + b * tokens + c * attention pairs, fitted over recent ticks; a prefill may
+    add (PACE - 1) times what the decode rows alone cost, and a piece is sized by its own cost."""
     from duplex.engine.scheduler import _Pacer
 
     pacer = _Pacer(None)
-    assert pacer.fit() is None
-    assert pacer.budget(1000.0) == pytest.approx((_Pacer.PACE - 1) * 1000.0)  # no fit: no fixed part assumed
-    for units in (1e3, 5e3, 2e4, 4e4, 8e4, 3e3):
-        pacer.observe(0.02 + 1e-6 * units, units)
-    a, b = pacer.fit()
-    assert a == pytest.approx(0.02) and b == pytest.approx(1e-6)
-    assert pacer.budget(1e4) == pytest.approx((_Pacer.PACE - 1) * (2e4 + 1e4))
-    flat = _Pacer(None)
-    for _ in range(5):
-        flat.observe(0.05, 1e4)  # no spread in size: proportional
-    assert flat.fit() == (0.0, pytest.approx(5e-6))
+    assert pacer.fit() is None and pacer.budget(4, 800.0) is None
+    a, b, c = 0.02, 0.003, 2e-6
+    for tokens, attn in ((1, 200), (4, 900), (6, 30_000), (2, 8_000), (8, 1_700), (3, 12_000), (5, 1_000),
+                         (1, 4_000), (7, 25_000)):
+        pacer.observe(a + b * tokens + c * attn, tokens, attn)
+    fit = pacer.fit()
+    assert fit == pytest.approx((a, b, c))
+    assert pacer.budget(4, 800.0) == pytest.approx((_Pacer.PACE - 1) * (a + 4 * b + 800 * c))
+    assert pacer.cost(2, 3000) == pytest.approx(2 * b + c * _Pacer.attn(2, 3000))
+    assert _Pacer.attn(1, 10) == 11  # a token attends to the 10 cached positions and itself
 
 
 async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: LoadedModel, monkeypatch) -> None:
@@ -215,7 +214,9 @@ async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: L
     next step a moment later and wait behind it."""
     engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=32)
     try:
-        monkeypatch.setattr(engine.scheduler._pacer, "budget", lambda decode_units: 0.0)  # 1 token a tick
+        pacer = engine.scheduler._pacer  # one prefill token's worth of allowance a tick
+        monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
+        monkeypatch.setattr(pacer, "cost", lambda n, start: float(n))
         talker = await engine.start_sequence(PROMPTS[0])
         await engine.run(talker.hand_over, Speaker.AGENT)
         listener = engine.new_sequence()
@@ -235,6 +236,37 @@ async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: L
         # (the message header is a short request of its own: short ones are never paced)
         assert all(r.tokens <= 1 for t in during for r in t.rows if r.owner == id(listener) and r.start_pos > 0)
         assert max(t.prefill_tokens for t in ticks) == 32  # after the talk, full chunks again
+        assert sum(r.tokens for t in ticks for r in t.rows if r.owner == id(listener)) == len(listener)
+    finally:
+        engine.close()
+
+
+async def test_a_prefill_token_dearer_than_a_ticks_allowance_waits_until_it_is_saved_up(
+        tiny_lm: LoadedModel, monkeypatch) -> None:
+    """Deep into a long prompt one token can cost more than a speaker's tick may add: the
+    allowance is banked and the token goes in every few ticks, not in every tick at 3x cost."""
+    engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=32)
+    try:
+        pacer = engine.scheduler._pacer
+        monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
+        monkeypatch.setattr(pacer, "cost", lambda n, start: 3.0 * n)  # a token costs 3 ticks' allowance
+        talker = await engine.start_sequence(PROMPTS[0])
+        await engine.run(talker.hand_over, Speaker.AGENT)
+        listener = engine.new_sequence()
+        engine.scheduler.trace.clear()
+        sampler = _greedy()
+
+        async def talk() -> None:
+            for _ in range(24):
+                await engine.decode(talker, sampler)
+
+        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+        ticks = list(engine.scheduler.trace)
+        talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
+        during = [t for t in ticks if talking[0] < t.tick < talking[-1]]
+        pieces = [r.tokens for t in during for r in t.rows if r.owner == id(listener) and r.start_pos > 0]
+        assert pieces and all(n == 1 for n in pieces)
+        assert len(pieces) <= len(during) // 3 + 2  # one tick in three carries a token
         assert sum(r.tokens for t in ticks for r in t.rows if r.owner == id(listener)) == len(listener)
     finally:
         engine.close()

@@ -14,7 +14,7 @@ sessions paid eight passes over the weights per round. Here:
   last, or on the scheduler thread for callers that are not jobs): every pending
   1-token request (decode steps: priority, all of them) plus prefill pieces from the other
   requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all and,
-  while anyone speaks (decoded in the last ticks, queued now or not), at most 0.6x the
+  while anyone speaks (decoded in the last ticks, queued now or not), at most 0.3x the
   decode rows' own cost more (:class:`_Pacer`). In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
@@ -128,69 +128,69 @@ class _Pacer:
     twice its idle value even deep into a long prompt, where a fixed token count would cost ever
     more (attention grows with the context).
 
-    Every token in a tick, decode row or prefill, costs ``k + L`` units (``k``: the model's linear
-    work per token in units of attention work per cached position; ``L``: its context). Tick time
-    is fitted as ``a + b * units`` by least squares over recent ticks: ``a`` is what any tick pays
-    (reading the weights, per-tick overhead), ``b`` the compute per unit. Fitting both matters: the
-    old model charged a decode-only tick's mean time against whatever decode rows a tick had, so a
-    tick with fewer rows than usual made prefill look free and the next pieces ran 5-10x over."""
+    A tick's time is fitted by least squares over recent ticks as ``a + b * tokens + c * attn``:
+    ``a`` what any forward pays (reading the weights: most of a small tick on a CPU), ``b`` the
+    linear layers per token, ``c`` the attention per (query, cached position) pair, which the
+    int8 mat-vecs make relatively dear (one prefill token at 3k context costs ~3 decode rows).
+    Where a single token costs more than the tick may add, the allowance is banked over ticks and
+    the token goes in when it is covered: fewer ticks carry prefill, none carries more than one
+    token over its share."""
 
-    PACE = 1.6  # a tick with prefill costs at most this times its decode rows alone (target: 2x)
-    WINDOW = 48
+    PACE = 1.3  # a tick with prefill costs at most this times its decode rows alone (target: 2x)
+    WINDOW = 64
 
     def __init__(self, config: Any) -> None:
-        self.k = _linear_per_attention(config)
-        self._ticks: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)  # (units, seconds)
+        self._ticks: deque[tuple[float, float, float]] = deque(maxlen=self.WINDOW)  # (tokens, attn, s)
+        self._coef: tuple[float, float, float] | None = None
+        self._dirty = False
+        self.bank = 0.0  # seconds of allowance saved up for a token that costs more than one tick's
 
-    def units(self, n: int, start: int) -> float:
-        return n * (self.k + start + n / 2)
+    @staticmethod
+    def attn(n: int, start: int) -> float:
+        """(query, cached position) pairs of ``n`` tokens appended at ``start``."""
+        return n * (start + (n + 1) / 2)
 
-    def observe(self, seconds: float, units: float) -> None:
-        if units > 0:
-            self._ticks.append((units, seconds))
+    def observe(self, seconds: float, tokens: float, attn: float) -> None:
+        if tokens > 0:
+            self._ticks.append((tokens, attn, seconds))
+            self._dirty = True
 
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b) of ``seconds = a + b * units`` over the recent ticks; None until they vary enough
-        to fit (then a proportional fit, a = 0, if the line comes out with a negative part)."""
-        if len(self._ticks) < 4:
+    def fit(self) -> tuple[float, float, float] | None:
+        """(a, b, c), refitted when ticks were added; None until 8 ticks are known."""
+        if self._dirty:
+            self._dirty = False
+            self._coef = self._solve()
+        return self._coef
+
+    def _solve(self) -> tuple[float, float, float] | None:
+        import numpy as np
+
+        if len(self._ticks) < 8:
             return None
-        n = len(self._ticks)
-        mu = sum(u for u, _ in self._ticks) / n
-        ms = sum(t for _, t in self._ticks) / n
-        var = sum((u - mu) ** 2 for u, _ in self._ticks)
-        if var <= (0.05 * mu) ** 2 * n:
-            return (0.0, ms / mu) if mu > 0 else None
-        b = sum((u - mu) * (t - ms) for u, t in self._ticks) / var
-        a = ms - b * mu
-        if b <= 0 or a < 0:
-            total = sum(u for u, _ in self._ticks)
-            return (0.0, sum(t for _, t in self._ticks) / total) if total > 0 else None
-        return a, b
+        data = np.array(self._ticks, dtype=np.float64)
+        seconds = data[:, 2]
+        for columns in ((0, 1), (1,), (0,), ()):  # drop a term whose fit comes out negative
+            x = np.column_stack([np.ones(len(data))] + [data[:, j] for j in columns])
+            coef, *_ = np.linalg.lstsq(x, seconds, rcond=None)
+            if (coef >= 0).all():
+                full = [float(coef[0]), 0.0, 0.0]
+                for j, value in zip(columns, coef[1:]):
+                    full[1 + j] = float(value)
+                return full[0], full[1], full[2]
+        return None
 
-    def budget(self, decode_units: float) -> float:
-        """Prefill units a tick whose decode rows are ``decode_units`` may add (see ``PACE``).
-        Before any fit: as many units as the decode rows (no fixed part assumed: the safe side)."""
-        line = self.fit()
-        a_over_b = line[0] / line[1] if line is not None else 0.0
-        return (self.PACE - 1) * (a_over_b + decode_units)
+    def cost(self, n: int, start: int) -> float | None:
+        """Seconds ``n`` tokens at ``start`` add to a tick (None before a fit)."""
+        coef = self.fit()
+        return None if coef is None else coef[1] * n + coef[2] * self.attn(n, start)
 
-
-def _ema(old: float | None, new: float, alpha: float = 0.2) -> float:
-    return new if old is None else (1 - alpha) * old + alpha * new
-
-
-def _linear_per_attention(config: Any) -> float:
-    """Per layer: the linear layers' multiply-adds per token over the attention's per cached
-    position (SmolLM2-135M: about 3000)."""
-    try:
-        h = int(config.num_attention_heads)
-        hd = int(getattr(config, "head_dim", None) or config.hidden_size // h)
-        kvh = int(getattr(config, "num_key_value_heads", None) or h)
-        hidden = int(config.hidden_size)
-        inter = int(getattr(config, "intermediate_size", None) or 4 * hidden)
-        return (2 * hidden * h * hd + 2 * hidden * kvh * hd + 3 * hidden * inter) / (2 * h * hd)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-        return 4096.0
+    def budget(self, decode_tokens: int, decode_attn: float) -> float | None:
+        """Seconds of prefill a tick whose decode rows are these may add (None before a fit)."""
+        coef = self.fit()
+        if coef is None:
+            return None
+        a, b, c = coef
+        return (self.PACE - 1) * (a + b * decode_tokens + c * decode_attn)
 
 
 class Scheduler:
@@ -223,10 +223,10 @@ class Scheduler:
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
         self._pacer = _Pacer(getattr(model, "config", None))
-        # owner id -> (tick and time of its last decode row, that row's units): a speaker between
+        # owner id -> (tick and time of its last decode row, its position): a speaker between
         # two steps (its loop is emitting the last token) still paces the prefill of the tick
         # that starts meanwhile
-        self._speakers: dict[int, tuple[int, float, float]] = {}
+        self._speakers: dict[int, tuple[int, float, int]] = {}
         self._batching = mode == "batched"
         self._closing = False
         if self._batching:
@@ -356,14 +356,15 @@ class Scheduler:
         forwards = self._execute(plan)
         seconds = time.perf_counter() - t0
         if forwards == 1:
-            self._pacer.observe(seconds, sum(self._pacer.units(n, r.start_pos + off) for r, n, off in plan))
+            self._pacer.observe(seconds, sum(n for _, n, _ in plan),
+                                sum(self._pacer.attn(n, r.start_pos + off) for r, n, off in plan))
         with self._lock:
             self._finish_tick(tick, plan, forwards, seconds)
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, then prefill pieces round robin,
-        at most ``chunk_tokens`` in all; while anyone decodes, long prefills get about one decode
-        tick's cost."""
+        at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
+        ``_Pacer.PACE - 1`` times the decode rows' own cost."""
         plan = [(r, 1, 0) for r in self._pending if r.decode]
         prefills = sorted((r for r in self._pending if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
@@ -373,30 +374,37 @@ class Scheduler:
         for owner, (last, at, _) in list(self._speakers.items()):
             if last < tick - _SPEAKER_TICKS and now - at > _SPEAKER_SECONDS:
                 del self._speakers[owner]  # stopped decoding: its turn ended or it was interrupted
-        units = None
-        if prefills and self._speakers:
+        allowance: float | None = None  # seconds this tick's long prefills may add
+        paced = bool(prefills and self._speakers)
+        if paced:
             planned = {id(r.owner) for r, _, _ in plan}
-            decode_units = sum(self._pacer.units(1, r.start_pos) for r, _, _ in plan)
             # a speaker whose next step is not queued yet counts as if it were: it will queue it
             # while this tick runs, and must not then wait behind an unpaced piece
-            decode_units += sum(u for owner, (_, _, u) in self._speakers.items() if owner not in planned)
-            units = self._pacer.budget(decode_units)
+            waiting = [pos for owner, (_, _, pos) in self._speakers.items() if owner not in planned]
+            allowance = self._pacer.budget(
+                len(plan) + len(waiting),
+                sum(self._pacer.attn(1, r.start_pos) for r, _, _ in plan) + sum(self._pacer.attn(1, p) for p in waiting))
+            if allowance is not None:
+                allowance += self._pacer.bank
         first = True
+        short_of_allowance = False
         for r in prefills:
             if budget <= 0:
                 break
             start = r.start_pos + r.done
             remaining = len(r.ids) - r.done
             cap = budget
-            if units is not None and len(r.ids) > self.chunk_tokens:
+            if paced and len(r.ids) > self.chunk_tokens:
                 # only long prefills are paced, to their last piece (a sequence sends a long
                 # prompt as several requests): a short one (a user's words, a turn hand-over) is
                 # what someone's first reply token waits for, and costs at most one chunk
-                cap = min(cap, int(max(units, 0.0) // (self._pacer.k + start)))
+                if allowance is None:
+                    cap = 1 if first else 0  # no cost fit yet: one token a tick, the safe side
+                else:
+                    cap = min(cap, self._affordable(allowance, start, min(cap, remaining)))
                 if cap < 1:
-                    if not first:
-                        continue
-                    cap = 1  # the first prefill always moves on
+                    short_of_allowance = True  # saved up (below) until one token is covered
+                    continue
             if remaining <= cap:
                 n = remaining
             else:
@@ -407,10 +415,23 @@ class Scheduler:
                     continue
             plan.append((r, n, r.done))
             budget -= n
-            if units is not None:
-                units -= self._pacer.units(n, start)
+            if allowance is not None and paced and len(r.ids) > self.chunk_tokens:
+                allowance -= self._pacer.cost(n, start) or 0.0
             first = False
+        # the allowance a too-dear token could not use is saved for it; otherwise none is kept
+        self._pacer.bank = max(allowance, 0.0) if short_of_allowance and allowance is not None else 0.0
         return plan
+
+    def _affordable(self, seconds: float, start: int, most: int) -> int:
+        """How many tokens (at most ``most``) of a prefill at ``start`` fit in ``seconds``."""
+        lo, hi = 0, most
+        while lo < hi:  # the cost grows with n (quadratically, through attention): bisect
+            mid = (lo + hi + 1) // 2
+            if (self._pacer.cost(mid, start) or 0.0) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _execute(self, plan: list[tuple[_Request, int, int]]) -> int:
         """Run the planned rows (baton held, _lock not): one ragged forward, or one by one."""
@@ -463,7 +484,7 @@ class Scheduler:
         s.max_rows = max(s.max_rows, len(plan))
         for r, _, _ in plan:
             if r.decode:
-                self._speakers[id(r.owner)] = (tick, now, self._pacer.units(1, r.start_pos))
+                self._speakers[id(r.owner)] = (tick, now, r.start_pos)
             else:
                 self._served[id(r.owner)] = tick
             if r.result is None and r.error is None:
