@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GQA_DECODE", "decode_kernel", "gqa_decode_attention", "register"]
+__all__ = ["GQA_DECODE", "decode_kernel", "decode_rows_kernel", "gqa_decode_attention", "register"]
 
 GQA_DECODE = "duplex_gqa_decode"
 
@@ -90,6 +90,10 @@ def _cpu_decode_kernel() -> Kernel | None:
     fn = lib.duplex_gqa_decode_bf16
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_float]
     fn.restype = ctypes.c_int
+    rows_fn = lib.duplex_gqa_decode_rows_bf16
+    rows_fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
+        + [ctypes.c_int] * 3 + [ctypes.c_float]
+    rows_fn.restype = ctypes.c_int
 
     def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -116,6 +120,7 @@ def _cpu_decode_kernel() -> Kernel | None:
                 return None
         return out
 
+    kernel.rows = rows_fn  # type: ignore[attr-defined]
     return kernel
 
 
@@ -123,6 +128,15 @@ def decode_kernel() -> Kernel | None:
     """The C decode-attention kernel (see :func:`_cpu_decode_kernel`): ``f(query, key, value,
     scale, out=None)`` -> [1, t, h, d] bf16, or None for shapes it does not take; None if off."""
     return _cpu_decode_kernel()
+
+
+def decode_rows_kernel() -> Any:
+    """The C kernel's batched form (``duplex_gqa_decode_rows_bf16`` in ``decode_attention.c``):
+    one call writes every row's new keys/values into its cache and attends, per row exactly as
+    :func:`decode_kernel` after the cache's ``update``. A ctypes function ``f(desc, rows, qkv,
+    qkv_stride, out, heads, kv_heads, head_dim, scale)`` -> 0 on success; None where the kernel is off."""
+    kernel = _cpu_decode_kernel()
+    return None if kernel is None else getattr(kernel, "rows", None)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

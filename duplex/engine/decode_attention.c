@@ -107,8 +107,10 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
 /* q [h, t, d] bf16 contiguous (t new tokens, the last t positions of the cache); k, v: element
  * (head, j, c) at head * head_stride + j * d + c (bf16); out [t, h, d] bf16. Token i of the t
  * attends causally to keys 0 .. n - t + i. Returns 0, -1 for unsupported sizes, -2 without memory. */
-int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
-                           int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+/* q element (head, token, c) at q + head * q_head + token * q_tok + c (any layout with unit-stride
+ * head vectors: converting bf16 to fp32 is exact, so the layout does not change the result) */
+static int gqa_decode(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
+                      uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
     int g = h / kvh, rows = g * t;
     if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
     int failed = 0;
@@ -128,7 +130,7 @@ int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t*
         const uint16_t* vb = v + kh * head_stride;
         const __m256 sv = _mm256_set1_ps(scale);
         for (int r = 0; r < rows; ++r) { /* row r = query head kh * g + r / t, token r % t */
-            const uint16_t* qr = q + ((int64_t)kh * rows + r) * d;
+            const uint16_t* qr = q + (int64_t)(kh * g + r / t) * q_head + (int64_t)(r % t) * q_tok;
             for (int c = 0; c < d; c += 8) _mm256_store_ps(qf + (int64_t)r * d + c, _mm256_mul_ps(load_bf16x8(qr + c), sv));
             memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
             mx[r] = 0.0f;
@@ -192,4 +194,48 @@ int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t*
         free(ws);
     }
     return failed ? -2 : 0;
+}
+
+int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                           int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+    return gqa_decode(q, (int64_t)t * d, d, k, v, out, h, kvh, t, n, d, head_stride, scale);
+}
+
+/* One layer of a batched decode pass: for each of `nrows` rows (one sequence each, its own cache),
+ * write its new keys and values into its cache, then attend, exactly as duplex_gqa_decode_bf16
+ * called per row (and per block of tokens that fit MAX_ROWS, each over the cache up to its own
+ * last query) after the cache's own update: the same arithmetic in the same order.
+ *
+ * qkv: [tokens, stride] bf16, token i's q heads at qkv + i * stride, then its kvh key heads, then
+ * its kvh value heads (the fused projection's output after rope); out: [tokens, h, d] bf16.
+ * desc: per row 6 int64 = k cache, v cache (element (head, j, c) at head * head_stride + j * d + c),
+ * head_stride, first token of the row in qkv/out, its token count, its cached length before them
+ * (where its new keys go). Returns 0, -1 for unsupported sizes, -2 without memory. */
+int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* qkv, int64_t stride, uint16_t* out,
+                                int h, int kvh, int d, float scale) {
+    int g = h / kvh;
+    if (g < 1 || g * kvh != h || g > MAX_ROWS) return -1;
+    int per_call = MAX_ROWS / g;
+    for (int r = 0; r < nrows; ++r) {
+        const int64_t* e = desc + (int64_t)r * 6;
+        uint16_t* kc = (uint16_t*)(intptr_t)e[0];
+        uint16_t* vc = (uint16_t*)(intptr_t)e[1];
+        int64_t hs = e[2], s = e[3];
+        int t = (int)e[4], pos = (int)e[5];
+        for (int i = 0; i < t; ++i) {
+            const uint16_t* src = qkv + (s + i) * stride;
+            for (int kh = 0; kh < kvh; ++kh) {
+                memcpy(kc + kh * hs + (int64_t)(pos + i) * d, src + (int64_t)(h + kh) * d, sizeof(uint16_t) * d);
+                memcpy(vc + kh * hs + (int64_t)(pos + i) * d, src + (int64_t)(h + kvh + kh) * d, sizeof(uint16_t) * d);
+            }
+        }
+        int n = pos + t;
+        for (int a = 0; a < t; a += per_call) {
+            int b = t < a + per_call ? t : a + per_call;
+            int rc = gqa_decode(qkv + (s + a) * stride, d, stride, kc, vc, out + (s + a) * h * d, h, kvh, b - a,
+                                n - (t - b), d, hs, scale);
+            if (rc) return rc;
+        }
+    }
+    return 0;
 }

@@ -42,8 +42,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
-from duplex.engine.attention import decode_kernel, gqa_decode_attention
+from duplex.engine.attention import (
+    decode_kernel,
+    decode_rows_kernel,
+    gqa_decode_attention,
+)
+from duplex.engine.kv import GrowableLayer
 from duplex.engine.quant import Int8WeightOnlyLinear, int8_matmul
 
 __all__ = ["MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
@@ -240,6 +246,63 @@ class FastDecoder:
         self._buffers: dict[int, _Buffers] = {}
         self._lock = threading.Lock()  # the buffers serve one forward at a time; others take _forward_fused
 
+    batched_attention = True  # one C call per layer for every row's cache write + attention (if caches allow)
+
+    def _rows_plan(self, rows: Sequence[DecodeRow], bounds: list[tuple[int, int]],
+                   k: torch.Tensor, v: torch.Tensor) -> tuple[Any, torch.Tensor, list[list[GrowableLayer]]] | None:
+        """For :meth:`_forward_program`: the batched kernel and its per-layer row descriptors
+        ([layers, rows, 6] int64, see ``duplex_gqa_decode_rows_bf16``) with every row's cache
+        grown up front for its new tokens, or None (caches at most grown) where some row needs the
+        per-row path: caches other than all-:class:`~duplex.engine.kv.GrowableLayer` bf16 CPU
+        buffers, a cache in two rows, an empty row, or the C kernel off."""
+        if not self.batched_attention:
+            return None
+        fn = decode_rows_kernel()
+        if fn is None:
+            return None
+        first = self.layers[0]
+        d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
+        if d % 8 or d > 256 or nh % nkv or 48 // (nh // nkv) < 1:
+            return None
+        n_layers, n_rows = len(self.layers), len(rows)
+        bf16 = torch.bfloat16
+        seen: set[int] = set()
+        all_layers: list[list[GrowableLayer]] = []
+        desc = [0] * (n_layers * n_rows * 6)  # layer-major: layer i's rows at [i * n_rows * 6, ...)
+        for r, (row, (s, e)) in enumerate(zip(rows, bounds)):
+            cache = row.cache
+            layers = getattr(cache, "layers", None)
+            if (s == e or id(cache) in seen or type(cache).update is not DynamicCache.update
+                    or getattr(cache, "offloading", False) or layers is None or len(layers) != n_layers):
+                return None
+            seen.add(id(cache))
+            n = e - s
+            for i, layer in enumerate(layers):
+                if type(layer) is not GrowableLayer:
+                    return None
+                kb = getattr(layer, "_k", None) if layer.is_initialized else None
+                if kb is not None:
+                    vb, shape = layer._v, kb.shape
+                    if (kb.dtype is not bf16 or vb is None or vb.dtype is not bf16 or not kb.is_cpu or len(shape) != 4
+                            or shape[0] != 1 or shape[1] != nkv or shape[3] != d or vb.shape != shape
+                            or not kb.is_contiguous() or not vb.is_contiguous()):
+                        return None
+                    if layer._length + n <= shape[2]:
+                        o = (i * n_rows + r) * 6
+                        desc[o:o + 6] = (kb.data_ptr(), vb.data_ptr(), shape[2] * d, s, n, layer._length)
+                        continue
+                elif layer.is_initialized and (getattr(layer, "_v", None) is not None or layer._length):
+                    return None
+                # room for the new tokens, grown up front (a new buffer: checked again, pointers taken below)
+                layer.reserve(k[:, :, s:e], v[:, :, s:e], n)
+                kb, vb = layer._k, layer._v
+                if kb.dtype is not bf16 or vb.dtype is not bf16 or not kb.is_cpu or kb.shape[0] != 1:
+                    return None
+                o = (i * n_rows + r) * 6
+                desc[o:o + 6] = (kb.data_ptr(), vb.data_ptr(), kb.shape[2] * d, s, n, layer._length)
+            all_layers.append(layers)
+        return fn, torch.tensor(desc, dtype=torch.int64), all_layers
+
     def _forward_program(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         """:meth:`_forward_fused` over preallocated buffers, with each layer's o, gate/up and down
         mat-vecs and the next layer's q/k/v and rope in one C call (:meth:`FusedOps.run`): per
@@ -262,6 +325,23 @@ class FastDecoder:
         q = buf.qkv[:, :nh * d].view(1, t, nh, d).transpose(1, 2)
         k = buf.qkv[:, nh * d:(nh + nkv) * d].view(1, t, nkv, d).transpose(1, 2)
         v = buf.qkv[:, (nh + nkv) * d:].view(1, t, nkv, d).transpose(1, 2)
+        plan = self._rows_plan(rows, bounds, k, v)
+        if plan is not None:  # every row's cache write and attention of a layer in one C call
+            fn, desc, all_layers = plan
+            n = len(rows)
+            step = n * 6 * 8  # bytes of one layer's descriptors
+            desc_ptr, qkv_ptr, attn_ptr = desc.data_ptr(), buf.qkv.data_ptr(), buf.attn.data_ptr()
+            stride = buf.qkv.stride(0)
+            for i, (layer, program) in enumerate(zip(self.layers, buf.programs)):
+                rc = fn(desc_ptr + i * step, n, qkv_ptr, stride, attn_ptr, nh, nkv, d, layer.scaling)
+                if rc:
+                    raise MemoryError("decode attention: out of memory") if rc == -2 else RuntimeError(
+                        f"decode attention kernel refused the rows ({rc})")
+                ops.run(program, t)
+            for layers, (s, e) in zip(all_layers, bounds):
+                for layer in layers:
+                    layer.advance(e - s)
+            return self._logits(rows, bounds, x, t)
         kernel = decode_kernel()
         for layer, program in zip(self.layers, buf.programs):
             for row, (s, e), out in zip(rows, bounds, buf.attn_rows(bounds)):
@@ -272,6 +352,12 @@ class FastDecoder:
                     att, _ = gqa_decode_attention(layer.attn, qs, keys, values, None, scaling=layer.scaling)
                     out.copy_(att)
             ops.run(program, t)
+        return self._logits(rows, bounds, x, t)
+
+    def _logits(self, rows: Sequence[DecodeRow], bounds: list[tuple[int, int]], x: torch.Tensor,
+                t: int) -> list[torch.Tensor | None]:
+        ops = self.fused
+        assert ops is not None
         wanted = [i for row, (_, e) in zip(rows, bounds) for i in range(e - row.keep, e)]
         if not wanted:
             return [None] * len(rows)

@@ -25,6 +25,37 @@ class GrowableLayer(DynamicLayer):
     buffers, of which ``keys``/``values`` view the first ``length`` positions."""
 
     initial_capacity = 256
+    _views_stale = False  # advance() counted positions: keys/values are re-sliced at their next use
+
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        if self._views_stale:
+            self._refresh_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if self._views_stale:
+            self._refresh_views()
+        self._keys = value
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        if self._views_stale:
+            self._refresh_views()
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if self._views_stale:
+            self._refresh_views()
+        self._values = value
+
+    def _refresh_views(self) -> None:
+        self._views_stale = False
+        assert self._k is not None and self._v is not None
+        self._keys = self._k[..., :self._length, :]
+        self._values = self._v[..., :self._length, :]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -44,6 +75,7 @@ class GrowableLayer(DynamicLayer):
         self._k[..., self._length:end, :].copy_(key_states)
         self._v[..., self._length:end, :].copy_(value_states)
         self._length = end
+        self._views_stale = False  # both views set here
         self.keys = self._k[..., :end, :]
         self.values = self._v[..., :end, :]
         return self.keys, self.values
@@ -62,6 +94,22 @@ class GrowableLayer(DynamicLayer):
             v[..., :self._length, :].copy_(self._v[..., :self._length, :])
         self._k, self._v = k, v
 
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, tokens: int) -> None:
+        """Make room for ``tokens`` more positions (states shaped like an ``update``'s, for dtype
+        and head shape), without writing them: a batched decode pass writes the new keys/values
+        itself (:mod:`duplex.engine.fast_decode`), then calls :meth:`advance`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + tokens
+        if self._k is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, end)
+
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more positions, already written in place after the filled part (within
+        the capacity :meth:`reserve` made)."""
+        self._length += tokens
+        self._views_stale = True  # sliced when read: most passes never look at them
+
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
@@ -72,10 +120,12 @@ class GrowableLayer(DynamicLayer):
         if tokens_to_remove == 0 or not self.is_initialized or self._k is None or self._v is None:
             return
         self._length = max(0, self._length + tokens_to_remove)
+        self._views_stale = False  # both views set here
         self.keys = self._k[..., :self._length, :]
         self.values = self._v[..., :self._length, :]
 
     def reset(self) -> None:
+        self._views_stale = False  # the views are dropped below
         self._k = self._v = None
         self._length = 0
         super().reset()
