@@ -154,3 +154,20 @@ def test_a_batched_pass_leaves_caches_that_crop_reset_and_update_as_before(int8_
     assert all(lay.keys.shape[-2] == lay.values.shape[-2] == 24 for lay in b.layers)
     b.reset()
     assert b.get_seq_length() == 0 and b.layers[0].keys is None
+
+
+def test_a_fresh_cache_starts_in_the_batched_pass_as_in_the_per_row_path(int8_lm, monkeypatch):
+    model = int8_lm.model
+    fast = _decoder(model)
+    results = {}
+    for batched in (True, False):
+        monkeypatch.setattr(FastDecoder, "batched_attention", batched)
+        fresh, other = new_kv_cache(model.config), new_kv_cache(model.config)
+        _prefill(model, [5, 6, 7], other)
+        out = fast.forward([DecodeRow(fresh, [1, 2, 3, 4], 0), DecodeRow(other, [8], 3)])
+        results[batched] = (out, fresh)
+    (a, ca), (b, cb) = results[True], results[False]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert ca.get_seq_length() == cb.get_seq_length() == 4
+    for la, lb in zip(ca.layers, cb.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)

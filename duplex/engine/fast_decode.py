@@ -17,8 +17,10 @@ With int8 weights and bf16 activations on a CPU with the C helpers of
 :mod:`duplex.engine.int8_kernel` (the default model's format), the mat-vecs take their neighbours
 along: q/k/v with the input RMS norm and rotary embedding, o with the residual add, gate/up with
 the post-attention norm, down with SwiGLU and the residual add. Over preallocated buffers, a
-layer is then three calls: the cache update, the attention kernel
-(:mod:`duplex.engine.attention`'s C kernel by default) and one C call running o, gate/up, down and
+layer is then two C calls: every row's cache write and attention in one
+(``duplex_gqa_decode_rows_bf16`` of :mod:`duplex.engine.attention`'s kernel, for caches of
+:class:`~duplex.engine.kv.GrowableLayer` grown up front; other caches take each row's ``update``
+and the kernel per row, bit-identical) and one C call running o, gate/up, down and
 the next layer's q/k/v in one thread team (~8.7 ms per token on the 2-core machine where the
 op-by-op forward with PyTorch's int8 kernel took ~36); a second concurrent pass on the same model
 runs the fused ops one call each instead.
