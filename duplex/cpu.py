@@ -10,13 +10,17 @@ default the LLM and the TTS get half the cores, at least one: on 2 cores they ru
 and the OS interleaves them (``$DUPLEX_TORCH_THREADS``, ``$DUPLEX_TTS_THREADS`` override it).
 Whisper keeps every core (``audio.asr.load_whisper``, ``$DUPLEX_ASR_THREADS``): its turn-end pass is
 on the critical path and took twice as long single-threaded.
+
+A text-only server (no ASR, no TTS) has no other stage to leave cores to, and its LLM gets them all:
+``bench server`` back to back on the quiet 2-core machine, 1 vs 2 threads, N = 1 53.1 vs 59.9 and
+N = 8 117.5 vs 130.8 tokens/s, TTFT p95 at N = 8 919 vs 691 ms.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["stage_threads"]
+__all__ = ["llm_threads", "stage_threads"]
 
 
 def stage_threads(env_var: str) -> int:
@@ -28,3 +32,11 @@ def stage_threads(env_var: str) -> int:
         except ValueError as exc:
             raise ValueError(f"${env_var} must be a whole number of threads, not {value!r}") from exc
     return max(1, (os.cpu_count() or 1) // 2)
+
+
+def llm_threads(text_only: bool) -> int:
+    """The LLM stage's threads: every core when no ASR or TTS runs beside it, else
+    :func:`stage_threads` (``$DUPLEX_TORCH_THREADS`` decides either way)."""
+    if text_only and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip():
+        return os.cpu_count() or 1
+    return stage_threads("DUPLEX_TORCH_THREADS")

@@ -22,3 +22,17 @@ def test_the_environment_overrides_and_bad_values_are_named(monkeypatch: pytest.
     monkeypatch.setenv("DUPLEX_TORCH_THREADS", "two")
     with pytest.raises(ValueError, match="DUPLEX_TORCH_THREADS"):
         stage_threads("DUPLEX_TORCH_THREADS")
+
+
+def test_a_text_only_server_gives_the_llm_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from duplex.cli.serve import _llm_threads
+
+    monkeypatch.delenv("DUPLEX_TORCH_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert _llm_threads(argparse.Namespace(asr_model="none", tts="none")) == 2
+    assert _llm_threads(argparse.Namespace(asr_model="tiny.en", tts="none")) == 1  # whisper needs a core
+    assert _llm_threads(argparse.Namespace(asr_model="none", tts="piper")) == 1
+    monkeypatch.setenv("DUPLEX_TORCH_THREADS", "1")
+    assert _llm_threads(argparse.Namespace(asr_model="none", tts="none")) == 1  # the environment decides

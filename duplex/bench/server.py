@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duplex.cpu import llm_threads
 from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SequenceConfig, Speaker
@@ -211,7 +212,7 @@ def _session_config(cfg: ServerBenchConfig) -> SessionConfig:
 
 
 async def _one_mode(lm: LoadedModel, mode: str, cfg: ServerBenchConfig) -> dict[str, Any]:
-    engine = Engine(lm, scheduler=mode)
+    engine = Engine(lm, scheduler=mode, threads=llm_threads(text_only=True))  # as a text-only duplex serve
     server = DuplexServer(engine, config=_session_config(cfg), limits=ServerLimits(max_sessions=256))
     await server.start("127.0.0.1", 0)
     out: dict[str, Any] = {"scheduler": mode, "levels": []}

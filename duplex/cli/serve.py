@@ -15,6 +15,7 @@ import sys
 import urllib.parse
 from typing import Any
 
+from duplex.cpu import llm_threads
 from duplex.engine.sequence import SequenceConfig
 from duplex.engine.worker import Engine
 from duplex.serving.server import DuplexServer, ServerLimits
@@ -45,6 +46,11 @@ def _load_audio(args: argparse.Namespace) -> tuple[Any | None, Any | None]:
         except Exception as exc:  # noqa: BLE001
             log.warning("no ASR (%s): audio input disabled", exc)
     return tts, asr
+
+
+def _llm_threads(args: argparse.Namespace) -> int:
+    """A text-only server (``--asr-model none --tts none``) gives its LLM every core (duplex.cpu)."""
+    return llm_threads(getattr(args, "asr_model", None) == "none" and getattr(args, "tts", None) == "none")
 
 
 def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
@@ -84,7 +90,8 @@ async def run_server(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     quantize = getattr(args, "quantize", "auto")
     engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype,
-                                                                  quantize=None if quantize == "none" else quantize))
+                                                                  quantize=None if quantize == "none" else quantize,
+                                                                  threads=_llm_threads(args)))
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = voice_config_from_args(args)

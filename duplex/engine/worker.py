@@ -57,8 +57,8 @@ class Engine:
 
     @classmethod
     def load(cls, name_or_path: str | None = None, device: str = "auto", dtype: str = "auto",
-             quantize: str | None = "auto") -> Engine:
-        return cls(load_model(name_or_path, device=device, dtype=dtype, quantize=quantize))
+             quantize: str | None = "auto", threads: int | None = None) -> Engine:
+        return cls(load_model(name_or_path, device=device, dtype=dtype, quantize=quantize), threads=threads)
 
     @property
     def tokenizer(self) -> Any:
