@@ -32,3 +32,19 @@ def test_growable_cache_equals_dynamic_cache(tiny_lm, monkeypatch):
     ref, n_ref = _steps(model, DynamicCache(config=model.config), prompt)
     assert n_ours == n_ref == 13 + 20 - 7 + 2
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_growable_layer_crops_as_transformers_does():
+    """A negative count drops trailing positions; a positive one is the length to keep (what
+    ``DynamicCache.crop`` passes on transformers 4); longer than the cache: nothing to do."""
+    from duplex.engine.kv import GrowableLayer
+
+    layer = GrowableLayer()
+    k = torch.arange(2 * 10 * 4, dtype=torch.float32).view(1, 2, 10, 4)
+    layer.update(k, k + 1)
+    layer.crop(-3)
+    assert layer.get_seq_length() == 7 and torch.equal(layer.keys, k[..., :7, :])
+    layer.crop(5)
+    assert layer.get_seq_length() == 5 and torch.equal(layer.values, (k + 1)[..., :5, :])
+    layer.crop(9)
+    assert layer.get_seq_length() == 5

@@ -113,13 +113,16 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Like ``DynamicLayer.crop``: a negative count drops that many trailing positions."""
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized or self._k is None or self._v is None:
+    def crop(self, max_length: int) -> None:
+        """As ``DynamicLayer.crop``: keep the first ``max_length`` positions; a negative value
+        drops that many trailing ones."""
+        if not self.is_initialized or self._k is None or self._v is None:
             return
-        self._length = max(0, self._length + tokens_to_remove)
+        if max_length < 0:
+            max_length = self._length + max_length
+        if self._length <= max_length:
+            return
+        self._length = max(0, max_length)
         self._views_stale = False  # both views set here
         self.keys = self._k[..., :self._length, :]
         self.values = self._v[..., :self._length, :]
