@@ -163,19 +163,17 @@ class _Pacer:
         return self._coef
 
     def _solve(self) -> tuple[float, float, float] | None:
-        import numpy as np
-
+        # pure Python on purpose: numpy's lstsq runs in OpenBLAS, whose spinning threads took a core
+        # from whisper in the voice server (committed words +250 ms in bench realtime)
         if len(self._ticks) < 8:
             return None
-        data = np.array(self._ticks, dtype=np.float64)
-        seconds = data[:, 2]
         for columns in ((0, 1), (1,), (0,), ()):  # drop a term whose fit comes out negative
-            x = np.column_stack([np.ones(len(data))] + [data[:, j] for j in columns])
-            coef, *_ = np.linalg.lstsq(x, seconds, rcond=None)
-            if (coef >= 0).all():
-                full = [float(coef[0]), 0.0, 0.0]
+            coef = _least_squares([[1.0, *(t[j] for j in columns)] for t in self._ticks],
+                                  [t[2] for t in self._ticks])
+            if coef is not None and all(c >= 0 for c in coef):
+                full = [coef[0], 0.0, 0.0]
                 for j, value in zip(columns, coef[1:]):
-                    full[1 + j] = float(value)
+                    full[1 + j] = value
                 return full[0], full[1], full[2]
         return None
 
@@ -191,6 +189,24 @@ class _Pacer:
             return None
         a, b, c = coef
         return (self.PACE - 1) * (a + b * decode_tokens + c * decode_attn)
+
+
+def _least_squares(rows: list[list[float]], y: list[float]) -> list[float] | None:
+    """Solve min |X c - y| through the normal equations (at most 3 unknowns), None if singular."""
+    n = len(rows[0])
+    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(n)]  # columns to ~1 for conditioning
+    x = [[r[j] / scale[j] for j in range(n)] for r in rows]
+    a = [[sum(r[i] * r[j] for r in x) for j in range(n)] + [sum(r[i] * v for r, v in zip(x, y))] for i in range(n)]
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(col, n), key=lambda i: abs(a[i][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for i in range(n):
+            if i != col:
+                f = a[i][col] / a[col][col]
+                a[i] = [u - f * v for u, v in zip(a[i], a[col])]
+    return [a[i][n] / a[i][i] / scale[i] for i in range(n)]
 
 
 class Scheduler:
