@@ -29,6 +29,25 @@ def _alone(lm: LoadedModel, engine: Engine, prompt: str, n: int) -> list[int]:
     return [seq.step(sampler) for _ in range(n)]
 
 
+async def _talk_during_long_prefill(engine: Engine, steps: int, yield_between: bool = False):
+    """A talker decodes ``steps`` tokens while another sequence prefills LONG as its system
+    message; returns (the ticks traced meanwhile, the talker, the listener)."""
+    talker = await engine.start_sequence(PROMPTS[0])
+    await engine.run(talker.hand_over, Speaker.AGENT)
+    listener = engine.new_sequence()
+    engine.scheduler.trace.clear()
+    sampler = _greedy()
+
+    async def talk() -> None:
+        for _ in range(steps):
+            await engine.decode(talker, sampler)
+            if yield_between:
+                await asyncio.sleep(0)  # the session emits its token between steps
+
+    await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+    return list(engine.scheduler.trace), talker, listener
+
+
 async def _decode(engine: Engine, prompt: str, n: int, ready: list[int], gate: asyncio.Event) -> list[int]:
     seq = await engine.start_sequence(prompt)
     await engine.run(seq.hand_over, Speaker.AGENT)
@@ -217,19 +236,7 @@ async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: L
         pacer = engine.scheduler._pacer  # one prefill token's worth of allowance a tick
         monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
         monkeypatch.setattr(pacer, "cost", lambda n, start: float(n))
-        talker = await engine.start_sequence(PROMPTS[0])
-        await engine.run(talker.hand_over, Speaker.AGENT)
-        listener = engine.new_sequence()
-        engine.scheduler.trace.clear()
-        sampler = _greedy()
-
-        async def talk() -> None:
-            for _ in range(20):
-                await engine.decode(talker, sampler)
-                await asyncio.sleep(0)  # the session emits its token between steps
-
-        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
-        ticks = list(engine.scheduler.trace)
+        ticks, talker, listener = await _talk_during_long_prefill(engine, 20, yield_between=True)
         talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
         during = [t for t in ticks if talking[0] <= t.tick <= talking[-1]]
         assert any(not any(r.owner == id(talker) for r in t.rows) and t.prefill_tokens for t in during)
@@ -250,18 +257,7 @@ async def test_a_prefill_token_dearer_than_a_ticks_allowance_waits_until_it_is_s
         pacer = engine.scheduler._pacer
         monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
         monkeypatch.setattr(pacer, "cost", lambda n, start: 3.0 * n)  # a token costs 3 ticks' allowance
-        talker = await engine.start_sequence(PROMPTS[0])
-        await engine.run(talker.hand_over, Speaker.AGENT)
-        listener = engine.new_sequence()
-        engine.scheduler.trace.clear()
-        sampler = _greedy()
-
-        async def talk() -> None:
-            for _ in range(24):
-                await engine.decode(talker, sampler)
-
-        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
-        ticks = list(engine.scheduler.trace)
+        ticks, talker, listener = await _talk_during_long_prefill(engine, 24)
         talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
         during = [t for t in ticks if talking[0] < t.tick < talking[-1]]
         pieces = [r.tokens for t in during for r in t.rows if r.owner == id(listener) and r.start_pos > 0]
