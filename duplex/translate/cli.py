@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from duplex.translate.prompt import LAYOUTS
+
 __all__ = ["add_translate_parser"]
 
 
@@ -22,6 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="auto", help="auto (int8 on CPU where fastest) | none | int8")
     p.add_argument("--source-language", default="en")
     p.add_argument("--target-language", default="es")
+    p.add_argument("--layout", default="reencode", choices=list(LAYOUTS),
+                   help="cache layout: reencode (target re-encoded after each new source word) | interleaved "
+                        "(source and target chunks alternate in one cache, nothing re-encoded)")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -49,6 +54,7 @@ def _run_info(args: argparse.Namespace, lm: Any, load_start: float) -> dict[str,
         "latency_unit": "source words (AL, LAAL, AP, DAL); *_CA_ms: computation-aware, ms, source words "
                         f"arriving every {args.word_interval_ms:g} ms",
         "word_interval_ms": args.word_interval_ms,
+        "layout": args.layout,
     }
 
 
@@ -56,7 +62,8 @@ def _policy_spec(args: argparse.Namespace) -> str:
     """``--policy wait-k --k 3`` -> ``wait-k:k=3`` (checked before the model loads)."""
     from duplex.translate.session import TranslateConfig
 
-    TranslateConfig(args.source_language, args.target_language, policy=args.policy, k=args.k).validate()
+    TranslateConfig(args.source_language, args.target_language, policy=args.policy, k=args.k,
+                    layout=args.layout).validate()
     return f"{args.policy}:k={args.k}" if args.policy in ("wait-k", "waitk") else args.policy
 
 
@@ -64,7 +71,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from duplex.translate.evaluate import read_lines, score_sentences, translate_corpus
+    from duplex.translate.evaluate import (
+        model_stats,
+        read_lines,
+        score_sentences,
+        stats_delta,
+        translate_corpus,
+    )
     from duplex.translate.instances import write_instances
     from duplex.translate.prompt import make_prompt
     from duplex.translate.translator import SimulTranslator
@@ -85,9 +98,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = _load(args)
-    model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language))
+    model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language), layout=args.layout)
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
+    before = model_stats(model)
     with tqdm(total=len(sources), desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
         def on_sentence(res: Any) -> None:
             bar.set_postfix_str(res.prediction[:40], refresh=False)
@@ -100,7 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = {**_run_info(args, lm, load_start), "policy": spec,
               "test_set": {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
                            "sentences": len(sources)},
-              **score_sentences(sentences, wall_s=time.perf_counter() - t0)}
+              **score_sentences(sentences, wall_s=time.perf_counter() - t0),
+              **stats_delta(before, model_stats(model), sentences)}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     (out / "scores.json").write_text(text + "\n", encoding="utf-8")
     print(text)
@@ -133,7 +148,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         sources, refs = sources[:args.limit], refs[:args.limit]
     lm = _load(args)
-    model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language))
+    model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language), layout=args.layout)
     policies = args.policies or list(DEFAULT_POLICIES)
     t0 = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)
@@ -173,7 +188,7 @@ async def _live(args: argparse.Namespace) -> int:
     from duplex.translate.session import TranslateConfig, TranslateSession
 
     config = TranslateConfig(source_language=args.source_language, target_language=args.target_language,
-                             policy=args.policy, k=args.k)
+                             policy=args.policy, k=args.k, layout=args.layout)
     config.validate()
     engine = Engine(await asyncio.get_running_loop().run_in_executor(None, _load, args))
     session = TranslateSession(engine, config)

@@ -23,8 +23,9 @@ from duplex.translate.instances import (
 from duplex.translate.policies import SimulPolicy, make_simul_policy
 from duplex.translate.translator import TranslationModel
 
-__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "markdown_table", "policy_dir_name",
-           "read_lines", "score_sentences", "translate_corpus", "translate_sentence"]
+__all__ = ["DEFAULT_POLICIES", "SentenceResult", "evaluate", "load_test_set", "markdown_table", "model_stats",
+           "policy_dir_name", "read_lines", "score_sentences", "stats_delta", "translate_corpus",
+           "translate_sentence"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,28 @@ def score_sentences(sentences: Sequence[SentenceResult], *, wall_s: float | None
     return scores
 
 
+def model_stats(model: TranslationModel) -> dict[str, Any]:
+    """The translator's cost counters (forwards, re-encoded tokens) and layout, if it has them."""
+    stats = getattr(model, "stats", None)
+    out: dict[str, Any] = {"layout": getattr(model, "layout", None)}
+    for key in ("forwards", "decoded_tokens", "reencoded_tokens"):
+        out[key] = getattr(stats, key, None)
+    return out
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any], sentences: Sequence[SentenceResult]
+                ) -> dict[str, Any]:
+    """One run's share of the counters, and forwards per source word: the cost that layouts change."""
+    out: dict[str, Any] = {"layout": after["layout"]}
+    if after["forwards"] is None:
+        return out
+    src_words = max(1, sum(len(r.source.split()) for r in sentences))
+    for key in ("forwards", "decoded_tokens", "reencoded_tokens"):
+        out[key] = after[key] - before[key]
+    out["forwards_per_source_word"] = round(out["forwards"] / src_words, 3)
+    return out
+
+
 def policy_dir_name(spec: str) -> str:
     """``wait-k:k=3`` -> ``wait-k_k3`` (one instances.log folder per policy)."""
     return spec.replace(":", "_").replace("=", "")
@@ -187,9 +210,11 @@ def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequen
             if progress is not None:
                 progress(f"[{spec}] {res.index + 1}/{len(sources)} {res.prediction}")
 
+        before = model_stats(model)
         sentences = translate_corpus(model, sources, references, spec, word_interval_ms=word_interval_ms,
                                      on_sentence=report)
         results[spec] = score_sentences(sentences, wall_s=time.perf_counter() - t0)
+        results[spec].update(stats_delta(before, model_stats(model), sentences))
         if instances_dir is not None:
             write_instances(Path(instances_dir) / policy_dir_name(spec) / "instances.log",
                             (r.to_log() for r in sentences))

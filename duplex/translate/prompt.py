@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LANGUAGES", "TranslationPrompt", "UnsupportedLanguagePair", "make_prompt", "supported_pairs"]
+__all__ = ["LANGUAGES", "LAYOUTS", "TranslationPrompt", "UnsupportedLanguagePair", "make_prompt", "supported_pairs"]
 
 LANGUAGES = {"en": "English", "es": "Spanish"}
+# how source and target share the cache (see duplex.translate.translator)
+LAYOUTS = ("reencode", "interleaved")
 
 # Three short conversational pairs; the test set in eval/data/ shares none of them.
 _SHOTS_EN_ES: tuple[tuple[str, str], ...] = (

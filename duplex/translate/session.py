@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,6 @@ from typing import Any
 
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
-from duplex.session.lifecycle import SessionLifecycle
 from duplex.session.events import (
     AgentTextDelta,
     AsrWord,
@@ -39,8 +39,9 @@ from duplex.session.events import (
     UpdateSession,
     UserTranscript,
 )
+from duplex.session.lifecycle import SessionLifecycle
 from duplex.translate.policies import SimulPolicy, make_simul_policy
-from duplex.translate.prompt import TranslationPrompt, make_prompt
+from duplex.translate.prompt import LAYOUTS, TranslationPrompt, make_prompt
 from duplex.translate.translator import SimulTranslator, TranslationModel
 
 __all__ = ["TranslateConfig", "TranslateSession", "TranslationUpdated"]
@@ -52,13 +53,15 @@ _SENTENCE_END = (".", "?", "!", "…", "。")
 
 @dataclass(frozen=True, slots=True)
 class TranslateConfig:
-    """``policy``: wait-k | local-agreement | retranslate | offline; ``k`` for wait-k."""
+    """``policy``: wait-k | local-agreement | retranslate | offline; ``k`` for wait-k; ``layout``:
+    reencode | interleaved (how source and target share the cache)."""
 
     source_language: str = "en"
     target_language: str = "es"
     policy: str = "wait-k"
     k: int = 3
     policy_params: dict[str, Any] = field(default_factory=dict)
+    layout: str = "reencode"
     max_source_words: int = 40
     max_text_chars: int = 16_000
     max_queued_inputs: int = 1_024
@@ -74,6 +77,8 @@ class TranslateConfig:
     def validate(self) -> None:
         """Raise ValueError (unknown pair, policy or parameter) before a session is built."""
         make_prompt(self.source_language, self.target_language)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown translation layout {self.layout!r}; available: {', '.join(LAYOUTS)}")
         self.make_policy()
 
 
@@ -105,7 +110,8 @@ class TranslateSession(SessionLifecycle):
         self.policy = self.config.make_policy()
         self.state = "listening"
         self.translator: TranslationModel | None = None
-        self._translator_factory = translator_factory or SimulTranslator  # (lm, prompt) -> model; tests pass a fake
+        # (lm, prompt) -> model; tests pass a fake
+        self._translator_factory = translator_factory or functools.partial(SimulTranslator, layout=self.config.layout)
         self._inputs: collections.deque[Any] = collections.deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()

@@ -31,7 +31,7 @@ from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
 from duplex.engine.template import RoleMarkers, TurnTemplate
-from duplex.translate.prompt import TranslationPrompt
+from duplex.translate.prompt import LAYOUTS, TranslationPrompt
 
 __all__ = ["SimulTranslator", "TargetWord", "TranslationModel"]
 
@@ -97,7 +97,12 @@ class SimulTranslator(TranslationModel):
     """The real model behind the policies: one shared sequence per translation session."""
 
     def __init__(self, lm: LoadedModel, prompt: TranslationPrompt, max_word_tokens: int = 12,
-                 max_target_ratio: float = 3.0) -> None:
+                 max_target_ratio: float = 3.0, layout: str = "reencode") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown translation layout {layout!r}; available: {', '.join(LAYOUTS)}")
+        if layout != "reencode":
+            raise NotImplementedError(layout)
+        self.layout = layout
         self.lm = lm
         self.prompt = prompt
         self.template = _template(lm, prompt)
