@@ -18,6 +18,20 @@ _SHOTS_EN_ES: tuple[tuple[str, str], ...] = (
 )
 _SHOTS = {("en", "es"): _SHOTS_EN_ES, ("es", "en"): tuple((b, a) for a, b in _SHOTS_EN_ES)}
 
+# The same three pairs cut into word-aligned (source chunk, target chunk) steps, for the interleaved
+# layout: a first chunk of a few words, then about one word each, the way a wait-k schedule
+# alternates; a target chunk waits for the source word it needs ("train station" -> "estación de
+# tren"). The joined chunks are the pairs above, word for word.
+_CHUNKS_EN_ES: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("Where is the", "¿Dónde está"), ("train", "la"), ("station?", "estación de tren?")),
+    (("I would like", "Quisiera"), ("a", "una"), ("cup", "taza"), ("of", "de"), ("coffee,", "café,"),
+     ("please.", "por favor.")),
+    (("My sister lives", "Mi hermana"), ("in", "vive en"), ("a", "un"), ("small town", "pueblo pequeño"),
+     ("near the", "cerca"), ("sea.", "del mar.")),
+)
+_CHUNKS = {("en", "es"): _CHUNKS_EN_ES,
+           ("es", "en"): tuple(tuple((b, a) for a, b in shot) for shot in _CHUNKS_EN_ES)}
+
 
 class UnsupportedLanguagePair(ValueError):
     """No prompt for this pair; the message lists the supported ones."""
@@ -35,6 +49,7 @@ class TranslationPrompt:
     source_language: str
     target_language: str
     shots: tuple[tuple[str, str], ...]
+    chunked_shots: tuple[tuple[tuple[str, str], ...], ...] = ()
     type: str = "translation_prompt"
 
     @property
@@ -54,6 +69,19 @@ class TranslationPrompt:
     def target_header(self) -> str:
         return f"\n{self.target_name}:"
 
+    @property
+    def source_header(self) -> str:
+        """Opens the next source chunk after a target chunk (interleaved layout)."""
+        return f"\n{self.source_name}:"
+
+    @property
+    def interleaved_prefix(self) -> str:
+        """The few-shot prompt in the interleaved layout ("English: w1 w2\nSpanish: t1\nEnglish:
+        w3\nSpanish: t2 t3"), so the model has seen chunks alternate before it has to."""
+        blocks = ["\n".join(f"{self.source_name}: {s}\n{self.target_name}: {t}" for s, t in shot)
+                  for shot in self.chunked_shots]
+        return "\n\n".join(blocks) + f"\n\n{self.source_name}:"
+
     def full(self, source: str) -> str:
         """The whole prompt for an offline, full-sentence translation of ``source``."""
         return f"{self.prefix} {source}{self.target_header}"
@@ -65,4 +93,4 @@ def make_prompt(source_language: str = "en", target_language: str = "es") -> Tra
         names = ", ".join(f"{a}->{b}" for a, b in supported_pairs())
         raise UnsupportedLanguagePair(f"no translation prompt for {source_language}->{target_language}; "
                                       f"supported language pairs: {names}")
-    return TranslationPrompt(source_language, target_language, _SHOTS[pair])
+    return TranslationPrompt(source_language, target_language, _SHOTS[pair], _CHUNKS[pair])

@@ -17,6 +17,17 @@ over half of a one-token forward, so the number of forwards is what counts. The 
 the agent turn's first content tokens rather than a template header, so that the header and the
 confirmed target share one forward (a template header would cost a forward of its own).
 
+Interleaved layout (``layout="interleaved"``): source and target chunks alternate in the one cache
+and nothing is re-encoded; a confirmed target word stays where it was written::
+
+    <interleaved few-shot prompt> "English:" " w1 w2 w3" "\\nSpanish:" " t1" "\\nEnglish:" " w4" "\\nSpanish:" " t2"
+
+A read appends the word(s) together with the target header in ONE forward (after a target chunk the
+source header goes first, in the same forward), so a write decodes at once: no target re-open. When
+the next event is another read instead, the header is cropped (no forward) and the chunk grows.
+Unconfirmed hypothesis tokens are cropped as in the re-encode layout. The few-shot examples are
+written in the same interleaved form (see :mod:`duplex.translate.prompt`).
+
 Synchronous torch code: a session runs it on the engine worker.
 """
 
@@ -100,13 +111,13 @@ class SimulTranslator(TranslationModel):
                  max_target_ratio: float = 3.0, layout: str = "reencode") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown translation layout {layout!r}; available: {', '.join(LAYOUTS)}")
-        if layout != "reencode":
-            raise NotImplementedError(layout)
         self.layout = layout
         self.lm = lm
         self.prompt = prompt
         self.template = _template(lm, prompt)
+        self._interleaved = layout == "interleaved"
         self._header = tuple(lm.tokenizer.encode(prompt.target_header, add_special_tokens=False))
+        self._source_header = tuple(lm.tokenizer.encode(prompt.source_header, add_special_tokens=False))
         self.seq = SharedSequence(lm, self.template, SequenceConfig(max_tokens=8192, keep_recent_tokens=4096))
         self._sampler = Sampler(SamplingConfig(temperature=0.0))
         self.max_word_tokens = max_word_tokens
@@ -115,7 +126,8 @@ class SimulTranslator(TranslationModel):
         self.stats = _Stats()
         # prompt = system turn: the sink, never rolled back
         self.seq.begin_turn(Speaker.SYSTEM)
-        self.seq.append(lm.tokenizer.encode(prompt.prefix, add_special_tokens=False))
+        prefix = prompt.interleaved_prefix if self._interleaved else prompt.prefix
+        self.seq.append(lm.tokenizer.encode(prefix, add_special_tokens=False))
         self.seq.end_turn(Speaker.SYSTEM)
         self._prompt_len = len(self.seq)
         self.source: list[str] = []
@@ -125,7 +137,10 @@ class SimulTranslator(TranslationModel):
         self._source_end = self._prompt_len  # position after the last source token
         self._target_ready = False  # the sequence ends with header + confirmed target (+ hypothesis)
         self._last_hypothesis: list[TargetWord] = []
-        self._newline_ids: set[int] = set()
+        # interleaved: the cache ends with the target header, then the open chunk's target tokens
+        self._chunk_start = self._prompt_len  # first target token of the open chunk
+        self._confirmed_end = self._prompt_len  # position after the last confirmed target token
+        self._header_open = False  # the last source chunk ends with the target header
 
     # ---- TranslationModel ------------------------------------------------------------------
     def reset(self) -> None:
@@ -135,12 +150,17 @@ class SimulTranslator(TranslationModel):
         self._source_turn = None
         self._source_end = self._prompt_len
         self._target_ready = False
+        self._chunk_start = self._confirmed_end = self._prompt_len
+        self._header_open = False
 
     def read(self, words: Sequence[str]) -> None:
         words = [w for w in (w.strip() for w in words) if w]
         if not words:
             return
         ids = self.lm.tokenizer.encode(" " + " ".join(words), add_special_tokens=False)
+        if self._interleaved:
+            self._read_interleaved(words, ids)
+            return
         self._drop_target()
         self._open_source()
         self.source.extend(words)
@@ -156,6 +176,7 @@ class SimulTranslator(TranslationModel):
         if word is not None:
             self.confirmed.append(word)
             self.seq.set_status(len(self.seq) - len(word.ids), len(self.seq), Status.SPOKEN)
+            self._confirmed_end = len(self.seq)
         return word
 
     def hypothesis(self) -> list[TargetWord]:
@@ -180,6 +201,11 @@ class SimulTranslator(TranslationModel):
             raise ValueError("confirm() takes a prefix of the last hypothesis")
         self.confirmed.extend(words)
         self._last_hypothesis = self._last_hypothesis[len(words):]
+        if self._interleaved:
+            # the confirmed words are the hypothesis tokens right after the confirmed target
+            end = self._confirmed_end + sum(len(w.ids) for w in words)
+            self.seq.set_status(self._confirmed_end, end, Status.SPOKEN)
+            self._confirmed_end = end
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -200,6 +226,9 @@ class SimulTranslator(TranslationModel):
             self.seq.reopen(Speaker.USER, self._source_turn)  # the target turn was rolled back
 
     def _open_target(self) -> None:
+        if self._interleaved:
+            self._open_target_interleaved()
+            return
         if self._target_ready:
             # drop unconfirmed hypothesis tokens beyond the confirmed target
             want = self._source_end + len(self._header) + sum(len(w.ids) for w in self.confirmed)
@@ -218,14 +247,62 @@ class SimulTranslator(TranslationModel):
 
     def _rollback_to_confirmed(self, extra: list[TargetWord]) -> None:
         """Keep the cache at confirmed + ``extra`` tokens (drops a sampled-but-unused tail)."""
-        want = (self._source_end + len(self._header) + sum(len(w.ids) for w in self.confirmed)
-                + sum(len(w.ids) for w in extra))
+        if self._interleaved:
+            want = self._confirmed_end + sum(len(w.ids) for w in extra)
+        else:
+            want = (self._source_end + len(self._header) + sum(len(w.ids) for w in self.confirmed)
+                    + sum(len(w.ids) for w in extra))
         if len(self.seq) > want:
             self.seq.truncate_to(want)
 
     def _target_budget_left(self) -> int:
-        confirmed = len(self.seq) - self._source_end - len(self._header)
-        return int(self.max_target_ratio * max(1, self._source_ids) + 8) - confirmed
+        if self._interleaved:  # confirmed words (in earlier chunks too) + the open chunk's hypothesis
+            written = sum(len(w.ids) for w in self.confirmed) + len(self.seq) - self._confirmed_end
+        else:
+            written = len(self.seq) - self._source_end - len(self._header)
+        return int(self.max_target_ratio * max(1, self._source_ids) + 8) - written
+
+    # ---- interleaved layout ----------------------------------------------------------------
+    def _turn(self, speaker: Speaker) -> None:
+        """Open a ``speaker`` turn for the next chunk (empty role markers: no forward)."""
+        open_turn = self.seq.open_turn
+        if open_turn is None:
+            self.seq.begin_turn(speaker)
+        elif open_turn[0] is not speaker:
+            self.seq.hand_over(speaker)
+
+    def _read_interleaved(self, words: list[str], ids: list[int]) -> None:
+        """Append the source chunk and the target header in one forward; nothing before it moves
+        except unconfirmed hypothesis tokens (and the header of a chunk that had no target)."""
+        if len(self.seq) > self._confirmed_end:
+            self.seq.truncate_to(self._confirmed_end)  # the unconfirmed hypothesis
+        if self._header_open and self._confirmed_end == self._chunk_start:
+            # no target since the last read: drop the header, this word extends the same chunk
+            self.seq.truncate_to(self._source_end)
+            chunk = [*ids, *self._header]
+        elif not self.source and not self.confirmed:
+            chunk = [*ids, *self._header]  # the prompt ends with the source header
+        else:
+            chunk = [*self._source_header, *ids, *self._header]
+        self._turn(Speaker.USER)
+        self.seq.append(chunk)
+        self.stats.forwards += 1
+        self.source.extend(words)
+        self._source_ids += len(ids)
+        self._source_end = len(self.seq) - len(self._header)
+        self._chunk_start = self._confirmed_end = len(self.seq)
+        self._header_open = True
+
+    def _open_target_interleaved(self) -> None:
+        if len(self.seq) > self._confirmed_end:
+            self.seq.truncate_to(self._confirmed_end)  # drop unconfirmed hypothesis tokens
+        if not self._header_open:  # a write before any read (empty source): the header alone
+            self._turn(Speaker.USER)
+            self.seq.append(self._header)
+            self.stats.forwards += 1
+            self._chunk_start = self._confirmed_end = len(self.seq)
+            self._header_open = True
+        self._turn(Speaker.AGENT)
 
     def _is_end(self, token: int, piece: str) -> bool:
         return token in self._eos or "\n" in piece
@@ -234,7 +311,12 @@ class SimulTranslator(TranslationModel):
         """Decode one whole word (until the next token starts a new word, or the end). The token
         that starts the next word is sampled but not appended: it was predicted from this source."""
         tok = self.lm.tokenizer
-        before_ids = self.seq.ids[self._source_end + len(self._header):]
+        start = self._chunk_start if self._interleaved else self._source_end + len(self._header)
+        before_ids = self.seq.ids[start:]
+        version = self.seq.logits_version
+        _ = self.seq.logits  # recomputed (one forward) when a crop dropped them
+        if self.seq.logits_version != version:
+            self.stats.forwards += 1
         before = tok.decode(before_ids, skip_special_tokens=True)
         ids: list[int] = []
         text = before
