@@ -1,4 +1,5 @@
-"""``duplex translate``: live translation of stdin text; ``run``/``eval`` on a test set; ``score`` an instances.log."""
+"""``duplex translate``: live translation of stdin text; ``run``/``eval`` on a test set (text, or speech
+with ``--source-audio``); ``score`` an instances.log; ``render-speech`` a test set's source to WAVs."""
 
 from __future__ import annotations
 
@@ -97,8 +98,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sources, references = sources[:args.limit], references[:args.limit]
     if args.threads:
         torch.set_num_threads(args.threads)
+    wavs = None
+    if args.source_audio:
+        from duplex.translate.speech import source_wavs
+
+        try:
+            wavs = source_wavs(args.source_audio, len(sources))
+        except ValueError as exc:
+            print(f"duplex translate run: {exc}", file=sys.stderr)
+            return 2
     lm = _load(args)
     model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language), layout=args.layout)
+    if wavs is not None:
+        return _run_speech(args, lm, model, spec, wavs, references)
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     before = model_stats(model)
@@ -120,6 +132,83 @@ def _cmd_run(args: argparse.Namespace) -> int:
     (out / "scores.json").write_text(text + "\n", encoding="utf-8")
     print(text)
     print(f"wrote {out / 'instances.log'} and {out / 'scores.json'}", file=sys.stderr)
+    return 0
+
+
+def _speech_info(args: argparse.Namespace) -> dict[str, Any]:
+    """What a speech-source results file adds to :func:`_run_info`: the ASR and the time axis."""
+    return {"source_audio": str(args.source_audio), "asr_model": args.asr_model or "tiny.en (packaged)",
+            "asr": "the voice pipeline's speech input (WebRTC VAD + streaming whisper, LocalAgreement-2), "
+                   f"fed {args.chunk_ms} ms frames",
+            "latency_unit": "ms of source audio (StreamLAAL, LAAL, AL, DAL; AP: ratio); *_CA: computation-aware "
+                            "(audio arrival + measured VAD, whisper and translation compute)"}
+
+
+def _speech_factory(args: argparse.Namespace) -> Any:
+    from duplex.translate import speech
+
+    print(f"loading ASR {args.asr_model or 'tiny.en (packaged)'} ...", file=sys.stderr)
+    return speech.speech_input_factory(args.asr_model, threads=args.threads)
+
+
+def _run_speech(args: argparse.Namespace, lm: Any, model: Any, spec: str, wavs: list[Path],
+                references: list[str | None]) -> int:
+    """``translate run --source-audio``: the WAVs through the voice pipeline's ASR, then the policy."""
+    from tqdm import tqdm
+
+    from duplex.translate.instances import write_instances
+    from duplex.translate.speech import score_speech_sentences, translate_speech_corpus
+
+    factory = _speech_factory(args)
+    load_start = round(os.getloadavg()[0], 2)
+    t0 = time.perf_counter()
+    with tqdm(total=len(wavs), desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
+        def on_sentence(res: Any) -> None:
+            bar.set_postfix_str(res.prediction[:40], refresh=False)
+            bar.update(1)
+
+        sentences = translate_speech_corpus(model, wavs, references, spec, factory, chunk_ms=args.chunk_ms,
+                                            on_sentence=on_sentence)
+    out = Path(args.out)
+    write_instances(out / "instances.log", (r.to_log() for r in sentences))
+    info = _run_info(args, lm, load_start)
+    info.pop("word_interval_ms")
+    result = {**info, **_speech_info(args), "policy": spec,
+              "test_set": {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
+                           "sentences": len(wavs)},
+              **score_speech_sentences(sentences, wall_s=time.perf_counter() - t0)}
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    (out / "scores.json").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'instances.log'} and {out / 'scores.json'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_render_speech(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from duplex.eval.voices import available_voices
+    from duplex.translate.evaluate import DATA_DIR, read_lines
+    from duplex.translate.speech import default_speech_dir, render_speech
+
+    src = Path(args.src) if args.src else DATA_DIR / "translate_en.txt"
+    try:
+        sources = read_lines(src)
+    except OSError as exc:
+        print(f"duplex translate render-speech: {exc}", file=sys.stderr)
+        return 2
+    if args.voice not in available_voices():
+        print(f"duplex translate render-speech: voice {args.voice!r} is not available here "
+              f"(available: {', '.join(available_voices()) or 'none'})", file=sys.stderr)
+        return 2
+    if args.limit:
+        sources = sources[:args.limit]
+    out = Path(args.out) if args.out else default_speech_dir(args.voice)
+    with tqdm(total=len(sources), desc=f"render {args.voice}", unit="sentence", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        render_speech(sources, args.voice, out, overwrite=args.overwrite, on_sentence=lambda i, p: bar.update(1))
+    print(out)
+    print(f"wrote {len(sources)} WAVs ({out}/0000.wav ...) and {out / 'manifest.json'}", file=sys.stderr)
     return 0
 
 
@@ -147,6 +236,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sources, refs = load_test_set(args.src, args.ref)
     if args.limit:
         sources, refs = sources[:args.limit], refs[:args.limit]
+    if args.source_audio:
+        from duplex.translate.speech import source_wavs
+
+        try:
+            source_wavs(args.source_audio, len(sources))
+        except ValueError as exc:
+            print(f"duplex translate eval: {exc}", file=sys.stderr)
+            return 2
     lm = _load(args)
     model = SimulTranslator(lm, make_prompt(args.source_language, args.target_language), layout=args.layout)
     policies = args.policies or list(DEFAULT_POLICIES)
@@ -156,11 +253,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"{time.perf_counter() - t0:7.1f}s {line}", file=sys.stderr, flush=True)
 
-    scores = evaluate(model, sources, refs, policies, word_interval_ms=args.word_interval_ms, progress=progress,
-                      instances_dir=args.instances)
+    if args.source_audio:
+        from duplex.translate.speech import evaluate_speech, source_wavs
+
+        scores = evaluate_speech(model, source_wavs(args.source_audio, len(sources)), refs, policies,
+                                 _speech_factory(args), progress=progress, instances_dir=args.instances)
+    else:
+        scores = evaluate(model, sources, refs, policies, word_interval_ms=args.word_interval_ms, progress=progress,
+                          instances_dir=args.instances)
 
     result = {
-        **_run_info(args, lm, load_start),
+        **_run_info(args, lm, load_start), **(_speech_info(args) if args.source_audio else {}),
         "test_set": {"src": str(args.src or "eval/data/translate_en.txt"),
                      "ref": str(args.ref or "eval/data/translate_es.txt"), "sentences": len(sources),
                      "source_words": sum(len(s.split()) for s in sources)},
@@ -251,7 +354,18 @@ def _cmd_translate(args: argparse.Namespace) -> int:
         return _cmd_eval(args)
     if getattr(args, "translate_command", None) == "report":
         return _cmd_report(args)
+    if getattr(args, "translate_command", None) == "render-speech":
+        return _cmd_render_speech(args)
     return asyncio.run(_live(args))
+
+
+def _add_speech_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-audio", default=None, metavar="DIR",
+                   help="speech source: DIR/0000.wav for source line 0, 0001.wav for line 1, ... (`translate "
+                        "render-speech` writes them); latency in ms of audio, with StreamLAAL")
+    p.add_argument("--asr-model", default=None,
+                   help="whisper for --source-audio: tiny.en (packaged, default) | base | a CTranslate2 model dir")
+    p.add_argument("--chunk-ms", type=int, default=20, help="--source-audio: audio frames fed to the ASR (ms)")
 
 
 def add_translate_parser(sub: Any) -> None:
@@ -278,6 +392,7 @@ def add_translate_parser(sub: Any) -> None:
                    help="torch CPU threads (on a shared, loaded machine 1 thread decoded 10x faster than 2)")
     e.add_argument("--instances", default=None, metavar="DIR",
                    help="write SimulEval-style DIR/<policy>/instances.log")
+    _add_speech_args(e)
     run = tsub.add_parser("run", help="translate a test set with one policy: DIR/instances.log (SimulEval's "
                           "format) and DIR/scores.json")
     run.set_defaults(func=_cmd_translate)
@@ -290,13 +405,23 @@ def add_translate_parser(sub: Any) -> None:
     run.add_argument("--limit", type=int, default=None, help="first N sentences only")
     run.add_argument("--word-interval-ms", type=float, default=300.0,
                      help="computation-aware latency: one source word arrives every this many ms")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (and whisper's, for speech)")
+    _add_speech_args(run)
     sc = tsub.add_parser("score", help="corpus AL/LAAL/AP/DAL (+ computation-aware, BLEU, chrF) of an "
                          "instances.log, as JSON")
     sc.set_defaults(func=_cmd_translate)
     sc.add_argument("instances", metavar="PATH/instances.log")
     sc.add_argument("--word-interval-ms", type=float, default=300.0,
                     help="source word duration for elapsed times when the log has no source_duration_ms")
+    rs = tsub.add_parser("render-speech", help="synthesize a test set's source lines to DIR/0000.wav ... "
+                         "(16 kHz) for --source-audio")
+    rs.set_defaults(func=_cmd_translate)
+    rs.add_argument("--src", default=None, help="source sentences, one per line (default: eval/data/translate_en.txt)")
+    rs.add_argument("--voice", default="piper:joe", help="piper:joe | flite:kal | flite:slt | flite:rms | flite:awb")
+    rs.add_argument("--out", default=None, metavar="DIR",
+                    help="default: ~/.cache/duplex/translate/speech-<voice> (not in the repository)")
+    rs.add_argument("--limit", type=int, default=None, help="first N sentences only")
+    rs.add_argument("--overwrite", action="store_true", help="render again WAVs that already exist")
     r = tsub.add_parser("report", help="the README table (markdown) from an eval JSON")
     r.set_defaults(func=_cmd_translate)
     r.add_argument("file")

@@ -107,7 +107,7 @@ def translate_sentence(model: TranslationModel, policy: SimulPolicy, source: str
         shown.append((n_read, clock_ms, [w for w, _, _ in written] + list(policy.hypothesis)))
     final = [w for w, _, _ in written]
     if policy.name == "retranslate":
-        delays, elapsed, revisions = _stable_prefix_delays(final, shown)
+        delays, elapsed, revisions = stable_prefix_delays(final, shown)
     else:
         delays = [d for _, d, _ in written]
         elapsed = [e for _, _, e in written]
@@ -116,13 +116,13 @@ def translate_sentence(model: TranslationModel, policy: SimulPolicy, source: str
                           len(words) * word_interval_ms, revisions, compute)
 
 
-def _stable_prefix_delays(final: list[str], shown: list[tuple[int, float, list[str]]]
-                          ) -> tuple[list[int], list[float], int]:
+def stable_prefix_delays(final: list[str], shown: Sequence[tuple[Any, float, list[str]]]
+                         ) -> tuple[list[Any], list[float], int]:
     """Re-translation shows a new hypothesis after every word. Target word i counts as written at
     the first step from which every later display agrees with the final translation up to word i
     (the usual way to put re-translation on the SimulEval axis); ``revisions`` counts displayed
     words that a later display changed."""
-    delays: list[int] = []
+    delays: list[Any] = []  # source words read (text) or ms of audio (speech)
     elapsed: list[float] = []
     for i in range(len(final)):
         first = len(shown) - 1
@@ -138,6 +138,9 @@ def _stable_prefix_delays(final: list[str], shown: list[tuple[int, float, list[s
         common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         revisions += len(a) - common
     return delays, elapsed, revisions
+
+
+_stable_prefix_delays = stable_prefix_delays  # the name tests/test_translate.py imports
 
 
 def translate_corpus(model: TranslationModel, sources: Sequence[str], references: Sequence[str | None],

@@ -15,16 +15,26 @@ axis (|X| = its duration). SimulEval defines them for speech only; for a text so
 source word a duration (``word_interval_ms``, 300 ms as SimulEval's ATD assumes for speech), so word
 j arrives at j·interval, and the elapsed time of a target word is when it was written on a clock
 that waits for the words it reads and advances by the measured compute time.
+
+Speech source (:func:`speech_latency`), as SimulEval scores speech input: d_i = ms of source audio
+read when target word i was written, |X| = the source duration in ms, |Y| = the reference length in
+words, so AL, LAAL and DAL are in ms (AP stays a ratio); the ``*_CA`` variants put ``elapsed`` (ms,
+audio arrival plus compute) in place of d_i on the same |X|. StreamLAAL (Papi et al. 2024, FBK's
+``stream_laal.py``) is LAAL after the stream's output is resegmented to the reference sentences,
+each sentence's delays taken from its start (``source_offset_ms``) and clamped at 0: with one WAV
+per reference sentence the segmentation is given, so no mwerSegmenter is needed, and with offset 0
+it equals the sentence-level LAAL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
-__all__ = ["InstanceDelays", "al", "ap", "corpus_latency", "corpus_quality", "dal", "laal"]
+__all__ = ["InstanceDelays", "al", "ap", "corpus_latency", "corpus_quality", "dal", "laal", "speech_latency",
+           "stream_laal"]
 
 
 def al(delays: Sequence[float], source_length: float, target_length: float) -> float:
@@ -76,13 +86,16 @@ def dal(delays: Sequence[float], source_length: float, target_length: float | No
 
 @dataclass(frozen=True, slots=True)
 class InstanceDelays:
-    """One sentence as SimulEval logs it: delays in source words, elapsed in ms (computation-aware)."""
+    """One sentence as SimulEval logs it: delays in source words (text) or ms (speech), elapsed in
+    ms (computation-aware). ``source_offset_ms``: where a speech sentence starts in the stream its
+    delays are measured on (StreamLAAL); 0 for a sentence heard on its own."""
 
     delays: tuple[float, ...]
-    source_length: int
+    source_length: float
     reference_length: int | None
     elapsed_ms: tuple[float, ...] | None = None
     source_duration_ms: float | None = None
+    source_offset_ms: float = 0.0
     type: str = "instance_delays"
 
 
@@ -104,6 +117,34 @@ def corpus_latency(instances: Sequence[InstanceDelays]) -> dict[str, float]:
             out[f"{name}_CA" if name == "AP" else f"{name}_CA_ms"] = mean(
                 fn(ins.elapsed_ms or (), ins.source_duration_ms or 0.0,
                    ins.reference_length or len(ins.delays)) for ins in scored)
+    return out
+
+
+def stream_laal(delays: Sequence[float], source_length: float, target_length: float,
+                source_offset: float = 0.0) -> float:
+    """StreamLAAL of one resegmented sentence: LAAL of its delays taken from the sentence start."""
+    return laal([max(0.0, d - source_offset) for d in delays], source_length, target_length)
+
+
+def speech_latency(instances: Sequence[InstanceDelays]) -> dict[str, float]:
+    """Corpus latency of a speech source in ms: ``StreamLAAL_ms``, ``LAAL_ms``, ``AL_ms``, ``AP``,
+    ``DAL_ms``, and with elapsed times their ``*_CA`` computation-aware variants (``AP_CA``).
+    Delays, elapsed and ``source_length`` are all ms; sentences without target words are skipped."""
+    scored = [ins for ins in instances if ins.delays]
+    if not scored:
+        return {}
+    variants: list[tuple[str, Callable[[InstanceDelays], Sequence[float]]]] = [("", lambda ins: ins.delays)]
+    if all(ins.elapsed_ms is not None for ins in scored):
+        variants.append(("_CA", lambda ins: ins.elapsed_ms or ()))
+    out: dict[str, float] = {}
+    for suffix, times in variants:
+        out[f"StreamLAAL{suffix}_ms"] = mean(
+            stream_laal(times(ins), ins.source_length, ins.reference_length or len(ins.delays), ins.source_offset_ms)
+            for ins in scored)
+        for name, fn in _SCORERS.items():
+            key = f"{name}{suffix}" if name == "AP" else f"{name}{suffix}_ms"
+            out[key] = mean(fn([max(0.0, t - ins.source_offset_ms) for t in times(ins)], ins.source_length,
+                               ins.reference_length or len(ins.delays)) for ins in scored)
     return out
 
 
