@@ -98,7 +98,6 @@ def score_records(records: Sequence[dict[str, Any]], *,
     if all(speech):
         latency = speech_latency(instances)
         scores: dict[str, Any] = {"sentences": len(records), "source_type": "speech",
-                                  "latency_unit": "ms of source audio (AP: ratio)",
                                   **{k: round(v, 3) for k, v in latency.items()}}
     else:
         latency = corpus_latency(instances)
