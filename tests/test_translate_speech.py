@@ -222,3 +222,31 @@ def test_render_speech_writes_one_wav_per_line(tmp_path: Path, capsys) -> None:
     with wave.open(str(tmp_path / "wavs" / "0001.wav"), "rb") as w:
         assert w.getframerate() == 16_000 and w.getnchannels() == 1
         assert manifest["durations_ms"][1] == round(1000 * w.getnframes() / 16_000, 1) > 500
+
+
+def test_eval_source_audio_scores_each_policy_and_reports_a_speech_table(tmp_path: Path, monkeypatch,
+                                                                           capsys) -> None:
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    _tone_wav(source_wav(audio, 0), 1.5)
+    (tmp_path / "src.txt").write_text("where is the station\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("dónde está la estación\n", encoding="utf-8")
+    monkeypatch.setattr(speech, "speech_input_factory", lambda *a, **k: lambda: make_speech_input(
+        FakeWhisper(word_s=0.25), vad=EnergyVad(), turn_features=None))
+    result_json = tmp_path / "eval.json"
+    assert main(["translate", "eval", "--model", "tiny", "--src", str(tmp_path / "src.txt"), "--ref",
+                 str(tmp_path / "ref.txt"), "--source-audio", str(audio), "--policies", "wait-k:k=1", "offline",
+                 "--instances", str(tmp_path / "inst"), "--json", str(result_json), "--threads", "1"]) == 0
+    capsys.readouterr()
+    result = json.loads(result_json.read_text(encoding="utf-8"))
+    for spec, folder in (("wait-k:k=1", "wait-k_k1"), ("offline", "offline")):
+        rescored = score_instances(tmp_path / "inst" / folder / "instances.log")
+        assert {k: result["policies"][spec][k] for k in rescored} == rescored
+    # offline writes everything once the whole 1.8 s source is heard: every delay is |X|
+    offline = read_instances(tmp_path / "inst" / "offline" / "instances.log")[0]
+    assert set(offline["delays"]) == {1800.0}
+    assert result["policies"]["offline"]["StreamLAAL_ms"] == 1800.0
+    assert main(["translate", "report", str(result_json)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| policy | BLEU | chrF | StreamLAAL (s) |") and table[3].startswith("| offline |")
+    assert table[3].split("|")[4].strip() == "1.80"

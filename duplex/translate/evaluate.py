@@ -226,6 +226,8 @@ def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequen
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The README table, every number read from an ``eval`` JSON (``duplex translate report FILE``)."""
+    if any(r.get("source_type") == "speech" for r in result["policies"].values()):
+        return _speech_table(result)
     head = ("| policy | BLEU | chrF | AL | LAAL | AP | DAL | AL_CA (s) | LAAL_CA (s) | compute ms / source word |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
@@ -233,4 +235,17 @@ def markdown_table(result: dict[str, Any]) -> str:
         ca = [f"{r[k] / 1000:.2f}" if k in r else "" for k in ("AL_CA_ms", "LAAL_CA_ms")]
         rows.append(f"| {name} | {r['BLEU']:.1f} | {r['chrF']:.1f} | {r['AL']:.2f} | {r['LAAL']:.2f} | "
                     f"{r['AP']:.2f} | {r['DAL']:.2f} | {ca[0]} | {ca[1]} | {r['compute_ms_per_source_word']:.0f} |")
+    return "\n".join([head, *rows])
+
+
+def _speech_table(result: dict[str, Any]) -> str:
+    """``eval --source-audio``: latency in s of source audio, the ASR's and translator's real-time factors."""
+    head = ("| policy | BLEU | chrF | StreamLAAL (s) | StreamLAAL_CA (s) | AL (s) | AP | DAL (s) | ASR RTF | "
+            "translate RTF |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, r in result["policies"].items():
+        s = {k: f"{r[k] / 1000:.2f}" if k in r else ""
+             for k in ("StreamLAAL_ms", "StreamLAAL_CA_ms", "AL_ms", "DAL_ms")}
+        rows.append(f"| {name} | {r['BLEU']:.1f} | {r['chrF']:.1f} | {s['StreamLAAL_ms']} | {s['StreamLAAL_CA_ms']} | "
+                    f"{s['AL_ms']} | {r['AP']:.2f} | {s['DAL_ms']} | {r['asr_rtf']:.2f} | {r['translate_rtf']:.2f} |")
     return "\n".join([head, *rows])

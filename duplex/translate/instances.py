@@ -6,7 +6,8 @@ word was written), ``elapsed`` (ms, computation-aware), ``prediction_length``, `
 ``duplex translate score`` can read its own. We add ``source_duration_ms`` (the timed text source's
 length on the ``elapsed`` axis; SimulEval ignores unknown keys). A speech source's records say
 ``"source_type": "speech"``: their ``delays``, ``elapsed`` and ``source_length`` are ms of source
-audio, as SimulEval logs speech input, and they score in ms (:func:`~duplex.translate.metrics.speech_latency`). ``translate run`` and ``translate
+audio, as SimulEval logs speech input, and they score in ms
+(:func:`~duplex.translate.metrics.speech_latency`). ``translate run`` and ``translate
 eval`` score through :func:`score_records`, so ``scores.json`` equals ``translate score``'s output.
 """
 
