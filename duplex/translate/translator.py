@@ -305,6 +305,7 @@ class SimulTranslator(TranslationModel):
         self._turn(Speaker.AGENT)
 
     def _is_end(self, token: int, piece: str) -> bool:
+        # interleaved: a newline may also be the model asking for the next source chunk
         return token in self._eos or "\n" in piece
 
     def _decode_word(self) -> TargetWord | None:
