@@ -158,6 +158,7 @@ class SimulTranslator(TranslationModel):
         if not words:
             return
         ids = self.lm.tokenizer.encode(" " + " ".join(words), add_special_tokens=False)
+        self._last_hypothesis = []  # its tokens are rolled back below: nothing left to confirm
         if self._interleaved:
             self._read_interleaved(words, ids)
             return
