@@ -192,3 +192,34 @@ def test_append_and_hand_over_equals_the_two_step_path(tiny_lm):
     assert eou_one == pytest.approx(eou_two, rel=1e-4, abs=1e-6)
     torch.testing.assert_close(one.logits, two.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(one.logits, _full_logits(tiny_lm, one.ids), rtol=1e-4, atol=1e-4)
+
+
+def _reference_nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
+    """The top-p set by sorting the whole vocabulary (what the sampler did before its shortlist)."""
+    probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+    keep = torch.cumsum(probs, dim=-1) - probs <= top_p
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("scale, top_p", [(8.0, 0.9), (8.0, 0.3), (0.05, 0.9), (0.05, 0.999)])
+def test_top_p_samples_only_from_the_nucleus_whether_or_not_the_shortlist_holds_it(scale, top_p):
+    # scale 8: a peaked distribution, the nucleus is inside the 256-token shortlist; scale 0.05:
+    # nearly flat over 5000 tokens, the shortlist falls short and the whole vocabulary is sorted
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * scale
+    nucleus = _reference_nucleus(logits, top_p)
+    sampler = Sampler(SamplingConfig(temperature=1.0, top_p=top_p, seed=0))
+    drawn = {sampler(logits.clone()) for _ in range(300)}
+    assert drawn <= nucleus
+    assert len(drawn) > (1 if len(nucleus) > 1 else 0)  # it samples, not argmax
+
+
+def test_temperature_sampling_follows_the_distribution():
+    # three tokens at 0.7 / 0.2 / 0.1, the rest at zero probability: the draw (an inverted
+    # cumulative sum) never picks a zero-probability token and matches the frequencies
+    logits = torch.full((1000,), float("-inf"))
+    logits[[10, 500, 999]] = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=1))
+    draws = [sampler(logits.clone()) for _ in range(4000)]
+    assert set(draws) <= {10, 500, 999}
+    for token, p in ((10, 0.7), (500, 0.2), (999, 0.1)):
+        assert abs(draws.count(token) / len(draws) - p) < 0.03

@@ -7,12 +7,19 @@ import asyncio
 
 import pytest
 
-from duplex.session.clock import ManualClock
-from duplex.session.events import (AsrWord, Cancel, PlaybackMark, SpeechStarted, SpeechStopped, TextInput,
-                           UpdateSession)
 from duplex.engine.sampling import SamplingConfig
 from duplex.engine.sequence import Speaker, Status
+from duplex.session.clock import ManualClock
 from duplex.session.core import TRUNCATION_MARKER, Session, SessionConfig
+from duplex.session.events import (
+    AsrWord,
+    Cancel,
+    PlaybackMark,
+    SpeechStarted,
+    SpeechStopped,
+    TextInput,
+    UpdateSession,
+)
 from tests.fakes import collect_until, settle
 
 
@@ -379,4 +386,29 @@ async def test_held_decoding_waits_for_release_and_a_cancel_still_gets_through(t
     s.hold_decoding()
     s.submit(Cancel())  # a barge-in or cancel is never kept waiting by the hold
     await collect_until(s, _is("interrupted"))
+    await s.close()
+
+
+async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_engine, monkeypatch):
+    # under load each engine job waits for the tick in flight: the first token must not need a job
+    # of its own between the hand-over and the first decode step
+    s = await _session(tiny_engine, max_tokens=6)
+    calls: list[str] = []
+    run, run_for = tiny_engine.run, tiny_engine.run_for
+
+    async def counting_run(fn, *args, **kwargs):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await run(fn, *args, **kwargs)
+
+    async def counting_run_for(seq, fn, *args, **kwargs):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await run_for(seq, fn, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "run", counting_run)
+    monkeypatch.setattr(tiny_engine, "run_for", counting_run_for)
+    s.submit(TextInput("hello there"))
+    events = await collect_until(s, _is("turn_ended", speaker="agent"))
+    assert [e for e in events if e.type == "agent_text_delta"]
+    assert "sample" not in calls  # only append_and_sample steps, each carrying the next token
+    assert calls.count("append_and_sample") == 6 or events[-1].reason != "max_tokens"
     await s.close()

@@ -43,7 +43,6 @@ from duplex.session.config import (
     SessionConfig,
 )
 from duplex.session.detok import IncrementalDetokenizer, WordBuffer
-from duplex.session.lifecycle import SessionLifecycle
 from duplex.session.events import (
     AgentTextDelta,
     AsrWord,
@@ -63,6 +62,7 @@ from duplex.session.events import (
     UpdateSession,
     UserTranscript,
 )
+from duplex.session.lifecycle import SessionLifecycle
 from duplex.session.validation import validate_input
 
 __all__ = ["BACKCHANNEL_MARKER", "DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
@@ -106,6 +106,9 @@ class Session(SessionLifecycle, BargeIn):
         self._audio_turn: TurnAudioFeatures | None = None  # acoustic features of the latest pause
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
         self._prepared: int | None = None  # agent turn opened speculatively during user silence
+        # the reply's first token, sampled in the job that opened the agent turn: (token,
+        # logits_version, sampler); saves the reply one engine job (a tick's wait under load)
+        self._first_token: tuple[int, int, Sampler] | None = None
         # agent side
         self._agent: AgentTurnState | None = None
         self._detok = IncrementalDetokenizer(engine.tokenizer)
@@ -366,7 +369,8 @@ class Session(SessionLifecycle, BargeIn):
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
-            self._eou_prob, self._prepared = await self.engine.run_for(self.seq, self._append_and_prepare_sync, ids)
+            self._eou_prob, self._prepared, self._first_token = await self.engine.run_for(
+                self.seq, self._append_and_prepare_sync, ids)
             return
         self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
 
@@ -377,7 +381,7 @@ class Session(SessionLifecycle, BargeIn):
         if not self._can_prepare_reply():
             return False
         assert self.seq is not None
-        self._prepared = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
+        self._prepared, self._first_token = await self.engine.run_for(self.seq, self._hand_over_sync)
         return True
 
     def _can_prepare_reply(self, after_append: bool = False) -> bool:
@@ -401,14 +405,27 @@ class Session(SessionLifecycle, BargeIn):
         self.seq.rollback(len(template.user.footer) + len(template.agent.header))
         self.seq.reopen(Speaker.USER, self._user_turn)
         self._prepared = None
+        self._first_token = None
 
-    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[float, int]:
-        """Worker thread: the user's words plus the speculative hand-over in one forward."""
+    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[float, int, tuple[int, int, Sampler]]:
+        """Worker thread: the user's words plus the speculative hand-over in one forward, and the
+        reply's first token sampled from it."""
         assert self.seq is not None
         self._unprepare_sync()
         ids = self._open_user_turn_sync(ids)
         turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
-        return eou, turn
+        return eou, turn, self._sample_first_sync()
+
+    def _hand_over_sync(self) -> tuple[int, tuple[int, int, Sampler]]:
+        """Worker thread: open the agent turn and sample its first token in the same job."""
+        assert self.seq is not None
+        turn = self.seq.hand_over(Speaker.AGENT)
+        return turn, self._sample_first_sync()
+
+    def _sample_first_sync(self) -> tuple[int, int, Sampler]:
+        assert self.seq is not None
+        sampler = self._sampler
+        return self.seq.sample(sampler), self.seq.logits_version, sampler
 
     def _append_user_sync(self, ids: list[int]) -> float:
         assert self.seq is not None
@@ -620,7 +637,8 @@ class Session(SessionLifecycle, BargeIn):
         if self._prepared is not None:
             turn, self._prepared = self._prepared, None
         else:
-            turn = await self.engine.run(self.seq.hand_over, Speaker.AGENT)
+            turn, self._first_token = await self.engine.run_for(self.seq, self._hand_over_sync)
+        first, self._first_token = self._first_token, None
         if user_turn is not None:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
         self._user_turn = None
@@ -636,6 +654,8 @@ class Session(SessionLifecycle, BargeIn):
         content_start = len(self.seq) + self.seq.evicted_tokens
         self._paused = False
         self._agent = AgentTurnState(turn=turn, content_start=content_start)
+        if first is not None and first[2] is self._sampler:  # not if the sampling settings changed since
+            self._agent.next_token, self._agent.next_version = first[0], first[1]
         self._detok.reset()
         self._words = WordBuffer()
         self._emit(TurnStarted("agent", turn, now))
