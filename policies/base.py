@@ -50,6 +50,9 @@ class Observation:
     speech_s: float | None = None  # voiced duration of the utterance before the pause
     vad_mean_1s: float | None = None  # mean VAD speech probability over its last second
     vad_mean: float | None = None  # mean VAD speech probability over the analysed segment
+    # the user's current turn began by talking over the agent, which yielded: what they say is a
+    # correction or a new request, and they wait for the answer
+    after_interruption: bool = False
     type: str = "observation"
 
     def to_dict(self) -> dict[str, Any]:

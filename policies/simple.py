@@ -58,6 +58,9 @@ class EouPolicy:
     long_gap_ms: float = 1500.0
     confident: float = 0.5
     unlikely: float = 0.05
+    # the most it waits after an interruption's words ("No, I asked about Oslo."): the model's
+    # end-of-turn probability is low after its own cut-off turn, and the user is waiting for it
+    interruption_gap_ms: float = 600.0
     speak_chunk_tokens: int = 1
     backchannel_every_s: float | None = None  # the agent's own "mm-hm" while the user talks; off
     barge_in: BargeInRules = field(default_factory=BargeInRules)
@@ -83,7 +86,10 @@ class EouPolicy:
             return Speak(self.speak_chunk_tokens)
         if (bc := agent_backchannel(obs, self.backchannel_every_s)) is not None:
             return bc
-        return _take_turn_after(obs, self.gap_ms(obs.eou_prob), self.speak_chunk_tokens)
+        gap = self.gap_ms(obs.eou_prob)
+        if obs.after_interruption:
+            gap = min(gap, self.interruption_gap_ms)
+        return _take_turn_after(obs, gap, self.speak_chunk_tokens)
 
 
 @register_policy("half-duplex")

@@ -124,6 +124,16 @@ def test_eou_gap_interpolates_between_bounds():
     assert 200 < p.gap_ms(0.2) < 1200
 
 
+def test_eou_waits_less_after_an_interruption_than_after_words_that_look_unfinished():
+    p = make_policy("eou", short_gap_ms=0, long_gap_ms=1500, confident=0.2, unlikely=0.02)
+    said = dict(user_turn_words=5, partial_text="No, I asked about Oslo.", eou_prob=0.03)
+    assert isinstance(p.decide(obs(silence_s=0.7, **said)), Listen)  # an ordinary turn: up to 1.5 s
+    assert isinstance(p.decide(obs(silence_s=0.7, after_interruption=True, **said)), Speak)
+    assert isinstance(p.decide(obs(silence_s=0.4, after_interruption=True, **said)), Listen)
+    assert make_policy("eou", interruption_gap_ms=1500).decide(obs(silence_s=0.7, after_interruption=True, **said)) \
+        == Listen()
+
+
 def test_agent_backchannels_only_when_enabled_while_the_user_talks_at_length():
     from duplex.policies import Backchannel
 

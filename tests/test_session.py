@@ -412,3 +412,30 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
     assert "sample" not in calls  # only append_and_sample steps, each carrying the next token
     assert calls.count("append_and_sample") == 6 or events[-1].reason != "max_tokens"
     await s.close()
+
+
+async def test_policy_sees_that_the_user_interrupted_until_the_reply_starts(tiny_engine):
+    clock = ManualClock()
+    s = await _session(tiny_engine, clock, max_tokens=4000, audio_output=True, truncate_wait_ms=400)
+    s.submit(TextInput("talk to me"))
+    turn = (await collect_until(s, lambda e: e.type == "agent_text_delta" and e.token_end >= 4))[-1].turn
+    assert not s.observe().after_interruption
+    s.submit(PlaybackMark(turn, 3))
+    s.submit(SpeechStarted(2.0))
+    await collect_until(s, _is("agent_paused"))
+    clock.advance(1.6)  # sustained sound over the agent: it yields
+    await collect_until(s, _is("interrupted"))
+    s.submit(PlaybackMark(turn, 3, final=True))
+    await collect_until(s, _is("turn_ended", speaker="agent"))
+    s.submit(AsrWord("no", 2.0, 2.3, True))
+    s.submit(SpeechStopped(2.4))
+    await collect_until(s, _is("user_transcript", text="no"))
+    assert s.observe().after_interruption  # the policy may answer sooner than an ordinary turn
+    clock.advance(2.0)
+    await collect_until(s, _is("turn_started", speaker="agent"))
+    assert not s.observe().after_interruption
+    # a cancel is not an interruption by the user's voice
+    s.submit(Cancel())
+    await collect_until(s, _is("interrupted"))
+    assert not s.observe().after_interruption
+    await s.close()

@@ -137,6 +137,7 @@ class BargeIn:
         self._emit(Interrupted(agent.turn, self._text_of(agent, kept), kept, len(agent.tokens) - kept, now,
                                reason="cancelled" if reason == "cancelled" else "barge_in"))
         self._set_state("interrupted")
+        self._barged_in = reason != "cancelled"
         wait = self.config.truncate_wait_ms / 1000 if self.config.audio_output else 0.0
         self._truncate_deadline = now + wait
         self._overlap_start_t = self._overlap_end_t = None

@@ -119,6 +119,7 @@ class Session(SessionLifecycle, BargeIn):
         self._paused = False  # the agent's audio is paused while an overlap is judged
         self._speech_start_t: float | None = None  # the user's current utterance began (session clock)
         self._backchannel_t: float | None = None  # the agent's own last acknowledgement
+        self._barged_in = False  # the user's current turn made the agent yield (until the reply starts)
         self._decode_held: asyncio.Event | None = None  # set = released (see hold_decoding)
         self._transcript_pending = False  # an overlap ended; its final words are still coming
         self._backchannel_ids: list[int] = []  # the user's backchannels, noted at their next turn
@@ -519,7 +520,8 @@ class Session(SessionLifecycle, BargeIn):
             else 0.0,
             since_agent_backchannel_s=None if self._backchannel_t is None else now - self._backchannel_t,
             committed_words=sum(len(w.split()) for w in self._user_committed),
-            tentative_words=len(self._tentative), **self._audio_observation(),
+            tentative_words=len(self._tentative), after_interruption=self._barged_in and agent is None,
+            **self._audio_observation(),
         )
 
     def _audio_observation(self) -> dict[str, Any]:
@@ -650,6 +652,7 @@ class Session(SessionLifecycle, BargeIn):
         self._audio_turn = None
         self._speech_end_t = None
         self._overlap_start_t = self._overlap_end_t = None
+        self._barged_in = False
         # a logical position (evicted tokens included), so that eviction mid-turn cannot move it
         content_start = len(self.seq) + self.seq.evicted_tokens
         self._paused = False
