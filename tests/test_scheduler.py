@@ -266,3 +266,34 @@ async def test_a_prefill_token_dearer_than_a_ticks_allowance_waits_until_it_is_s
         assert sum(r.tokens for t in ticks for r in t.rows if r.owner == id(listener)) == len(listener)
     finally:
         engine.close()
+
+
+async def test_a_tick_waits_for_the_last_ticks_speakers_to_queue_their_next_step(tiny_lm: LoadedModel,
+                                                                                 monkeypatch) -> None:
+    # each session's event loop resubmits its step at its own moment (here: after i+1 loop turns);
+    # a tick that started on the first arrival would leave the others to another pass over the
+    # weights. The window is widened so that the test counts rows, not milliseconds.
+    from duplex.engine import scheduler as sched
+
+    monkeypatch.setattr(sched, "_GATHER_S", 30.0)
+    monkeypatch.setattr(sched, "_GATHER_TICK_FRACTION", 1e9)
+    engine = Engine(tiny_lm, scheduler="batched")
+    try:
+        seqs = [await engine.start_sequence(p) for p in PROMPTS]
+        for seq in seqs:
+            await engine.run(seq.hand_over, Speaker.AGENT)
+        engine.scheduler.trace.clear()
+
+        async def speak(i: int, seq: SharedSequence) -> None:
+            sampler = _greedy()
+            for _ in range(6):
+                await engine.decode(seq, sampler)
+                for _ in range(i + 1):
+                    await asyncio.sleep(0)  # emitting the token takes a while, longer for some
+
+        await asyncio.gather(*(speak(i, s) for i, s in enumerate(seqs)))
+        rows = [sum(r.decode for r in t.rows) for t in engine.scheduler.trace]
+        assert sum(rows) == 18
+        assert rows[1:] == [3] * (len(rows) - 1)  # after the first, every tick carries all three
+    finally:
+        engine.close()

@@ -19,6 +19,10 @@ sessions paid eight passes over the weights per round. Here:
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
+A tick that is ready to run waits briefly (at most 8 ms, and half the last tick's time) for the
+sessions that decoded in the last tick to queue their next step: their event loops resubmit one
+after another, and starting on the first arrival splits one batched pass into several.
+
 So a long prefill delays another session's next token by at most one tick, whose prefill part is
 bounded by ``chunk_tokens``; and decoders share the weight reads. Ticks are recorded
 (:attr:`Scheduler.trace`) so tests can check fairness by counting rows, not by timing.
@@ -50,6 +54,11 @@ _MIN_PIECE = 8  # a later prefill row in a tick takes no intermediate piece smal
 # a session that decoded within this many ticks, or this many seconds, still counts as speaking
 _SPEAKER_TICKS = 2
 _SPEAKER_SECONDS = 0.25
+# a tick waits at most this long (and at most half the last tick's time) for the sessions that
+# decoded in the last tick to queue their next step: their event loops resubmit one after another,
+# and a tick that starts on the first arrival leaves the others to one more pass over the weights
+_GATHER_S = 0.008
+_GATHER_TICK_FRACTION = 0.5
 # a tick of at most this many tokens (decode steps, short prefill pieces) takes the lean forward of
 # duplex.engine.fast_decode; a bigger one the ragged transformers forward (SDPA for long rows)
 _FAST_MAX_TOKENS = 96
@@ -243,6 +252,9 @@ class Scheduler:
         # two steps (its loop is emitting the last token) still paces the prefill of the tick
         # that starts meanwhile
         self._speakers: dict[int, tuple[int, float, int]] = {}
+        self._last_decoders: frozenset[int] = frozenset()  # owners with a decode row in the last tick
+        self._last_tick_end = 0.0
+        self._last_tick_s = 0.0
         self._batching = mode == "batched"
         self._closing = False
         if self._batching:
@@ -319,7 +331,7 @@ class Scheduler:
             self._pending.append(req)
             if job:
                 self._runnable -= 1
-            lead = job and self._runnable == 0
+            lead = job and self._runnable == 0 and self._gather_wait() <= 0
             if not lead:
                 self._tick_cv.notify()
         if lead:
@@ -327,8 +339,8 @@ class Scheduler:
             # per token for a lone session, which a loaded 2-core machine makes cost milliseconds
             while not req.event.is_set():
                 with self._lock:
-                    if self._runnable > 0:
-                        self._tick_cv.notify()
+                    if self._runnable > 0 or self._gather_wait() > 0:
+                        self._tick_cv.notify()  # the scheduler thread runs the tick once they are in
                         break
                 self._tick()
             else:
@@ -353,13 +365,27 @@ class Scheduler:
         self._init_thread()
         while True:
             with self._lock:
-                while not (self._pending and self._runnable == 0) and not (
-                        self._closing and not self._lanes and not self._pending):
-                    self._tick_cv.wait()
+                while not (self._closing and not self._lanes and not self._pending):
+                    if self._pending and self._runnable == 0:
+                        wait = self._gather_wait()
+                        if wait <= 0:
+                            break
+                        self._tick_cv.wait(wait)
+                    else:
+                        self._tick_cv.wait()
                 if not self._pending:
                     return  # closing, nothing left
             with self._baton:
                 self._tick()
+
+    def _gather_wait(self) -> float:  # under _lock
+        """Seconds a tick should still wait for last tick's decoders to queue their next step."""
+        if not self._last_decoders or not self._batching:
+            return 0.0
+        if self._last_decoders <= {id(r.owner) for r in self._pending}:
+            return 0.0
+        window = min(_GATHER_S, _GATHER_TICK_FRACTION * self._last_tick_s)
+        return self._last_tick_end + window - time.perf_counter()
 
     def _tick(self) -> None:
         """Plan, run and finish one tick (baton held)."""
@@ -498,6 +524,8 @@ class Scheduler:
         s.decode_rows += sum(1 for r, _, _ in plan if r.decode)
         s.prefill_tokens += sum(n for r, n, _ in plan if not r.decode)
         s.max_rows = max(s.max_rows, len(plan))
+        self._last_decoders = frozenset(id(r.owner) for r, _, _ in plan if r.decode)
+        self._last_tick_end, self._last_tick_s = now, seconds
         for r, _, _ in plan:
             if r.decode:
                 self._speakers[id(r.owner)] = (tick, now, r.start_pos)
