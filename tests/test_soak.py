@@ -50,6 +50,6 @@ async def test_a_short_soak_loses_nothing(tiny_engine, tmp_path) -> None:
     assert counts["flood_messages_answered"] == counts["flood_messages_sent"]  # paced, never dropped
     assert result["errors_by_code"].get("rate_limited", 0) >= 1
     assert result["sessions_held"]["after_all_clients_closed"] == 0
-    assert result["first_text_ms"]["idle"]["n"] == 1
+    assert result["first_text_ms"]["idle"]["n"] == 1 and result["first_text_ms"]["idle_after_soak"]["n"] == 1
     assert set(result["targets"]) >= {"rss_growth_after_warmup_pct", "internal_error", "lost_events"}
     assert (tmp_path / "soak.png").stat().st_size > 0 and result["plot"] == "soak.png"

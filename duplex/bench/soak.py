@@ -110,6 +110,7 @@ class _Stats:
     stalls: collections.Counter[str] = field(default_factory=collections.Counter)
     first_text_ms: list[float] = field(default_factory=list)  # well-behaved talkers, under load
     idle_first_text_ms: list[float] = field(default_factory=list)
+    idle_end_first_text_ms: list[float] = field(default_factory=list)  # the same, once the soak is over
     lost: int = 0
     duplicates: int = 0
     sessions: int = 0
@@ -351,7 +352,7 @@ async def _server(cfg: SoakConfig) -> AsyncIterator[tuple[str, int | None, dict[
         yield served.url, served.pid, info
 
 
-async def _idle_baseline(cfg: SoakConfig, url: str, stats: _Stats) -> None:
+async def _idle_baseline(cfg: SoakConfig, url: str, stats: _Stats, record: list[float]) -> None:
     """One talker alone: a warm-up question, then ``idle_trials`` measured ones."""
     c = _SoakClient(cfg, stats, index=-1, talker=True)
     c.url = url
@@ -359,7 +360,7 @@ async def _idle_baseline(cfg: SoakConfig, url: str, stats: _Stats) -> None:
     try:
         await c.talk(None)
         for _ in range(cfg.idle_trials):
-            await c.talk(stats.idle_first_text_ms)
+            await c.talk(record)
             await asyncio.sleep(0.3)
     finally:
         await c.close()
@@ -399,7 +400,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
         sampling = asyncio.ensure_future(sampler.run())
         try:
             _progress(f"server {url} (pid {pid}); idle baseline: {cfg.idle_trials} questions, one client")
-            await _idle_baseline(cfg, url, stats)
+            await _idle_baseline(cfg, url, stats, stats.idle_first_text_ms)
             _progress(f"idle first text p50 {percentile(stats.idle_first_text_ms, 0.5) or 0:.0f} ms; "
                       f"soak for {cfg.minutes:g} min")
             n_talkers = max(1, cfg.clients // 2)
@@ -424,18 +425,25 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             soak_s = time.monotonic() - t_soak
             await asyncio.sleep(1.0)
             await asyncio.to_thread(sampler.sample)  # after every client closed
+            held_after = sampler.sessions[-1][1] if sampler.sessions else None
+            # idle again at the end: this shared machine's speed drifts over half an hour (its
+            # neighbours), so the idle value is given from both ends of the run
+            _progress("idle baseline again, after the soak")
+            await _idle_baseline(cfg, url, stats, stats.idle_end_first_text_ms)
         finally:
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
-    return _result(cfg, stats, sampler, server_info, machine, soak_s, time.monotonic() - t_start)
+    return _result(cfg, stats, sampler, server_info, machine, soak_s, time.monotonic() - t_start, held_after)
 
 
 def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict[str, Any],
-            machine: dict[str, Any], soak_s: float, wall_s: float) -> dict[str, Any]:
+            machine: dict[str, Any], soak_s: float, wall_s: float, held_after: int | None) -> dict[str, Any]:
     rss = rss_stats(sampler.rss, sampler.soak_start_s + cfg.warmup)
     idle, loaded = _ms(stats.idle_first_text_ms), _ms(stats.first_text_ms)
+    idle_end = _ms(stats.idle_end_first_text_ms)
     ratio = round(loaded["p95"] / idle["p95"], 2) if loaded["p95"] and idle["p95"] else None
+    ratio_end = round(loaded["p95"] / idle_end["p95"], 2) if loaded["p95"] and idle_end["p95"] else None
     internal = stats.errors.get("internal_error", 0)
     result: dict[str, Any] = {
         "benchmark": "soak",
@@ -455,18 +463,21 @@ def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict
             "lost_events": "per session, over all its connections: seq numbers up to the highest received that "
                            "never arrived (text-only sessions send JSON only, which is never dropped)",
             "first_text": "input_text sent -> first response.output_text.delta of the reply, client clock; "
-                          "well-behaved = the talker clients during the soak; idle = one talker alone at the start",
+                          "well-behaved = the talker clients during the soak; idle = one talker alone at the start "
+                          "(idle_after_soak: the same once every soak client has closed); p95_ratio is against "
+                          "the idle value at the start, the target's measure",
             "roles": f"{max(1, cfg.clients // 2)} talkers (well-behaved), the rest rotate through {list(ACTIONS)}",
         },
         "rss": {**{k: v for k, v in asdict(rss).items() if k != "type"}, "soak_start_s": sampler.soak_start_s,
                 "samples": sampler.rss},
         "sessions_held": {"samples": sampler.sessions,
-                          "after_all_clients_closed": sampler.sessions[-1][1] if sampler.sessions else None},
+                          "after_all_clients_closed": held_after},
         "errors_by_code": dict(sorted(stats.errors.items())),
         "internal_errors": internal,
         "lost_events": stats.lost, "duplicate_events": stats.duplicates,
         "unexpected_closes": dict(stats.closes), "stalls": dict(stats.stalls),
-        "first_text_ms": {"idle": idle, "well_behaved_under_load": loaded, "p95_ratio": ratio},
+        "first_text_ms": {"idle": idle, "idle_after_soak": idle_end, "well_behaved_under_load": loaded,
+                          "p95_ratio": ratio, "p95_ratio_vs_idle_after_soak": ratio_end},
         "counts": {"sessions": stats.sessions, "events": stats.events, "agent_turns": stats.turns,
                    "actions": dict(stats.actions), "resumes": stats.resumes,
                    "resumes_failed": dict(stats.resumes_failed), "replayed_events": stats.replayed,
