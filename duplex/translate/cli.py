@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from duplex.translate.prompt import LAYOUTS
@@ -70,7 +72,6 @@ def _policy_spec(args: argparse.Namespace) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from duplex.translate.evaluate import (
         model_stats,
@@ -79,7 +80,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stats_delta,
         translate_corpus,
     )
-    from duplex.translate.instances import write_instances
     from duplex.translate.prompt import make_prompt
     from duplex.translate.translator import SimulTranslator
 
@@ -114,20 +114,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     before = model_stats(model)
-    with tqdm(total=len(sources), desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
+    with _sentence_bar(len(sources), spec) as on_sentence:
+        sentences = translate_corpus(model, sources, references, spec, word_interval_ms=args.word_interval_ms,
+                                     on_sentence=on_sentence)
+    return _write_run(args, sentences, {**_run_info(args, lm, load_start), "policy": spec,
+                                        **score_sentences(sentences, wall_s=time.perf_counter() - t0),
+                                        **stats_delta(before, model_stats(model), sentences)})
+
+
+@contextlib.contextmanager
+def _sentence_bar(total: int, spec: str) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr; yields the per-sentence callback that advances it."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
         def on_sentence(res: Any) -> None:
             bar.set_postfix_str(res.prediction[:40], refresh=False)
             bar.update(1)
 
-        sentences = translate_corpus(model, sources, references, spec, word_interval_ms=args.word_interval_ms,
-                                     on_sentence=on_sentence)
+        yield on_sentence
+
+
+def _write_run(args: argparse.Namespace, sentences: list[Any], result: dict[str, Any]) -> int:
+    """``translate run``'s outputs: DIR/instances.log (SimulEval's format) and DIR/scores.json."""
+    from duplex.translate.instances import write_instances
+
     out = Path(args.out)
     write_instances(out / "instances.log", (r.to_log() for r in sentences))
-    result = {**_run_info(args, lm, load_start), "policy": spec,
-              "test_set": {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
-                           "sentences": len(sources)},
-              **score_sentences(sentences, wall_s=time.perf_counter() - t0),
-              **stats_delta(before, model_stats(model), sentences)}
+    result["test_set"] = {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
+                          "sentences": len(sentences)}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     (out / "scores.json").write_text(text + "\n", encoding="utf-8")
     print(text)
@@ -154,34 +169,19 @@ def _speech_factory(args: argparse.Namespace) -> Any:
 def _run_speech(args: argparse.Namespace, lm: Any, model: Any, spec: str, wavs: list[Path],
                 references: list[str | None]) -> int:
     """``translate run --source-audio``: the WAVs through the voice pipeline's ASR, then the policy."""
-    from tqdm import tqdm
 
-    from duplex.translate.instances import write_instances
     from duplex.translate.speech import score_speech_sentences, translate_speech_corpus
 
     factory = _speech_factory(args)
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
-    with tqdm(total=len(wavs), desc=spec, unit="sentence", file=sys.stderr, dynamic_ncols=True) as bar:
-        def on_sentence(res: Any) -> None:
-            bar.set_postfix_str(res.prediction[:40], refresh=False)
-            bar.update(1)
-
+    with _sentence_bar(len(wavs), spec) as on_sentence:
         sentences = translate_speech_corpus(model, wavs, references, spec, factory, chunk_ms=args.chunk_ms,
                                             on_sentence=on_sentence)
-    out = Path(args.out)
-    write_instances(out / "instances.log", (r.to_log() for r in sentences))
     info = _run_info(args, lm, load_start)
     info.pop("word_interval_ms")
-    result = {**info, **_speech_info(args), "policy": spec,
-              "test_set": {"src": str(args.src), "ref": str(args.ref) if args.ref else None,
-                           "sentences": len(wavs)},
-              **score_speech_sentences(sentences, wall_s=time.perf_counter() - t0)}
-    text = json.dumps(result, indent=2, ensure_ascii=False)
-    (out / "scores.json").write_text(text + "\n", encoding="utf-8")
-    print(text)
-    print(f"wrote {out / 'instances.log'} and {out / 'scores.json'}", file=sys.stderr)
-    return 0
+    return _write_run(args, sentences, {**info, **_speech_info(args), "policy": spec,
+                                        **score_speech_sentences(sentences, wall_s=time.perf_counter() - t0)})
 
 
 def _cmd_render_speech(args: argparse.Namespace) -> int:

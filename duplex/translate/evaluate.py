@@ -200,28 +200,41 @@ def policy_dir_name(spec: str) -> str:
     return spec.replace(":", "_").replace("=", "")
 
 
+def evaluate_each(policies: Sequence[str], total: int,
+                  translate: Callable[[str, Callable[[Any], None]], tuple[list[Any], dict[str, Any]]],
+                  score: Callable[..., dict[str, Any]], *, progress: Callable[[str], None] | None = None,
+                  instances_dir: str | Path | None = None) -> dict[str, Any]:
+    """The policy loop every source shares: ``translate(spec, on_sentence)`` -> (sentences, extra
+    figures), ``score(sentences, wall_s=...)``; one instances.log per policy when asked."""
+    results: dict[str, Any] = {}
+    for spec in policies:
+        t0 = time.perf_counter()
+
+        def report(res: Any, spec: str = spec) -> None:
+            if progress is not None:
+                progress(f"[{spec}] {res.index + 1}/{total} {res.prediction}")
+
+        sentences, extra = translate(spec, report)
+        results[spec] = {**score(sentences, wall_s=time.perf_counter() - t0), **extra}
+        if instances_dir is not None:
+            write_instances(Path(instances_dir) / policy_dir_name(spec) / "instances.log",
+                            (r.to_log() for r in sentences))
+    return results
+
+
 def evaluate(model: TranslationModel, sources: Sequence[str], references: Sequence[str],
              policies: Sequence[str] = DEFAULT_POLICIES, *, word_interval_ms: float = DEFAULT_WORD_INTERVAL_MS,
              progress: Callable[[str], None] | None = None, instances_dir: str | Path | None = None
              ) -> dict[str, Any]:
     """Every policy over every sentence -> {policy: {BLEU, chrF, AL, LAAL, AP, DAL, *_CA_ms, ...}}."""
-    results: dict[str, Any] = {}
-    for spec in policies:
-        t0 = time.perf_counter()
-
-        def report(res: SentenceResult, spec: str = spec) -> None:
-            if progress is not None:
-                progress(f"[{spec}] {res.index + 1}/{len(sources)} {res.prediction}")
-
+    def translate(spec: str, report: Callable[[Any], None]) -> tuple[list[Any], dict[str, Any]]:
         before = model_stats(model)
         sentences = translate_corpus(model, sources, references, spec, word_interval_ms=word_interval_ms,
                                      on_sentence=report)
-        results[spec] = score_sentences(sentences, wall_s=time.perf_counter() - t0)
-        results[spec].update(stats_delta(before, model_stats(model), sentences))
-        if instances_dir is not None:
-            write_instances(Path(instances_dir) / policy_dir_name(spec) / "instances.log",
-                            (r.to_log() for r in sentences))
-    return results
+        return sentences, stats_delta(before, model_stats(model), sentences)
+
+    return evaluate_each(policies, len(sources), translate, score_sentences, progress=progress,
+                         instances_dir=instances_dir)
 
 
 def markdown_table(result: dict[str, Any]) -> str:

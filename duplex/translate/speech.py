@@ -29,11 +29,11 @@ import numpy as np
 from duplex.audio.events import AsrWord
 from duplex.audio.speech_input import SpeechInput
 from duplex.translate.evaluate import (
+    evaluate_each,
     parse_policy,
-    policy_dir_name,
     stable_prefix_delays,
 )
-from duplex.translate.instances import score_records, write_instances
+from duplex.translate.instances import score_records
 from duplex.translate.policies import SimulPolicy, make_simul_policy
 from duplex.translate.translator import TranslationModel
 
@@ -249,17 +249,8 @@ def evaluate_speech(model: TranslationModel, wavs: Sequence[str | Path], referen
                     progress: Callable[[str], None] | None = None, instances_dir: str | Path | None = None
                     ) -> dict[str, Any]:
     """``translate eval --source-audio``: every policy over every WAV -> {policy: speech scores}."""
-    results: dict[str, Any] = {}
-    for spec in policies:
-        t0 = time.perf_counter()
+    def translate(spec: str, report: Callable[[Any], None]) -> tuple[list[Any], dict[str, Any]]:
+        return translate_speech_corpus(model, wavs, references, spec, speech_factory, on_sentence=report), {}
 
-        def report(res: SpeechSentenceResult, spec: str = spec) -> None:
-            if progress is not None:
-                progress(f"[{spec}] {res.index + 1}/{len(wavs)} {res.prediction}")
-
-        sentences = translate_speech_corpus(model, wavs, references, spec, speech_factory, on_sentence=report)
-        results[spec] = score_speech_sentences(sentences, wall_s=time.perf_counter() - t0)
-        if instances_dir is not None:
-            write_instances(Path(instances_dir) / policy_dir_name(spec) / "instances.log",
-                            (r.to_log() for r in sentences))
-    return results
+    return evaluate_each(policies, len(wavs), translate, score_speech_sentences, progress=progress,
+                         instances_dir=instances_dir)
