@@ -81,18 +81,7 @@ async def test_concurrent_greedy_decoding_equals_decoding_alone(tiny_lm: LoadedM
 async def test_a_long_prefill_is_chunked_between_another_sessions_decode_steps(tiny_lm: LoadedModel) -> None:
     engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=32)
     try:
-        talker = await engine.start_sequence(PROMPTS[0])
-        await engine.run(talker.hand_over, Speaker.AGENT)
-        listener = engine.new_sequence()
-        engine.scheduler.trace.clear()
-        sampler = _greedy()
-
-        async def talk() -> None:
-            for _ in range(30):
-                await engine.decode(talker, sampler)
-
-        await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
-        ticks = list(engine.scheduler.trace)
+        ticks, talker, listener = await _talk_during_long_prefill(engine, 30)
         pieces = [r for t in ticks for r in t.rows if r.owner == id(listener)]
         decodes = [(t.tick, r) for t in ticks for r in t.rows if r.owner == id(talker)]
         assert len(decodes) == 30 and all(r.decode for _, r in decodes)

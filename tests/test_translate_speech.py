@@ -164,16 +164,24 @@ def _tone_wav(path: Path, seconds: float, silence_s: float = 0.3) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def test_run_source_audio_with_the_tiny_model_and_fake_whisper(tmp_path: Path, monkeypatch, capsys) -> None:
+def _speech_test_set(tmp_path: Path, monkeypatch, pairs: list[tuple[str, str, float]]) -> Path:
+    """src.txt / ref.txt and one tone WAV per (source, reference, tone seconds) pair (the WAV is
+    0.3 s longer: silence around the tone); the voice pipeline's speech input gets the fake whisper
+    (a word per 0.25 s of tone) and an energy VAD. Returns the audio folder."""
     audio = tmp_path / "audio"
     audio.mkdir()
-    _tone_wav(source_wav(audio, 0), 1.5)  # 0000.wav: 1.8 s
-    _tone_wav(source_wav(audio, 1), 1.0)  # 0001.wav: 1.3 s
-    (tmp_path / "src.txt").write_text("where is the station\nI like coffee\n", encoding="utf-8")
-    (tmp_path / "ref.txt").write_text("dónde está la estación\nme gusta el café\n", encoding="utf-8")
-    # the voice pipeline's speech input, with the fake whisper (a word per 0.25 s of tone) and an energy VAD
+    for i, (_, _, tone_s) in enumerate(pairs):
+        _tone_wav(source_wav(audio, i), tone_s)
+    (tmp_path / "src.txt").write_text("".join(f"{src}\n" for src, _, _ in pairs), encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("".join(f"{ref}\n" for _, ref, _ in pairs), encoding="utf-8")
     monkeypatch.setattr(speech, "speech_input_factory", lambda *a, **k: lambda: make_speech_input(
         FakeWhisper(word_s=0.25), vad=EnergyVad(), turn_features=None))
+    return audio
+
+
+def test_run_source_audio_with_the_tiny_model_and_fake_whisper(tmp_path: Path, monkeypatch, capsys) -> None:
+    audio = _speech_test_set(tmp_path, monkeypatch, [("where is the station", "dónde está la estación", 1.5),
+                                                     ("I like coffee", "me gusta el café", 1.0)])
     out = tmp_path / "run"
     assert main(["translate", "run", "--model", "tiny", "--src", str(tmp_path / "src.txt"), "--ref",
                  str(tmp_path / "ref.txt"), "--source-audio", str(audio), "--policy", "wait-k", "--k", "2",
@@ -226,13 +234,7 @@ def test_render_speech_writes_one_wav_per_line(tmp_path: Path, capsys) -> None:
 
 def test_eval_source_audio_scores_each_policy_and_reports_a_speech_table(tmp_path: Path, monkeypatch,
                                                                            capsys) -> None:
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    _tone_wav(source_wav(audio, 0), 1.5)
-    (tmp_path / "src.txt").write_text("where is the station\n", encoding="utf-8")
-    (tmp_path / "ref.txt").write_text("dónde está la estación\n", encoding="utf-8")
-    monkeypatch.setattr(speech, "speech_input_factory", lambda *a, **k: lambda: make_speech_input(
-        FakeWhisper(word_s=0.25), vad=EnergyVad(), turn_features=None))
+    audio = _speech_test_set(tmp_path, monkeypatch, [("where is the station", "dónde está la estación", 1.5)])
     result_json = tmp_path / "eval.json"
     assert main(["translate", "eval", "--model", "tiny", "--src", str(tmp_path / "src.txt"), "--ref",
                  str(tmp_path / "ref.txt"), "--source-audio", str(audio), "--policies", "wait-k:k=1", "offline",
