@@ -283,6 +283,10 @@ async def test_a_tick_waits_for_the_last_ticks_speakers_to_queue_their_next_step
         await asyncio.gather(*(speak(i, s) for i, s in enumerate(seqs)))
         rows = [sum(r.decode for r in t.rows) for t in engine.scheduler.trace]
         assert sum(rows) == 18
-        assert rows[1:] == [3] * (len(rows) - 1)  # after the first, every tick carries all three
+        # The first tick starts before the others have queued (nothing decoded before it), so one
+        # session may lag a tick behind: then the last tick carries only it. Every tick between
+        # carries all three; without the wait they split ([1, 3, 3, 3, 3, 1, ...]).
+        assert len(rows) <= 7
+        assert all(n == 3 for n in rows[1:-1]), rows
     finally:
         engine.close()
