@@ -134,6 +134,15 @@ def test_eou_waits_less_after_an_interruption_than_after_words_that_look_unfinis
         == Listen()
 
 
+def test_learned_waits_at_most_the_interruption_gap_after_an_interruption():
+    p = make_policy("learned", threshold=1.0)  # the model alone never speaks: only the caps do
+    said = dict(user_turn_words=5, partial_text="No, I asked about Oslo.", eou_prob=0.03)
+    assert isinstance(p.decide(obs(silence_s=0.7, **said)), Listen)  # an ordinary turn: up to max_gap_ms
+    assert isinstance(p.decide(obs(silence_s=0.7, after_interruption=True, **said)), Speak)
+    assert isinstance(p.decide(obs(silence_s=0.4, after_interruption=True, **said)), Listen)
+    assert isinstance(p.decide(obs(silence_s=2.1, **said)), Speak)
+
+
 def test_agent_backchannels_only_when_enabled_while_the_user_talks_at_length():
     from duplex.policies import Backchannel
 

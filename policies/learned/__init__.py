@@ -29,6 +29,9 @@ class LearnedPolicy:
 
     threshold: float | None = None
     max_gap_ms: float | None = None
+    # the most it waits after the words that made the agent yield: as in ``eou``, the user is
+    # waiting for the reply, and the training ticks (before the agent's first turn) never show it
+    interruption_gap_ms: float = 600.0
     weights: str | None = None
     speak_chunk_tokens: int = 1
     barge_in: BargeInRules = field(default_factory=BargeInRules)
@@ -44,6 +47,7 @@ class LearnedPolicy:
         assert self.model is not None
         return {"threshold": self.threshold if self.threshold is not None else self.model.threshold,
                 "max_gap_ms": self.max_gap_ms if self.max_gap_ms is not None else self.model.max_gap_ms,
+                "interruption_gap_ms": self.interruption_gap_ms,
                 "weights": self.weights, "speak_chunk_tokens": self.speak_chunk_tokens,
                 "barge_in": asdict(self.barge_in), "name": self.name}
 
@@ -65,6 +69,8 @@ class LearnedPolicy:
             return Listen()
         assert self.model is not None
         max_gap = self.max_gap_ms if self.max_gap_ms is not None else self.model.max_gap_ms
+        if obs.after_interruption:
+            max_gap = min(max_gap, self.interruption_gap_ms)
         threshold = self.threshold if self.threshold is not None else self.model.threshold
         if obs.silence_s * 1000 >= max_gap or self.probability(obs) >= threshold:
             return Speak(self.speak_chunk_tokens)
