@@ -180,7 +180,9 @@ async def test_instructions_while_speaking_are_acknowledged_as_pending_then_appl
 
 # ---- backpressure ----------------------------------------------------------------------------
 async def test_audio_beyond_the_rate_limit_is_paced_and_never_dropped(make_server) -> None:
-    limits = ServerLimits(bytes_per_s=200_000.0, bytes_burst=0.0, max_message_bytes=16 * 1024)
+    # 50 kB/s: the 60 kB beyond the burst outrun it unless they take > 1.2 s (unpaced, the 120
+    # frames take ~25 ms here, ~90 ms on a loaded 2-core box: 200 kB/s left only a 3x margin)
+    limits = ServerLimits(bytes_per_s=50_000.0, bytes_burst=0.0, max_message_bytes=16 * 1024)
     server = await make_server(asr=FakeWhisper(), vad_factory=EnergyVad, limits=limits)
     async with DuplexClient(server.ws_url()) as client:
         hub = server.sessions[client.session_id]
