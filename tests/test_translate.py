@@ -4,6 +4,7 @@ translator on the tiny random model, and the sliding-window cache crop on a tiny
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -354,11 +355,13 @@ async def test_translate_session_step_waits_for_a_decode_hold_bounded(tiny_engin
 
         waited = await asyncio.wait_for(until_done(), 30)
         assert waited >= 0.25  # the hold held the first step, then gave up on its own
+        # a hold now lasts 20 s, so that a turn that waited for it stands out from a slow machine's
+        session.config = dataclasses.replace(session.config, max_decode_hold_s=20.0)
         session.hold_decoding()
         session.release_decoding()  # a release before the step: no wait at all
         t0 = loop.time()
         session.submit(TextInput("where is it", final=True))
-        assert await asyncio.wait_for(until_done(), 30) < 0.25
+        assert await asyncio.wait_for(until_done(), 60) < 10.0
     finally:
         await session.close()
 
