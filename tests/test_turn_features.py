@@ -3,6 +3,8 @@ synthetic tones, the tracker's pause snapshots, and the features reaching the se
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,15 @@ async def test_features_reach_the_observation(tiny_engine):
 
     from tests.fakes import settle
 
+    async def until(cond) -> None:
+        """The loop takes the features in after the committed words' prefill (an engine job on
+        another thread): poll for it instead of a fixed wait; 30 s only guards against a hang."""
+        for _ in range(3000):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition never held")
+
     clock = ManualClock()
     session = Session(tiny_engine, SessionConfig(policy="smart-turn"), clock=clock)
     await session.start()
@@ -107,13 +118,12 @@ async def test_features_reach_the_observation(tiny_engine):
                                  vad_mean_1s=0.9, vad_mean=0.8)
     for ev in (SpeechStarted(0.2), AsrWord("hello there", 0.2, 0.9, committed=True), features):
         assert session.submit(ev)
-    await settle(session)
+    await until(lambda: session.observe().audio_eot_prob is not None)
     obs = session.observe()
     assert obs.audio_eot_prob == 0.9 and obs.pitch_slope_st_s == -4.0 and obs.speech_s == 0.8
     assert obs.committed_words == 2 and obs.tentative_words == 0
     session.submit(SpeechStarted(1.5))  # the user goes on: the pause those features described is over
-    await settle(session)
-    assert session.observe().audio_eot_prob is None
+    await until(lambda: session.observe().audio_eot_prob is None)
     session.submit(SpeechStopped(2.0))
     await settle(session)
     await session.close()
@@ -122,8 +132,6 @@ async def test_features_reach_the_observation(tiny_engine):
 async def test_voice_pipeline_delivers_features_to_the_policy(tiny_engine):
     """Served path: the async speech input computes the features on its own thread at the pause and
     the pipeline hands them to the session; the smart-turn policy then sees them and replies."""
-    import asyncio
-
     from duplex.engine.sampling import SamplingConfig
     from duplex.session.core import SessionConfig
     from duplex.session.events import PolicyDecided, TurnStarted
