@@ -108,8 +108,22 @@ def test_playback_ledger_maps_marks_across_chunks() -> None:
     assert ledger.heard_token(len(chunks[0].pcm)) == chunks[0].token_end
 
 
+class _GatedTts(FakeTts):
+    """Synthesis that runs until the test opens the gate: the cancel lands mid-synthesis on any
+    machine (a fixed delay could run out before a loaded machine's main thread got to cancel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def synthesize_speech(self, text, should_stop=None):
+        self.started.set()
+        assert self.gate.wait(30)  # hang guard only
+        return super().synthesize_speech(text, should_stop)
+
+
 def test_cancel_drops_pending_text_and_in_flight_synthesis() -> None:
-    engine = FakeTts(delay_s=0.3)
+    engine = _GatedTts()
     tts = StreamingTts(engine)
     assert tts.push("Hello there", 0, 2) == []
     tts.cancel()
@@ -119,10 +133,11 @@ def test_cancel_drops_pending_text_and_in_flight_synthesis() -> None:
     worker = threading.Thread(target=lambda: results.extend(tts.push("Stop me now.", 0, 3) +
                                                              tts.push(" More", 3, 4)))
     worker.start()
-    assert engine.started.wait(5)
+    assert engine.started.wait(30)
     tts.cancel()  # while synthesis runs on the worker thread
-    worker.join(5)
-    assert results == []
+    engine.gate.set()
+    worker.join(30)
+    assert not worker.is_alive() and results == []
     # after a cancel the stage is usable again, from any token index
     assert [c.token_end for c in tts.push("Again!", 7, 8)] == [8]
 
