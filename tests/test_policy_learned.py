@@ -12,7 +12,8 @@ from duplex.eval.runner import RunSpec, parse_policy, read_timeline, run_eval
 from duplex.eval.scenario import AudioItem, Cue, Scenario, save_scenario
 from duplex.policies import Listen, Observation, Speak, make_policy
 from duplex.policies.learned import DEFAULT_WEIGHTS, LearnedPolicy, load_turn_model
-from duplex.policies.learned.train import TrainConfig, load_episodes, simulate, split_episodes, tick_label, train_policy
+from duplex.policies.learned.train import (TrainConfig, cross_validate, load_episodes, simulate, split_episodes,
+                                          tick_label, train_policy)
 
 from tests.fakes import tone_wav
 
@@ -98,9 +99,21 @@ def test_training_pipeline_on_a_small_generated_set(tmp_path: Path, tiny_lm):
     assert sim.decided_t is not None
     assert policy.params()["threshold"] == pytest.approx(report["threshold"])
 
+    # model choice without the test split: each training voice is held out in turn
+    cv = cross_validate([str(run)], {"lr": TrainConfig(epochs=30, test_voices=()),
+                                     "mlp": TrainConfig(epochs=30, hidden=2, test_voices=())})
+    assert set(cv["configs"]) == {"lr", "mlp"} and cv["best"] in cv["configs"]
+    for row in cv["configs"].values():
+        assert row["folds"] == ["va", "vb"] and row["n"] == 4  # every episode replayed once, by a model that never saw its voice
+        assert row["score"] >= 0
+    with pytest.raises(ValueError, match="2 training voices"):
+        cross_validate([str(run)], {"lr": TrainConfig(epochs=30, test_voices=("vb",))})
+
 
 def test_cli_wires_policy_train():
     from duplex.cli.main import build_parser
 
     args = build_parser().parse_args(["policy", "train", "--runs", "a", "--runs", "b", "--hidden", "4"])
     assert args.runs == ["a", "b"] and args.hidden == 4 and callable(args.func)
+    cv = build_parser().parse_args(["policy", "cv", "--runs", "a", "--json", "x.json"])
+    assert cv.runs == ["a"] and cv.json == "x.json" and callable(cv.func)

@@ -25,6 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from duplex.policies.learned.train import TrainConfig, train_policy
 
     config = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, max_gap_ms=args.max_gap_ms,
+                         weight_decay=args.weight_decay, drop_audio=args.drop_audio,
                          test_voices=tuple(v for v in args.test_voices.split(",") if v))
     out = args.out or str(DEFAULT_WEIGHTS)
     report = train_policy(args.runs, out, config, baselines=_baselines())
@@ -33,6 +34,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+# The candidates ``policy cv`` compares (leave-one-voice-out on the training split).
+CV_CONFIGS = {
+    "logreg": {},
+    "logreg-wd1e-2": {"weight_decay": 1e-2},
+    "logreg-no-audio-drop": {"drop_audio": 0.0},
+    "mlp8": {"hidden": 8},
+    "mlp8-no-audio-drop": {"hidden": 8, "drop_audio": 0.0},
+}
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    import sys
+
+    from duplex.policies.learned.train import TrainConfig, cross_validate
+
+    voices = tuple(v for v in args.test_voices.split(",") if v)
+    configs = {name: TrainConfig(test_voices=voices, **kw) for name, kw in CV_CONFIGS.items()}
+    result = cross_validate(args.runs, configs, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"leave-one-voice-out on the training split (test voices {', '.join(voices)} unseen):")
+    print(f"  {'config':<22}{'score':>7}{'early':>9}{'latency mean s':>16}{'p50 s':>8}")
+    for name, r in result["configs"].items():
+        mean = "-" if r["latency_mean_s"] is None else f"{r['latency_mean_s']:.3f}"
+        p50 = "-" if r["latency_p50_s"] is None else f"{r['latency_p50_s']:.3f}"
+        print(f"  {name:<22}{r['score']:>7.3f}{r['early']:>5}/{r['n']:<3}{mean:>16}{p50:>8}")
+    print(f"best: {result['best']} ({CV_CONFIGS[result['best']] or 'the defaults'})")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
             f.write("\n")
     return 0
 
@@ -84,4 +117,12 @@ def add_policy_parser(subparsers: Any) -> None:
     t.add_argument("--epochs", type=int, default=400)
     t.add_argument("--max-gap-ms", type=float, default=2000.0, help="speak after this silence whatever the model says")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=1e-3)
+    t.add_argument("--drop-audio", type=float, default=0.15,
+                   help="share of ticks repeated without their audio features (they may arrive late)")
     t.set_defaults(func=_cmd_train)
+    c = sub.add_parser("cv", help="choose the model: leave-one-voice-out on the training split, the test split unseen")
+    c.add_argument("--runs", action="append", required=True, metavar="RUN_DIR")
+    c.add_argument("--test-voices", default="flite:slt,flite:awb")
+    c.add_argument("--json", default=None, help="write the comparison here")
+    c.set_defaults(func=_cmd_cv)

@@ -30,8 +30,8 @@ from ..base import Observation, Policy, Speak
 from .features import FEATURE_NAMES, turn_features
 from .model import TurnModel
 
-__all__ = ["LoggedEpisode", "Simulated", "TrainConfig", "build_rows", "choose_threshold", "fit_model", "held_out_report",
-           "load_episodes", "simulate", "split_episodes", "tick_label", "train_policy"]
+__all__ = ["LoggedEpisode", "Simulated", "TrainConfig", "build_rows", "choose_threshold", "cross_validate", "fit_model",
+           "held_out_report", "load_episodes", "simulate", "split_episodes", "tick_label", "train_policy"]
 
 _OBS_FIELDS = {f.name for f in dataclasses.fields(Observation)}
 
@@ -278,6 +278,37 @@ def held_out_report(model: TurnModel, test: list[LoggedEpisode], baselines: dict
         row = {"learned": _summary([simulate(e, _model_speaks(model, model.threshold)) for e in sub])}
         row.update({label: _summary([simulate(e, _policy_speaks(p)) for e in sub]) for label, p in baselines.items()})
         out["by_category"][cat] = row
+    return out
+
+
+def cross_validate(run_dirs: list[str], configs: dict[str, TrainConfig],
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Leave-one-voice-out over the TRAINING split only (the test split stays unseen): per config,
+    each training voice in turn is held out, the model is fitted and its threshold chosen on the
+    others, and the held-out voice's episodes are replayed. The configs are ranked by the same
+    score the threshold minimises (mean latency + ``early_penalty_s`` per early or missed turn),
+    so a model choice needs no look at the test split."""
+    episodes = load_episodes(run_dirs)
+    out: dict[str, Any] = {"configs": {}}
+    for name, config in configs.items():
+        train, _, _ = split_episodes(episodes, config.test_voices)
+        voices = sorted({str(e.voice) for e in train})
+        if len(voices) < 2:
+            raise ValueError(f"cross-validation needs >= 2 training voices, got {voices}")
+        sims: list[Simulated] = []
+        for voice in voices:
+            fit_on = [e for e in train if e.voice != voice]
+            xs, ys = build_rows(fit_on, config.drop_audio, random.Random(config.seed))
+            model = fit_model(xs, ys, config)
+            threshold = choose_threshold(model, fit_on, config.early_penalty_s)
+            sims += [simulate(e, _model_speaks(model, threshold)) for e in train
+                     if e.voice == voice and e.eot_t is not None]
+        row = {**_summary(sims), "score": _score(sims, config.early_penalty_s), "folds": voices,
+               "config": dataclasses.asdict(config)}
+        out["configs"][name] = row
+        if progress:
+            progress(f"{name}: score {row['score']:.3f} (early {row['early']}/{row['n']})")
+    out["best"] = min(out["configs"], key=lambda k: out["configs"][k]["score"])
     return out
 
 
