@@ -63,13 +63,17 @@ async def test_translate_refusal_raises_with_the_code(server: DuplexServer) -> N
                 pass
         assert info.value.code == "unsupported_language_pair"
         assert client.session is not None
+        with pytest.raises(TranslateError) as info:
+            async for _ in client.translate("hola", layout="zigzag", timeout_s=GUARD_S):
+                pass
+        assert info.value.code == "invalid_value" and info.value.param == "session.layout"
 
 
 async def test_sync_translate_yields_deltas(server: DuplexServer) -> None:
     def robot() -> list[str]:
         with SyncDuplexClient(server.ws_url()) as client:
             return list(client.translate(iter(["see", "you", "tomorrow"]), policy="local-agreement",
-                                         timeout_s=GUARD_S))
+                                         layout="interleaved", timeout_s=GUARD_S))
 
     deltas = await asyncio.wait_for(asyncio.to_thread(robot), GUARD_S * 2)
     assert deltas

@@ -74,6 +74,8 @@ async def test_unknown_language_pair_names_the_field(tiny_engine) -> None:
             assert err["code"] == "invalid_policy" and err["param"] == "session.policy" and "nope" in err["message"]
             err = await _refused(client, mode="translate", k=0)
             assert err["code"] == "invalid_value" and err["param"] == "session.k"
+            err = await _refused(client, mode="translate", layout="zigzag")
+            assert err["code"] == "invalid_value" and err["param"] == "session.layout" and "interleaved" in err["message"]
             err = await _refused(client, mode="dictate")
             assert err["code"] == "invalid_value" and err["param"] == "session.mode"
             await _still_chat(client)

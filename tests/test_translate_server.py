@@ -71,6 +71,24 @@ async def test_translate_typed_source_over_the_websocket(server: DuplexServer) -
         assert not deltas or len(sources_before[-1].split()) >= 2
 
 
+async def test_translate_layout_is_a_session_setting(server: DuplexServer) -> None:
+    async with DuplexClient(server.ws_url()) as client:
+        await client.update_session(mode="translate", policy="wait-k", k=1, layout="interleaved")
+        updated = (await _until(client, "session.updated", "error"))[-1]
+        assert updated["type"] == "session.updated", updated
+        assert updated["session"]["translate"]["layout"] == "interleaved"
+        await client.send_text("good ", final=False)
+        await client.send_text("morning", final=True)
+        events = await _until(client, "response.done")
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert "".join(deltas) == events[-1]["text"]
+        # a later update that leaves the layout out keeps it; a new value replaces it
+        await client.update_session(mode="translate", k=2)
+        assert (await _until(client, "session.updated"))[-1]["session"]["translate"]["layout"] == "interleaved"
+        await client.update_session(mode="translate", layout="reencode")
+        assert (await _until(client, "session.updated"))[-1]["session"]["translate"]["layout"] == "reencode"
+
+
 async def test_bad_translate_updates_leave_the_session_unchanged(server: DuplexServer) -> None:
     async with DuplexClient(server.ws_url()) as client:
         await client.update_session(mode="translate", source_language="en", target_language="xx")

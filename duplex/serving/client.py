@@ -279,7 +279,8 @@ class DuplexClient:
 
     def translate(self, source: str | Iterable[str] | AsyncIterable[str], *, source_language: str = "en",
                   target_language: str = "es", policy: str = "wait-k", k: int = 3,
-                  policy_params: dict[str, Any] | None = None, timeout_s: float | None = None) -> AsyncIterator[str]:
+                  policy_params: dict[str, Any] | None = None, layout: str | None = None,
+                  timeout_s: float | None = None) -> AsyncIterator[str]:
         """Switch to translate mode and stream ``source`` (a text, or words/chunks as they come)
         word by word; yields the target text deltas. Raises
         :class:`~duplex.serving.client_translate.TranslateError` when the server refuses.
@@ -287,7 +288,8 @@ class DuplexClient:
         from duplex.serving.client_translate import stream_translation
 
         return stream_translation(self, source, timeout_s=timeout_s, source_language=source_language,
-                                  target_language=target_language, policy=policy, k=k, policy_params=policy_params)
+                                  target_language=target_language, policy=policy, k=k, policy_params=policy_params,
+                                  layout=layout)
 
 
 class SyncDuplexClient:
@@ -337,13 +339,13 @@ class SyncDuplexClient:
 
     def translate(self, source: str | Iterable[str], *, source_language: str = "en", target_language: str = "es",
                   policy: str = "wait-k", k: int = 3, policy_params: dict[str, Any] | None = None,
-                  timeout_s: float | None = None) -> Iterator[str]:
+                  layout: str | None = None, timeout_s: float | None = None) -> Iterator[str]:
         """Blocking :meth:`DuplexClient.translate`: ``for delta in client.translate("...")``."""
         from duplex.serving.client_translate import stream_translation_sync
 
         return stream_translation_sync(self, self._events, source, timeout_s=timeout_s,
                                        source_language=source_language, target_language=target_language,
-                                       policy=policy, k=k, policy_params=policy_params)
+                                       policy=policy, k=k, policy_params=policy_params, layout=layout)
 
     def interrupt(self) -> None:
         self._call(self._client.interrupt())

@@ -40,12 +40,15 @@ class TranslateError(DuplexClientError):
 
 
 def translate_settings(source_language: str = "en", target_language: str = "es", policy: str = "wait-k",
-                       k: int = 3, policy_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                       k: int = 3, policy_params: dict[str, Any] | None = None,
+                       layout: str | None = None) -> dict[str, Any]:
     """The ``session.update`` fields of translate mode (docs/protocol.md, "Translate mode")."""
     settings: dict[str, Any] = {"mode": "translate", "source_language": source_language,
                                 "target_language": target_language, "policy": policy, "k": k}
     if policy_params is not None:
         settings["policy_params"] = policy_params
+    if layout is not None:  # None: the server's (or the session's current) layout
+        settings["layout"] = layout
     return settings
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from duplex.session.events import (AgentBackchannel, AgentTextDelta, ErrorEvent, InstructionsUpdated, Interrupted,
                                    PolicyDecided, SessionEvent, StateChanged, TurnEnded, TurnStarted, UserTranscript)
 from duplex.session.validation import MAX_TEMPERATURE
+from duplex.translate.prompt import LAYOUTS as TRANSLATE_LAYOUTS
 
 __all__ = [
     "AudioAppend", "AudioCommit", "ClientMessage", "EventMapper", "InputText", "PROTOCOL_VERSION",
@@ -57,6 +58,7 @@ class SessionUpdate:
     source_language: str | None = None
     target_language: str | None = None
     k: int | None = None
+    layout: str | None = None  # translate mode: reencode | interleaved (how source and target share the cache)
     type: str = "session.update"
 
 
@@ -216,9 +218,13 @@ def _parse_session_update(msg: dict[str, Any]) -> SessionUpdate:
     k = s.get("k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ProtocolError("invalid_value", "session.update: 'k' must be a positive integer", "session.k")
+    layout = _get(s, "layout", str)
+    if layout is not None and layout not in TRANSLATE_LAYOUTS:
+        raise ProtocolError("invalid_value", f"session.update: 'layout' must be one of {', '.join(TRANSLATE_LAYOUTS)}, "
+                            f"got {layout!r}", "session.layout")
     return SessionUpdate(
         mode=_get(s, "mode", str), source_language=_get(s, "source_language", str),
-        target_language=_get(s, "target_language", str), k=k,
+        target_language=_get(s, "target_language", str), k=k, layout=layout,
         instructions=_get(s, "instructions", str), policy=_get(s, "policy", str),
         policy_params=_get(s, "policy_params", dict),
         temperature=float(temperature) if temperature is not None else None,

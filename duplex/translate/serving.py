@@ -107,7 +107,7 @@ class TranslateService:
 def _config_from(msg: SessionUpdate, current: TranslateConfig | None) -> TranslateConfig:
     base = current or TranslateConfig()
     changes: dict[str, Any] = {}
-    for name in ("source_language", "target_language", "policy", "k"):
+    for name in ("source_language", "target_language", "policy", "k", "layout"):
         value = getattr(msg, name, None)
         if value is not None:
             changes[name] = value
@@ -202,4 +202,4 @@ def describe_translate(config: TranslateConfig | None) -> dict[str, Any] | None:
         return None
     return {"source_language": config.source_language, "target_language": config.target_language,
             "policy": config.policy, "k": config.k, "policy_params": dict(config.policy_params),
-            "languages": dict(LANGUAGES)}
+            "layout": config.layout, "languages": dict(LANGUAGES)}
