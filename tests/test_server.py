@@ -449,6 +449,38 @@ async def test_detached_session_expires_after_ttl(make_server) -> None:
     await _eventually(lambda: sid not in server.sessions)
 
 
+async def test_shutdown_during_a_reap_does_not_hang(make_server, monkeypatch) -> None:
+    """close() cancels the reaper; a session close under way swallows that cancel (it awaits its
+    own cancelled tasks with ``except CancelledError: pass``): the reaper must still end."""
+    from duplex.serving import ws_session
+    from duplex.serving.server import ServerLimits
+
+    original = ws_session.ServerSession.close
+    reaping = asyncio.Event()
+
+    async def slow_close(self, reason: str = "closed") -> None:
+        if reason == "expired":
+            reaping.set()
+            task = asyncio.ensure_future(asyncio.sleep(0.5))  # a task that takes a moment to end
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await original(self, reason)
+
+    monkeypatch.setattr(ws_session.ServerSession, "close", slow_close)
+    server = await make_server(limits=ServerLimits(resume_ttl_s=0.2))
+    client = DuplexClient(server.ws_url())
+    await client.connect()
+    client._ws.transport.abort()  # noqa: SLF001
+    await asyncio.wait_for(reaping.wait(), GUARD_S)
+    closing = asyncio.ensure_future(server.close())
+    done, _ = await asyncio.wait({closing}, timeout=GUARD_S)  # (wait_for's cancel would be swallowed too)
+    if not done:
+        closing.cancel()
+    assert done, "server.close() hung: the reaper swallowed its cancel and ran on"
+
+
 async def test_graceful_shutdown_tells_clients(tiny_engine) -> None:
     server = DuplexServer(tiny_engine, config=_config())
     await server.start("127.0.0.1", 0)

@@ -520,7 +520,10 @@ class DuplexServer:
     async def _reap_detached(self) -> None:
         """Close sessions whose client has not come back within the resume TTL."""
         ttl = self.limits.resume_ttl_s
-        while True:
+        # close() cancels this task, but a cancel that lands while a session is being closed here
+        # is swallowed by that session's own task clean-up (``except CancelledError: pass`` around
+        # awaiting its cancelled tasks): the loop must also end on its own, or close() waits forever
+        while not self._closing:
             await asyncio.sleep(min(5.0, max(0.05, ttl / 4)))
             now = time.monotonic()
             for hub in list(self.sessions.values()):
