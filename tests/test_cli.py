@@ -38,6 +38,9 @@ def test_serve_voice_options_set_voice_config_fields_and_reject_unknown_ones():
     assert config.session.overlap_layout == "hold"
     layout = voice_config_from_args(build_parser().parse_args(["serve", "--overlap-layout", "interleave"]))
     assert layout.session.overlap_layout == "interleave"
+    assert not config.session.log_decisions and not config.turn_features_always
+    logged = voice_config_from_args(build_parser().parse_args(["serve", "--log-decisions"]))
+    assert logged.session.log_decisions and logged.turn_features_always  # the served path's training data
     window = voice_config_from_args(build_parser().parse_args(["serve", "--context-tokens", "1024"]))
     assert (window.session.sequence.max_tokens, window.session.sequence.keep_recent_tokens) == (1024, 512)
     with pytest.raises(SystemExit, match="--context-tokens 100"):

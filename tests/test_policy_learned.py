@@ -117,3 +117,30 @@ def test_cli_wires_policy_train():
     assert args.runs == ["a", "b"] and args.hidden == 4 and callable(args.func)
     cv = build_parser().parse_args(["policy", "cv", "--runs", "a", "--json", "x.json"])
     assert cv.runs == ["a"] and cv.json == "x.json" and callable(cv.func)
+
+
+def test_served_decision_events_are_training_ticks(tmp_path: Path):
+    """A measured-clock timeline: ``duplex serve --log-decisions`` sent ``policy.decided`` events,
+    timed on the client's clock like the cues; the agent's first turn ends the usable ticks."""
+    def decided(t: float, silence: float | None, speaking: bool = False) -> dict:
+        obs = {"t": 100 + t, "user_speaking": speaking, "agent_speaking": False, "silence_s": silence,
+               "user_turn_words": 3, "partial_text": "where is it", "eou_prob": 0.6}
+        return {"type": "server_event", "t": t, "event": {"type": "policy.decided", "observation": obs,
+                                                          "action": {"type": "listen"}}}
+
+    records = [{"type": "episode", "t": 0.0, "scenario": "turn_taking-0000", "category": "turn_taking",
+                "clock": "measured", "voice": "flite:kal"},
+               {"type": "user_speech", "t": 0.5, "end": 1.5, "item": 0, "text": "Where is it?"},
+               {"type": "cue", "t": 1.5, "kind": "end_of_turn"},
+               decided(1.0, None, speaking=True), decided(1.8, 0.1), decided(1.9, 0.2),
+               {"type": "server_event", "t": 2.0, "event": {"type": "state.changed", "state": "speaking"}},
+               {"type": "turn_started", "t": 2.0, "speaker": "agent", "turn": 1},
+               decided(2.1, 0.4),
+               {"type": "episode_end", "t": 4.0}]
+    path = tmp_path / "run" / "episodes" / "silence" / "turn_taking-0000.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    [ep] = load_episodes([tmp_path / "run"])
+    assert ep.voice == "flite:kal" and ep.eot_t == 1.5
+    assert [t for t, _ in ep.ticks] == [1.8, 1.9]  # listening ticks only, before the agent's turn
+    assert ep.ticks[0][1].eou_prob == 0.6 and [tick_label(ep, t) for t, _ in ep.ticks] == [1, 1]

@@ -330,6 +330,7 @@ class _Driver:
         head = {"type": "episode", "t": 0.0, "scenario": s.id, "category": s.category, "policy": self.label,
                 "policy_params": self.config.policy_params or {}, "clock": "measured", "seed": None,
                 "duration_s": s.duration_s, "max_reply_tokens": self.config.max_reply_tokens, "url": self.url,
+                "voice": s.meta.get("voice"),
                 "session": {k: self.session.get(k) for k in ("id", "policy", "output_modalities",
                                                              "output_audio_format")},
                 "client": {"frame_ms": self.config.frame_ms, "mark_interval_s": self.config.mark_interval_s,

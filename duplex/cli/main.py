@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the final ASR pass this far into a pause (default: duplex.voice.config)")
     p.add_argument("--voice-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any VoiceConfig field (duplex/voice/config.py), e.g. hold_decode_for_first_audio=false")
+    p.add_argument("--log-decisions", action="store_true",
+                   help="send every policy decision (policy.decided: the observation, with the turn audio features, "
+                        "and the action, every tick) to the client: the learned policy's served-path training data; "
+                        "heavy, for evaluation runs")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="a conversation's KV window: past it the oldest turns are evicted down to half "
                         "(default: duplex.engine.sequence.SequenceConfig, 4096); bounds memory per session")

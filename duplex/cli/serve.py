@@ -76,6 +76,8 @@ def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
     layout = getattr(args, "overlap_layout", None)
     if layout:
         config = config.with_session(overlap_layout=layout)
+    if getattr(args, "log_decisions", False):
+        config = dataclasses.replace(config.with_session(log_decisions=True), turn_features_always=True)
     window = getattr(args, "context_tokens", None)
     if window:
         if window < 256:

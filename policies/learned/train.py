@@ -1,7 +1,9 @@
 """Training for the learned turn policy: logged episodes -> labelled ticks -> model -> weights.
 
-Data: the timelines of ``duplex eval run`` (virtual clocks), where the session logs a
-``policy_decided`` record (observation + action) at every decision. A *listening tick* is one
+Data: the timelines of ``duplex eval run``. On the virtual clocks the session logs a
+``policy_decided`` record (observation + action) at every decision; on the measured clock a
+``duplex serve --log-decisions`` sends the same as ``policy.decided`` events, so the served path
+itself (its real ASR timing and compute) can be the training data. A *listening tick* is one
 where the agent is silent, the user has said something and is silent too: the moments where a
 turn policy decides between listening and speaking. Its label comes from the scenario's cues:
 1 once the user's turn is over (at or after the ``end_of_turn`` cue), 0 before it, e.g. inside an
@@ -74,6 +76,17 @@ def _listening(obs: Observation) -> bool:
             and not obs.user_turn_final and (obs.user_turn_words > 0 or bool(obs.partial_text.strip())))
 
 
+def _decisions(records: list[dict[str, Any]]) -> Iterable[tuple[float, dict[str, Any]]]:
+    """(time, observation) of every logged decision: the session's own ``policy_decided`` records
+    (virtual clocks), or the ``policy.decided`` events a ``duplex serve --log-decisions`` sent to the
+    measured-clock client (timed on the client's clock, as the cues are)."""
+    for r in records:
+        if r["type"] == "policy_decided":
+            yield float(r["t"]), r["observation"]
+        elif r["type"] == "server_event" and r.get("event", {}).get("type") == "policy.decided":
+            yield float(r["t"]), r["event"]["observation"]
+
+
 def load_episodes(run_dirs: Iterable[str | Path]) -> list[LoggedEpisode]:
     """Every finished timeline with logged decisions under ``RUN/episodes/*/*.jsonl``."""
     out = []
@@ -89,12 +102,12 @@ def load_episodes(run_dirs: Iterable[str | Path]) -> list[LoggedEpisode]:
             agent_start = min((r["t"] for r in records if r["type"] == "turn_started" and r.get("speaker") == "agent"),
                               default=math.inf)
             ticks = []
-            for r in records:
-                if r["type"] != "policy_decided" or r["t"] >= agent_start:
+            for t, logged in _decisions(records):
+                if t >= agent_start:
                     continue
-                obs = Observation(**{k: v for k, v in r["observation"].items() if k in _OBS_FIELDS})
+                obs = Observation(**{k: v for k, v in logged.items() if k in _OBS_FIELDS})
                 if _listening(obs):
-                    ticks.append((float(r["t"]), obs))
+                    ticks.append((t, obs))
             if not ticks:
                 continue
             out.append(LoggedEpisode(
