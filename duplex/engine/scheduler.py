@@ -376,6 +376,11 @@ class Scheduler:
                 if not self._pending:
                     return  # closing, nothing left
             with self._baton:
+                with self._lock:
+                    # a job may have run a tick while this thread waited for the baton: decide
+                    # again, or this tick would take whatever arrived since then on its own
+                    if self._runnable > 0 or (self._pending and self._gather_wait() > 0):
+                        continue
                 self._tick()
 
     def _gather_wait(self) -> float:  # under _lock
