@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from duplex.engine import scheduler as scheduler_module
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SharedSequence, Speaker
@@ -29,9 +30,17 @@ def _alone(lm: LoadedModel, engine: Engine, prompt: str, n: int) -> list[int]:
     return [seq.step(sampler) for _ in range(n)]
 
 
-async def _talk_during_long_prefill(engine: Engine, steps: int, yield_between: bool = False):
+async def _talk_during_long_prefill(engine: Engine, steps: int, tick_between: bool = False,
+                                    monkeypatch: pytest.MonkeyPatch | None = None):
     """A talker decodes ``steps`` tokens while another sequence prefills LONG as its system
-    message; returns (the ticks traced meanwhile, the talker, the listener)."""
+    message; returns (the ticks traced meanwhile, the talker, the listener). ``tick_between``:
+    after each step the talker waits for a tick to run without it (as when a session is still
+    emitting its token), instead of leaving that to how the threads happen to be scheduled.
+    With ``monkeypatch``, the talker counts as speaking until its last step however long the
+    machine stalls its loop between steps (the scheduler drops a speaker silent for 0.25 s)."""
+    speaker_s = scheduler_module._SPEAKER_SECONDS
+    if monkeypatch is not None:
+        monkeypatch.setattr(scheduler_module, "_SPEAKER_SECONDS", 3600.0)
     talker = await engine.start_sequence(PROMPTS[0])
     await engine.run(talker.hand_over, Speaker.AGENT)
     listener = engine.new_sequence()
@@ -41,10 +50,16 @@ async def _talk_during_long_prefill(engine: Engine, steps: int, yield_between: b
     async def talk() -> None:
         for _ in range(steps):
             await engine.decode(talker, sampler)
-            if yield_between:
-                await asyncio.sleep(0)  # the session emits its token between steps
+            ticks = engine.scheduler.stats.ticks
+            for _ in range(30_000 if tick_between else 0):  # 30 s: a hang guard only
+                if engine.scheduler.stats.ticks > ticks or prefill.done():
+                    break
+                await asyncio.sleep(0.001)
+        scheduler_module._SPEAKER_SECONDS = speaker_s  # done talking: it may stop counting as a speaker
 
-    await asyncio.gather(talk(), engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+    talking = asyncio.ensure_future(talk())  # (it starts first, the prefill right behind it)
+    prefill = asyncio.ensure_future(engine.run(listener.add_message, Speaker.SYSTEM, LONG))
+    await asyncio.gather(talking, prefill)
     return list(engine.scheduler.trace), talker, listener
 
 
@@ -225,7 +240,8 @@ async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: L
         pacer = engine.scheduler._pacer  # one prefill token's worth of allowance a tick
         monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
         monkeypatch.setattr(pacer, "cost", lambda n, start: float(n))
-        ticks, talker, listener = await _talk_during_long_prefill(engine, 20, yield_between=True)
+        ticks, talker, listener = await _talk_during_long_prefill(engine, 20, tick_between=True,
+                                                                  monkeypatch=monkeypatch)
         talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
         during = [t for t in ticks if talking[0] <= t.tick <= talking[-1]]
         assert any(not any(r.owner == id(talker) for r in t.rows) and t.prefill_tokens for t in during)
@@ -246,7 +262,7 @@ async def test_a_prefill_token_dearer_than_a_ticks_allowance_waits_until_it_is_s
         pacer = engine.scheduler._pacer
         monkeypatch.setattr(pacer, "budget", lambda tokens, attn: 1.0)
         monkeypatch.setattr(pacer, "cost", lambda n, start: 3.0 * n)  # a token costs 3 ticks' allowance
-        ticks, talker, listener = await _talk_during_long_prefill(engine, 24)
+        ticks, talker, listener = await _talk_during_long_prefill(engine, 24, monkeypatch=monkeypatch)
         talking = [t.tick for t in ticks if any(r.owner == id(talker) for r in t.rows)]
         during = [t for t in ticks if talking[0] < t.tick < talking[-1]]
         pieces = [r.tokens for t in during for r in t.rows if r.owner == id(listener) and r.start_pos > 0]
