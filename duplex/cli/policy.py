@@ -86,7 +86,7 @@ def _print_report(report: dict[str, Any]) -> None:
     print(f"HELD-OUT (test split only): {t['n']} listening ticks ({t['positive']} after the end of the turn), "
           f"AUC {auc}, accuracy {acc}")
     print(f"simulated on the held-out logged ticks ({test['episodes']} episodes; latency = end of the user's voice -> "
-          f"decision, ideal clock):")
+          f"decision on the logs' clock, the VAD hangover and the final ASR pass included):")
     print(f"  {'policy':<12}{'early':>8}{'undecided':>11}{'latency mean s':>16}{'p50 s':>8}")
 
     def row(name: str, r: dict[str, Any], indent: str = "  ") -> None:

@@ -271,8 +271,8 @@ def _summary(sims: list[Simulated]) -> dict[str, Any]:
 def held_out_report(model: TurnModel, test: list[LoggedEpisode], baselines: dict[str, Policy]) -> dict[str, Any]:
     """Tick-level quality and, per policy, the simulated decision on every test episode: early
     take-overs (inside a pause or before the end of the turn) and latency from the end of the
-    user's voice to the decision (the ideal clock: the VAD hangover and the final ASR pass
-    included, the reply's own compute not)."""
+    user's voice to the decision on the logs' clock (the VAD hangover and the final ASR pass
+    included, the reply's own compute not; served logs also carry the ASR's real compute)."""
     xs, ys = build_rows(test)
     probs = [model.probability(x) for x in xs]
     eps = [e for e in test if e.eot_t is not None]
