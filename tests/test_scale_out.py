@@ -50,8 +50,11 @@ class _Procs:
 
 
 def _healthz(port: int) -> dict[str, object] | None:
+    """None when the server is down. A live one answers in milliseconds, but on a loaded 2-core
+    machine (two replicas, nginx, this process) a 2 s timeout could read a slow answer as "down"
+    and, where sessions are counted, as none held."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=20) as r:
             return dict(json.loads(r.read()))
     except (OSError, ValueError):
         return None
