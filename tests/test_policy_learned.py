@@ -105,7 +105,6 @@ def test_training_pipeline_on_a_small_generated_set(tmp_path: Path, tiny_lm):
     assert set(cv["configs"]) == {"lr", "mlp"} and cv["best"] in cv["configs"]
     for row in cv["configs"].values():
         assert row["folds"] == ["va", "vb"] and row["n"] == 4  # every episode replayed once, by a model that never saw its voice
-        assert row["score"] >= 0
     with pytest.raises(ValueError, match="2 training voices"):
         cross_validate([str(run)], {"lr": TrainConfig(epochs=30, test_voices=("vb",))})
 

@@ -25,17 +25,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from duplex.policies.learned.train import TrainConfig, train_policy
 
     config = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, max_gap_ms=args.max_gap_ms,
-                         weight_decay=args.weight_decay, drop_audio=args.drop_audio,
-                         test_voices=tuple(v for v in args.test_voices.split(",") if v))
+                         weight_decay=args.weight_decay, drop_audio=args.drop_audio, test_voices=_test_voices(args))
     out = args.out or str(DEFAULT_WEIGHTS)
     report = train_policy(args.runs, out, config, baselines=_baselines())
     _print_report(report)
     print(f"wrote {out}")
-    if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    _write_json(args.report, report)
     return 0
+
+
+def _test_voices(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(v for v in args.test_voices.split(",") if v)
+
+
+def _write_json(path: str | None, obj: Any) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # The candidates ``policy cv`` compares (leave-one-voice-out on the training split).
@@ -53,20 +64,16 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
     from duplex.policies.learned.train import TrainConfig, cross_validate
 
-    voices = tuple(v for v in args.test_voices.split(",") if v)
+    voices = _test_voices(args)
     configs = {name: TrainConfig(test_voices=voices, **kw) for name, kw in CV_CONFIGS.items()}
     result = cross_validate(args.runs, configs, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"leave-one-voice-out on the training split (test voices {', '.join(voices)} unseen):")
     print(f"  {'config':<22}{'score':>7}{'early':>9}{'latency mean s':>16}{'p50 s':>8}")
     for name, r in result["configs"].items():
-        mean = "-" if r["latency_mean_s"] is None else f"{r['latency_mean_s']:.3f}"
-        p50 = "-" if r["latency_p50_s"] is None else f"{r['latency_p50_s']:.3f}"
-        print(f"  {name:<22}{r['score']:>7.3f}{r['early']:>5}/{r['n']:<3}{mean:>16}{p50:>8}")
+        print(f"  {name:<22}{r['score']:>7.3f}{r['early']:>5}/{r['n']:<3}"
+              f"{_seconds(r['latency_mean_s']):>16}{_seconds(r['latency_p50_s']):>8}")
     print(f"best: {result['best']} ({CV_CONFIGS[result['best']] or 'the defaults'})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -90,9 +97,8 @@ def _print_report(report: dict[str, Any]) -> None:
     print(f"  {'policy':<12}{'early':>8}{'undecided':>11}{'latency mean s':>16}{'p50 s':>8}")
 
     def row(name: str, r: dict[str, Any], indent: str = "  ") -> None:
-        mean = "-" if r["latency_mean_s"] is None else f"{r['latency_mean_s']:.3f}"
-        p50 = "-" if r["latency_p50_s"] is None else f"{r['latency_p50_s']:.3f}"
-        print(f"{indent}{name:<12}{r['early']:>5}/{r['n']:<2}{r['undecided']:>11}{mean:>16}{p50:>8}")
+        print(f"{indent}{name:<12}{r['early']:>5}/{r['n']:<2}{r['undecided']:>11}"
+              f"{_seconds(r['latency_mean_s']):>16}{_seconds(r['latency_p50_s']):>8}")
 
     for name, r in test["policies"].items():
         row(name, r)

@@ -294,6 +294,14 @@ def held_out_report(model: TurnModel, test: list[LoggedEpisode], baselines: dict
     return out
 
 
+def _fit_and_choose_threshold(episodes: list[LoggedEpisode], config: TrainConfig) -> tuple[TurnModel, int]:
+    """The model fitted on ``episodes``' labelled ticks, with the threshold chosen on the same
+    episodes; and how many ticks it was fitted on."""
+    xs, ys = build_rows(episodes, config.drop_audio, random.Random(config.seed))
+    model = fit_model(xs, ys, config)
+    return dataclasses.replace(model, threshold=choose_threshold(model, episodes, config.early_penalty_s)), len(ys)
+
+
 def cross_validate(run_dirs: list[str], configs: dict[str, TrainConfig],
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Leave-one-voice-out over the TRAINING split only (the test split stays unseen): per config,
@@ -310,11 +318,8 @@ def cross_validate(run_dirs: list[str], configs: dict[str, TrainConfig],
             raise ValueError(f"cross-validation needs >= 2 training voices, got {voices}")
         sims: list[Simulated] = []
         for voice in voices:
-            fit_on = [e for e in train if e.voice != voice]
-            xs, ys = build_rows(fit_on, config.drop_audio, random.Random(config.seed))
-            model = fit_model(xs, ys, config)
-            threshold = choose_threshold(model, fit_on, config.early_penalty_s)
-            sims += [simulate(e, _model_speaks(model, threshold)) for e in train
+            model, _ = _fit_and_choose_threshold([e for e in train if e.voice != voice], config)
+            sims += [simulate(e, _model_speaks(model, model.threshold)) for e in train
                      if e.voice == voice and e.eot_t is not None]
         row = {**_summary(sims), "score": _score(sims, config.early_penalty_s), "folds": voices,
                "config": dataclasses.asdict(config)}
@@ -333,15 +338,12 @@ def train_policy(run_dirs: list[str], out_path: str | Path, config: TrainConfig,
     train, test, dropped = split_episodes(episodes, config.test_voices)
     if not train:
         raise ValueError(f"no training episodes in {run_dirs} (test voices {config.test_voices}, {len(episodes)} episodes)")
-    xs, ys = build_rows(train, config.drop_audio, random.Random(config.seed))
-    model = fit_model(xs, ys, config)
-    threshold = choose_threshold(model, train, config.early_penalty_s)
+    model, n_ticks = _fit_and_choose_threshold(train, config)
     split = {"train_episodes": len(train), "test_episodes": len(test), "dropped_shared_sentence": dropped,
-             "train_ticks": len(ys), "test_voices": list(config.test_voices),
+             "train_ticks": n_ticks, "test_voices": list(config.test_voices),
              "train_voices": sorted({str(e.voice) for e in train})}
-    model = dataclasses.replace(model, threshold=threshold, meta={**model.meta, "split": split,
-                                                                  "runs": [str(r) for r in run_dirs]})
-    report = {"split": split, "threshold": threshold, "max_gap_ms": model.max_gap_ms,
+    model = dataclasses.replace(model, meta={**model.meta, "split": split, "runs": [str(r) for r in run_dirs]})
+    report = {"split": split, "threshold": model.threshold, "max_gap_ms": model.max_gap_ms,
               "test": held_out_report(model, test, baselines or {}) if test else None}
     model = dataclasses.replace(model, meta={**model.meta, "held_out": report["test"]})
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
