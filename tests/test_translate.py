@@ -389,11 +389,23 @@ def test_plot_draws_bleu_and_chrf_against_laal_from_a_tiny_eval_json(tmp_path) -
     lines = run.stdout.splitlines()
     assert len(lines) == 5  # 4 text points + the speech wait-k (its offline entry has no LAAL)
     assert lines[0].split("\t")[:2] == ["text", "wait-k:k=1"] and "BLEU=10.00" in lines[0]
+    # one latency per file: text in words, speech on the computation-aware clock, each its own column
+    both = tmp_path / "both.png"
+    run = subprocess.run([sys.executable, "-m", "duplex.cli.main", "translate", "plot", str(tmp_path / "text.json"),
+                          str(tmp_path / "speech.json"), "--labels", "text", "speech", "--latency", "LAAL",
+                          "LAAL_CA_ms", "--out", str(both)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    speech_lines = [ln for ln in run.stdout.splitlines() if ln.startswith("speech\t")]
+    assert speech_lines == ["speech\twait-k:k=1\tLAAL_CA_ms=2.000\tBLEU=8.00\tchrF=30.00"]
+    run = subprocess.run([sys.executable, "-m", "duplex.cli.main", "translate", "plot", str(tmp_path / "text.json"),
+                          "--latency", "LAAL", "AL", "--out", str(both)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "2 latency keys for 1 files" in run.stderr
 
 
 def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cost model: a source word is one forward (kept logits: 1); a write re-opens the target
-    (header + confirmed prefix) in one forward, then one forward per decoded token."""
+    """The cost model: a source word is one forward without the output layer (keep 0: nothing
+    samples after it); a write re-opens the target (header + confirmed prefix) in one forward,
+    then one forward per decoded token."""
     tr = SimulTranslator(tiny_lm, make_prompt(), max_word_tokens=3, max_target_ratio=2.0)
     from duplex.engine.sequence import SharedSequence
 
@@ -407,7 +419,7 @@ def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.
 
     monkeypatch.setattr(SharedSequence, "forward_direct", counting)
     tr.read(["where"])
-    assert [keep for _, keep in calls] == [1] and tr.stats.forwards == 1
+    assert [keep for _, keep in calls] == [0] and tr.stats.forwards == 1
     calls.clear()
     word = tr.next_word()
     assert word is not None
@@ -417,4 +429,4 @@ def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.
     calls.clear()
     tr.read(["is"])
     tr.next_word()
-    assert calls[0][1] == 1 and calls[1] == (header + len(word.ids), 1)  # word; header + confirmed in ONE forward
+    assert calls[0][1] == 0 and calls[1] == (header + len(word.ids), 1)  # word; header + confirmed in ONE forward

@@ -316,8 +316,8 @@ class Scheduler:
 
     # ---- model calls ---------------------------------------------------------------------------
     def forward(self, owner: object, ids: list[int], start_pos: int, keep: int, cache: Any,
-                direct: Direct) -> torch.Tensor:
-        """Logits of the last ``keep`` positions after running ``ids`` at ``start_pos`` on
+                direct: Direct) -> torch.Tensor | None:
+        """Logits of the last ``keep`` positions (None for 0) after running ``ids`` at ``start_pos`` on
         ``cache`` (written in place). Blocks the calling thread until a tick has run them all."""
         if self.mode == "fifo":
             return direct(ids, start_pos, keep)
@@ -355,10 +355,10 @@ class Scheduler:
         return self._result(req)
 
     @staticmethod
-    def _result(req: _Request) -> torch.Tensor:
+    def _result(req: _Request) -> torch.Tensor | None:
         if req.error is not None:
             raise req.error
-        assert req.result is not None
+        assert req.result is not None or req.keep == 0
         return req.result
 
     def _loop(self) -> None:
@@ -506,7 +506,7 @@ class Scheduler:
         for r, n in single:
             final = r.done + n == len(r.ids)
             try:
-                out = r.direct(r.ids[r.done:r.done + n], r.start_pos + r.done, r.keep if final else 1)
+                out = r.direct(r.ids[r.done:r.done + n], r.start_pos + r.done, r.keep if final else 0)
             except Exception as exc:  # noqa: BLE001 - raised in the requesting job
                 r.error = exc
                 continue
@@ -536,7 +536,7 @@ class Scheduler:
                 self._speakers[id(r.owner)] = (tick, now, r.start_pos)
             else:
                 self._served[id(r.owner)] = tick
-            if r.result is None and r.error is None:
+            if r.done < len(r.ids) and r.error is None:
                 continue  # more prefill pieces to go
             self._pending.remove(r)
             if not any(p.owner is r.owner for p in self._pending):

@@ -345,12 +345,15 @@ class SharedSequence:
         self.maybe_evict()
         return len(everything), self._turn_counter - 1, self._turn_counter
 
-    def append(self, ids: Seq[int], status: Status = Status.COMMITTED) -> None:
-        """Append content ids to the open turn (incremental, chunked prefill)."""
+    def append(self, ids: Seq[int], status: Status = Status.COMMITTED, *, logits: bool = True) -> None:
+        """Append content ids to the open turn (incremental, chunked prefill). ``logits=False``:
+        the caller will append more before it samples, so the output layer is skipped (for a
+        262k-word vocabulary like Gemma 3's it is most of a short forward); :attr:`logits` is then
+        recomputed only if it is read before the next append."""
         if self._open is None:
             raise RuntimeError("append() needs an open turn; call begin_turn() first")
         speaker, turn = self._open
-        self._append(ids, speaker, status, turn)
+        self._append(ids, speaker, status, turn, logits=logits)
         self.maybe_evict()
 
     def append_text(self, text: str, status: Status = Status.COMMITTED) -> list[int]:
@@ -500,38 +503,43 @@ class SharedSequence:
 
         return new_kv_cache(self.lm.model.config)  # appends in place, no per-step copy of the history
 
-    def _append(self, ids: Seq[int], speaker: Speaker, status: Status, turn: int) -> None:
+    def _append(self, ids: Seq[int], speaker: Speaker, status: Status, turn: int, logits: bool = True) -> None:
         ids = [int(i) for i in ids]
         if not ids:
             return
-        self._prefill(ids)
+        self._prefill(ids, logits=logits)
         self._ids.extend(ids)
         self._speaker.extend([speaker] * len(ids))
         self._status.extend([status] * len(ids))
         self._turn.extend([turn] * len(ids))
 
-    def _prefill(self, ids: list[int]) -> None:
-        """Run ids through the model in chunks, continuing after the current ledger length."""
+    def _prefill(self, ids: list[int], logits: bool = True) -> None:
+        """Run ids through the model in chunks, continuing after the current ledger length. Only
+        the last chunk computes logits (and only if ``logits``): the output layer runs once."""
         pos = len(self._ids)
         chunk = self.config.prefill_chunk_tokens
         for i in range(0, len(ids), chunk):
             piece = ids[i:i + chunk]
-            self._logits = self._forward(piece, pos + i)
+            last = i + chunk >= len(ids)
+            out = self._forward(piece, pos + i, keep=1 if (last and logits) else 0)
+            if last:
+                self._logits = out  # None without logits: recomputed lazily if read
 
-    def _forward(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
-        """Logits of the last position (``keep`` > 1: of the last ``keep`` positions, stacked)."""
+    def _forward(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor | None:
+        """Logits of the last position (``keep`` > 1: of the last ``keep`` positions, stacked;
+        0: none, the output layer is skipped and None comes back)."""
         if self._runner is None:
             return self.forward_direct(ids, start_pos, keep)
         return self._runner.forward(self, ids, start_pos, keep, self._cache, self.forward_direct)
 
     @torch.inference_mode()
-    def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor:
+    def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor | None:
         """:meth:`_forward` as one model call of this sequence alone (the scheduler's fallback)."""
         device = self.lm.device
         fast = fast_decoder(self.lm.model) if len(ids) <= FAST_MAX_QUERY and self._fast_cache() else None
         if fast is not None:  # decode steps and hand-overs: the lean forward (same arithmetic)
             out = fast.forward([DecodeRow(self._cache, ids, start_pos, keep)])[0]
-            assert out is not None
+            assert out is not None or keep == 0
             return out
         want = self._prefill_attn  # as loaded (the engine scheduler may have left its own set)
         # PyTorch's CPU flash-attention kernel is slow for a few queries against a long cache
@@ -546,6 +554,11 @@ class SharedSequence:
             self.lm.model.set_attn_implementation(want)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         position_ids = torch.arange(start_pos, start_pos + len(ids), device=device).unsqueeze(0)
+        if keep == 0:  # the decoder stack alone (transformers reads logits_to_keep=0 as "all")
+            out = self.lm.model.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, past_key_values=self._cache, use_cache=True)
+            self._cache = out.past_key_values
+            return None
         out = self.lm.model(
             input_ids=input_ids, position_ids=position_ids, past_key_values=self._cache,
             use_cache=True, logits_to_keep=keep,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from duplex.translate.prompt import LAYOUTS
+from duplex.translate.plot import LATENCIES
 
 __all__ = ["add_translate_parser"]
 
@@ -336,9 +337,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from duplex.translate.plot import plot_quality_latency
 
-    points = plot_quality_latency(args.files, args.out, latency=args.latency, labels=args.labels, title=args.title)
+    try:
+        points = plot_quality_latency(args.files, args.out, latency=args.latency, labels=args.labels,
+                                      title=args.title)
+    except ValueError as exc:
+        print(f"duplex translate plot: {exc}", file=sys.stderr)
+        return 2
+    keys = dict(zip(args.labels or [Path(f).stem for f in args.files],
+                    args.latency * len(args.files) if len(args.latency) == 1 else args.latency))
     for p in points:
-        print(f"{p.series}\t{p.policy}\t{args.latency}={p.latency:.3f}\tBLEU={p.bleu:.2f}\tchrF={p.chrf:.2f}")
+        print(f"{p.series}\t{p.policy}\t{keys.get(p.series, args.latency[0])}={p.latency:.3f}"
+              f"\tBLEU={p.bleu:.2f}\tchrF={p.chrf:.2f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -429,7 +438,8 @@ def add_translate_parser(sub: Any) -> None:
     pl.set_defaults(func=_cmd_translate)
     pl.add_argument("files", nargs="+", help="eval JSON files (`translate eval --json`); one series each")
     pl.add_argument("--out", required=True, metavar="PNG")
-    pl.add_argument("--latency", default="LAAL", choices=["LAAL", "AL", "LAAL_CA_ms", "AL_CA_ms"],
-                    help="x axis: LAAL in source words (default) or computation-aware LAAL (plotted in s)")
+    pl.add_argument("--latency", nargs="+", default=["LAAL"], choices=list(LATENCIES),
+                    help="x axis, one for all files or one per file: LAAL in source words (default), or a "
+                         "computation-aware / speech latency in ms (plotted in s); each key gets its own column")
     pl.add_argument("--labels", nargs="+", default=None, help="series names, one per file (default: file stems)")
     pl.add_argument("--title", default=None)

@@ -2,7 +2,9 @@
 LAAL (x), one point per policy, one series per file (e.g. text source vs speech source).
 
 ``latency="LAAL"`` plots the non-computational LAAL in source words; ``"LAAL_CA_ms"`` the
-computation-aware one (shown in seconds), which is what the speech goal is stated in.
+computation-aware one (shown in seconds), which is what the speech goal is stated in. Each file
+may name its own latency (text in words, speech in computation-aware seconds): files that share
+a latency share a column of panels, so no axis mixes units.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ _LATENCY_LABELS = {
     "AL": "AL (source words)",
     "LAAL_CA_ms": "computation-aware LAAL (s)",
     "AL_CA_ms": "computation-aware AL (s)",
+    "StreamLAAL_ms": "StreamLAAL (s of source audio)",
+    "StreamLAAL_CA_ms": "computation-aware StreamLAAL (s)",
 }
+LATENCIES = tuple(_LATENCY_LABELS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +62,10 @@ def curve_points(result: dict[str, Any], latency: str = "LAAL", series: str = ""
     return sorted(points, key=lambda p: _wait_k_order(p.policy))
 
 
-def plot_quality_latency(files: Sequence[str | Path], out: str | Path, *, latency: str = "LAAL",
+def plot_quality_latency(files: Sequence[str | Path], out: str | Path, *, latency: str | Sequence[str] = "LAAL",
                          labels: Sequence[str] | None = None, title: str | None = None) -> list[CurvePoint]:
-    """Draw BLEU and chrF against ``latency`` (two panels) to ``out`` (PNG); return the points.
+    """Draw BLEU (top) and chrF (bottom) against latency to ``out`` (PNG); return the points.
+    ``latency``: one key for every file, or one per file; each distinct key gets its own column.
     wait-k points of a series are joined by a line in k order; other policies are single markers."""
     import matplotlib
 
@@ -68,18 +74,26 @@ def plot_quality_latency(files: Sequence[str | Path], out: str | Path, *, latenc
 
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"{len(labels)} labels for {len(files)} files")
+    latencies = [latency] * len(files) if isinstance(latency, str) else list(latency)
+    if len(latencies) == 1 and len(files) > 1:
+        latencies *= len(files)
+    if len(latencies) != len(files):
+        raise ValueError(f"{len(latencies)} latency keys for {len(files)} files")
+    columns = list(dict.fromkeys(latencies))
     all_points: list[CurvePoint] = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, len(columns), figsize=(6 * len(columns), 8), squeeze=False, constrained_layout=True)
     markers = {"local-agreement": "s", "retranslate": "^", "offline": "*"}
     for i, path in enumerate(files):
         result = json.loads(Path(path).read_text(encoding="utf-8"))
         series = labels[i] if labels else Path(path).stem
-        points = curve_points(result, latency, series)
+        points = curve_points(result, latencies[i], series)
         if not points:
-            raise ValueError(f"{path}: no policy has {latency}, BLEU and chrF")
+            raise ValueError(f"{path}: no policy has {latencies[i]}, BLEU and chrF")
         all_points += points
         color = f"C{i}"
-        for ax, metric in zip(axes, ("bleu", "chrf")):
+        column = columns.index(latencies[i])
+        for row, metric in enumerate(("bleu", "chrf")):
+            ax = axes[row][column]
             waitk = [p for p in points if _wait_k_order(p.policy)[0] == 0]
             if waitk:
                 ax.plot([p.latency for p in waitk], [getattr(p, metric) for p in waitk], "o-", color=color,
@@ -93,12 +107,14 @@ def plot_quality_latency(files: Sequence[str | Path], out: str | Path, *, latenc
                 name = p.policy.partition(":")[0]
                 ax.plot([p.latency], [getattr(p, metric)], markers.get(name, "D"), color=color, markersize=8,
                         label=f"{series}: {p.policy}")
-    for ax, name in zip(axes, ("BLEU", "chrF")):
-        ax.set_xlabel(_LATENCY_LABELS.get(latency, latency))
-        ax.set_ylabel(name)
-        ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or f"quality against {_LATENCY_LABELS.get(latency, latency)}")
+    for column, key in enumerate(columns):
+        for row, name in enumerate(("BLEU", "chrF")):
+            ax = axes[row][column]
+            ax.set_xlabel(_LATENCY_LABELS.get(key, key))
+            ax.set_ylabel(name)
+            ax.grid(True, alpha=0.3)
+        axes[1][column].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "quality against latency")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

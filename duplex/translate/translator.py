@@ -172,8 +172,10 @@ class SimulTranslator(TranslationModel):
         self._open_source()
         self.source.extend(words)
         self._source_ids += len(ids)
-        # the words alone, as they arrive (incremental prefill); the target waits for a write
-        self.seq.append(ids)
+        # the words alone, as they arrive (incremental prefill); the target waits for a write, and
+        # the next write re-opens the target first, so no logits here: the 262k-row output layer
+        # of Gemma 3 is most of a one-word forward
+        self.seq.append(ids, logits=False)
         self.stats.forwards += 1
         self._source_end = len(self.seq)
 
