@@ -19,7 +19,11 @@ def test_unknown_path_names_it_and_explains_offline_use(tmp_path):
 
 
 def test_unknown_hub_id_names_it(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: without this the lookup retried the network for ~47 s before failing
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="nobody/definitely-not-a-model"):
         load_model("nobody/definitely-not-a-model")
 
