@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from duplex.serving.protocol import decode_audio_frame
+from duplex.tasks import cancel_and_wait
 
 __all__ = ["DuplexClient", "DuplexClientError", "ResumeError", "SyncDuplexClient", "new_session_id",
            "run_client_cli"]
@@ -180,13 +181,8 @@ class DuplexClient:
             await self._events.put({**_CLOSED, "code": code, "reason": ws.close_reason})
 
     async def _drop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
-            self._reader = None
+        reader, self._reader = self._reader, None
+        await cancel_and_wait(reader, what="client reader")
         if self._ws is not None:
             await self._ws.close()
             self._ws = None

@@ -34,16 +34,29 @@ from websockets.http11 import Request, Response
 from duplex.audio import SpeechInput, WebRtcVad
 from duplex.engine.kv import kv_bytes_per_token
 from duplex.engine.worker import Engine
-from duplex.serving.protocol import (AudioAppend, AudioCommit, ClientMessage, InputText, PlaybackMarkMsg, ProtocolError,
-                       ResponseCancel, SessionResume, SessionUpdate, Truncate, error_event, parse_client_message)
 from duplex.serving.admission import CLOSE_TRY_AGAIN_LATER, Admission, ServerBusy
-from duplex.serving.origin import OriginPolicy
 from duplex.serving.http_front import HttpFront
 from duplex.serving.openai_chat import make_openai_http
 from duplex.serving.openai_realtime import REALTIME_PATH, RealtimeConnection
+from duplex.serving.origin import OriginPolicy
 from duplex.serving.outbox import TokenBucket
+from duplex.serving.protocol import (
+    AudioAppend,
+    AudioCommit,
+    ClientMessage,
+    InputText,
+    PlaybackMarkMsg,
+    ProtocolError,
+    ResponseCancel,
+    SessionResume,
+    SessionUpdate,
+    Truncate,
+    error_event,
+    parse_client_message,
+)
 from duplex.serving.ws_session import ServerLimits, ServerSession
 from duplex.session.config import SessionConfig
+from duplex.tasks import cancel_and_wait
 from duplex.voice.config import VoiceConfig, default_voice_config, make_speech_input
 
 __all__ = ["DuplexServer", "ServerLimits"]
@@ -157,15 +170,8 @@ class _Connection:
         self._sender = asyncio.create_task(self._send_loop(self.hub), name=f"send-{self.hub.id}")
 
     async def _stop_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            try:
-                await self._sender
-            except (asyncio.CancelledError, ConnectionClosed):
-                pass
-            except Exception:  # noqa: BLE001 - the send loop already ended; nothing to salvage
-                log.debug("send loop ended with an error", exc_info=True)
-            self._sender = None
+        sender, self._sender = self._sender, None
+        await cancel_and_wait(sender, what="send loop")  # a closed socket or error: nothing to salvage
 
     async def _send_loop(self, hub: ServerSession) -> None:
         try:
@@ -351,10 +357,7 @@ class DuplexServer:
         self._closing = True
         if self._server is not None:
             self._server.close(close_connections=False)
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper, what="session reaper")
         for hub in list(self.sessions.values()):
             await hub.close("server_shutdown")
         if self._http is not None:

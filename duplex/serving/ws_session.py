@@ -22,13 +22,30 @@ from duplex.audio import AudioFormatError, SpeechInput, to_mono_16k
 from duplex.audio.events import SpeechStarted, SpeechStopped
 from duplex.engine.worker import Engine
 from duplex.serving.outbox import Outbox, OutboxOverflow
-from duplex.serving.protocol import (EventMapper, InputText, PlaybackMarkMsg, ProtocolError, SessionUpdate, Truncate,
-                                     error_event, item_id)
+from duplex.serving.protocol import (
+    EventMapper,
+    InputText,
+    PlaybackMarkMsg,
+    ProtocolError,
+    SessionUpdate,
+    Truncate,
+    error_event,
+    item_id,
+)
 from duplex.session.core import Session
 from duplex.session.events import TurnEnded, TurnStarted, UpdateSession
+from duplex.tasks import cancel_and_wait
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, BackchannelAudio,
-                                  SpeechFinalized, VoiceOutput)
+from duplex.voice.outputs import (
+    AudioCleared,
+    AudioDone,
+    AudioOut,
+    AudioPaused,
+    AudioResumed,
+    BackchannelAudio,
+    SpeechFinalized,
+    VoiceOutput,
+)
 from duplex.voice.pipeline import VoicePipeline
 
 __all__ = ["ServerLimits", "ServerSession"]
@@ -167,13 +184,8 @@ class ServerSession:
 
     async def _stop_pump(self) -> None:
         """Cancel the task that forwards the pipeline's outputs, and wait for it to end."""
-        if self._pump is not None:
-            self._pump.cancel()
-            try:
-                await self._pump
-            except asyncio.CancelledError:
-                pass
-            self._pump = None
+        pump, self._pump = self._pump, None
+        await cancel_and_wait(pump, what="output pump")
 
     def detach(self) -> None:
         """The connection is gone. An agent that is being *heard* stops at what was played."""

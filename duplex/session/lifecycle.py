@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from duplex.tasks import cancel_and_wait
+
 __all__ = ["SessionLifecycle"]
 
 
@@ -40,13 +42,8 @@ class SessionLifecycle:
 
     async def close(self) -> None:
         """Stop the loop task and end the event stream."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task, what="session loop")
         self._out.put_nowait(None)
 
     def hold_decoding(self) -> None:

@@ -32,18 +32,44 @@ import numpy as np
 from duplex.audio.clauses import ClauseChunker
 from duplex.audio.events import AsrWord, SpeechStarted, SpeechStopped, TtsChunk
 from duplex.audio.playback import PlaybackLedger
-from duplex.audio.speech_input import AsyncSpeechInput, SpeechEvent, SpeechInput, merge_words
+from duplex.audio.speech_input import (
+    AsyncSpeechInput,
+    SpeechEvent,
+    SpeechInput,
+    merge_words,
+)
 from duplex.audio.tts import StreamingTts, TtsEngine
 from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.core import Session
-from duplex.session.events import (AgentBackchannel, AgentPaused, AgentResumed, AgentTextDelta, Cancel, ErrorEvent,
-                                   Interrupted, PlaybackMark, TextInput, TranscriptStatus, TurnEnded, TurnStarted,
-                                   UpdateSession)
+from duplex.session.events import (
+    AgentBackchannel,
+    AgentPaused,
+    AgentResumed,
+    AgentTextDelta,
+    Cancel,
+    ErrorEvent,
+    Interrupted,
+    PlaybackMark,
+    TextInput,
+    TranscriptStatus,
+    TurnEnded,
+    TurnStarted,
+    UpdateSession,
+)
+from duplex.tasks import cancel_and_wait
 from duplex.voice.config import VoiceConfig
-from duplex.voice.outputs import (AudioCleared, AudioDone, AudioOut, AudioPaused, AudioResumed, BackchannelAudio,
-                                  SpeechFinalized, VoiceOutput)
+from duplex.voice.outputs import (
+    AudioCleared,
+    AudioDone,
+    AudioOut,
+    AudioPaused,
+    AudioResumed,
+    BackchannelAudio,
+    SpeechFinalized,
+    VoiceOutput,
+)
 
 __all__ = ["VoicePipeline", "VoiceUnavailable"]
 
@@ -224,16 +250,9 @@ class VoicePipeline:
         self._closed = True
         if self.tts is not None:
             self.tts.cancel()
-        for task in self._tasks.values():
-            task.cancel()
-        for task in list(self._tasks.values()):
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # noqa: BLE001 - already reported as an error output
-                log.debug("pipeline task ended with an error", exc_info=True)
+        tasks = list(self._tasks.values())
         self._tasks.clear()
+        await cancel_and_wait(*tasks, what="pipeline task")  # errors were already reported as outputs
         if self._speech is not None:
             await self._speech.aclose()
         await self.session.close()
