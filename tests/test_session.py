@@ -74,6 +74,24 @@ async def test_pause_waits_for_the_silence_gap(tiny_engine):
     await s.close()
 
 
+async def test_a_committed_word_replaces_its_retimed_tentative_copy(tiny_engine):
+    """An earlier pass showed "call" tentatively; the final pass commits it with boundaries a few
+    tens of ms earlier. The live transcript shows it once (it used to read "remind me call call")."""
+    s = await _session(tiny_engine, ManualClock())
+    s.submit(SpeechStarted(0.0))
+    s.submit(AsrWord("remind", 0.0, 0.3, True))
+    s.submit(AsrWord("me", 0.34, 0.5, False))
+    s.submit(AsrWord("call", 0.56, 0.9, False))
+    await collect_until(s, _is("user_transcript", text="remind me call"))
+    s.submit(AsrWord("me", 0.32, 0.48, True))
+    s.submit(AsrWord("call", 0.52, 0.86, True))
+    await collect_until(s, _is("user_transcript", text="remind me call", committed=True))
+    assert s.observe().partial_text == "remind me call"
+    s.submit(AsrWord("later", 1.0, 1.3, False))  # a word after the committed ones stays tentative
+    await collect_until(s, _is("user_transcript", text="remind me call later"))
+    await s.close()
+
+
 async def test_user_resuming_after_a_pause_keeps_one_turn(tiny_engine):
     clock = ManualClock()
     s = await _session(tiny_engine, clock)

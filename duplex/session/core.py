@@ -66,6 +66,8 @@ from duplex.session.validation import validate_input
 __all__ = ["BACKCHANNEL_MARKER", "DEFAULT_INSTRUCTIONS", "Session", "SessionConfig", "TRUNCATION_MARKER"]
 
 log = logging.getLogger(__name__)
+# how far one ASR pass may move a word's boundaries against another (whisper's word timestamps)
+_RETIME_S = 0.1
 
 _URGENT = (SpeechStarted, Cancel)
 
@@ -272,7 +274,10 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             text = word.text.strip()
             if not text:
                 continue
-            self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s]
+            # a tentative word that starts before this committed one ends is this word (or one
+            # it replaced): passes re-time words by tens of ms, so comparing starts alone kept the
+            # older copy, and the live transcript read "remind me to call? call?"
+            self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s and s >= word.end_s - _RETIME_S]
             self._user_committed.append(text)
             texts.append(text)
         if not texts:
