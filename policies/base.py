@@ -33,6 +33,9 @@ class Observation:
     agent_pending_tokens: int = 0  # generated, not yet delivered to the user
     agent_spoken_tokens: int = 0  # delivered to the user in the current agent turn
     eou_prob: float | None = None  # model's P(end of user turn) after the committed prefix
+    # model's P(a line/paragraph break) there: after a finished statement it hedges between that
+    # and the end of the turn ("He was a kind man." -> "\n" 0.26, end 0.03)
+    sentence_break_prob: float | None = None
     agent_paused: bool = False  # the agent's audio is paused while the user's overlap is judged
     transcript_pending: bool = False  # the user's sound has ended, its final words are on the way
     overlap_ended: bool = False  # the user's sound over the agent has stopped (VAD), judged or not

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .base import Action, BargeInRules, Continue, Listen, Observation, Speak, agent_backchannel, register_policy
 
-__all__ = ["EouPolicy", "HalfDuplexPolicy", "SilencePolicy"]
+__all__ = ["EouPolicy", "HalfDuplexPolicy", "SilencePolicy", "ends_sentence"]
+
+
+_SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
+
+
+def ends_sentence(text: str) -> bool:
+    """The words end a sentence: ".", "?" or "!" (quotes after it are fine), but not an ellipsis,
+    which is how whisper writes a voice that trails off ("So my plan is to...")."""
+    text = text.rstrip()
+    return bool(_SENTENCE_END.search(text)) and not text.rstrip("\"')]").endswith(("..", "…"))
 
 
 def _user_has_turn(obs: Observation) -> bool:
@@ -58,6 +69,9 @@ class EouPolicy:
     long_gap_ms: float = 1500.0
     confident: float = 0.5
     unlikely: float = 0.05
+    # count the model's sentence-break mass as end of turn when the words end a sentence (".",
+    # "?", "!"; not a trailing "..."): read prose ("...to do for them.") otherwise looks unfinished
+    sentence_breaks: bool = False
     # the most it waits after an interruption's words ("No, I asked about Oslo."): the model's
     # end-of-turn probability is low after its own cut-off turn, and the user is waiting for it
     interruption_gap_ms: float = 600.0
@@ -68,6 +82,13 @@ class EouPolicy:
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+    def belief(self, obs: Observation) -> float | None:
+        """The end-of-turn belief the gap is scaled by."""
+        if (self.sentence_breaks and obs.eou_prob is not None and obs.sentence_break_prob is not None
+                and ends_sentence(obs.partial_text)):
+            return min(1.0, obs.eou_prob + obs.sentence_break_prob)
+        return obs.eou_prob
 
     def gap_ms(self, eou_prob: float | None) -> float:
         if eou_prob is None:
@@ -86,7 +107,7 @@ class EouPolicy:
             return Speak(self.speak_chunk_tokens)
         if (bc := agent_backchannel(obs, self.backchannel_every_s)) is not None:
             return bc
-        gap = self.gap_ms(obs.eou_prob)
+        gap = self.gap_ms(self.belief(obs))
         if obs.after_interruption:
             gap = min(gap, self.interruption_gap_ms)
         return _take_turn_after(obs, gap, self.speak_chunk_tokens)

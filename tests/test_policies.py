@@ -134,6 +134,30 @@ def test_eou_waits_less_after_an_interruption_than_after_words_that_look_unfinis
         == Listen()
 
 
+def test_eou_counts_a_sentence_break_as_an_end_only_after_a_finished_sentence():
+    """Read prose: the model gives "\n" 0.26 and its footer 0.03 after "...to do for them.". With
+    ``sentence_breaks`` the two add up when the words end a sentence, never after a trailing
+    "..." or mid-phrase, and the setting is off by default."""
+    p = make_policy("eou", short_gap_ms=0, long_gap_ms=1500, confident=0.25, unlikely=0.02, sentence_breaks=True)
+    finished = dict(user_turn_words=9, partial_text="how much he could do for them.", eou_prob=0.03,
+                    sentence_break_prob=0.26)
+    assert p.belief(obs(**finished)) == pytest.approx(0.29)
+    assert isinstance(p.decide(obs(silence_s=0.05, **finished)), Speak)
+    trailing = dict(finished, partial_text="so my plan for tomorrow is to...")
+    assert p.belief(obs(**trailing)) == 0.03 and isinstance(p.decide(obs(silence_s=0.05, **trailing)), Listen)
+    assert isinstance(p.decide(obs(silence_s=0.05, **dict(finished, partial_text="I need a gift for"))), Listen)
+    assert make_policy("eou", short_gap_ms=0, long_gap_ms=1500, confident=0.25, unlikely=0.02).belief(
+        obs(**finished)) == 0.03
+    assert p.belief(obs(**dict(finished, sentence_break_prob=None))) == 0.03  # not computed: the footer alone
+
+
+def test_ends_sentence_reads_whisper_punctuation():
+    from duplex.policies.simple import ends_sentence
+
+    assert [ends_sentence(t) for t in ("He was kind.", "Where to?", "Wow!", 'He said "go."')] == [True] * 4
+    assert [ends_sentence(t) for t in ("So my plan is to...", "a gift for\u2026", "for them", "")] == [False] * 4
+
+
 def test_learned_waits_at_most_the_interruption_gap_after_an_interruption():
     p = make_policy("learned", threshold=1.0)  # the model alone never speaks: only the caps do
     said = dict(user_turn_words=5, partial_text="No, I asked about Oslo.", eou_prob=0.03)

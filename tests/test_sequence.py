@@ -181,7 +181,8 @@ def test_append_and_hand_over_equals_the_two_step_path(tiny_lm):
     two.add_message(Speaker.SYSTEM, "sys")
     two.begin_turn(Speaker.USER)
     two.append(ids)
-    eou_two = two.end_of_turn_probability()
+    eou_two = two.turn_end()
+    two_eou_float = two.end_of_turn_probability()
     turn_two = two.hand_over(Speaker.AGENT)
     one = _seq(tiny_lm)
     one.add_message(Speaker.SYSTEM, "sys")
@@ -189,7 +190,9 @@ def test_append_and_hand_over_equals_the_two_step_path(tiny_lm):
     turn_one, eou_one = one.append_and_hand_over(ids, Speaker.AGENT)
     assert (turn_one, one.ids, one.spans(), one.open_turn) == (turn_two, two.ids, two.spans(), two.open_turn)
     assert one.cache_length == len(one)
-    assert eou_one == pytest.approx(eou_two, rel=1e-4, abs=1e-6)
+    assert eou_one.eou == pytest.approx(eou_two.eou, rel=1e-4, abs=1e-6)
+    assert eou_one.sentence_break == pytest.approx(eou_two.sentence_break, rel=1e-4, abs=1e-6)
+    assert eou_one.eou == pytest.approx(two_eou_float, rel=1e-6)
     torch.testing.assert_close(one.logits, two.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(one.logits, _full_logits(tiny_lm, one.ids), rtol=1e-4, atol=1e-4)
 
@@ -223,3 +226,14 @@ def test_temperature_sampling_follows_the_distribution():
     assert set(draws) <= {10, 500, 999}
     for token, p in ((10, 0.7), (500, 0.2), (999, 0.1)):
         assert abs(draws.count(token) / len(draws) - p) < 0.03
+
+
+def test_the_template_knows_the_tokenizers_line_breaks_and_never_a_turn_marker(tiny_lm):
+    template = TurnTemplate.from_tokenizer(tiny_lm.tokenizer)
+    newline = tiny_lm.tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and newline[0] in template.break_ids
+    assert template.end_of_user_turn_id not in template.break_ids
+    plain = TurnTemplate._plain(tiny_lm.tokenizer, template.eos_ids)  # its user footer IS "\n"
+    from duplex.engine.template import _break_ids
+
+    assert plain.end_of_user_turn_id not in _break_ids(tiny_lm.tokenizer, plain)

@@ -69,6 +69,7 @@ async def test_pause_waits_for_the_silence_gap(tiny_engine):
     assert not [e for e in await settle(s) if e.type == "turn_started"]
     obs = s.observe()
     assert obs.silence_s == pytest.approx(0.3) and 0.0 <= obs.eou_prob <= 1.0
+    assert 0.0 <= obs.sentence_break_prob <= 1.0 - obs.eou_prob  # from the same prediction
     clock.advance(0.3)  # now past the gap: a smooth end of turn
     await collect_until(s, _is("turn_started", speaker="agent"))
     await s.close()

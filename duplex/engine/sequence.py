@@ -28,7 +28,7 @@ from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler
 from duplex.engine.template import TurnTemplate
 
-__all__ = ["ForwardRunner", "SequenceConfig", "SharedSequence", "Span", "Speaker", "Status"]
+__all__ = ["ForwardRunner", "SequenceConfig", "SharedSequence", "Span", "Speaker", "Status", "TurnEnd"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,17 @@ class Status(str, Enum):
     TENTATIVE = "tentative"  # ASR words that may still be revised
     SPOKEN = "spoken"  # agent tokens the user has received
     UNSPOKEN = "unspoken"  # agent tokens generated but not (yet) delivered
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """What the model predicts after the user's words. ``eou``: P(the user-turn footer), the turn
+    is over; ``sentence_break``: P(a line or paragraph break), the sentence is complete though
+    more may follow (a chat model hedges between the two after a finished statement)."""
+
+    eou: float
+    sentence_break: float = 0.0
+    type: str = "turn_end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +243,17 @@ class SharedSequence:
 
     def end_of_turn_probability(self) -> float:
         """P(the user-turn footer token) after the current prefix: the model's end-of-turn belief."""
-        probs = torch.softmax(self.logits.float(), dim=-1)
-        return float(probs[self.template.end_of_user_turn_id])
+        return self.turn_end().eou
+
+    def turn_end(self) -> TurnEnd:
+        """The model's end-of-turn belief after the current prefix (footer and sentence break)."""
+        return self._turn_end(self.logits)
+
+    def _turn_end(self, logits: torch.Tensor) -> TurnEnd:
+        probs = torch.softmax(logits.float(), dim=-1)
+        breaks = self.template.break_ids
+        return TurnEnd(float(probs[self.template.end_of_user_turn_id]),
+                       float(probs[list(breaks)].sum()) if breaks else 0.0)
 
     # ---- write side ------------------------------------------------------------------------
     def begin_turn(self, speaker: Speaker) -> int:
@@ -284,26 +304,25 @@ class SharedSequence:
         self.maybe_evict()
         return new_turn
 
-    def append_and_hand_over(self, ids: Seq[int], to: Speaker) -> tuple[int, float]:
+    def append_and_hand_over(self, ids: Seq[int], to: Speaker) -> tuple[int, TurnEnd]:
         """Append ``ids`` to the open turn, close it and open ``to``'s turn in ONE forward pass.
 
-        Returns (new turn id, end-of-turn probability after ``ids``): the user's last words and
+        Returns (new turn id, end-of-turn belief after ``ids``): the user's last words and
         the speculative hand-over cost one forward instead of two, and the belief the turn policy
         needs comes from the same pass (it keeps the logits of the last content position too).
         """
         ids = [int(i) for i in ids]
         if self._open is None or not ids or len(ids) > self.config.prefill_chunk_tokens:
             self.append(ids)
-            eou = self.end_of_turn_probability()
-            return self.hand_over(to), eou
+            belief = self.turn_end()
+            return self.hand_over(to), belief
         speaker, turn = self._open
         footer = list(self.template.role(speaker.value).footer)
         header = list(self.template.role(to.value).header)
         tail = footer + header
         logits = self._forward(ids + tail, len(self._ids), keep=len(tail) + 1)
         self._logits = logits[-1]
-        probs = torch.softmax(logits[0].float(), dim=-1)
-        eou = float(probs[self.template.end_of_user_turn_id])
+        belief = self._turn_end(logits[0])
         self._turn_counter += 1
         new_turn = self._turn_counter
         for part, spk, t in ((ids, speaker, turn), (footer, speaker, turn), (header, to, new_turn)):
@@ -313,7 +332,7 @@ class SharedSequence:
             self._turn.extend([t] * len(part))
         self._open = (to, new_turn)
         self.maybe_evict()
-        return new_turn, eou
+        return new_turn, belief
 
     def interject(self, ids: Seq[int], speaker: Speaker) -> tuple[int, int, int]:
         """Close the open turn, add ``ids`` as a closed turn of ``speaker`` and reopen a turn for

@@ -10,7 +10,7 @@ adds no header of its own (``system_in_user_turn``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["RoleMarkers", "TurnTemplate"]
@@ -35,6 +35,10 @@ class TurnTemplate:
     agent: RoleMarkers
     eos_ids: tuple[int, ...]
     system_in_user_turn: bool = False  # a user turn right after a system turn has no header
+    # single tokens that break a line or paragraph ("\n", "\n\n", " \n"): after a finished
+    # sentence a chat model puts much of its mass there rather than on the footer (more could
+    # follow), so P(footer) alone reads "He was a kind man." as unfinished
+    break_ids: tuple[int, ...] = ()
 
     @property
     def end_of_user_turn_id(self) -> int:
@@ -53,6 +57,11 @@ class TurnTemplate:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TurnTemplate:
+        template = cls._from_tokenizer(tokenizer)
+        return replace(template, break_ids=_break_ids(tokenizer, template))
+
+    @classmethod
+    def _from_tokenizer(cls, tokenizer: Any) -> TurnTemplate:
         eos = tokenizer.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         if not getattr(tokenizer, "chat_template", None):
@@ -141,3 +150,14 @@ class TurnTemplate:
             agent=RoleMarkers(enc("Assistant: "), enc("\n")),
             eos_ids=eos_ids,
         )
+
+
+def _break_ids(tokenizer: Any, template: TurnTemplate) -> tuple[int, ...]:
+    """The tokenizer's single-token line and paragraph breaks, minus any turn marker."""
+    markers = set(template.eos_ids) | {template.end_of_user_turn_id}
+    ids: set[int] = set()
+    for text in ("\n", "\n\n", " \n"):
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in markers:
+            ids.add(int(encoded[0]))
+    return tuple(sorted(ids))

@@ -18,7 +18,7 @@ from typing import Any
 
 from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.sampling import Sampler
-from duplex.engine.sequence import SharedSequence, Speaker
+from duplex.engine.sequence import SharedSequence, Speaker, TurnEnd
 from duplex.engine.worker import Engine
 from duplex.policies import (
     Action,
@@ -102,7 +102,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         self._user_final = False
         self._user_speaking = False
         self._speech_end_t: float | None = None
-        self._eou_prob: float | None = None
+        self._turn_end: TurnEnd | None = None  # the model's end-of-turn belief after the committed words
         self._audio_turn: TurnAudioFeatures | None = None  # acoustic features of the latest pause
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
         self._prepared: int | None = None  # agent turn opened speculatively during user silence
@@ -373,10 +373,10 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
-            self._eou_prob, self._prepared, self._first_token = await self.engine.run_for(
+            self._turn_end, self._prepared, self._first_token = await self.engine.run_for(
                 self.seq, self._append_and_prepare_sync, ids)
             return
-        self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
+        self._turn_end = await self.engine.run_for(self.seq, self._append_user_sync, ids)
 
     async def _maybe_prepare_reply(self) -> bool:
         """While the user is silent after committed words, prefill the user-turn footer and the
@@ -411,7 +411,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         self._prepared = None
         self._first_token = None
 
-    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[float, int, tuple[int, int, Sampler]]:
+    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[TurnEnd, int, tuple[int, int, Sampler]]:
         """Worker thread: the user's words plus the speculative hand-over in one forward, and the
         reply's first token sampled from it."""
         assert self.seq is not None
@@ -431,12 +431,12 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         sampler = self._sampler
         return self.seq.sample(sampler), self.seq.logits_version, sampler
 
-    def _append_user_sync(self, ids: list[int]) -> float:
+    def _append_user_sync(self, ids: list[int]) -> TurnEnd:
         assert self.seq is not None
         self._unprepare_sync()
         ids = self._open_user_turn_sync(ids)
         self.seq.append(ids)
-        return self.seq.end_of_turn_probability()
+        return self.seq.turn_end()
 
     def _open_user_turn_sync(self, ids: list[int]) -> list[int]:
         """Open the user's turn if it is not open; a backchannel heard since the last user turn
@@ -515,7 +515,9 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             overlap_s=overlap, user_turn_words=len(partial.split()), partial_text=partial,
             user_turn_final=self._user_final,
             agent_pending_tokens=(len(agent.tokens) - agent.delivered_tokens) if agent else 0,
-            agent_spoken_tokens=agent.delivered_tokens if agent else 0, eou_prob=self._eou_prob,
+            agent_spoken_tokens=agent.delivered_tokens if agent else 0,
+            eou_prob=self._turn_end.eou if self._turn_end else None,
+            sentence_break_prob=self._turn_end.sentence_break if self._turn_end else None,
             agent_paused=self._paused and agent is not None,
             transcript_pending=self._transcript_pending,
             overlap_ended=self._overlap_start_t is not None and self._overlap_end_t is not None,
@@ -547,7 +549,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
     async def _release_held(self) -> None:
         if self._held_ids:
             ids, self._held_ids = self._held_ids, []
-            self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
+            self._turn_end = await self.engine.run_for(self.seq, self._append_user_sync, ids)
 
     def _set_state(self, state: str) -> None:
         if state != self.state:

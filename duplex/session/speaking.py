@@ -126,7 +126,7 @@ class Speaking:
             await self._prefill_user(prefix + text.strip())
         if self._held_ids:
             ids, self._held_ids = self._held_ids, []
-            self._eou_prob = await self.engine.run_for(self.seq, self._append_user_sync, ids)
+            self._turn_end = await self.engine.run_for(self.seq, self._append_user_sync, ids)
         user_text = self._user_text_so_far()
         user_turn = self._user_turn
         if self._prepared is not None:
@@ -141,7 +141,7 @@ class Speaking:
         self._interleaved_words = 0
         self._tentative = []
         self._user_final = False
-        self._eou_prob = None
+        self._turn_end = None
         self._audio_turn = None
         self._speech_end_t = None
         self._overlap_start_t = self._overlap_end_t = None
