@@ -26,8 +26,12 @@ VOICE_POLICY = "eou"
 # end-of-turn belief only adds time when the words look unfinished; then it waits up to 1.5 s
 # ("So my plan for tomorrow is to ..."). With 700 ms, once the path got fast, the agent talked for
 # over a second into 2 of 5 mid-sentence pauses (TOR pause 0.4, bench/results/realtime-long-gap-700.json).
-VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.2,
-                                       "unlikely": 0.02}
+# The belief counts the model's sentence-break mass after a finished sentence (sentence_breaks):
+# with the footer alone, read prose ("...to do for them.") looked unfinished and the policy waited
+# 1.16 s on average after LibriVox speech; with both, 0.03 s, and the synthetic scenarios' take-over
+# rates did not move (bench/results/ab-sentence-breaks/, confident 0.3 vs 0.2 without breaks).
+VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.3,
+                                       "unlikely": 0.02, "sentence_breaks": True}
 
 
 @dataclass(frozen=True, slots=True)
