@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from duplex.tasks import cancel_and_wait
+
 from .asr import StreamingAsr
 from .convert import TARGET_SAMPLE_RATE_HZ
 from .events import AsrWord, SpeechStarted, SpeechStopped
@@ -331,14 +333,8 @@ class AsyncSpeechInput:
 
     async def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
-        tasks = [t for t in [*self._tasks, self._turn_task] if t is not None and t is not current]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(*(t for t in [*self._tasks, self._turn_task] if t is not current),
+                              what="speech input worker")  # a failure already went through _fail
 
     def _fail(self, exc: Exception) -> None:
         logger.error("speech input worker failed", exc_info=exc)

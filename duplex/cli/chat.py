@@ -12,9 +12,10 @@ import sys
 from typing import TextIO
 
 from duplex.engine.worker import Engine
-from duplex.session.events import TextInput, UpdateSession
 from duplex.policies import available_policies
 from duplex.session.core import DEFAULT_INSTRUCTIONS, Session, SessionConfig
+from duplex.session.events import TextInput, UpdateSession
+from duplex.tasks import cancel_and_wait
 
 __all__ = ["run_chat"]
 
@@ -115,10 +116,6 @@ async def run_chat(args: argparse.Namespace) -> int:
                 session.submit(TextInput(line, final=True))
     finally:
         await session.close()
-        render.cancel()
-        try:
-            await render
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(render, what="renderer")
         engine.close()
     return 0

@@ -241,10 +241,6 @@ class SharedSequence:
             self._logits = self._forward([last], len(self._ids) - 1)
         return self._logits
 
-    def end_of_turn_probability(self) -> float:
-        """P(the user-turn footer token) after the current prefix: the model's end-of-turn belief."""
-        return self.turn_end().eou
-
     def turn_end(self) -> TurnEnd:
         """The model's end-of-turn belief after the current prefix (footer and sentence break)."""
         return self._turn_end(self.logits)

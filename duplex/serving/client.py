@@ -465,11 +465,7 @@ async def run_client_cli(args: argparse.Namespace) -> int:
                 elif line:
                     await client.send_text(line)
         finally:
-            printer.cancel()
-            try:
-                await printer
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(printer, what="printer")
         return 0
     finally:
         await client.close()

@@ -343,11 +343,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"duplex translate plot: {exc}", file=sys.stderr)
         return 2
-    keys = dict(zip(args.labels or [Path(f).stem for f in args.files],
-                    args.latency * len(args.files) if len(args.latency) == 1 else args.latency))
     for p in points:
-        print(f"{p.series}\t{p.policy}\t{keys.get(p.series, args.latency[0])}={p.latency:.3f}"
-              f"\tBLEU={p.bleu:.2f}\tchrF={p.chrf:.2f}")
+        print(f"{p.series}\t{p.policy}\t{p.latency_key}={p.latency:.3f}\tBLEU={p.bleu:.2f}\tchrF={p.chrf:.2f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -37,6 +37,7 @@ class CurvePoint:
     latency: float
     bleu: float
     chrf: float
+    latency_key: str = "LAAL"  # which latency ``latency`` is (ms keys are given in s)
     type: str = "curve_point"
 
 
@@ -58,7 +59,7 @@ def curve_points(result: dict[str, Any], latency: str = "LAAL", series: str = ""
         x = float(scores[latency])
         if latency.endswith("_ms"):
             x /= 1000.0
-        points.append(CurvePoint(series, policy, x, float(scores["BLEU"]), float(scores["chrF"])))
+        points.append(CurvePoint(series, policy, x, float(scores["BLEU"]), float(scores["chrF"]), latency))
     return sorted(points, key=lambda p: _wait_k_order(p.policy))
 
 

@@ -27,9 +27,9 @@ VOICE_POLICY = "eou"
 # ("So my plan for tomorrow is to ..."). With 700 ms, once the path got fast, the agent talked for
 # over a second into 2 of 5 mid-sentence pauses (TOR pause 0.4, bench/results/realtime-long-gap-700.json).
 # The belief counts the model's sentence-break mass after a finished sentence (sentence_breaks):
-# with the footer alone, read prose ("...to do for them.") looked unfinished and the policy waited
-# 1.16 s on average after LibriVox speech; with both, 0.03 s, and the synthetic scenarios' take-over
-# rates did not move (bench/results/ab-sentence-breaks/, confident 0.3 vs 0.2 without breaks).
+# with the footer alone, read prose ("...to do for them.") looked unfinished: after LibriVox speech
+# the turn was taken ~1 s after the last words (stage p50s); with both, 27 ms, and the synthetic
+# scenarios' take-over rates did not move (bench/results/ab-sentence-breaks/, confident 0.3 vs 0.2).
 VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.3,
                                        "unlikely": 0.02, "sentence_breaks": True}
 
