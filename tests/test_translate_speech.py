@@ -174,8 +174,11 @@ def _speech_test_set(tmp_path: Path, monkeypatch, pairs: list[tuple[str, str, fl
         _tone_wav(source_wav(audio, i), tone_s)
     (tmp_path / "src.txt").write_text("".join(f"{src}\n" for src, _, _ in pairs), encoding="utf-8")
     (tmp_path / "ref.txt").write_text("".join(f"{ref}\n" for _, ref, _ in pairs), encoding="utf-8")
+    from duplex.translate.session import TranslateSession
+
     monkeypatch.setattr(speech, "speech_input_factory", lambda *a, **k: lambda: make_speech_input(
-        FakeWhisper(word_s=0.25), vad=EnergyVad(), turn_features=None))
+        FakeWhisper(word_s=0.25), vad=EnergyVad(), turn_features=None,
+        asr_interval_ms=TranslateSession.asr_interval_ms))  # as the real factory
     return audio
 
 

@@ -192,3 +192,24 @@ async def test_close_leaves_no_tasks(tiny_engine: Engine) -> None:
     with pytest.raises(StopAsyncIteration):
         while True:
             await out.until(lambda e: False)
+
+
+async def test_a_translation_session_gets_words_on_its_own_pass_schedule(tiny_engine: Engine) -> None:
+    """Chat takes ASR passes every second (VoiceConfig); a translation, whose latency is counted
+    per source word, asks for its own interval, and the pipeline's ASR runs on it."""
+    from duplex.translate.session import TranslateSession
+
+    made: list[SpeechInput] = []
+
+    def factory() -> SpeechInput:
+        made.append(SpeechInput(VadSegmenter(EnergyVad()), StreamingAsr(FakeWhisper()), asr_interval_ms=1000))
+        return made[-1]
+
+    chat = VoicePipeline(tiny_engine, VoiceConfig(), speech_factory=factory)
+    translate = VoicePipeline(tiny_engine, VoiceConfig(), speech_factory=factory)
+    translate.session = TranslateSession(tiny_engine)
+    for voice in (chat, translate):
+        await voice.push_audio(_silence(0.1))
+        await voice.close()
+    assert [s.asr_interval_ms for s in made] == [1000, TranslateSession.asr_interval_ms]
+    assert TranslateSession.asr_interval_ms < VoiceConfig().asr_interval_ms

@@ -98,6 +98,12 @@ class TranslateSession(SessionLifecycle):
     """Drive with :meth:`start`, feed with :meth:`submit`, read :meth:`events`, end with :meth:`close`
     (the chat Session's interface, so the voice pipeline can carry it)."""
 
+    # A translation's latency is counted per source word (StreamLAAL), so it wants each word as
+    # soon as two whisper passes agree on it: passes every 500 ms of speech, where a chat turn,
+    # which needs the words only by the end of the turn, takes them every second (fewer, better
+    # agreed words: the voice default). The voice pipeline reads this when it opens its ASR.
+    asr_interval_ms: int = 500
+
     def __init__(self, engine: Engine, config: TranslateConfig | None = None, clock: Clock | None = None,
                  session_id: str | None = None,
                  translator_factory: Callable[[Any, TranslationPrompt], TranslationModel] | None = None) -> None:

@@ -109,13 +109,17 @@ def render_speech(sources: Sequence[str], voice: str, out_dir: str | Path, *, ov
 
 def speech_input_factory(asr_model: str | None = None, *, threads: int | None = None) -> Callable[[], SpeechInput]:
     """The voice pipeline's speech input (WebRTC VAD + streaming whisper, the voice defaults),
-    without the end-of-turn features a translation does not read. Loads whisper once."""
+    with a translation session's pass schedule and without the end-of-turn features a
+    translation does not read. Loads whisper once."""
     from duplex.audio.asr import load_whisper
     from duplex.voice.config import default_voice_config, make_speech_input
 
+    from duplex.translate.session import TranslateSession
+
     whisper = load_whisper(asr_model, cpu_threads=threads)
     config = default_voice_config()
-    return lambda: make_speech_input(whisper, config, turn_features=None)
+    return lambda: make_speech_input(whisper, config, turn_features=None,
+                                     asr_interval_ms=TranslateSession.asr_interval_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -280,7 +280,11 @@ class VoicePipeline:
         if self._speech is None:
             if self._speech_factory is None:
                 raise VoiceUnavailable("this pipeline has no speech recognition")
-            phrases = _PhraseInput(self._speech_factory(),
+            speech = self._speech_factory()
+            interval = getattr(self.session, "asr_interval_ms", None)  # a session that wants words sooner
+            if interval is not None:
+                speech.asr_interval_ms = interval
+            phrases = _PhraseInput(speech,
                                    lambda: self.config.turn_features_always
                                    or bool(getattr(self.session.policy, "needs_audio_features", False)))
             self._speech = AsyncSpeechInput(cast(SpeechInput, phrases), executor=self._asr_executor,
