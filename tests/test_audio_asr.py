@@ -157,6 +157,24 @@ def test_a_word_whose_aligned_start_moved_back_is_not_taken_as_committed() -> No
     assert kept[0].start_s >= 2.0
 
 
+def test_a_decoding_loop_is_kept_once_and_real_repeats_stay() -> None:
+    from duplex.audio.asr import _Word
+
+    def words(text: str) -> list[_Word]:
+        return [_Word(t, i * 0.2, i * 0.2 + 0.2) for i, t in enumerate(text.split())]
+
+    def kept(text: str) -> str:
+        return " ".join(w.text for w in StreamingAsr._drop_loop(words(text)))
+
+    loop = "Where did you buy those shoes? Where did you buy those shoes? Where did you buy those"
+    assert kept(loop) == "Where did you buy those shoes?"
+    assert kept("So, good morning. How did you sleep? Good morning. How did you sleep? Good morning.") == \
+        "So, good morning. How did you sleep?"
+    for real in ("Thank you, thank you.", "no no no no", "Can you help me carry these bags?",
+                 "I think, I think so"):
+        assert kept(real) == real
+
+
 def test_hallucination_filter_drops_no_speech_segments() -> None:
     asr = StreamingAsr(FakeWhisper(no_speech_prob=0.9))
     asr.push(_tone(2.0))
