@@ -146,6 +146,7 @@ class StreamingAsr:
         compression_ratio_threshold: float = 2.4,
         encoder_pad_s: float | None = 5.0,
         lock: threading.Lock | None = None,
+        drop_loops: bool = True,
     ) -> None:
         self.model = model
         # One model shared by several streams (a server's sessions): passes run one at a time.
@@ -163,6 +164,7 @@ class StreamingAsr:
         self.min_avg_logprob = min_avg_logprob
         self.compression_ratio_threshold = compression_ratio_threshold
         self.encoder_pad_s = encoder_pad_s
+        self.drop_loops = drop_loops  # see _drop_loop; off only to measure what it does
         self.passes = 0
         self.reset()
 
@@ -301,7 +303,7 @@ class StreamingAsr:
                     words[-1] = _Word(words[-1].text + text, words[-1].start_s, end_s)
                     continue
                 words.append(_Word(text, self._offset_s + float(w.start), end_s))
-        return self._drop_loop(words), ends
+        return (self._drop_loop(words) if self.drop_loops else words), ends
 
     @staticmethod
     def _drop_loop(words: list[_Word], min_period: int = 2, min_repeat: int = 3) -> list[_Word]:

@@ -91,7 +91,8 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
 
 
 def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms: int = 20,
-              compare: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
+              compare: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None,
+              sentences_dir: Path | None = None) -> dict[str, Any]:
     """Streaming ASR on the LibriVox clips, through the served voice settings, in simulated real time.
 
     The speech input is the one every voice path builds (``make_speech_input``: VAD, pass
@@ -102,6 +103,10 @@ def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms:
     speech. ``compare``: label -> (speech-input options, ``StreamingAsr`` attributes) run the
     same way in the same process (default: the previous schedule, passes every 500 ms and no
     trimming). Baseline: one offline whisper pass per file (what a non-streaming system does).
+
+    ``sentences_dir``: rendered sentences with a ``manifest.json`` (``duplex translate
+    render-speech``): one turn-end pass each, as the served path's final pass, with whisper's
+    loop guard and without it (a steadier WER set than five clips).
     """
     samples = librivox_samples()
     t0 = time.perf_counter()
@@ -136,7 +141,42 @@ def bench_asr(model: str | None = None, progress: TextIO = sys.stderr, chunk_ms:
     speech_s = sum(len(read_wav(p)) / _SR for p, _ in samples)
     result["baseline"] = {"what": "offline: one whisper pass per whole file after it ends",
                           "rtf": round(base_s / speech_s, 3), "wer": _wer(refs, base_hyps)}
+    if sentences_dir is not None:
+        result["sentences"] = _turn_end_passes(whisper, Path(sentences_dir), progress)
     return result
+
+
+def _turn_end_passes(whisper: Any, directory: Path, progress: TextIO) -> dict[str, Any]:
+    """One untimed turn-end pass (``StreamingAsr.finish``) per rendered sentence, with and without
+    the decoding-loop guard; WER against the sentences' text."""
+    import json
+
+    manifest = directory / "manifest.json"
+    if not manifest.exists():
+        return {"skipped": f"{manifest} not found: render it with duplex translate render-speech"}
+    info = json.loads(manifest.read_text(encoding="utf-8"))
+    sources: list[str] = info["sources"]
+    refs = [normalize_text(s) for s in sources]
+    out: dict[str, Any] = {"dir": str(directory), "voice": info.get("voice"), "sentences": len(sources),
+                           "what": "one turn-end pass per sentence (the served final pass, no word alignment)"}
+    for label, guard in (("loop_guard", True), ("no_loop_guard", False)):
+        hyps: list[str] = []
+        looped = 0
+        spent = 0.0
+        for i, ref in enumerate(refs):
+            asr = StreamingAsr(whisper, drop_loops=guard)
+            asr.push(read_wav(directory / f"{i:04d}.wav"), t_s=0.0)
+            started = time.perf_counter()
+            hyp = normalize_text(" ".join(w.text for w in asr.finish(word_times=False)))
+            spent += time.perf_counter() - started
+            hyps.append(hyp)
+            looped += len(hyp.split()) > len(ref.split()) + 2
+            if (i + 1) % 20 == 0 or i + 1 == len(refs):
+                progress.write(f"  sentences ({label}): {i + 1}/{len(refs)}\n")
+                progress.flush()
+        out[label] = {"wer": _wer(refs, hyps), "longer_than_reference_by_3_words": looped,
+                      "pass_ms_mean": round(1000 * spent / max(len(refs), 1), 1)}
+    return out
 
 
 def _wer(refs: list[str], hyps: list[str]) -> float:

@@ -381,3 +381,27 @@ async def test_vad_events_do_not_wait_for_whisper() -> None:
     finally:
         whisper.gate.set()
         await speech.aclose()
+
+
+def test_bench_asr_sentence_set_scores_one_turn_end_pass_each(tmp_path) -> None:
+    import io
+    import json
+    import wave
+
+    from duplex.audio.commands import _turn_end_passes
+
+    assert "skipped" in _turn_end_passes(FakeWhisper(), tmp_path, io.StringIO())
+    sources = ["w0 w1", "w0 w1 w2"]
+    for i, text in enumerate(sources):
+        pcm = (np.concatenate([_silence(0.2), _tone(0.5 * len(text.split())), _silence(0.3)]) * 32767).astype(np.int16)
+        with wave.open(str(tmp_path / f"{i:04d}.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(SR)
+            w.writeframes(pcm.tobytes())
+    (tmp_path / "manifest.json").write_text(json.dumps({"voice": "fake", "sources": sources}), encoding="utf-8")
+    out = _turn_end_passes(FakeWhisper(), tmp_path, io.StringIO())
+    assert out["sentences"] == 2
+    for label in ("loop_guard", "no_loop_guard"):
+        assert out[label]["wer"] == 0.0  # the fake names its words w0, w1, ... as the sources do
+        assert out[label]["longer_than_reference_by_3_words"] == 0

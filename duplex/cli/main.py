@@ -88,8 +88,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = asyncio.run(bench_bargein(args.model, device=args.device, dtype=args.dtype, trials=args.trials))
     elif what == "asr":
         from duplex.audio.commands import bench_asr
+        from duplex.translate.speech import default_speech_dir
 
-        result = bench_asr()
+        result = bench_asr(sentences_dir=default_speech_dir("piper:joe"))
     elif what == "tts":
         from duplex.audio.commands import bench_tts
 
