@@ -187,6 +187,7 @@ def _wer(refs: list[str], hyps: list[str]) -> float:
 
 def _stream_clips(whisper: Any, samples: list[tuple[Path, str]], chunk_ms: int, speech_options: dict[str, Any],
                   asr_options: dict[str, Any], progress: TextIO) -> dict[str, Any]:
+    from duplex.eval.scenario import voiced_bounds_s  # the end of speech bench realtime uses
     from duplex.voice.config import VoiceConfig, make_speech_input
 
     step = _SR * chunk_ms // 1000
@@ -202,7 +203,7 @@ def _stream_clips(whisper: Any, samples: list[tuple[Path, str]], chunk_ms: int, 
         pipeline = make_speech_input(whisper, VoiceConfig(), turn_features=None, **speech_options)
         for name, value in asr_options.items():
             setattr(pipeline.asr, name, value)
-        speech_end_s = (lead + _last_voiced_sample(speech)) / _SR
+        speech_end_s = lead / _SR + voiced_bounds_s(speech)[1]
         clock = 0.0
         last_word_at = None
         words: list[str] = []
@@ -241,16 +242,6 @@ def _stream_clips(whisper: Any, samples: list[tuple[Path, str]], chunk_ms: int, 
         "end_of_speech_to_last_word_ms": {"p50": _percentile_ms(turn_end, 50), "max": _percentile_ms(turn_end, 100),
                                           "n": len(turn_end)},
     }
-
-
-def _last_voiced_sample(audio: np.ndarray, frame: int = _SR // 100, floor: float = 0.02) -> int:
-    """End of the last 10 ms frame whose RMS is above ``floor`` x the loudest frame's."""
-    n = len(audio) // frame
-    if n == 0:
-        return len(audio)
-    rms = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1))
-    loud = np.nonzero(rms > floor * float(rms.max()))[0]
-    return int((loud[-1] + 1) * frame) if len(loud) else len(audio)
 
 
 BENCH_SENTENCES = (

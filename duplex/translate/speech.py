@@ -112,9 +112,8 @@ def speech_input_factory(asr_model: str | None = None, *, threads: int | None = 
     with a translation session's pass schedule and without the end-of-turn features a
     translation does not read. Loads whisper once."""
     from duplex.audio.asr import load_whisper
-    from duplex.voice.config import default_voice_config, make_speech_input
-
     from duplex.translate.session import TranslateSession
+    from duplex.voice.config import default_voice_config, make_speech_input
 
     whisper = load_whisper(asr_model, cpu_threads=threads)
     config = default_voice_config()

@@ -48,7 +48,7 @@ class VoiceConfig:
     vad_min_silence_ms: int = VAD_MIN_SILENCE_MS
     # periodic whisper passes while the user speaks. Every second, not every 500 ms: words that
     # agree across passes a second apart are better agreed (WER on the LibriVox clips 5.6 % vs
-    # 11.3 %: `duplex bench asr`), whisper takes half the CPU (RTF 0.21 vs 0.49), and the turn
+    # 11.3 %: `duplex bench asr`), whisper takes half the CPU (RTF 0.21 vs 0.45), and the turn
     # only needs them by its end (bench/results/ab-asr-schedule/). A translation asks for 500 ms
     # (TranslateSession.asr_interval_ms): its latency is counted per word.
     asr_interval_ms: int = 1000
