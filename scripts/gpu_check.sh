@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/dup:/tmp/site DUPLEX_CACHE=$R/.devcarry/cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch,transformers;print('torch',torch.__version__,'transformers',transformers.__version__,torch.cuda.get_device_name())"
 mkdir -p /tmp/t && cp -r tests /tmp/t/ && cd /tmp/t
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function tests/test_cuda.py 2>&1 | tee $OUT/test_cuda.log | tail -25
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -o asyncio_mode=auto -o asyncio_default_fixture_loop_scope=function tests/test_cuda.py 2>&1 | tee $OUT/test_cuda.log | tail -25
 cd $R
 python3 - <<'PY'
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -23,7 +23,7 @@ AutoModelForCausalLM.from_config(cfg).save_pretrained('/tmp/smol-random')
 AutoTokenizer.from_pretrained('.devcarry/cache/models/SmolLM2-135M-Instruct-tokenizer').save_pretrained('/tmp/smol-random')
 print('random-weight SmolLM2-135M written')
 PY
-timeout 150 python3 - <<'PY' > $OUT/decode-cuda.json 2> $OUT/decode-cuda.err
+timeout ${DECODE_TIMEOUT:-150} python3 - <<'PY' > $OUT/decode-cuda.json 2> $OUT/decode-cuda.err
 import json, sys
 from duplex.bench.engine import bench_decode
 r = bench_decode('/tmp/smol-random', device='cuda', variants=(('float32', None), ('bfloat16', None)), tokens=64)

@@ -22,7 +22,7 @@ AutoTokenizer.from_pretrained('.devcarry/cache/models/SmolLM2-135M-Instruct-toke
 print('random-weight SmolLM2-135M written')
 PY
 cd /tmp  # not the checkout: its duplex/ would shadow the installed package (audio/ maps to duplex.audio)
-timeout 420 python3 - <<'PY' > $OUT/server-cuda.json 2> $OUT/server-cuda.err
+timeout ${SERVER_TIMEOUT:-420} python3 - <<'PY' > $OUT/server-cuda.json 2> $OUT/server-cuda.err
 import asyncio, json, subprocess
 from duplex.bench.server import ServerBenchConfig, bench_server
 cfg = ServerBenchConfig(model='/tmp/smol-random', device='cuda', dtype='bfloat16', quantize=None,

@@ -80,13 +80,13 @@ def test_int8_quantized_activation_kernels_are_within_tolerance_of_the_exact_pro
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     err = relative_error(y, x, w, scales)
     assert err <= Q_TOLERANCE[kind]
-    if k % 8 == 0:  # (PyTorch's kernel is wrong, or crashes, for several rows and other K)
+    if k % 8 == 0 and n % 16 == 0:  # (PyTorch's kernel is wrong for other K; its AVX-512 form crashes for other N)
         assert err <= factor * relative_error(torch._weight_int8pack_mm(x, w, scales), x, w, scales) + 1e-4
     # each activation row is computed on its own: a row gives the same result alone or batched
     assert torch.equal(gemv(x[-1:], w, scales), y[-1:])
 
 
-@pytest.mark.parametrize("m,n,k", [s for s in _SHAPES if s[2] % 8 == 0])
+@pytest.mark.parametrize("m,n,k", [s for s in _SHAPES if s[2] % 8 == 0 and s[1] % 16 == 0])
 def test_int8_exact_gemv_kernel_is_bit_identical_to_torch(m, n, k):
     from duplex.engine.int8_kernel import int8_gemv
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Int8WeightOnlyLinear", "decode_bytes_per_token", "int8_matmul", "quantize_int8"]
+__all__ = ["Int8WeightOnlyLinear", "decode_bytes_per_token", "int8_matmul", "quantize_int8", "torch_int8_mm"]
 
 _GEMV_MAX_ROWS = 16  # the C mat-vec reuses each loaded weight across up to this many activation rows
 
@@ -47,8 +47,17 @@ def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor
     rows = x.reshape(-1, shape[-1])
     gemv = _cpu_gemv() if (rows.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.bfloat16
                            and x.device.type == "cpu") else None
-    y = gemv(rows, weight_int8, scales) if gemv else torch._weight_int8pack_mm(rows, weight_int8, scales)
+    y = gemv(rows, weight_int8, scales) if gemv else torch_int8_mm(rows, weight_int8, scales)
     return y.reshape(*shape[:-1], weight_int8.shape[0])
+
+
+def torch_int8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused ``_weight_int8pack_mm`` where it is safe: its AVX-512 CPU kernel reads past
+    the weights when N is not a multiple of 16 (a segfault at 16 rows x N 13 on a Xeon), so other
+    shapes take the dequantized product instead (same result up to the summation order)."""
+    if weight_int8.shape[0] % 16 == 0 or x.device.type != "cpu":
+        return torch._weight_int8pack_mm(x, weight_int8, scales)
+    return x @ (weight_int8.to(x.dtype) * scales.to(x.dtype)[:, None]).T
 
 
 def _cpu_gemv() -> Any:
