@@ -306,3 +306,61 @@ async def test_a_tick_waits_for_the_last_ticks_speakers_to_queue_their_next_step
         assert all(n == 3 for n in rows[1:-1]), rows
     finally:
         engine.close()
+
+
+async def test_turns_that_start_together_share_one_tick_beyond_one_chunk(tiny_lm: LoadedModel, monkeypatch) -> None:
+    """Short prefills (a user's words with the hand-over: what a reply's first token waits for)
+    queued together run whole in one tick, up to burst_tokens, not one chunk_tokens per tick; a
+    tick of prefills alone waits for arrivals a moment apart (the window is widened here so
+    that the test counts rows, not milliseconds)."""
+    from duplex.engine import scheduler as sched
+
+    monkeypatch.setattr(sched, "_ARRIVAL_GAP_S", 1.0)
+    monkeypatch.setattr(sched, "_ARRIVAL_MAX_S", 1.0)
+    engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=8)
+    try:
+        seqs = [await engine.start_sequence(p) for p in PROMPTS]
+        for seq in seqs:
+            await engine.run(seq.begin_turn, Speaker.USER)
+        engine.scheduler.trace.clear()
+        words = [tiny_lm.tokenizer.encode(w, add_special_tokens=False)[:6] for w in ("hello there my friend",
+                                                                                    "what time is it now",
+                                                                                    "tell me a short story")]
+
+        async def say(i: int, seq: SharedSequence) -> None:
+            for _ in range(i):
+                await asyncio.sleep(0)  # each message is read at its own loop turn
+            await engine.prefill(seq, words[i])
+
+        await asyncio.gather(*(say(i, s) for i, s in enumerate(seqs)))
+        ticks = list(engine.scheduler.trace)
+        assert len(ticks) == 1
+        assert {r.owner for r in ticks[0].rows} == {id(s) for s in seqs}
+        assert ticks[0].prefill_tokens == sum(len(w) for w in words) > 8
+        assert engine.scheduler.burst_tokens == 32  # 4 chunks by default
+    finally:
+        engine.close()
+
+
+def test_only_a_prefill_tick_with_nobody_speaking_waits_for_arrivals(tiny_lm: LoadedModel) -> None:
+    from duplex.engine.scheduler import _ARRIVAL_GAP_S, Scheduler, _Request
+
+    sched = Scheduler(tiny_lm.model, mode="batched")
+    try:
+        now = __import__("time").perf_counter()
+
+        def request(n: int) -> _Request:
+            return _Request(object(), [1] * n, 0, 1, None, lambda *a: None, job=False, arrived=now)
+
+        with sched._lock:
+            sched._pending = [request(5)]
+            assert 0 < sched._gather_wait() <= _ARRIVAL_GAP_S
+            sched._pending = [request(5), request(1)]  # a decode step: it never waits for arrivals
+            assert sched._gather_wait() <= 0
+            sched._pending = [request(5)]
+            sched._speakers[1] = (0, now, 10)  # someone is speaking: no arrival window either
+            assert sched._gather_wait() <= 0
+            sched._speakers.clear()
+            sched._pending = []
+    finally:
+        sched.close()

@@ -195,6 +195,36 @@ def test_append_and_hand_over_equals_the_two_step_path(tiny_lm):
     torch.testing.assert_close(one.logits, _full_logits(tiny_lm, one.ids), rtol=1e-4, atol=1e-4)
 
 
+def test_opening_the_turn_in_the_same_forward_equals_the_three_step_path(tiny_lm, monkeypatch):
+    """``open_as``: header, words, footer and the agent header in ONE forward (a typed message
+    under load then waits one scheduler tick, not two), same ledger, cache and logits."""
+    ids = tiny_lm.tokenizer.encode("what time is it", add_special_tokens=False)
+    two = _seq(tiny_lm)
+    two.add_message(Speaker.SYSTEM, "sys")
+    user_two = two.begin_turn(Speaker.USER)
+    turn_two, eou_two = two.append_and_hand_over(ids, Speaker.AGENT)
+    one = _seq(tiny_lm)
+    one.add_message(Speaker.SYSTEM, "sys")
+    forwards = []
+    original = type(one)._forward
+
+    def counting(self, *args, **kwargs):
+        forwards.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(one), "_forward", counting)
+    turn_one, eou_one = one.append_and_hand_over(ids, Speaker.AGENT, open_as=Speaker.USER)
+    monkeypatch.undo()
+    assert len(forwards) == 1
+    assert turn_one - 1 == user_two
+    assert (turn_one, one.ids, one.spans(), one.open_turn) == (turn_two, two.ids, two.spans(), two.open_turn)
+    assert one.cache_length == len(one)
+    assert eou_one.eou == pytest.approx(eou_two.eou, rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(one.logits, two.logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="still open"):
+        one.begin_turn(Speaker.USER)  # the agent's turn is open, as after the two-step path
+
+
 def _reference_nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
     """The top-p set by sorting the whole vocabulary (what the sampler did before its shortlist)."""
     probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)

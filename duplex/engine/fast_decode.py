@@ -59,6 +59,11 @@ __all__ = ["MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
 log = logging.getLogger(__name__)
 
 MAX_QUERY = 16  # tokens per row this forward takes (decode steps, turn hand-overs); longer: prefill
+# from this many tokens a pass over dequantized weights (where the model has them) beats the fused
+# int8 mat-vecs, whose cost grows with every row: on an AMX Xeon 16 tokens took 33 ms fused
+# against 34 on bf16 weights (matrix products, batched attention), 24 tokens 53 against 40, 64
+# tokens 126 against 59, and 8 sessions' 39 tokens 114 against 54
+DENSE_MIN_TOKENS = 20
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -77,15 +82,20 @@ class _Fused:
     """One projection over concatenated weights (int8 + scales, or a float matrix)."""
 
     def __init__(self, parts: list[nn.Module]) -> None:
+        self.dense: torch.Tensor | None = None  # dequantized int8 weights for many-row inputs
         if all(isinstance(p, Int8WeightOnlyLinear) for p in parts):
             self.int8 = True
             self.weight = torch.cat([p.weight_int8 for p in parts]).contiguous()
             self.scales = torch.cat([p.scales for p in parts]).contiguous()
+            if all(p.weight_dense is not None for p in parts):
+                self.dense = torch.cat([p.weight_dense for p in parts]).contiguous()
             offset = 0
             for p in parts:  # the modules keep views: one copy of the weights in memory
                 n = p.weight_int8.shape[0]
                 p.weight_int8 = self.weight[offset:offset + n]
                 p.scales = self.scales[offset:offset + n]
+                if self.dense is not None:
+                    p.weight_dense = self.dense[offset:offset + n]
                 offset += n
         elif all(type(p) is nn.Linear for p in parts):
             self.int8 = False
@@ -110,7 +120,7 @@ class _Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
             assert self.scales is not None
-            y = int8_matmul(x, self.weight, self.scales.to(x.dtype))
+            y = int8_matmul(x, self.weight, self.scales.to(x.dtype), self.dense)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
@@ -247,6 +257,11 @@ class FastDecoder:
         self._uniform = len(shapes) == 1  # every layer can share one set of activation buffers
         self._buffers: dict[int, _Buffers] = {}
         self._lock = threading.Lock()  # the buffers serve one forward at a time; others take _forward_fused
+        # dequantized weights everywhere (duplex.engine.quant.add_dense_weights): passes of many
+        # tokens then run op by op on them, the matrix engine's work, not the fused mat-vecs'
+        self.dense = all(l.qkv.dense is not None and l.gate_up.dense is not None
+                         and getattr(l.o, "weight_dense", None) is not None
+                         and getattr(l.down, "weight_dense", None) is not None for l in self.layers)
 
     batched_attention = True  # one C call per layer for every row's cache write + attention (if caches allow)
 
@@ -356,6 +371,54 @@ class FastDecoder:
             ops.run(program, t)
         return self._logits(rows, bounds, x, t)
 
+    def _forward_dense(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None] | None:
+        """A pass of many tokens (prefill chunks, a tick batching several sessions' new input) on
+        the dequantized weights: the linears are matrix products (the matrix engine's work, which
+        the int8 mat-vecs would do row by row), every row's cache write and attention of a layer
+        is one call of the batched C kernel, and norms, SwiGLU and residuals are a few torch ops
+        per layer. None (nothing done) where the batched kernel cannot take the rows' caches."""
+        ops = self.fused
+        assert ops is not None
+        ids, positions, bounds = _layout(rows)
+        t = len(ids)
+        first = self.layers[0]
+        d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
+        x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
+        cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+
+        def qkv_of(layer: _Layer) -> torch.Tensor:
+            qkv = F.linear(_rms_norm(layer.norm1, x), layer.qkv.dense)
+            ops.rope(qkv, nh + nkv, d, cos, sin)  # q and k heads are adjacent: one pass
+            return qkv
+
+        qkv = qkv_of(first)
+        k = qkv[:, nh * d:(nh + nkv) * d].view(1, t, nkv, d).transpose(1, 2)
+        v = qkv[:, (nh + nkv) * d:].view(1, t, nkv, d).transpose(1, 2)
+        plan = self._rows_plan(rows, bounds, k, v)
+        if plan is None:
+            return None
+        fn, desc, all_layers = plan
+        n = len(rows)
+        step = n * 6 * 8  # bytes of one layer's descriptors
+        attn = torch.empty(t, nh * d, dtype=x.dtype)
+        for i, layer in enumerate(self.layers):
+            if i:
+                qkv = qkv_of(layer)
+            rc = fn(desc.data_ptr() + i * step, n, qkv.data_ptr(), qkv.stride(0), attn.data_ptr(), nh, nkv, d,
+                    layer.scaling)
+            if rc:
+                raise MemoryError("decode attention: out of memory") if rc == -2 else RuntimeError(
+                    f"decode attention kernel refused the rows ({rc})")
+            x += F.linear(attn, layer.o.weight_dense)
+            gate_up = F.linear(_rms_norm(layer.norm2, x), layer.gate_up.dense)
+            half = gate_up.shape[1] // 2
+            x += F.linear(F.silu(gate_up[:, :half]) * gate_up[:, half:], layer.down.weight_dense)
+        for layers, (s, e) in zip(all_layers, bounds):
+            for layer in layers:
+                layer.advance(e - s)
+        return self._logits(rows, bounds, x, t)
+
     def _logits(self, rows: Sequence[DecodeRow], bounds: list[tuple[int, int]], x: torch.Tensor,
                 t: int) -> list[torch.Tensor | None]:
         ops = self.fused
@@ -428,7 +491,12 @@ class FastDecoder:
             raise
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-        if self.fused is not None:
+        many = self.dense and sum(len(row.ids) for row in rows) >= DENSE_MIN_TOKENS
+        if many and self.fused is not None:
+            out = self._forward_dense(rows)
+            if out is not None:
+                return out
+        if self.fused is not None and not many:
             if self._uniform and sum(len(row.ids) for row in rows) <= MAX_QUERY and self._lock.acquire(blocking=False):
                 try:
                     return self._forward_program(rows)

@@ -286,9 +286,11 @@ def load_model(
     if quantize not in (None, "none", "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, none or int8")
     if quantize == "int8":
-        from duplex.engine.quant import quantize_int8
+        from duplex.engine.quant import add_dense_weights, dense_matmul_pays, quantize_int8
 
         quantize_int8(model)
+        if dev.type == "cpu" and dense_matmul_pays(dt):
+            add_dense_weights(model)  # prefill on the matrix engine; decode steps keep the int8 stream
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, attn_implementation=attn,
                        quantization=quantize if quantize == "int8" else None)

@@ -5,20 +5,35 @@ Activations stay in the model dtype. Embedding lookups stay unquantized (one row
 Decode steps (up to 16 rows, bf16 activations, CPU) run the C mat-vec of
 :mod:`duplex.engine.int8_kernel`, which quantizes the activations per block of 32 (llama.cpp's
 Q8_0; within 2 % of the exact product, ~0.5 % typical) and streams the weights at memory speed;
-longer inputs (prefill) use PyTorch's fused ``_weight_int8pack_mm``. Weights are rounded to
-[-127, 127] (symmetric; the C kernel relies on it).
+longer inputs (prefill, ticks that batch many sessions) are compute-bound, not memory-bound:
+where the CPU multiplies bf16 matrices fast (AMX or AVX512-BF16 through oneDNN) they run on a
+dequantized bf16 copy of the weights (:func:`add_dense_weights`, chosen by a probe at load: 4-8x
+PyTorch's ``_weight_int8pack_mm`` at 64-256 rows on an AMX Xeon), elsewhere on
+``_weight_int8pack_mm``. Weights are rounded to [-127, 127] (symmetric; the C kernel relies on it).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int8WeightOnlyLinear", "decode_bytes_per_token", "int8_matmul", "quantize_int8", "torch_int8_mm"]
+__all__ = ["DENSE_MIN_ROWS", "Int8WeightOnlyLinear", "add_dense_weights", "decode_bytes_per_token",
+           "dense_matmul_pays", "int8_matmul", "quantize_int8", "torch_int8_mm"]
+
+log = logging.getLogger(__name__)
 
 _GEMV_MAX_ROWS = 16  # the C mat-vec reuses each loaded weight across up to this many activation rows
+# from this many activation rows a dense copy of the weights (where present) beats the int8 kernels:
+# over the default model's linears on an AMX Xeon, 8 rows cost the same either way (~17-19 ms),
+# 16 rows 19 ms dense against 32 ms for the C mat-vec, 64 rows 36 ms against 159 ms int8pack
+DENSE_MIN_ROWS = 12
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -32,19 +47,25 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
         self.register_buffer("scales", scales.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        # the dequantized weights for many-row inputs, where add_dense_weights judged them faster
+        self.register_buffer("weight_dense", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.weight_int8, self.scales.to(x.dtype))
+        y = int8_matmul(x, self.weight_int8, self.scales.to(x.dtype), self.weight_dense)
         return y if self.bias is None else y + self.bias
 
 
-def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ (weight_int8 [N, K] * scales [N]).T`` in ``x``'s dtype. A few tokens (decode
     steps, batched or not) take the faster mat-vec of duplex.engine.int8_kernel (activations
-    rounded to 8 bits per block of 32; ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's exact result).
+    rounded to 8 bits per block of 32; ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's exact result);
+    from :data:`DENSE_MIN_ROWS` rows, ``dense`` (those weights dequantized), where given.
     ``weight_int8`` must lie in [-127, 127] (what :class:`Int8WeightOnlyLinear` stores)."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
+    if dense is not None and rows.shape[0] >= DENSE_MIN_ROWS and dense.dtype == x.dtype:
+        return F.linear(x, dense)
     gemv = _cpu_gemv() if (rows.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.bfloat16
                            and x.device.type == "cpu") else None
     y = gemv(rows, weight_int8, scales) if gemv else torch_int8_mm(rows, weight_int8, scales)
@@ -73,6 +94,52 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8WeightOnlyLinear(child))
     return model
+
+
+def add_dense_weights(model: nn.Module) -> int:
+    """Give every :class:`Int8WeightOnlyLinear` of ``model`` its weights dequantized (int8 x scale,
+    in the scales' dtype), which :func:`int8_matmul` uses for many-row inputs; returns the bytes
+    added. Prefill is compute-bound: a matrix engine (AMX, AVX512-BF16) multiplies bf16 several
+    times faster than the int8 kernels, and decode steps still stream the int8 weights."""
+    added = 0
+    for module in model.modules():
+        if isinstance(module, Int8WeightOnlyLinear) and module.weight_dense is None:
+            dtype = module.scales.dtype
+            module.weight_dense = (module.weight_int8.to(dtype) * module.scales[:, None]).contiguous()
+            added += module.weight_dense.numel() * module.weight_dense.element_size()
+    return added
+
+
+@functools.lru_cache(maxsize=None)
+def dense_matmul_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether, on this CPU, a 64-row product with dense ``dtype`` weights is at least 1.5x
+    faster than the int8 kernel prefill would take (a probe of a few ms; ``DUPLEX_DENSE_PREFILL``
+    = 1 or 0 overrides). Without a matrix engine bf16 products are emulated and slower."""
+    forced = os.environ.get("DUPLEX_DENSE_PREFILL", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(1536, generator=gen) / 50).to(dtype)
+    dense = w.to(dtype) * scales[:, None]
+    x = torch.randn(64, 576, generator=gen).to(dtype)
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        int8_s = best(lambda: int8_matmul(x, w, scales))
+        dense_s = best(lambda: F.linear(x, dense))
+    pays = dense_s * 1.5 <= int8_s
+    log.info("64-row product: dense %s %.2f ms, int8 %.2f ms: dense prefill %s", dtype, dense_s * 1e3,
+             int8_s * 1e3, "on" if pays else "off")
+    return pays
 
 
 def decode_bytes_per_token(model: nn.Module) -> int:

@@ -12,10 +12,12 @@ sessions paid eight passes over the weights per round. Here:
   does not run on the job's thread: it parks the job and becomes a *request*;
 - when every started job is parked or done, a **tick** runs (on the thread of the job that parked
   last, or on the scheduler thread for callers that are not jobs): every pending
-  1-token request (decode steps: priority, all of them) plus prefill pieces from the other
-  requests, round robin across sequences, at most ``chunk_tokens`` prefill tokens in all and,
-  while anyone speaks (decoded in the last ticks, queued now or not), at most 0.3x the
-  decode rows' own cost more (:class:`_Pacer`). In
+  1-token request (decode steps: priority, all of them), every short prefill (at most
+  ``chunk_tokens``: a user's words, a turn hand-over; up to ``burst_tokens`` in all, so that
+  turns that start together share one tick), plus pieces of long prefills, round robin across
+  sequences, at most ``chunk_tokens`` tokens in all and, while anyone speaks (decoded in the
+  last ticks, queued now or not), at most 0.3x the decode rows' own cost more
+  (:class:`_Pacer`). In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
@@ -59,6 +61,12 @@ _SPEAKER_SECONDS = 0.25
 # and a tick that starts on the first arrival leaves the others to one more pass over the weights
 _GATHER_S = 0.008
 _GATHER_TICK_FRACTION = 0.5
+# a tick of prefills alone, with nobody speaking, waits while requests keep arriving (each within
+# _ARRIVAL_GAP_S of the last, _ARRIVAL_MAX_S in all): turns that start together (a burst of
+# messages, read one after another by the event loop) then share one pass instead of the first
+# taking a tick alone and the rest queueing behind it. A lone arrival pays at most the gap.
+_ARRIVAL_GAP_S = 0.003
+_ARRIVAL_MAX_S = 0.015
 # a tick of at most this many tokens (decode steps, short prefill pieces) takes the lean forward of
 # duplex.engine.fast_decode; a bigger one the ragged transformers forward (SDPA for long rows)
 _FAST_MAX_TOKENS = 96
@@ -113,6 +121,7 @@ class _Request:
     direct: Direct
     job: bool  # made by a job thread (which gave the baton back while it waits)
     order: int = 0
+    arrived: float = 0.0  # perf_counter() at submission
     submitted_tick: int = 0
     done: int = 0
     result: torch.Tensor | None = None
@@ -222,7 +231,8 @@ class Scheduler:
     """Owns the model's compute: jobs in per-sequence lanes, forwards batched per tick."""
 
     def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
-                 init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096) -> None:
+                 init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096,
+                 burst_tokens: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk_tokens < 1:
@@ -230,6 +240,8 @@ class Scheduler:
         self.model = model
         self.mode = mode
         self.chunk_tokens = chunk_tokens
+        # short prefills (each at most chunk_tokens) one tick takes in all; default 4 chunks
+        self.burst_tokens = max(chunk_tokens, burst_tokens if burst_tokens is not None else 4 * chunk_tokens)
         self.stats = SchedulerStats()
         self.trace: deque[TickRecord] = deque(maxlen=trace_len)
         self._init_thread = init_thread or (lambda: None)
@@ -328,6 +340,7 @@ class Scheduler:
                 raise RuntimeError("engine is closed")
             req.order, self._arrivals = self._arrivals, self._arrivals + 1
             req.submitted_tick = self.stats.ticks
+            req.arrived = time.perf_counter()
             self._pending.append(req)
             if job:
                 self._runnable -= 1
@@ -384,9 +397,17 @@ class Scheduler:
                 self._tick()
 
     def _gather_wait(self) -> float:  # under _lock
-        """Seconds a tick should still wait for last tick's decoders to queue their next step."""
-        if not self._last_decoders or not self._batching:
+        """Seconds a tick should still wait: for last tick's decoders to queue their next step, or,
+        for a tick of prefills alone while nobody speaks, for more arrivals (``_ARRIVAL_*``)."""
+        if not self._batching:
             return 0.0
+        if not self._last_decoders:
+            if not self._pending or self._speakers or any(r.decode for r in self._pending):
+                return 0.0
+            now = time.perf_counter()
+            first = min(r.arrived for r in self._pending)
+            last = max(r.arrived for r in self._pending)
+            return min(last + _ARRIVAL_GAP_S, first + _ARRIVAL_MAX_S) - now
         if self._last_decoders <= {id(r.owner) for r in self._pending}:
             return 0.0
         window = min(_GATHER_S, _GATHER_TICK_FRACTION * self._last_tick_s)
@@ -409,7 +430,8 @@ class Scheduler:
             self._finish_tick(tick, plan, forwards, seconds)
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
-        """(request, tokens, offset) rows: every decode request, then prefill pieces round robin,
+        """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
+        to ``burst_tokens`` in all), then pieces of long prefills round robin, with the short ones
         at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
         ``_Pacer.PACE - 1`` times the decode rows' own cost."""
         plan = [(r, 1, 0) for r in self._pending if r.decode]
@@ -435,13 +457,27 @@ class Scheduler:
                 allowance += self._pacer.bank
         first = True
         short_of_allowance = False
+        # short prefills first (a user's words, a turn hand-over: at most chunk_tokens each), whole:
+        # what someone's first reply token waits for. Many arriving at once share this tick up to
+        # burst_tokens (a tick per chunk_tokens would add a tick to most of their replies); long
+        # prefills' pieces then take what is left of chunk_tokens
+        burst = self.burst_tokens
+        longs = []
         for r in prefills:
+            if len(r.ids) > self.chunk_tokens:
+                longs.append(r)
+            elif len(r.ids) - r.done <= burst or first:
+                plan.append((r, len(r.ids) - r.done, r.done))
+                burst -= len(r.ids) - r.done
+                budget -= len(r.ids) - r.done
+                first = False
+        for r in longs:
             if budget <= 0:
                 break
             start = r.start_pos + r.done
             remaining = len(r.ids) - r.done
             cap = budget
-            if paced and len(r.ids) > self.chunk_tokens:
+            if paced:
                 # only long prefills are paced, to their last piece (a sequence sends a long
                 # prompt as several requests): a short one (a user's words, a turn hand-over) is
                 # what someone's first reply token waits for, and costs at most one chunk
@@ -462,7 +498,7 @@ class Scheduler:
                     continue
             plan.append((r, n, r.done))
             budget -= n
-            if allowance is not None and paced and len(r.ids) > self.chunk_tokens:
+            if allowance is not None and paced:
                 allowance -= self._pacer.cost(n, start) or 0.0
             first = False
         # the allowance a too-dear token could not use is saved for it; otherwise none is kept

@@ -300,28 +300,48 @@ class SharedSequence:
         self.maybe_evict()
         return new_turn
 
-    def append_and_hand_over(self, ids: Seq[int], to: Speaker) -> tuple[int, TurnEnd]:
+    def append_and_hand_over(self, ids: Seq[int], to: Speaker, open_as: Speaker | None = None) -> tuple[int, TurnEnd]:
         """Append ``ids`` to the open turn, close it and open ``to``'s turn in ONE forward pass.
 
         Returns (new turn id, end-of-turn belief after ``ids``): the user's last words and
         the speculative hand-over cost one forward instead of two, and the belief the turn policy
         needs comes from the same pass (it keeps the logits of the last content position too).
+        ``open_as``: where no turn is open, open one for that speaker first, in the same pass (a
+        typed message is header, words, footer and the reply's header at once: under load every
+        separate forward is one more scheduler tick before the first reply token). Its turn id is
+        the returned one minus 1.
         """
         ids = [int(i) for i in ids]
-        if self._open is None or not ids or len(ids) > self.config.prefill_chunk_tokens:
+        opening = self._open is None and open_as is not None
+        head: list[int] = []
+        if opening:
+            assert open_as is not None
+            head = list(self.template.role(open_as.value).header)
+            if open_as is Speaker.USER and self.template.system_in_user_turn and self._speaker \
+                    and self._speaker[-1] is Speaker.SYSTEM:
+                head = []  # the system text already opened this user turn (Gemma style)
+        if (self._open is None and not opening) or not ids or len(head) + len(ids) > self.config.prefill_chunk_tokens:
+            if opening:
+                assert open_as is not None
+                self.begin_turn(open_as)
             self.append(ids)
             belief = self.turn_end()
             return self.hand_over(to), belief
+        if opening:
+            assert open_as is not None
+            self._turn_counter += 1
+            self._open = (open_as, self._turn_counter)
         speaker, turn = self._open
         footer = list(self.template.role(speaker.value).footer)
         header = list(self.template.role(to.value).header)
         tail = footer + header
-        logits = self._forward(ids + tail, len(self._ids), keep=len(tail) + 1)
+        logits = self._forward(head + ids + tail, len(self._ids), keep=len(tail) + 1)
         self._logits = logits[-1]
         belief = self._turn_end(logits[0])
         self._turn_counter += 1
         new_turn = self._turn_counter
-        for part, spk, t in ((ids, speaker, turn), (footer, speaker, turn), (header, to, new_turn)):
+        for part, spk, t in ((head, speaker, turn), (ids, speaker, turn), (footer, speaker, turn),
+                             (header, to, new_turn)):
             self._ids.extend(part)
             self._speaker.extend([spk] * len(part))
             self._status.extend([Status.COMMITTED] * len(part))

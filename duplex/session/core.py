@@ -416,8 +416,14 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         reply's first token sampled from it."""
         assert self.seq is not None
         self._unprepare_sync()
-        ids = self._open_user_turn_sync(ids)
-        turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
+        if self.seq.open_turn is None:  # header, words and hand-over in one forward
+            if self._backchannel_ids:
+                ids, self._backchannel_ids = self._backchannel_ids + ids, []
+            turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT, open_as=Speaker.USER)
+            self._user_turn = turn - 1
+        else:
+            ids = self._open_user_turn_sync(ids)
+            turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
         return eou, turn, self._sample_first_sync()
 
     def _hand_over_sync(self) -> tuple[int, tuple[int, int, Sampler]]:
