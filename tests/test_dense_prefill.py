@@ -14,6 +14,7 @@ from duplex.engine.quant import (
     DENSE_MIN_ROWS,
     Int8WeightOnlyLinear,
     add_dense_weights,
+    decode_bytes_per_token,
     dense_matmul_pays,
     int8_matmul,
     quantize_int8,
@@ -91,3 +92,12 @@ def test_quantize_without_dense_weights_keeps_the_int8_path():
     assert q.weight_dense is None
     x = torch.randn(DENSE_MIN_ROWS + 1, 16)
     assert torch.allclose(q(x), int8_matmul(x, q.weight_int8, q.scales) + q.bias)
+
+
+def test_decode_bytes_do_not_count_the_prefill_copy():
+    """Decode steps stream the int8 weights only: bench decode's bound must not grow with the copy."""
+    lm = load_model("tiny", device="cpu", dtype="bfloat16", quantize=None)
+    quantize_int8(lm.model)
+    before = decode_bytes_per_token(lm.model)
+    assert add_dense_weights(lm.model) > 0
+    assert decode_bytes_per_token(lm.model) == before

@@ -154,7 +154,8 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     if isinstance(head, nn.Linear):
         seen.discard(head.weight.data_ptr())  # tied head: the table is read in full as the head
     for module in model.modules():
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        tensors = list(module.parameters(recurse=False)) + [
+            b for name, b in module.named_buffers(recurse=False) if name != "weight_dense"]  # prefill's copy
         for t in tensors:
             if t.data_ptr() in seen or not t.is_floating_point() and t.dtype != torch.int8:
                 continue
