@@ -10,7 +10,8 @@ from duplex.bench.server import ServerBenchConfig, bench_server
 
 async def test_the_server_sweep_counts_every_reply_and_the_prefill_case():
     cfg = ServerBenchConfig(model="tiny", device="cpu", dtype="float32", quantize=None, sessions=(1, 2),
-                            max_tokens=6, rounds=2, schedulers=("batched",), prefill_kb=1.0, prefill_talkers=1)
+                            max_tokens=6, rounds=2, schedulers=("batched",), prefill_kb=1.0, prefill_talkers=1,
+                            prefill_idle_s=1.0)
     result = await bench_server(cfg)
     (mode,) = result["modes"]
     assert mode["scheduler"] == "batched"
@@ -22,3 +23,5 @@ async def test_the_server_sweep_counts_every_reply_and_the_prefill_case():
         assert level["decode_rows_per_tick"] is not None
     prefill = mode["prefill"]
     assert prefill["instructions_chars"] == 1024 and prefill["talkers"] == 1 and prefill["prefill_s"] >= 0
+    # the idle baseline talks as the talkers do during the prefill; the lockstep one is kept beside it
+    assert prefill["idle_tokens"] > 0 and prefill["lockstep_idle_inter_token_ms_p95"] > 0

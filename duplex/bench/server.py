@@ -57,6 +57,7 @@ class ServerBenchConfig:
     schedulers: tuple[str, ...] = ("batched", "fifo")
     prefill_kb: float = 100.0  # 0: skip the prefill case
     prefill_talkers: int = 4
+    prefill_idle_s: float = 8.0  # the talkers' idle baseline: this long, talking as during the prefill
     type: str = "server_bench_config"
 
 
@@ -158,17 +159,31 @@ async def _talk_until(client: DuplexClient, stop: asyncio.Event, replies: list[_
         i += 1
 
 
-async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2) -> dict[str, Any]:
+async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2,
+                        idle_s: float = 8.0) -> dict[str, Any]:
     """Talkers' inter-token p95 with nothing else going on, then while one more session's
-    ``kb`` KB instructions update is prefilled."""
+    ``kb`` KB instructions update is prefilled.
+
+    The idle baseline is the talkers talking exactly as they do during the prefill (each asks
+    again as soon as its reply ends, for ``idle_s``): their turns then start at different
+    moments, and a tick that carries one talker's question is in the others' inter-token gaps,
+    with or without the prefill. The lockstep figure (all ask together, ``idle_replies`` times:
+    no question ever lands mid-reply) is kept as ``lockstep_idle_*`` for comparison."""
     clients = [DuplexClient(url) for _ in range(talkers)]
     await asyncio.gather(*(c.connect() for c in clients))
     big = DuplexClient(url)
     await big.connect()
     try:
-        idle: list[_Reply] = []
+        lockstep: list[_Reply] = []
         for r in range(idle_replies):
-            idle += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)]) for i, c in enumerate(clients)))
+            lockstep += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)])
+                                               for i, c in enumerate(clients)))
+        stop = asyncio.Event()
+        idle: list[_Reply] = []
+        talking = [asyncio.ensure_future(_talk_until(c, stop, idle, i)) for i, c in enumerate(clients)]
+        await asyncio.sleep(idle_s)
+        stop.set()
+        await asyncio.gather(*talking)
         text = (_FILLER * (int(kb * 1024) // len(_FILLER) + 1))[:int(kb * 1024)]
         stop = asyncio.Event()
         busy: list[_Reply] = []
@@ -187,6 +202,7 @@ async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2
     finally:
         await asyncio.gather(*(c.close() for c in [*clients, big]), return_exceptions=True)
     idle_gaps = [1000 * g for r in idle for _, _, g in r.gaps]
+    lockstep_gaps = [1000 * g for r in lockstep for _, _, g in r.gaps]
     # gaps that overlap the prefill (one that spans all of it, as the old single worker makes, counts)
     during = [1000 * g for r in busy for t0, t1, g in r.gaps if t1 >= t_update and t0 <= t_applied]
     p95_idle, p95_busy = _pct(idle_gaps, 0.95), _pct(during, 0.95)
@@ -194,6 +210,9 @@ async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2
         "talkers": talkers, "instructions_kb": kb, "instructions_chars": len(text),
         "prefill_s": round(t_applied - t_update, 2),
         "idle_inter_token_ms_p50": round(_pct(idle_gaps, 0.5), 1), "idle_inter_token_ms_p95": round(p95_idle, 1),
+        "idle_tokens": len(idle_gaps),
+        "lockstep_idle_inter_token_ms_p50": round(_pct(lockstep_gaps, 0.5), 1),
+        "lockstep_idle_inter_token_ms_p95": round(_pct(lockstep_gaps, 0.95), 1),
         "during_inter_token_ms_p50": round(_pct(during, 0.5), 1) if during else None,
         "during_inter_token_ms_p95": round(p95_busy, 1) if during else None,
         "during_inter_token_ms_max": round(max(during), 1) if during else None,
@@ -229,7 +248,8 @@ async def _one_mode(lm: LoadedModel, mode: str, cfg: ServerBenchConfig) -> dict[
             _progress(f"[{mode}] N={n}: {level['aggregate_tokens_per_s']} tok/s, TTFT p95 {level['ttft_ms_p95']} ms, "
                       f"inter-token p50/p95 {level['inter_token_ms_p50']}/{level['inter_token_ms_p95']} ms")
         if cfg.prefill_kb > 0:
-            out["prefill"] = await _prefill_case(server.ws_url(), cfg.prefill_talkers, cfg.prefill_kb)
+            out["prefill"] = await _prefill_case(server.ws_url(), cfg.prefill_talkers, cfg.prefill_kb,
+                                                idle_s=cfg.prefill_idle_s)
             _progress(f"[{mode}] prefill {cfg.prefill_kb} KB: {out['prefill']}")
     finally:
         await server.close()
