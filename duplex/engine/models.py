@@ -286,7 +286,11 @@ def load_model(
     if quantize not in (None, "none", "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, none or int8")
     if quantize == "int8":
-        from duplex.engine.quant import add_dense_weights, dense_matmul_pays, quantize_int8
+        from duplex.engine.quant import (
+            add_dense_weights,
+            dense_matmul_pays,
+            quantize_int8,
+        )
 
         quantize_int8(model)
         if dev.type == "cpu" and dense_matmul_pays(dt):

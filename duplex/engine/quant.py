@@ -110,7 +110,7 @@ def add_dense_weights(model: nn.Module) -> int:
     return added
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_matmul_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether, on this CPU, a 64-row product with dense ``dtype`` weights is at least 1.5x
     faster than the int8 kernel prefill would take (a probe of a few ms; ``DUPLEX_DENSE_PREFILL``
