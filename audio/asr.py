@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import re
 import shutil
@@ -119,6 +120,7 @@ class _Word:
     start_s: float
     end_s: float
     timed: bool = True  # times from whisper's alignment, not shared out over a segment
+    probability: float = 1.0  # whisper's word probability (exp of the segment's mean log-prob if unaligned)
 
     @property
     def key(self) -> str:
@@ -298,11 +300,13 @@ class StreamingAsr:
                 if not text:
                     continue
                 end_s = self._offset_s + float(w.end)
+                prob = float(getattr(w, "probability", 1.0))
                 if words and not w.word[:1].isspace() and (text[0] == "-" or not _ALNUM.search(text)):
                     # Whisper splits "ill-disposed" into "ill" + "-disposed": keep one word.
-                    words[-1] = _Word(words[-1].text + text, words[-1].start_s, end_s)
+                    words[-1] = _Word(words[-1].text + text, words[-1].start_s, end_s,
+                                      probability=min(words[-1].probability, prob))
                     continue
-                words.append(_Word(text, self._offset_s + float(w.start), end_s))
+                words.append(_Word(text, self._offset_s + float(w.start), end_s, probability=prob))
         return (self._drop_loop(words) if self.drop_loops else words), ends
 
     @staticmethod
@@ -374,11 +378,12 @@ class StreamingAsr:
             return []
         start, end = self._offset_s + float(seg.start), self._offset_s + float(seg.end)
         per_char = max(end - start, 0.0) / sum(len(t) + 1 for t in texts)
+        prob = min(1.0, math.exp(float(getattr(seg, "avg_logprob", 0.0))))
         words: list[_Word] = []
         t = start
         for text in texts:
             span = (len(text) + 1) * per_char
-            words.append(_Word(text, t, t + span, timed=False))
+            words.append(_Word(text, t, t + span, timed=False, probability=prob))
             t += span
         return words
 
@@ -402,7 +407,7 @@ class StreamingAsr:
             last = blocks[-1]
             words = words[last.b + last.size + (len(committed) - (last.a + last.size)):]
         floor = self._last_committed_end_s
-        return [_Word(w.text, max(w.start_s, floor), max(w.end_s, floor), timed=w.timed) for w in words]
+        return [_Word(w.text, max(w.start_s, floor), max(w.end_s, floor), timed=w.timed, probability=w.probability) for w in words]
 
     def _is_hallucination(self, seg: Any) -> bool:
         if seg.no_speech_prob > self.no_speech_threshold and seg.avg_logprob < self.logprob_threshold:
@@ -478,4 +483,4 @@ class StreamingAsr:
     @staticmethod
     def _event(word: _Word, committed: bool) -> AsrWord:
         return AsrWord(text=word.text, start_s=round(word.start_s, 3), end_s=round(word.end_s, 3),
-                       committed=committed)
+                       committed=committed, probability=round(word.probability, 3))

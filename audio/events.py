@@ -45,6 +45,9 @@ class AsrWord:
     start_s: float
     end_s: float
     committed: bool
+    # whisper's probability for the word (1.0 where the recogniser gives none): its guesses at
+    # sub-second sounds over the agent ("yeah yeah" heard as "You are you") come back low
+    probability: float = 1.0
     type: str = "asr_word"
 
 

@@ -429,7 +429,9 @@ def merge_words(events: list[SpeechEvent]) -> list[SpeechEvent]:
     for ev in events:
         prev = out[-1] if out else None
         if isinstance(ev, AsrWord) and isinstance(prev, AsrWord) and prev.committed == ev.committed:
-            out[-1] = AsrWord(f"{prev.text} {ev.text}", prev.start_s, ev.end_s, ev.committed)
+            n1, n2 = len(prev.text.split()), len(ev.text.split())
+            prob = (prev.probability * n1 + ev.probability * n2) / max(1, n1 + n2)  # the words' mean
+            out[-1] = AsrWord(f"{prev.text} {ev.text}", prev.start_s, ev.end_s, ev.committed, round(prob, 3))
         else:
             out.append(ev)
     return out

@@ -56,6 +56,8 @@ class Observation:
     # the user's current turn began by talking over the agent, which yielded: what they say is a
     # correction or a new request, and they wait for the answer
     after_interruption: bool = False
+    # whisper's mean probability for the current user turn's heard words (None: none yet, or typed)
+    word_confidence: float | None = None
     type: str = "observation"
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +199,9 @@ class BargeInRules:
     over the agent's own voice is unreliable ("uh-huh" came back as "Sir Sir" in ``bench
     realtime``). Its late words can still turn it into a yield with a stop word ("wait", "no");
     any other late words only go into the backchannel note. The cost: a one-word question under
-    ``resume_sound_ms`` ("what?") is taken for an acknowledgement.
+    ``resume_sound_ms`` ("what?") is taken for an acknowledgement. Words that arrive while such a
+    sound goes on count only if whisper is confident of them (``min_word_confidence``: its guesses
+    at a backchannel came back at 0.1-0.7, real words over the agent at 0.8-1.0).
     """
 
     min_overlap_ms: float = 600.0
@@ -208,6 +212,10 @@ class BargeInRules:
     words_wait_ms: float = 1500.0  # how long a paused agent waits for the final words of an overlap
     short_sound_ms: float = 1000.0  # if they never come, a sound this short (VAD hangover included) resumes
     resume_sound_ms: float = 700.0  # a sound shorter than this resumes at its end, words or not (0: off)
+    # words of an overlap shorter than short_sound_ms whose mean whisper probability is below this
+    # are its guesses at a short sound (0.5 s "yeah yeah" heard as "You are you"), not words: they
+    # neither yield nor count (stop words still do). 0: off
+    min_word_confidence: float = 0.5
     type: str = "barge_in_rules"
 
     def decide(self, obs: Observation) -> Action | None:
@@ -221,10 +229,13 @@ class BargeInRules:
             return Yield("text")  # typed and submitted over the agent: an explicit barge-in
         if is_stop_phrase(obs.partial_text):
             return Yield("stop_word")
+        overlap_ms = obs.overlap_s * 1000
+        if (obs.word_confidence is not None and obs.word_confidence < self.min_word_confidence
+                and overlap_ms < self.short_sound_ms):
+            words = []  # guesses at a short sound: judged by its length, as one without words
         content = [w for w in words if w not in _ACK_WORDS]
         if len(content) >= 1 and len(words) >= self.min_words:
             return Yield("words")
-        overlap_ms = obs.overlap_s * 1000
         if obs.user_speaking:
             # one content word may still be a cut-off tentative word ("yea-"): wait for a second
             if overlap_ms >= self.min_overlap_ms and (len(content) >= 2 or len(words) > self.backchannel_max_words):

@@ -405,3 +405,17 @@ def test_bench_asr_sentence_set_scores_one_turn_end_pass_each(tmp_path) -> None:
     for label in ("loop_guard", "no_loop_guard"):
         assert out[label]["wer"] == 0.0  # the fake names its words w0, w1, ... as the sources do
         assert out[label]["longer_than_reference_by_3_words"] == 0
+
+
+def test_words_carry_whispers_probability_and_merged_phrases_their_mean() -> None:
+    from duplex.audio.speech_input import merge_words
+
+    asr = StreamingAsr(FakeWhisper())  # the fake's words come back at probability 0.9
+    asr.push(_tone(0.6), t_s=0.0)
+    asr.process()
+    asr.push(_tone(0.6))
+    words = asr.process() + asr.finish()
+    assert words and all(w.probability == pytest.approx(0.9) for w in words)
+    merged = merge_words([AsrWord("you are", 0.0, 0.2, True, 0.2), AsrWord("you", 0.2, 0.3, True, 0.5)])
+    assert len(merged) == 1 and merged[0].text == "you are you"
+    assert merged[0].probability == pytest.approx(0.3)  # (0.2 * 2 + 0.5) / 3

@@ -190,3 +190,21 @@ def test_an_ended_overlap_waits_for_its_final_words_before_resuming_or_yielding(
     assert isinstance(make_policy("eou").decide(done), Resume)
     stuck = obs(agent_speaking=True, agent_paused=True, overlap_s=0.6, silence_s=1.6, transcript_pending=True)
     assert isinstance(make_policy("eou").decide(stuck), Resume)
+
+
+def test_low_confidence_words_of_a_short_sound_over_the_agent_do_not_yield():
+    """Whisper's guesses at half a second of "yeah yeah" ("You are you", mean probability ~0.3)
+    are judged as a sound without words; the same words heard confidently are a turn."""
+    rules = BargeInRules()
+    guess = dict(agent_speaking=True, user_speaking=True, overlap_s=0.8, partial_text="You are you",
+                 user_turn_words=3, agent_paused=True)
+    assert isinstance(rules.decide(obs(**guess, word_confidence=0.3)), Pause)
+    assert isinstance(rules.decide(obs(**guess, word_confidence=0.95)), Yield)
+    assert isinstance(rules.decide(obs(**guess)), Yield)  # no confidence known (typed, other ASR): as before
+    # once over, it resumes like any short sound
+    ended = dict(guess, user_speaking=False, overlap_ended=True, silence_s=0.3)
+    assert isinstance(rules.decide(obs(**ended, word_confidence=0.3)), Resume)
+    # a stop word still stops the agent, however unsure; a longer sound's words count again
+    assert isinstance(rules.decide(obs(**dict(guess, partial_text="no wait"), word_confidence=0.2)), Yield)
+    assert isinstance(rules.decide(obs(**dict(guess, overlap_s=1.2), word_confidence=0.3)), Yield)
+    assert isinstance(BargeInRules(min_word_confidence=0.0).decide(obs(**guess, word_confidence=0.3)), Yield)

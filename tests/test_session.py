@@ -462,3 +462,16 @@ async def test_policy_sees_that_the_user_interrupted_until_the_reply_starts(tiny
     await collect_until(s, _is("interrupted"))
     assert not s.observe().after_interruption
     await s.close()
+
+
+async def test_the_observation_carries_whispers_confidence_in_the_heard_words(tiny_engine):
+    s = await _session(tiny_engine)
+    assert s.observe().word_confidence is None
+    s.submit(SpeechStarted(0))
+    s.submit(AsrWord("you are", 0.0, 0.3, False, 0.2))
+    await collect_until(s, lambda e: e.type == "user_transcript")
+    assert s.observe().word_confidence == pytest.approx(0.2)
+    s.submit(AsrWord("you", 0.0, 0.2, True, 0.8))  # replaces the tentative words that start with it
+    await collect_until(s, lambda e: e.type == "user_transcript" and e.committed)
+    assert s.observe().word_confidence == pytest.approx(0.8)
+    await s.close()

@@ -113,6 +113,7 @@ class BargeIn:
         self._backchannel_tail = self._transcript_pending  # its final words may still be on the way
         self._overlap_start_t = self._overlap_end_t = None
         self._user_committed.clear()
+        self._committed_probs = []
         self._tentative = []
         self._held_ids.clear()
         self._user_final = False

@@ -97,7 +97,8 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         # user side
         self._user_turn: int | None = None
         self._user_committed: list[str] = []
-        self._tentative: list[tuple[float, str]] = []  # (start_s, text) of uncommitted ASR words
+        self._tentative: list[tuple[float, str, float]] = []  # (start_s, text, probability) of uncommitted ASR words
+        self._committed_probs: list[float] = []  # whisper's probability of each committed ASR word this user turn
         self._typed_pending = ""
         self._user_final = False
         self._user_speaking = False
@@ -277,8 +278,9 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             # a tentative word that starts before this committed one ends is this word (or one
             # it replaced): passes re-time words by tens of ms, so comparing starts alone kept the
             # older copy, and the live transcript read "remind me to call? call?"
-            self._tentative = [(s, w) for s, w in self._tentative if s > word.start_s and s >= word.end_s - _RETIME_S]
+            self._tentative = [t for t in self._tentative if t[0] > word.start_s and t[0] >= word.end_s - _RETIME_S]
             self._user_committed.append(text)
+            self._committed_probs += [word.probability] * len(text.split())
             texts.append(text)
         if not texts:
             return
@@ -334,7 +336,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             return
         if self._tentative and word.start_s <= self._tentative[-1][0]:
             self._tentative = []
-        self._tentative.append((word.start_s, text))
+        self._tentative.append((word.start_s, text, word.probability))
         self._emit(UserTranscript(self._current_user_turn_id(), self._partial_text(), False, self.clock.now()))
 
     async def _user_text(self, ev: TextInput) -> None:
@@ -459,7 +461,12 @@ class Session(SessionLifecycle, Speaking, BargeIn):
 
     @property
     def _user_tentative(self) -> str:
-        return " ".join(w for _, w in self._tentative)
+        return " ".join(w for _, w, _ in self._tentative)
+
+    def _word_confidence(self) -> float | None:
+        """Mean whisper probability of this user turn's heard words (None without any)."""
+        probs = self._committed_probs + [p for _, w, p in self._tentative for _ in w.split()]
+        return sum(probs) / len(probs) if probs else None
 
     def _partial_text(self) -> str:
         parts = [self._user_text_so_far(), self._user_tentative, self._typed_pending.strip()]
@@ -532,6 +539,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             since_agent_backchannel_s=None if self._backchannel_t is None else now - self._backchannel_t,
             committed_words=sum(len(w.split()) for w in self._user_committed),
             tentative_words=len(self._tentative), after_interruption=self._barged_in and agent is None,
+            word_confidence=self._word_confidence(),
             **self._audio_observation(),
         )
 

@@ -138,6 +138,7 @@ class Speaking:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
         self._user_turn = None
         self._user_committed = []
+        self._committed_probs = []
         self._interleaved_words = 0
         self._tentative = []
         self._user_final = False
