@@ -412,8 +412,8 @@ class FastDecoder:
                     f"decode attention kernel refused the rows ({rc})")
             x += F.linear(attn, layer.o.weight_dense)
             gate_up = F.linear(_rms_norm(layer.norm2, x), layer.gate_up.dense)
-            half = gate_up.shape[1] // 2
-            x += F.linear(F.silu(gate_up[:, :half]) * gate_up[:, half:], layer.down.weight_dense)
+            n_gate = layer.gate_up.sizes[0]
+            x += F.linear(F.silu(gate_up[:, :n_gate]) * gate_up[:, n_gate:], layer.down.weight_dense)
         for layers, (s, e) in zip(all_layers, bounds):
             for layer in layers:
                 layer.advance(e - s)

@@ -25,8 +25,9 @@ A tick that is ready to run waits briefly (at most 8 ms, and half the last tick'
 sessions that decoded in the last tick to queue their next step: their event loops resubmit one
 after another, and starting on the first arrival splits one batched pass into several.
 
-So a long prefill delays another session's next token by at most one tick, whose prefill part is
-bounded by ``chunk_tokens``; and decoders share the weight reads. Ticks are recorded
+So a long prefill delays another session's next token by at most one tick, whose long-prefill
+part is bounded by ``chunk_tokens`` (turns that start together may add up to ``burst_tokens`` of
+short ones: what their first tokens wait for); and decoders share the weight reads. Ticks are recorded
 (:attr:`Scheduler.trace`) so tests can check fairness by counting rows, not by timing.
 """
 
@@ -466,10 +467,10 @@ class Scheduler:
         for r in prefills:
             if len(r.ids) > self.chunk_tokens:
                 longs.append(r)
-            elif len(r.ids) - r.done <= burst or first:
-                plan.append((r, len(r.ids) - r.done, r.done))
-                burst -= len(r.ids) - r.done
-                budget -= len(r.ids) - r.done
+            elif len(r.ids) <= burst or first:  # (a short one is never split: r.done == 0)
+                plan.append((r, len(r.ids), 0))
+                burst -= len(r.ids)
+                budget -= len(r.ids)
                 first = False
         for r in longs:
             if budget <= 0:
@@ -478,9 +479,8 @@ class Scheduler:
             remaining = len(r.ids) - r.done
             cap = budget
             if paced:
-                # only long prefills are paced, to their last piece (a sequence sends a long
-                # prompt as several requests): a short one (a user's words, a turn hand-over) is
-                # what someone's first reply token waits for, and costs at most one chunk
+                # long prefills are paced to their last piece (a sequence sends a long prompt as
+                # several requests); the short ones above are not: someone's first token waits
                 if allowance is None:
                     cap = 1 if first else 0  # no cost fit yet: one token a tick, the safe side
                 else:

@@ -256,15 +256,20 @@ class SharedSequence:
         """Append the role's header tokens; return the new turn id."""
         if self._open is not None:
             raise RuntimeError(f"turn {self._open} is still open")
+        header = self._opening_header(speaker)
         self._turn_counter += 1
         turn = self._turn_counter
         self._open = (speaker, turn)
-        header = self.template.role(speaker.value).header
-        if speaker is Speaker.USER and self.template.system_in_user_turn and self._speaker \
-                and self._speaker[-1] is Speaker.SYSTEM:
-            header = ()  # the system text already opened this user turn (Gemma style)
         self._append(header, speaker, Status.COMMITTED, turn)
         return turn
+
+    def _opening_header(self, speaker: Speaker) -> list[int]:
+        """The tokens that open ``speaker``'s turn here: none for a user turn that the system text
+        already opened (Gemma style)."""
+        if speaker is Speaker.USER and self.template.system_in_user_turn and self._speaker \
+                and self._speaker[-1] is Speaker.SYSTEM:
+            return []
+        return list(self.template.role(speaker.value).header)
 
     def end_turn(self, speaker: Speaker, footer_already_generated: int = 0) -> None:
         """Append the footer (skipping the tokens the model itself already generated, e.g. EOS)."""
@@ -312,25 +317,19 @@ class SharedSequence:
         the returned one minus 1.
         """
         ids = [int(i) for i in ids]
-        opening = self._open is None and open_as is not None
-        head: list[int] = []
-        if opening:
-            assert open_as is not None
-            head = list(self.template.role(open_as.value).header)
-            if open_as is Speaker.USER and self.template.system_in_user_turn and self._speaker \
-                    and self._speaker[-1] is Speaker.SYSTEM:
-                head = []  # the system text already opened this user turn (Gemma style)
-        if (self._open is None and not opening) or not ids or len(head) + len(ids) > self.config.prefill_chunk_tokens:
-            if opening:
-                assert open_as is not None
-                self.begin_turn(open_as)
+        opens = open_as if self._open is None else None  # the turn this pass opens, if any
+        head = self._opening_header(opens) if opens is not None else []
+        if (self._open is None and opens is None) or not ids \
+                or len(head) + len(ids) > self.config.prefill_chunk_tokens:
+            if opens is not None:
+                self.begin_turn(opens)
             self.append(ids)
             belief = self.turn_end()
             return self.hand_over(to), belief
-        if opening:
-            assert open_as is not None
+        if opens is not None:
             self._turn_counter += 1
-            self._open = (open_as, self._turn_counter)
+            self._open = (opens, self._turn_counter)
+        assert self._open is not None
         speaker, turn = self._open
         footer = list(self.template.role(speaker.value).footer)
         header = list(self.template.role(to.value).header)

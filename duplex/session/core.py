@@ -419,9 +419,8 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         assert self.seq is not None
         self._unprepare_sync()
         if self.seq.open_turn is None:  # header, words and hand-over in one forward
-            if self._backchannel_ids:
-                ids, self._backchannel_ids = self._backchannel_ids + ids, []
-            turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT, open_as=Speaker.USER)
+            turn, eou = self.seq.append_and_hand_over(self._with_backchannel_note(ids), Speaker.AGENT,
+                                                      open_as=Speaker.USER)
             self._user_turn = turn - 1
         else:
             ids = self._open_user_turn_sync(ids)
@@ -452,8 +451,12 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         assert self.seq is not None
         if self.seq.open_turn is None or self.seq.open_turn[0] is not Speaker.USER:
             self._user_turn = self.seq.begin_turn(Speaker.USER)
-            if self._backchannel_ids:
-                ids, self._backchannel_ids = self._backchannel_ids + ids, []
+            ids = self._with_backchannel_note(ids)
+        return ids
+
+    def _with_backchannel_note(self, ids: list[int]) -> list[int]:
+        """``ids`` of a user turn being opened, after the backchannel note heard since the last one."""
+        ids, self._backchannel_ids = self._backchannel_ids + ids, []
         return ids
 
     def _current_user_turn_id(self) -> int:
