@@ -194,6 +194,23 @@ def bench_decode_rows(lm: LoadedModel, row_counts: tuple[int, ...] = (1, 2, 4, 8
         if "1" in result["forward_ms"] and "8" in result["forward_ms"]:
             result["ratio_8_to_1"] = round(result["forward_ms"]["8"] / result["forward_ms"]["1"], 2)
             result["aggregate_tokens_per_s_8_vs_1"] = round(8 / result["ratio_8_to_1"], 2)
+        from duplex.engine.int8_kernel import q16_isa, set_q16_isa
+
+        result["q16_isa"] = isa = q16_isa()
+        if isa == "avx512-vnni":  # the same forwards on the AVX2 tiles (same bits), for the A/B
+            set_q16_isa(False)
+            try:
+                base = {}
+                for m in row_counts:
+                    rows = [DecodeRow(caches[i], [text[history + i]], history) for i in range(m)]
+                    base[str(m)] = round(statistics.median(
+                        [timed_forward(rows, [history] * m) for _ in range(reps + 2)][2:]), 2)
+                    _progress(progress, f"batched decode, AVX2 tiles: {m} rows {base[str(m)]:.1f} ms per forward")
+            finally:
+                set_q16_isa(True)
+            result["avx2_forward_ms"] = base
+            if "1" in base and "8" in base:
+                result["avx2_ratio_8_to_1"] = round(base["8"] / base["1"], 2)
         del caches
         ho: dict[str, float] = {}
         for n in handover:

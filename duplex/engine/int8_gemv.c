@@ -413,11 +413,132 @@ static inline __attribute__((always_inline)) void q16_tile(const int8_t* w, cons
         }                                                                         \
     } while (0)
 
+/* ---- the same q16 tiles on AVX-512 VNNI --------------------------------------------------------
+ * Where the CPU has AVX512BW and AVX512-VNNI, one vpdpwssd multiplies 32 int16 pairs and adds
+ * them into 16 int32 lanes: the work of 2 vpmaddwd + 2 vpaddd on AVX2. A decode row is bound by
+ * the weight stream either way; what this buys is the extra rows of a batched tick (8 sessions'
+ * tokens), which were compute-bound. The sums are exact integers on both paths (a lane adds
+ * k / 16 products here, fewer than AVX2's k / 8), so the outputs are bit-identical to the AVX2
+ * tiles: which path runs changes no result. Tiles of up to 4 weight rows x 4 activation rows
+ * (16 of the 32 zmm registers as accumulators). */
+
+#define Q512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+static int q16_isa512 = -1; /* -1: not decided yet; 0: AVX2 tiles; 1: AVX-512 VNNI tiles */
+
+static int q16_use512(void) {
+    if (q16_isa512 < 0) {
+        __builtin_cpu_init();
+        q16_isa512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    }
+    return q16_isa512;
+}
+
+/* force a path (0: AVX2, 1: AVX-512 VNNI where the CPU has it, -1: decide from the CPU);
+ * returns the path now in use */
+int duplex_q16_set_isa(int isa) {
+    q16_isa512 = -1;
+    if (isa == 0) q16_isa512 = 0;
+    return isa == 0 ? 0 : q16_use512();
+}
+
+int duplex_q16_isa(void) { return q16_use512(); } /* 1: the AVX-512 VNNI tiles run */
+
+static inline Q512_TARGET double hsum512_epi32_exact(__m512i v) {
+    __m512d s = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)),
+                              _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1)));
+    return _mm512_reduce_add_pd(s);
+}
+
+#define Q512STEP(K_)                                                                                 \
+    do {                                                                                             \
+        __m512i wv[4];                                                                               \
+        for (int r = 0; r < NR; ++r)                                                                 \
+            wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * (int64_t)K + (K_)))); \
+        for (int j = 0; j < MT; ++j) {                                                               \
+            __m512i xv = _mm512_loadu_si512((const void*)(qx + j * kp + (K_)));                      \
+            for (int r = 0; r < NR; ++r) acc[j][r] = _mm512_dpwssd_epi32(acc[j][r], wv[r], xv);     \
+        }                                                                                            \
+    } while (0)
+
+/* q16_tile's contract, 32 k per step */
+static inline __attribute__((always_inline)) Q512_TARGET void q16_tile512(
+        const int8_t* w, const uint16_t* S, const int16_t* qx, const float* dx, uint16_t* C, const uint16_t* R,
+        int K, int64_t kp, int64_t N, int pf, const int MT, const int NR) {
+    double tot[4][4] = {{0}};
+    __m512i acc[4][4];
+    int kfull = K & ~31;
+    for (int k0 = 0; k0 < K; k0 += Q16_CHUNK) {
+        int k1 = K - k0 <= Q16_CHUNK ? K : k0 + Q16_CHUNK;
+        int k1f = k1 < kfull ? k1 : kfull;
+        for (int j = 0; j < MT; ++j)
+            for (int r = 0; r < NR; ++r) acc[j][r] = _mm512_setzero_si512();
+        int k = k0;
+        for (; k + 64 <= k1f; k += 64) {
+            if (pf)
+                for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(w + NR * ((int64_t)K + k) + Q_PF + r * 64), _MM_HINT_T0);
+            Q512STEP(k);
+            Q512STEP(k + 32);
+        }
+        for (; k < k1f; k += 32) Q512STEP(k);
+        if (k < k1) { /* the last k % 32 weights, zero-padded (qx is zero up to kp) */
+            __m512i wv[4];
+            for (int r = 0; r < NR; ++r) {
+                int8_t tail[32] = {0};
+                memcpy(tail, w + r * (int64_t)K + k, (size_t)(k1 - k));
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)tail));
+            }
+            for (int j = 0; j < MT; ++j) {
+                __m512i xv = _mm512_loadu_si512((const void*)(qx + j * kp + k));
+                for (int r = 0; r < NR; ++r) acc[j][r] = _mm512_dpwssd_epi32(acc[j][r], wv[r], xv);
+            }
+        }
+        for (int j = 0; j < MT; ++j)
+            for (int r = 0; r < NR; ++r) tot[j][r] += hsum512_epi32_exact(acc[j][r]);
+    }
+    for (int j = 0; j < MT; ++j)
+        for (int r = 0; r < NR; ++r) {
+            uint16_t y = f32_to_bf16((float)(tot[j][r] * ((double)dx[j] * (double)bf16_to_f32(S[r]))));
+            C[j * N + r] = R ? f32_to_bf16(bf16_to_f32(R[j * N + r]) + bf16_to_f32(y)) : y;
+        }
+}
+
+#define Q512_TILE(MT_, NR_) \
+    q16_tile512(B + (int64_t)n * K, S + n, qx + kp * m, dx + m, C + (int64_t)m * N + n, \
+                R ? R + (int64_t)m * N + n : NULL, K, kp, N, m == m0, MT_, NR_)
+
+#define Q512_ROWS(NR_)                                      \
+    do {                                                    \
+        int m = m0;                                         \
+        for (; m + 4 <= m1; m += 4) Q512_TILE(4, NR_);      \
+        switch (m1 - m) {                                   \
+            case 3: Q512_TILE(3, NR_); break;               \
+            case 2: Q512_TILE(2, NR_); break;               \
+            case 1: Q512_TILE(1, NR_); break;               \
+            default: break;                                 \
+        }                                                   \
+    } while (0)
+
+/* q16_slice on AVX-512 VNNI: 4 weight rows per tile for every batch size */
+static Q512_TARGET void q16_slice512(const int8_t* B, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0,
+                                     int n1, int M, int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+    for (int m0 = 0; m0 < M; m0 += Q_MB) {
+        int m1 = M - m0 < Q_MB ? M : m0 + Q_MB;
+        int n = n0;
+        for (; n + 4 <= n1; n += 4) Q512_ROWS(4);
+        for (; n < n1; ++n) Q512_ROWS(1);
+    }
+}
+
 /* C [M, N] (+)= the quantized rows (qx [M, kp] int16, dx [M]) @ (B [N, K] * S).T for weight rows
  * n0..n1: tiles of Q16_NR weight rows against Q16_MT activation rows (4 weight rows for a single
  * activation row, the memory-bound case); each tile's weights stay in L1 across the passes. */
 static void q16_slice(const int8_t* B, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0, int n1, int M,
                       int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+    if (q16_use512()) {
+        q16_slice512(B, S, C, R, n0, n1, M, N, K, qx, dx, kp);
+        return;
+    }
     for (int m0 = 0; m0 < M; m0 += Q_MB) {
         int m1 = M - m0 < Q_MB ? M : m0 + Q_MB;
         int n = n0;
