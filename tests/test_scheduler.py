@@ -315,13 +315,13 @@ async def test_turns_that_start_together_share_one_tick_beyond_one_chunk(tiny_lm
     that the test counts rows, not milliseconds)."""
     from duplex.engine import scheduler as sched
 
-    monkeypatch.setattr(sched, "_ARRIVAL_GAP_S", 1.0)
-    monkeypatch.setattr(sched, "_ARRIVAL_MAX_S", 1.0)
     engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=8)
     try:
         seqs = [await engine.start_sequence(p) for p in PROMPTS]
         for seq in seqs:
             await engine.run(seq.begin_turn, Speaker.USER)
+        monkeypatch.setattr(sched, "_ARRIVAL_GAP_S", 1.0)  # only now: each setup tick would wait it out
+        monkeypatch.setattr(sched, "_ARRIVAL_MAX_S", 1.0)
         engine.scheduler.trace.clear()
         words = [tiny_lm.tokenizer.encode(w, add_special_tokens=False)[:6] for w in ("hello there my friend",
                                                                                     "what time is it now",
@@ -364,3 +364,51 @@ def test_only_a_prefill_tick_with_nobody_speaking_waits_for_arrivals(tiny_lm: Lo
             sched._pending = []
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("dense,attn_limit,lean", [(True, 10**9, True), (True, 1, False), (False, 10**9, False)])
+async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_little_attention(
+        tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, dense: bool, attn_limit: int, lean: bool) -> None:
+    """Eight questions starting together make a tick past _FAST_MAX_TOKENS over short caches: its
+    linears are matrix products either way, and the lean forward's attention is cheap there, so
+    it runs it where the model has dense weights; long rows over long caches go to the ragged
+    (SDPA) forward. Counted by which forward ran, with the same result."""
+    from duplex.engine import scheduler as sched
+    from duplex.engine.fast_decode import fast_decoder
+
+    real = fast_decoder(tiny_lm.model)
+    if real is None:
+        pytest.skip("no lean forward for the tiny model")
+    calls: list[tuple[str, int]] = []
+
+    class Lean:
+        def __init__(self) -> None:
+            self.dense = dense
+
+        def forward(self, rows):  # noqa: ANN001, ANN202
+            calls.append(("lean", sum(len(r.ids) for r in rows)))
+            return real.forward(rows)
+
+    ragged = sched.ragged_forward
+
+    def counted_ragged(model, rows):  # noqa: ANN001, ANN202
+        calls.append(("ragged", sum(len(r.ids) for r in rows)))
+        return ragged(model, rows)
+
+    monkeypatch.setattr(sched, "_FAST_MAX_TOKENS", 4)
+    monkeypatch.setattr(sched, "_FAST_MAX_ATTN", attn_limit)
+    monkeypatch.setattr(sched, "fast_decoder", lambda model: Lean())
+    monkeypatch.setattr(sched, "ragged_forward", counted_ragged)
+    engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=8)
+    try:
+        seqs = [await engine.start_sequence(p) for p in PROMPTS]
+        for seq in seqs:
+            await engine.run(seq.begin_turn, Speaker.USER)
+        monkeypatch.setattr(sched, "_ARRIVAL_GAP_S", 1.0)  # the three questions share one tick
+        monkeypatch.setattr(sched, "_ARRIVAL_MAX_S", 1.0)
+        words = tiny_lm.tokenizer.encode("what time is it now", add_special_tokens=False)[:5]
+        calls.clear()
+        await asyncio.gather(*(engine.prefill(seq, words) for seq in seqs))
+        assert calls == [("lean" if lean else "ragged", 3 * len(words))]
+    finally:
+        engine.close()
