@@ -95,3 +95,41 @@ def test_c_decode_kernel_with_smollm_heads_matches_fp32_attention(q, n, monkeypa
         torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
     finally:
         attention._cpu_decode_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("q,n,d", [(1, 4000, 64), (6, 4000, 64), (16, 700, 64), (5, 333, 128), (3, 64, 64)])
+def test_avx512_attention_matches_fp32_and_the_avx2_code(q, n, d, threads, monkeypatch):
+    """Where the CPU has AVX512_BF16, head dims that are multiples of 64 run the zmm code: keys
+    transposed per block for the bf16 dot products, keys split across threads (3 KV heads on 2
+    threads) with the per-range softmax sums merged. Same attention as the fp32 reference and the
+    AVX2 code, to fp32 rounding."""
+    from duplex.engine import attention
+
+    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
+    attention._cpu_decode_kernel.cache_clear()
+    before = torch.get_num_threads()
+    try:
+        kernel = attention._cpu_decode_kernel()
+        if kernel is None or attention.set_attention_isa(True) != "avx512-bf16":
+            pytest.skip("no AVX512_BF16 here: the AVX2 code runs")
+        torch.set_num_threads(threads)
+        torch.manual_seed(q * 7 + n + d)
+        h, kvh = 9, 3
+        query = (torch.randn(1, h, q, d) * 2).bfloat16()
+        key = torch.randn(1, kvh, n + 3, d).bfloat16()[:, :, :n]
+        value = torch.randn(1, kvh, n + 3, d).bfloat16()[:, :, :n]
+        scale = d ** -0.5
+        outs = {}
+        for avx512 in (False, True):
+            attention.set_attention_isa(avx512)
+            outs[avx512] = kernel(query, key, value, scale)
+            assert outs[avx512] is not None and outs[avx512].shape == (1, q, h, d)
+        mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+        ref = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
+                                                               scale=scale, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(outs[True].float(), ref, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(outs[True].float(), outs[False].float(), rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(before)
+        attention._cpu_decode_kernel.cache_clear()

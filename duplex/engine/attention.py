@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["GQA_DECODE", "decode_kernel", "decode_rows_kernel", "gqa_decode_attention", "register"]
+__all__ = ["GQA_DECODE", "attention_isa", "decode_kernel", "decode_rows_kernel", "gqa_decode_attention", "register",
+           "set_attention_isa"]
 
 GQA_DECODE = "duplex_gqa_decode"
 
@@ -121,7 +122,32 @@ def _cpu_decode_kernel() -> Kernel | None:
         return out
 
     kernel.rows = rows_fn  # type: ignore[attr-defined]
+    lib.duplex_attn_set_isa.argtypes = [ctypes.c_int]
+    lib.duplex_attn_set_isa.restype = ctypes.c_int
+    kernel.set_isa = lib.duplex_attn_set_isa  # type: ignore[attr-defined]
+    lib.duplex_attn_isa.restype = ctypes.c_int
+    kernel.isa = lib.duplex_attn_isa  # type: ignore[attr-defined]
+    kernel.set_isa(0 if os.environ.get("DUPLEX_ATTN_AVX512", "1").strip() == "0" else -1)
     return kernel
+
+
+def attention_isa() -> str | None:
+    """``avx512-bf16`` or ``avx2``: the code the C kernel runs for head dims that are multiples of
+    64 (see :func:`set_attention_isa`); None without the kernel."""
+    kernel = _cpu_decode_kernel()
+    if kernel is None:
+        return None
+    return "avx512-bf16" if kernel.isa() else "avx2"  # type: ignore[attr-defined]
+
+
+def set_attention_isa(avx512: bool) -> str | None:
+    """Which code the C kernel runs for head dims that are multiples of 64: ``avx512-bf16`` (the
+    default where the CPU has AVX512BW and AVX512_BF16; ``DUPLEX_ATTN_AVX512=0`` turns it off) or
+    ``avx2``; returns the one now in use, None without the kernel. For A/B runs and tests."""
+    kernel = _cpu_decode_kernel()
+    if kernel is None:
+        return None
+    return "avx512-bf16" if kernel.set_isa(1 if avx512 else 0) else "avx2"  # type: ignore[attr-defined]
 
 
 def decode_kernel() -> Kernel | None:

@@ -104,6 +104,279 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
         for (int u = 0; u < NV; ++u) _mm256_store_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u, a[i][u]);
 }
 
+/* ---- AVX-512 (BF16) path -----------------------------------------------------------------------
+ * Where the CPU has AVX512BW and AVX512_BF16 (Cooper Lake, Sapphire Rapids and later, Zen 4) and
+ * head_dim is a multiple of 64, the same attention runs on zmm registers:
+ * - scores with vdpbf16ps on the bf16 keys as they are in the cache: a block's keys are transposed
+ *   once into pairs of dims x 64 keys (16x16 32-bit transposes), so a row's 64 scores are 4
+ *   registers filled by d/2 dot-product steps, with no horizontal sums. The products of bf16
+ *   values are exact in fp32, so this is the fp32 dot product up to the order of its additions;
+ *   the scale is applied to the sums (fp32);
+ * - values in fp32 (16 lanes of the head dim), 4 rows x 64 dims per register tile;
+ * - the keys are split across threads as well as the KV heads (3 KV heads on 2 threads left one
+ *   idle half the time): each (head, key range) keeps its own running max, sum and output, merged
+ *   at the end in fp32 (the flash-decoding split). */
+
+#define A512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+static int attn_isa512 = -1; /* -1: undecided; 0: AVX2 code; 1: AVX-512 BF16 code */
+
+static int attn_use512(void) {
+    if (attn_isa512 < 0) {
+        __builtin_cpu_init();
+        attn_isa512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    }
+    return attn_isa512;
+}
+
+/* 0: the AVX2 code, 1 or -1: AVX-512 BF16 where the CPU has it; returns the path now in use */
+int duplex_attn_set_isa(int isa) {
+    attn_isa512 = isa == 0 ? 0 : -1;
+    return attn_use512();
+}
+
+int duplex_attn_isa(void) { return attn_use512(); }
+
+static inline A512 __m512 exp16(__m512 x) { /* exp8's polynomial on 16 lanes; inputs <= 0 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* dst[i * ld + j] = src[j * ls + i] for a 16 x 16 block of 32-bit values */
+static inline A512 void transpose16(const uint32_t* src, int64_t ls, uint32_t* dst, int64_t ld) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512((const void*)(src + i * ls));
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* each 128-bit lane now holds a 4 x 4 block transposed; two rounds of lane shuffles put the
+     * blocks in place */
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512((void*)(dst + i * ld), r[i]);
+}
+
+int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { /* for the tests */
+    if (!attn_use512()) return -1;
+    transpose16(src, 16, dst, 16);
+    return 0;
+}
+
+/* 4 zmm of scores (64 keys) for NR rows: sc[r][j] = scale * sum_c q[r][c] k[j][c], from kt (pairs of
+ * dims x 64 keys, as uint32) and q2 (each row's dims as pairs) */
+static inline __attribute__((always_inline)) A512 void scores512(const uint32_t* q2, const uint32_t* kt, float* sc,
+                                                                int d2, float scale, const int NR) {
+    __m512 a[4][4];
+    for (int i = 0; i < NR; ++i)
+        for (int u = 0; u < 4; ++u) a[i][u] = _mm512_setzero_ps();
+    for (int c = 0; c < d2; ++c) {
+        __m512bh k0 = (__m512bh)_mm512_load_si512((const void*)(kt + c * 64));
+        __m512bh k1 = (__m512bh)_mm512_load_si512((const void*)(kt + c * 64 + 16));
+        __m512bh k2 = (__m512bh)_mm512_load_si512((const void*)(kt + c * 64 + 32));
+        __m512bh k3 = (__m512bh)_mm512_load_si512((const void*)(kt + c * 64 + 48));
+        for (int i = 0; i < NR; ++i) {
+            __m512bh qv = (__m512bh)_mm512_set1_epi32((int)q2[i * d2 + c]);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], qv, k0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], qv, k1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], qv, k2);
+            a[i][3] = _mm512_dpbf16_ps(a[i][3], qv, k3);
+        }
+    }
+    __m512 sv = _mm512_set1_ps(scale);
+    for (int i = 0; i < NR; ++i)
+        for (int u = 0; u < 4; ++u) _mm512_store_ps(sc + i * 64 + 16 * u, _mm512_mul_ps(a[i][u], sv));
+}
+
+/* acc[r][c0 .. c0 + 64) = alpha[r] acc + sum_{j < jb} p[r][j] vf[j][c0 ..] for NR rows */
+static inline __attribute__((always_inline)) A512 void values512(const float* p, const float* vf, float* acc,
+                                                                const float* alpha, int c0, int jb, int d,
+                                                                const int NR) {
+    __m512 a[4][4];
+    for (int i = 0; i < NR; ++i) {
+        __m512 al = _mm512_set1_ps(alpha[i]);
+        for (int u = 0; u < 4; ++u) a[i][u] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + (int64_t)i * d + c0 + 16 * u));
+    }
+    for (int j = 0; j < jb; ++j) {
+        const float* vr = vf + (int64_t)j * d + c0;
+        __m512 v0 = _mm512_load_ps(vr), v1 = _mm512_load_ps(vr + 16), v2 = _mm512_load_ps(vr + 32),
+               v3 = _mm512_load_ps(vr + 48);
+        for (int i = 0; i < NR; ++i) {
+            __m512 w = _mm512_set1_ps(p[i * 64 + j]);
+            a[i][0] = _mm512_fmadd_ps(w, v0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(w, v1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(w, v2, a[i][2]);
+            a[i][3] = _mm512_fmadd_ps(w, v3, a[i][3]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc + (int64_t)i * d + c0 + 16 * u, a[i][u]);
+}
+
+/* gqa_decode's contract; d % 64 == 0 */
+static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
+                              uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+    int g = h / kvh, rows = g * t, d2 = d / 2;
+    if (d > MAX_D || d % 64 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
+#ifdef _OPENMP
+    extern int omp_get_max_threads(void);
+    int nt = omp_get_max_threads();
+#else
+    int nt = 1;
+#endif
+    int nblocks = (n + KB - 1) / KB;
+    int splits = (nt > 1 && kvh % nt && nblocks >= 2 * nt) ? nt : 1; /* keys split only where heads leave a thread idle */
+    int items = kvh * splits;
+    /* per item: running max and sum per row, output [rows][d] (unnormalised) */
+    float* part = (float*)malloc(sizeof(float) * (size_t)items * (size_t)rows * (size_t)(d + 2));
+    if (!part) return -2;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int it = 0; it < items; ++it) {
+        int kh = it / splits, sp = it % splits;
+        int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
+        if (j_hi > n) j_hi = n;
+        size_t fl = (size_t)rows * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64;
+        uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 64 * 16 * 4 + 63) & ~(size_t)63);
+        if (!ws) {
+            failed = 1;
+            continue;
+        }
+        uint32_t *q2 = ws, *kt = q2 + (size_t)rows * d2;
+        float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
+        uint32_t* zero = (uint32_t*)(sc + (size_t)rows * 64); /* 16 x 64 bytes of zero rows: keys past the block */
+        memset(zero, 0, 64 * 16 * 4);
+        float* mx = part + (size_t)it * rows * (d + 2);
+        float* den = mx + rows;
+        float* acc = den + rows;
+        float alpha[MAX_ROWS];
+        int last[MAX_ROWS];
+        const uint16_t* kb = k + kh * head_stride;
+        const uint16_t* vb = v + kh * head_stride;
+        for (int r = 0; r < rows; ++r) {
+            const uint16_t* qr = q + (int64_t)(kh * g + r / t) * q_head + (int64_t)(r % t) * q_tok;
+            memcpy(q2 + (size_t)r * d2, qr, sizeof(uint16_t) * d);
+            memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
+            mx[r] = 0.0f;
+            den[r] = 0.0f;
+            last[r] = n - t + r % t;
+        }
+        for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
+            int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
+            for (int kg = 0; kg < 4; ++kg) { /* keys kg*16 .. +16 of the block, pairs of dims */
+                int j = kg * 16;
+                for (int ug = 0; ug < d2; ug += 16) {
+                    if (j + 16 <= jb) {
+                        transpose16((const uint32_t*)(kb + (int64_t)(j0 + j) * d) + ug, d2, kt + (int64_t)ug * 64 + j, 64);
+                    } else {
+                        uint32_t tmp[16 * 16];
+                        for (int i = 0; i < 16; ++i) {
+                            if (j + i < jb) memcpy(tmp + i * 16, (const uint32_t*)(kb + (int64_t)(j0 + j + i) * d) + ug, 64);
+                            else memset(tmp + i * 16, 0, 64);
+                        }
+                        transpose16(tmp, 16, kt + (int64_t)ug * 64 + j, 64);
+                    }
+                }
+            }
+            for (int j = 0; j < jb; ++j) /* values in fp32, once for all rows */
+                for (int c = 0; c < d; c += 16) {
+                    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vb + (int64_t)(j0 + j) * d + c)));
+                    _mm512_store_ps(vf + (int64_t)j * d + c, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+                }
+            int r = 0;
+            for (; r + 4 <= rows; r += 4) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, scale, 4);
+            for (; r < rows; ++r) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, scale, 1);
+            for (r = 0; r < rows; ++r) { /* online softmax over the keys row r may see */
+                float* s = sc + (int64_t)r * 64;
+                int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb;
+                if (lim <= 0) {
+                    alpha[r] = 1.0f;
+                    memset(s, 0, sizeof(float) * 64);
+                    continue;
+                }
+                __m512 m = _mm512_set1_ps(-3.0e38f);
+                for (int j = 0; j < lim; j += 16) {
+                    __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lim - j)) - 1);
+                    m = _mm512_mask_max_ps(m, mk, m, _mm512_load_ps(s + j));
+                }
+                float bm = _mm512_reduce_max_ps(m);
+                float nm = den[r] > 0.0f && mx[r] > bm ? mx[r] : bm;
+                alpha[r] = den[r] > 0.0f ? expf(mx[r] - nm) : 0.0f;
+                mx[r] = nm;
+                __m512 mv = _mm512_set1_ps(nm), z = _mm512_setzero_ps();
+                for (int j = 0; j < 64; j += 16) {
+                    __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : lim > j ? (__mmask16)((1u << (lim - j)) - 1) : 0;
+                    __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_load_ps(s + j), mv)));
+                    _mm512_store_ps(s + j, e);
+                    z = _mm512_add_ps(z, e);
+                }
+                den[r] = den[r] * alpha[r] + _mm512_reduce_add_ps(z);
+            }
+            for (int c0 = 0; c0 < d; c0 += 64) {
+                for (r = 0; r + 4 <= rows; r += 4) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 4);
+                for (; r < rows; ++r) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 1);
+            }
+        }
+        free(ws);
+    }
+    if (failed) {
+        free(part);
+        return -2;
+    }
+    /* merge the key ranges of each head: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */
+    for (int kh = 0; kh < kvh; ++kh)
+        for (int r = 0; r < rows; ++r) {
+            float M = -3.0e38f;
+            for (int sp = 0; sp < splits; ++sp) {
+                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
+                if (pm[rows + r] > 0.0f && pm[r] > M) M = pm[r];
+            }
+            float o[MAX_D], tot = 0.0f;
+            for (int c = 0; c < d; ++c) o[c] = 0.0f;
+            for (int sp = 0; sp < splits; ++sp) {
+                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
+                if (!(pm[rows + r] > 0.0f)) continue;
+                float w = expf(pm[r] - M);
+                tot += w * pm[rows + r];
+                const float* pa = pm + 2 * rows + (size_t)r * d;
+                for (int c = 0; c < d; ++c) o[c] += w * pa[c];
+            }
+            int head = kh * g + r / t, tok = r % t;
+            float inv = 1.0f / tot;
+            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(o[c] * inv);
+        }
+    free(part);
+    return 0;
+}
+
 /* q [h, t, d] bf16 contiguous (t new tokens, the last t positions of the cache); k, v: element
  * (head, j, c) at head * head_stride + j * d + c (bf16); out [t, h, d] bf16. Token i of the t
  * attends causally to keys 0 .. n - t + i. Returns 0, -1 for unsupported sizes, -2 without memory. */
@@ -113,6 +386,7 @@ static int gqa_decode(const uint16_t* q, int64_t q_head, int64_t q_tok, const ui
                       uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
     int g = h / kvh, rows = g * t;
     if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
+    if (d % 64 == 0 && attn_use512()) return gqa_decode512(q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int kh = 0; kh < kvh; ++kh) {
