@@ -133,3 +133,38 @@ def test_avx512_attention_matches_fp32_and_the_avx2_code(q, n, d, threads, monke
     finally:
         torch.set_num_threads(before)
         attention._cpu_decode_kernel.cache_clear()
+
+
+def test_a_long_row_attends_in_one_pass_on_the_avx512_code():
+    """The batched kernel takes a whole prefill chunk of a row (64 tokens x 3 query heads, past the
+    AVX2 code's 48 register rows) in one pass over the cache there: same result as fp32 SDPA."""
+    import ctypes
+
+    from duplex.engine import attention
+
+    attention._cpu_decode_kernel.cache_clear()
+    try:
+        fn = attention.decode_rows_kernel()
+        if fn is None or attention.set_attention_isa(True) != "avx512-bf16":
+            pytest.skip("no AVX512_BF16 here")
+        torch.manual_seed(5)
+        h, kvh, d, cached, t = 9, 3, 64, 300, 64
+        k_cache = torch.zeros(1, kvh, cached + t + 10, d, dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        k_cache[:, :, :cached] = torch.randn(1, kvh, cached, d).bfloat16()
+        v_cache[:, :, :cached] = torch.randn(1, kvh, cached, d).bfloat16()
+        qkv = (torch.randn(t, (h + 2 * kvh) * d) * 2).bfloat16()
+        out = torch.empty(t, h * d, dtype=torch.bfloat16)
+        desc = torch.tensor([k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2] * d, 0, t, cached], dtype=torch.int64)
+        assert fn(desc.data_ptr(), 1, qkv.data_ptr(), qkv.stride(0), out.data_ptr(), h, kvh, d, ctypes.c_float(0.125)) == 0
+        n = cached + t
+        q = qkv[:, :h * d].view(t, h, d).transpose(0, 1)[None].float()
+        k_new = qkv[:, h * d:(h + kvh) * d].view(t, kvh, d).transpose(0, 1)
+        v_new = qkv[:, (h + kvh) * d:].view(t, kvh, d).transpose(0, 1)
+        assert torch.equal(k_cache[0, :, cached:n], k_new) and torch.equal(v_cache[0, :, cached:n], v_new)
+        mask = torch.ones(t, n, dtype=torch.bool).tril(diagonal=n - t)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k_cache[:, :, :n].float(), v_cache[:, :, :n].float(),
+                                                               attn_mask=mask, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(out.view(t, h, d).float(), ref[0].transpose(0, 1), rtol=1e-2, atol=1e-2)
+    finally:
+        attention._cpu_decode_kernel.cache_clear()

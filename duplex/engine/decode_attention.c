@@ -245,7 +245,7 @@ static inline __attribute__((always_inline)) A512 void values512(const float* p,
 static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
                               uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
     int g = h / kvh, rows = g * t, d2 = d / 2;
-    if (d > MAX_D || d % 64 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
+    if (d > MAX_D || d % 64 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
 #ifdef _OPENMP
     extern int omp_get_max_threads(void);
     int nt = omp_get_max_threads();
@@ -264,21 +264,19 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
         int kh = it / splits, sp = it % splits;
         int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
         if (j_hi > n) j_hi = n;
-        size_t fl = (size_t)rows * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64;
-        uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 64 * 16 * 4 + 63) & ~(size_t)63);
+        size_t fl = (size_t)rows * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
+        uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 63) & ~(size_t)63);
         if (!ws) {
             failed = 1;
             continue;
         }
         uint32_t *q2 = ws, *kt = q2 + (size_t)rows * d2;
         float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
-        uint32_t* zero = (uint32_t*)(sc + (size_t)rows * 64); /* 16 x 64 bytes of zero rows: keys past the block */
-        memset(zero, 0, 64 * 16 * 4);
+        float* alpha = sc + (size_t)rows * 64;
+        int* last = (int*)(alpha + rows);
         float* mx = part + (size_t)it * rows * (d + 2);
         float* den = mx + rows;
         float* acc = den + rows;
-        float alpha[MAX_ROWS];
-        int last[MAX_ROWS];
         const uint16_t* kb = k + kh * head_stride;
         const uint16_t* vb = v + kh * head_stride;
         for (int r = 0; r < rows; ++r) {
@@ -384,9 +382,10 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
  * head vectors: converting bf16 to fp32 is exact, so the layout does not change the result) */
 static int gqa_decode(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
                       uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+    if (d % 64 == 0 && d <= MAX_D && attn_use512())
+        return gqa_decode512(q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
     int g = h / kvh, rows = g * t;
     if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
-    if (d % 64 == 0 && attn_use512()) return gqa_decode512(q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int kh = 0; kh < kvh; ++kh) {
@@ -489,7 +488,10 @@ int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* 
                                 int h, int kvh, int d, float scale) {
     int g = h / kvh;
     if (g < 1 || g * kvh != h || g > MAX_ROWS) return -1;
-    int per_call = MAX_ROWS / g;
+    /* the AVX2 code keeps at most MAX_ROWS rows in registers; the AVX-512 code takes a whole row,
+     * reading the cache once for all its tokens (a prefill chunk) */
+    int whole = d % 64 == 0 && attn_use512();
+    int per_call = whole ? 1 << 30 : MAX_ROWS / g;
     for (int r = 0; r < nrows; ++r) {
         const int64_t* e = desc + (int64_t)r * 6;
         uint16_t* kc = (uint16_t*)(intptr_t)e[0];

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from duplex.engine.attention import attention_isa
 from duplex.engine.fast_decode import DecodeRow, fast_decoder
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 
@@ -73,10 +74,12 @@ _ARRIVAL_MAX_S = 0.015
 _FAST_MAX_TOKENS = 96
 # ...unless its attention is small: (query, cached position) pairs at most this many, where the
 # lean forward has dense weights. Eight questions starting together (8 rows x 19 tokens at 100
-# cached) took 164 ms there against 241 ms in the ragged forward; its attention kernel reads the
-# cache once per 16 queries, so long rows over a long history go to SDPA (8 x 19 at 1000 cached:
-# 319 against 301 ms; 128 tokens at 2000: 600 against 249 ms)
-_FAST_MAX_ATTN = 60_000
+# cached) took 164 ms there against 241 ms in the ragged forward with the AVX2 attention code,
+# which reads the cache once per 16 queries (8 x 19 at 1000 cached: 319 against 301 ms; 128
+# tokens at 2000: 600 against 249 ms). The AVX-512 code reads it once per row: 8 x 19 at 100
+# cached 98 against 214 ms, at 1000 250 against 318, 8 decode rows + 2 x 64 at 1000 217 against
+# 235; SDPA stays ahead for long rows over long caches (128 at 2000: 251 against 184 ms)
+_FAST_MAX_ATTN = {"avx512-bf16": 160_000, "avx2": 60_000}
 
 Direct = Callable[[list[int], int, int], torch.Tensor]
 
@@ -532,7 +535,8 @@ class Scheduler:
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
             fast = fast_decoder(self.model)
             if fast is not None and sum(len(row.ids) for row in rows) > _FAST_MAX_TOKENS and not (
-                    fast.dense and sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows) <= _FAST_MAX_ATTN):
+                    fast.dense and sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
+                    <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0)):
                 fast = None
             try:
                 outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
