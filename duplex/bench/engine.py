@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
+from duplex.engine.attention import attention_isa, set_attention_isa
 from duplex.engine.models import LoadedModel, load_model, resolve_device
 from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
@@ -184,30 +185,38 @@ def bench_decode_rows(lm: LoadedModel, row_counts: tuple[int, ...] = (1, 2, 4, 8
                     row.cache.crop(-extra)  # back to n cached tokens for the next repetition
             return ms
 
-        for m in row_counts:
-            rows = [DecodeRow(caches[i], [text[history + i]], history) for i in range(m)]
-            times = [timed_forward(rows, [history] * m) for _ in range(reps + 2)][2:]
-            ms = statistics.median(times)
-            result["forward_ms"][str(m)] = round(ms, 2)
-            result["ms_per_row"][str(m)] = round(ms / m, 2)
-            _progress(progress, f"batched decode: {m} rows {ms:.1f} ms per forward ({ms / m:.2f} ms per row)")
+        from duplex.engine.int8_kernel import q16_isa, set_q16_isa
+
+        # where the int8 mat-vecs run on AVX-512 VNNI, the same forwards on the AVX2 tiles (same
+        # bits) alternate with them, so both see the same machine (shared hosts drift by the minute)
+        result["q16_isa"] = isa = q16_isa()
+        ab = isa == "avx512-vnni"
+        base: dict[str, float] = {}
+        try:
+            for m in row_counts:
+                rows = [DecodeRow(caches[i], [text[history + i]], history) for i in range(m)]
+                times, times2 = [], []
+                for _ in range(reps + 2):
+                    times.append(timed_forward(rows, [history] * m))
+                    if ab:
+                        set_q16_isa(False)
+                        times2.append(timed_forward(rows, [history] * m))
+                        set_q16_isa(True)
+                ms = statistics.median(times[2:])
+                result["forward_ms"][str(m)] = round(ms, 2)
+                result["ms_per_row"][str(m)] = round(ms / m, 2)
+                note = ""
+                if ab:
+                    base[str(m)] = round(statistics.median(times2[2:]), 2)
+                    note = f"; AVX2 tiles {base[str(m)]:.1f} ms"
+                _progress(progress, f"batched decode: {m} rows {ms:.1f} ms per forward ({ms / m:.2f} ms per row){note}")
+        finally:
+            if ab:
+                set_q16_isa(True)
         if "1" in result["forward_ms"] and "8" in result["forward_ms"]:
             result["ratio_8_to_1"] = round(result["forward_ms"]["8"] / result["forward_ms"]["1"], 2)
             result["aggregate_tokens_per_s_8_vs_1"] = round(8 / result["ratio_8_to_1"], 2)
-        from duplex.engine.int8_kernel import q16_isa, set_q16_isa
-
-        result["q16_isa"] = isa = q16_isa()
-        if isa == "avx512-vnni":  # the same forwards on the AVX2 tiles (same bits), for the A/B
-            set_q16_isa(False)
-            try:
-                base = {}
-                for m in row_counts:
-                    rows = [DecodeRow(caches[i], [text[history + i]], history) for i in range(m)]
-                    base[str(m)] = round(statistics.median(
-                        [timed_forward(rows, [history] * m) for _ in range(reps + 2)][2:]), 2)
-                    _progress(progress, f"batched decode, AVX2 tiles: {m} rows {base[str(m)]:.1f} ms per forward")
-            finally:
-                set_q16_isa(True)
+        if base:
             result["avx2_forward_ms"] = base
             if "1" in base and "8" in base:
                 result["avx2_ratio_8_to_1"] = round(base["8"] / base["1"], 2)
@@ -301,12 +310,27 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
         row = {"history_tokens": len(seq), "shared_cache_ms": round(statistics.median(shared), 1),
                "shared_cache_prepared_ms": round(statistics.median(prepared), 2),
                "reprefill_ms": round(statistics.median(full), 1)}
+        if attention_isa() == "avx512-bf16":  # the same turn ends with the AVX2 attention code, same run
+            set_attention_isa(False)
+            try:
+                base_ms = []
+                for _ in range(reps):
+                    base_ms.append(_timed(lambda: (seq.hand_over(Speaker.AGENT), seq.sample(sampler)), lm.device))
+                    seq.truncate_to(base)
+                    seq.reopen(Speaker.USER, _last_turn(seq))
+            finally:
+                set_attention_isa(True)
+            row["shared_cache_avx2_attention_ms"] = round(statistics.median(base_ms), 1)
         row["speedup"] = round(row["reprefill_ms"] / row["shared_cache_ms"], 1)
         rows.append(row)
         _progress(progress, str(row))
     first, last_row = rows[0], rows[-1]
+    extra = {}
+    if "shared_cache_avx2_attention_ms" in first:
+        extra["avx2_attention_growth_ratio"] = round(last_row["shared_cache_avx2_attention_ms"]
+                                                     / first["shared_cache_avx2_attention_ms"], 2)
     return {
-        "benchmark": "ttft", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+        "benchmark": "ttft", "attention": attention_isa(), **extra, "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
         "quantization": lm.quantization, "load_avg_1min": _load_avg(),
         "rows": rows,
         "shared_growth_ratio": round(last_row["shared_cache_ms"] / first["shared_cache_ms"], 2),

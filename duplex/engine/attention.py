@@ -4,7 +4,9 @@ PyTorch's CPU flash-attention kernel is tuned for long query blocks; for 1-16 ne
 thousands of cached ones it is slower than two plain matmuls, and eager attention first copies K/V
 once per query head (``repeat_kv``). Here each KV head is read once for its whole query group.
 Valid for one unpadded sequence per batch row (our case: one session per cache) and for models
-without sliding-window layers; the engine only selects it then.
+without sliding-window layers; the engine only selects it then. Where the CPU has AVX512_BF16 and
+the head dim is a multiple of 64, the kernel runs its AVX-512 code (bf16 dot products for the
+scores, keys split across threads, a whole prefill row per pass over the cache); elsewhere AVX2.
 """
 
 from __future__ import annotations
