@@ -117,6 +117,9 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
  *   idle half the time): each (head, key range) keeps its own running max, sum and output, merged
  *   at the end in fp32 (the flash-decoding split). */
 
+/* compilers too old for AVX512_BF16 intrinsics (gcc < 10, clang < 11) build the AVX2 code only */
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define DUPLEX_HAVE_A512 1
 #define A512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 static int attn_isa512 = -1; /* -1: undecided; 0: AVX2 code; 1: AVX-512 BF16 code */
@@ -375,6 +378,13 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
     return 0;
 }
 
+#else
+static int attn_use512(void) { return 0; }
+int duplex_attn_set_isa(int isa) { (void)isa; return 0; }
+int duplex_attn_isa(void) { return 0; }
+int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { (void)src; (void)dst; return -1; }
+#endif
+
 /* q [h, t, d] bf16 contiguous (t new tokens, the last t positions of the cache); k, v: element
  * (head, j, c) at head * head_stride + j * d + c (bf16); out [t, h, d] bf16. Token i of the t
  * attends causally to keys 0 .. n - t + i. Returns 0, -1 for unsupported sizes, -2 without memory. */
@@ -382,8 +392,10 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
  * head vectors: converting bf16 to fp32 is exact, so the layout does not change the result) */
 static int gqa_decode(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
                       uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+#ifdef DUPLEX_HAVE_A512
     if (d % 64 == 0 && d <= MAX_D && attn_use512())
         return gqa_decode512(q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
+#endif
     int g = h / kvh, rows = g * t;
     if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
     int failed = 0;

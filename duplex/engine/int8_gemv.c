@@ -422,6 +422,9 @@ static inline __attribute__((always_inline)) void q16_tile(const int8_t* w, cons
  * tiles: which path runs changes no result. Tiles of up to 4 weight rows x 4 activation rows
  * (16 of the 32 zmm registers as accumulators). */
 
+/* compilers too old for these intrinsics (gcc < 9, clang < 8) build the AVX2 tiles only */
+#if (defined(__clang__) && __clang_major__ >= 8) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 9)
+#define DUPLEX_HAVE_Q512 1
 #define Q512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 static int q16_isa512 = -1; /* -1: not decided yet; 0: AVX2 tiles; 1: AVX-512 VNNI tiles */
@@ -530,15 +533,23 @@ static Q512_TARGET void q16_slice512(const int8_t* B, const uint16_t* S, uint16_
     }
 }
 
+#else
+static int q16_use512(void) { return 0; }
+int duplex_q16_set_isa(int isa) { (void)isa; return 0; }
+int duplex_q16_isa(void) { return 0; }
+#endif
+
 /* C [M, N] (+)= the quantized rows (qx [M, kp] int16, dx [M]) @ (B [N, K] * S).T for weight rows
  * n0..n1: tiles of Q16_NR weight rows against Q16_MT activation rows (4 weight rows for a single
  * activation row, the memory-bound case); each tile's weights stay in L1 across the passes. */
 static void q16_slice(const int8_t* B, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0, int n1, int M,
                       int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+#ifdef DUPLEX_HAVE_Q512
     if (q16_use512()) {
         q16_slice512(B, S, C, R, n0, n1, M, N, K, qx, dx, kp);
         return;
     }
+#endif
     for (int m0 = 0; m0 < M; m0 += Q_MB) {
         int m1 = M - m0 < Q_MB ? M : m0 + Q_MB;
         int n = n0;
