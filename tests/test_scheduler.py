@@ -216,9 +216,9 @@ async def test_a_plain_forward_after_a_ragged_pass_still_works(tiny_lm: LoadedMo
 def test_the_pacer_fits_a_fixed_part_a_per_token_part_and_an_attention_part() -> None:
     """Tick time = a + b * tokens + c * attention pairs, fitted over recent ticks; a prefill may
     add (PACE - 1) times what the decode rows alone cost, and a piece is sized by its own cost."""
-    from duplex.engine.scheduler import _Pacer
+    from duplex.engine.pacer import TickPacer
 
-    pacer = _Pacer(None)
+    pacer = TickPacer(None)
     assert pacer.fit() is None and pacer.budget(4, 800.0) is None
     a, b, c = 0.02, 0.003, 2e-6
     for tokens, attn in ((1, 200), (4, 900), (6, 30_000), (2, 8_000), (8, 1_700), (3, 12_000), (5, 1_000),
@@ -226,9 +226,9 @@ def test_the_pacer_fits_a_fixed_part_a_per_token_part_and_an_attention_part() ->
         pacer.observe(a + b * tokens + c * attn, tokens, attn)
     fit = pacer.fit()
     assert fit == pytest.approx((a, b, c))
-    assert pacer.budget(4, 800.0) == pytest.approx((_Pacer.PACE - 1) * (a + 4 * b + 800 * c))
-    assert pacer.cost(2, 3000) == pytest.approx(2 * b + c * _Pacer.attn(2, 3000))
-    assert _Pacer.attn(1, 10) == 11  # a token attends to the 10 cached positions and itself
+    assert pacer.budget(4, 800.0) == pytest.approx((TickPacer.PACE - 1) * (a + 4 * b + 800 * c))
+    assert pacer.cost(2, 3000) == pytest.approx(2 * b + c * TickPacer.attn(2, 3000))
+    assert TickPacer.attn(1, 10) == 11  # a token attends to the 10 cached positions and itself
 
 
 async def test_a_speaker_between_its_steps_still_paces_a_long_prefill(tiny_lm: LoadedModel, monkeypatch) -> None:

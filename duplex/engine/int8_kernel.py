@@ -18,8 +18,9 @@ fmas, ~11 GB/s of weights on this 2-core machine against ~25 GB/s for an fp32 su
   depend on the other rows of the batch.
   Where the CPU has AVX512BW and AVX512-VNNI (Ice Lake and later Xeons, Zen 4) the same tiles run
   on zmm registers with ``vpdpwssd`` (32 int16 products and their sum per instruction, tiles of
-  4 x 4): the extra rows of a batched tick cost about half as much (1 thread, the 135M model's
-  linears: 8 rows 1.6x one row instead of 1.9-2.6x). The sums are exact integers on both paths,
+  4 x 4): the extra rows of a batched tick cost less (``bench decode``'s batched forward at 1
+  thread on the Xeon: 8 rows 2.37x one row, 3.05x on the AVX2 tiles in the same run, alternating
+  per repetition: ``bench/results/xeon/decode.json``). The sums are exact integers on both paths,
   so the bits are the same; ``DUPLEX_INT8_AVX512=0`` keeps the AVX2 tiles.
 - ``q8`` (``DUPLEX_INT8_KERNEL=q8``): llama.cpp's Q8_0 scheme, activations rounded to int8 per
   block of 32 and ``vpmaddubsw`` with the sign trick. Not faster than ``q16`` here (both stream

@@ -17,7 +17,7 @@ sessions paid eight passes over the weights per round. Here:
   turns that start together share one tick), plus pieces of long prefills, round robin across
   sequences, at most ``chunk_tokens`` tokens in all and, while anyone speaks (decoded in the
   last ticks, queued now or not), at most 0.3x the decode rows' own cost more
-  (:class:`_Pacer`). In
+  (:class:`~duplex.engine.pacer.TickPacer`). In
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from duplex.engine.attention import attention_isa
-from duplex.engine.fast_decode import DecodeRow, fast_decoder
+from duplex.engine.fast_decode import DecodeRow, FastDecoder, fast_decoder
+from duplex.engine.pacer import TickPacer
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 
 __all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord"]
@@ -150,93 +151,6 @@ class _Job:
     call: Callable[[], Any]
 
 
-class _Pacer:
-    """Sizes prefill pieces while sessions speak, so that a tick carrying a piece costs at most
-    ``PACE`` times what its decode rows alone would: the speakers' inter-token time stays under
-    twice its idle value even deep into a long prompt, where a fixed token count would cost ever
-    more (attention grows with the context).
-
-    A tick's time is fitted by least squares over recent ticks as ``a + b * tokens + c * attn``:
-    ``a`` what any forward pays (reading the weights: most of a small tick on a CPU), ``b`` the
-    linear layers per token, ``c`` the attention per (query, cached position) pair, which the
-    int8 mat-vecs make relatively dear (one prefill token at 3k context costs ~3 decode rows).
-    Where a single token costs more than the tick may add, the allowance is banked over ticks and
-    the token goes in when it is covered: fewer ticks carry prefill, none carries more than one
-    token over its share."""
-
-    PACE = 1.3  # a tick with prefill costs at most this times its decode rows alone (target: 2x)
-    WINDOW = 64
-
-    def __init__(self, config: Any) -> None:
-        self._ticks: deque[tuple[float, float, float]] = deque(maxlen=self.WINDOW)  # (tokens, attn, s)
-        self._coef: tuple[float, float, float] | None = None
-        self._dirty = False
-        self.bank = 0.0  # seconds of allowance saved up for a token that costs more than one tick's
-
-    @staticmethod
-    def attn(n: int, start: int) -> float:
-        """(query, cached position) pairs of ``n`` tokens appended at ``start``."""
-        return n * (start + (n + 1) / 2)
-
-    def observe(self, seconds: float, tokens: float, attn: float) -> None:
-        if tokens > 0:
-            self._ticks.append((tokens, attn, seconds))
-            self._dirty = True
-
-    def fit(self) -> tuple[float, float, float] | None:
-        """(a, b, c), refitted when ticks were added; None until 8 ticks are known."""
-        if self._dirty:
-            self._dirty = False
-            self._coef = self._solve()
-        return self._coef
-
-    def _solve(self) -> tuple[float, float, float] | None:
-        # pure Python on purpose: numpy's lstsq runs in OpenBLAS, whose spinning threads took a core
-        # from whisper in the voice server (committed words +250 ms in bench realtime)
-        if len(self._ticks) < 8:
-            return None
-        for columns in ((0, 1), (1,), (0,), ()):  # drop a term whose fit comes out negative
-            coef = _least_squares([[1.0, *(t[j] for j in columns)] for t in self._ticks],
-                                  [t[2] for t in self._ticks])
-            if coef is not None and all(c >= 0 for c in coef):
-                full = [coef[0], 0.0, 0.0]
-                for j, value in zip(columns, coef[1:]):
-                    full[1 + j] = value
-                return full[0], full[1], full[2]
-        return None
-
-    def cost(self, n: int, start: int) -> float | None:
-        """Seconds ``n`` tokens at ``start`` add to a tick (None before a fit)."""
-        coef = self.fit()
-        return None if coef is None else coef[1] * n + coef[2] * self.attn(n, start)
-
-    def budget(self, decode_tokens: int, decode_attn: float) -> float | None:
-        """Seconds of prefill a tick whose decode rows are these may add (None before a fit)."""
-        coef = self.fit()
-        if coef is None:
-            return None
-        a, b, c = coef
-        return (self.PACE - 1) * (a + b * decode_tokens + c * decode_attn)
-
-
-def _least_squares(rows: list[list[float]], y: list[float]) -> list[float] | None:
-    """Solve min |X c - y| through the normal equations (at most 3 unknowns), None if singular."""
-    n = len(rows[0])
-    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(n)]  # columns to ~1 for conditioning
-    x = [[r[j] / scale[j] for j in range(n)] for r in rows]
-    a = [[sum(r[i] * r[j] for r in x) for j in range(n)] + [sum(r[i] * v for r, v in zip(x, y))] for i in range(n)]
-    for col in range(n):  # Gauss-Jordan with partial pivoting
-        pivot = max(range(col, n), key=lambda i: abs(a[i][col]))
-        if abs(a[pivot][col]) < 1e-12:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for i in range(n):
-            if i != col:
-                f = a[i][col] / a[col][col]
-                a[i] = [u - f * v for u, v in zip(a[i], a[col])]
-    return [a[i][n] / a[i][i] / scale[i] for i in range(n)]
-
-
 class Scheduler:
     """Owns the model's compute: jobs in per-sequence lanes, forwards batched per tick."""
 
@@ -269,7 +183,7 @@ class Scheduler:
         self._pending: list[_Request] = []
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
-        self._pacer = _Pacer(getattr(model, "config", None))
+        self._pacer = TickPacer(getattr(model, "config", None))
         # owner id -> (tick and time of its last decode row, its position): a speaker between
         # two steps (its loop is emitting the last token) still paces the prefill of the tick
         # that starts meanwhile
@@ -443,7 +357,7 @@ class Scheduler:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
         to ``burst_tokens`` in all), then pieces of long prefills round robin, with the short ones
         at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
-        ``_Pacer.PACE - 1`` times the decode rows' own cost."""
+        ``TickPacer.PACE - 1`` times the decode rows' own cost."""
         plan = [(r, 1, 0) for r in self._pending if r.decode]
         prefills = sorted((r for r in self._pending if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
@@ -525,6 +439,14 @@ class Scheduler:
                 hi = mid - 1
         return lo
 
+    def _lean_forward(self, rows: list[Row]) -> FastDecoder | None:
+        """The lean forward for these rows, or None for the ragged one: see ``_FAST_MAX_TOKENS``."""
+        fast = fast_decoder(self.model)
+        if fast is None or sum(len(row.ids) for row in rows) <= _FAST_MAX_TOKENS:
+            return fast
+        attn = sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
+        return fast if fast.dense and attn <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0) else None
+
     def _execute(self, plan: list[tuple[_Request, int, int]]) -> int:
         """Run the planned rows (baton held, _lock not): one ragged forward, or one by one."""
         batch = [(r, n) for r, n, _ in plan if self._batching and supports(self.model, r.cache)]
@@ -533,11 +455,7 @@ class Scheduler:
         if batch:
             rows = [Row(r.cache, tuple(r.ids[r.done:r.done + n]), r.start_pos + r.done,
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
-            fast = fast_decoder(self.model)
-            if fast is not None and sum(len(row.ids) for row in rows) > _FAST_MAX_TOKENS and not (
-                    fast.dense and sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
-                    <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0)):
-                fast = None
+            fast = self._lean_forward(rows)
             try:
                 outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
                         if fast is not None else ragged_forward(self.model, rows))
