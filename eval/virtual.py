@@ -102,7 +102,7 @@ class StageExecutor(Executor):
 
 class VirtualEngine:
     """Duck-types :class:`duplex.engine.worker.Engine` for the session (``run``, ``run_for``,
-    ``decode``, ``prefill``): the same sequence calls, run by a :class:`StageExecutor` instead of
+    ``run_urgent``, ``decode``, ``prefill``): the same sequence calls, run by a :class:`StageExecutor` instead of
     the engine's scheduler thread."""
 
     def __init__(self, lm: LoadedModel, stage: StageExecutor, template: TurnTemplate | None = None) -> None:
@@ -129,6 +129,10 @@ class VirtualEngine:
 
     async def run_for(self, seq: SharedSequence | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """One stage runs everything in submission order, so every sequence's calls stay in order."""
+        return await self.run(fn, *args, **kwargs)
+
+    async def run_urgent(self, seq: SharedSequence | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One stage has no other sessions to go ahead of: as :meth:`run_for`."""
         return await self.run(fn, *args, **kwargs)
 
     async def decode(self, seq: SharedSequence, sampler: Any, status: Status = Status.UNSPOKEN) -> int:

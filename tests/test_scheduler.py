@@ -412,3 +412,80 @@ async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_lit
         assert calls == [("lean" if lean else "ragged", 3 * len(words))]
     finally:
         engine.close()
+
+
+def test_urgent_requests_run_in_an_express_tick_and_the_next_tick_takes_everyone(tiny_lm: LoadedModel) -> None:
+    """A reply's first steps (urgent) run without the other sessions' decode rows and prefill
+    pieces when those are pending; the tick after takes everyone, so a streaming session waits
+    at most that one express tick. Checked on the plan, by rows."""
+    from duplex.engine.scheduler import Scheduler, _Request
+
+    sched = Scheduler(tiny_lm.model, mode="batched", chunk_tokens=64)
+    try:
+        now = __import__("time").perf_counter()
+
+        def request(n: int, urgent: bool = False) -> _Request:
+            return _Request(object(), [1] * n, 0, 1, None, lambda *a: None, job=True, urgent=urgent, arrived=now)
+
+        streaming = [request(1), request(1)]
+        long_prefill = request(100)
+        hand_over, first_step = request(6, urgent=True), request(1, urgent=True)
+        with sched._lock:
+            sched._pending = [*streaming, long_prefill, hand_over, first_step]
+            assert sched._gather_wait() <= 0  # no waiting for the last tick's speakers either
+            express = sched._plan()
+            assert {id(r) for r, _, _ in express} == {id(hand_over), id(first_step)}
+            assert sched._left_out
+            everyone = sched._plan()  # the same requests still pending: the next tick takes all
+            assert {id(r) for r, _, _ in everyone} >= {id(r) for r in [*streaming, hand_over, first_step]}
+            assert any(r is long_prefill for r, _, _ in everyone)
+            assert not sched._left_out
+            sched._pending = [hand_over, first_step]  # urgent work alone is an ordinary tick
+            assert {id(r) for r, _, _ in sched._plan()} == {id(hand_over), id(first_step)}
+            assert not sched._left_out
+    finally:
+        with sched._lock:
+            sched._pending = []  # made-up requests: nothing for the scheduler thread to run
+        sched.close()
+
+
+async def test_a_reply_started_urgently_while_others_stream_decodes_as_it_would_alone(tiny_lm: LoadedModel) -> None:
+    """Two sessions stream while a third hands over and takes its first steps as urgent jobs:
+    its tokens are those it gets alone, express ticks hold urgent rows only, and a streaming
+    session's step waits at most for the tick running when it arrived and one express tick."""
+    engine = Engine(tiny_lm, scheduler="batched")
+    try:
+        talkers = [await engine.start_sequence(p) for p in PROMPTS[:2]]
+        for seq in talkers:
+            await engine.run(seq.hand_over, Speaker.AGENT)
+        asker = await engine.start_sequence(PROMPTS[2])
+        engine.scheduler.trace.clear()
+        done = asyncio.Event()
+
+        async def stream(seq: SharedSequence) -> None:
+            sampler = _greedy()
+            while not done.is_set():
+                await engine.decode(seq, sampler)
+
+        async def ask() -> list[int]:
+            while engine.scheduler.stats.ticks < 3:
+                await asyncio.sleep(0.001)
+            sampler = _greedy()
+            await engine.run_urgent(asker, asker.hand_over, Speaker.AGENT)
+            tokens = [await engine.run_urgent(asker, asker.step, sampler) for _ in range(4)]
+            done.set()
+            return tokens
+
+        streams = [asyncio.ensure_future(stream(s)) for s in talkers]
+        tokens = await ask()
+        await asyncio.gather(*streams)
+        assert tokens == _alone(tiny_lm, engine, PROMPTS[2], 4)
+        ticks = list(engine.scheduler.trace)
+        assert any(r.urgent for t in ticks for r in t.rows)
+        for t in ticks:
+            if t.express:
+                assert all(r.urgent for r in t.rows), t
+        assert all(r.waited_ticks <= 2 for t in ticks for r in t.rows if r.decode and not r.urgent)
+        assert engine.stats.express_ticks == sum(t.express for t in ticks)
+    finally:
+        engine.close()

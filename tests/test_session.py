@@ -418,7 +418,7 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
     # of its own between the hand-over and the first decode step
     s = await _session(tiny_engine, max_tokens=6)
     calls: list[str] = []
-    run, run_for = tiny_engine.run, tiny_engine.run_for
+    run, run_for, run_urgent = tiny_engine.run, tiny_engine.run_for, tiny_engine.run_urgent
 
     async def counting_run(fn, *args, **kwargs):
         calls.append(getattr(fn, "__name__", repr(fn)))
@@ -428,8 +428,13 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
         calls.append(getattr(fn, "__name__", repr(fn)))
         return await run_for(seq, fn, *args, **kwargs)
 
+    async def counting_run_urgent(seq, fn, *args, **kwargs):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await run_urgent(seq, fn, *args, **kwargs)
+
     monkeypatch.setattr(tiny_engine, "run", counting_run)
     monkeypatch.setattr(tiny_engine, "run_for", counting_run_for)
+    monkeypatch.setattr(tiny_engine, "run_urgent", counting_run_urgent)
     s.submit(TextInput("hello there"))
     events = await collect_until(s, _is("turn_ended", speaker="agent"))
     deltas = [e for e in events if e.type == "agent_text_delta"]

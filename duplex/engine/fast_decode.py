@@ -58,12 +58,16 @@ __all__ = ["MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
 
 log = logging.getLogger(__name__)
 
-MAX_QUERY = 16  # tokens per row this forward takes (decode steps, turn hand-overs); longer: prefill
+# tokens a pass takes in one C program per layer (decode steps, turn hand-overs, a typed question
+# with its turn markups); longer: prefill
+MAX_QUERY = 24
 # from this many tokens a pass over dequantized weights (where the model has them) beats the fused
-# int8 mat-vecs, whose cost grows with every row: on an AMX Xeon 16 tokens took 33 ms fused
-# against 34 on bf16 weights (matrix products, batched attention), 24 tokens 53 against 40, 64
-# tokens 126 against 59, and 8 sessions' 39 tokens 114 against 54
-DENSE_MIN_TOKENS = 20
+# int8 mat-vecs, whose cost grows with every row. On the AMX Xeon with the AVX-512 VNNI tiles, one
+# row over 300 cached tokens, 2 threads (1 thread): 16 tokens 33 ms in the program against 42 dense
+# (46 / 60), 19 tokens 36 against 52 (59 / 62), 24 tokens 49 against 52 (67 / 69), 32 tokens 60
+# against 56 (87 / 73). At 16 the program was the limit: 17-19 tokens (a typed question) fell to
+# the per-op fused pass, 41 ms
+DENSE_MIN_TOKENS = 25
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -25,9 +25,17 @@ A tick that is ready to run waits briefly (at most 8 ms, and half the last tick'
 sessions that decoded in the last tick to queue their next step: their event loops resubmit one
 after another, and starting on the first arrival splits one batched pass into several.
 
+**Urgent** work (:meth:`Scheduler.submit` with ``urgent=True``: a reply's hand-over and its steps
+until its first words are out, what a user waits for) runs in an *express* tick of its own when
+other work is pending: without the other sessions' decode rows and prefill pieces, and without
+the gather wait. The tick after an express tick that left requests out takes everyone, so a
+streaming session's next token waits at most one express tick more; it is already ahead of its
+listener, while the first words of a reply are what the user is waiting for.
+
 So a long prefill delays another session's next token by at most one tick, whose long-prefill
 part is bounded by ``chunk_tokens`` (turns that start together may add up to ``burst_tokens`` of
-short ones: what their first tokens wait for); and decoders share the weight reads. Ticks are recorded
+short ones: what their first tokens wait for), plus one express tick; and decoders share the
+weight reads. Ticks are recorded
 (:attr:`Scheduler.trace`) so tests can check fairness by counting rows, not by timing.
 """
 
@@ -88,13 +96,15 @@ Direct = Callable[[list[int], int, int], torch.Tensor]
 @dataclass(frozen=True, slots=True)
 class RowRecord:
     """One row of a tick. ``waited_ticks``: ticks begun between its request and this row (a
-    decode row waits at most for the one tick already running when it arrived: 0 or 1)."""
+    decode row waits at most for the one tick already running when it arrived, and one express
+    tick: 0 to 2). ``urgent``: on the path to a reply's first words."""
 
     owner: int  # id() of the sequence
     tokens: int
     start_pos: int
     decode: bool
     waited_ticks: int
+    urgent: bool = False
     type: str = "row"
 
 
@@ -104,6 +114,7 @@ class TickRecord:
     rows: tuple[RowRecord, ...]
     forwards: int  # model calls in this tick: 1 when batched
     seconds: float = 0.0  # wall time of its forwards (diagnostics; tests count rows, not time)
+    express: bool = False  # urgent rows only, others left for the next tick
     type: str = "tick"
 
     @property
@@ -119,6 +130,7 @@ class SchedulerStats:
     decode_rows: int = 0
     prefill_tokens: int = 0
     max_rows: int = 0
+    express_ticks: int = 0
     type: str = "scheduler_stats"
 
 
@@ -131,6 +143,7 @@ class _Request:
     cache: Any
     direct: Direct
     job: bool  # made by a job thread (which gave the baton back while it waits)
+    urgent: bool = False  # made by an urgent job: see the module docstring
     order: int = 0
     arrived: float = 0.0  # perf_counter() at submission
     submitted_tick: int = 0
@@ -149,6 +162,7 @@ class _Job:
     lane: Hashable
     future: Future[Any]
     call: Callable[[], Any]
+    urgent: bool = False
 
 
 class Scheduler:
@@ -189,6 +203,7 @@ class Scheduler:
         # that starts meanwhile
         self._speakers: dict[int, tuple[int, float, int]] = {}
         self._last_decoders: frozenset[int] = frozenset()  # owners with a decode row in the last tick
+        self._left_out = False  # the last tick was an express tick that left requests waiting
         self._last_tick_end = 0.0
         self._last_tick_s = 0.0
         self._batching = mode == "batched"
@@ -199,9 +214,12 @@ class Scheduler:
         self._thread.start()
 
     # ---- jobs ----------------------------------------------------------------------------------
-    def submit(self, lane: Hashable, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        """Queue ``fn(*args, **kwargs)`` behind earlier jobs of ``lane``; its result comes in the future."""
-        job = _Job(None if self.mode == "fifo" else lane, Future(), functools.partial(fn, *args, **kwargs))
+    def submit(self, lane: Hashable, fn: Callable[..., Any], *args: Any, urgent: bool = False,
+               **kwargs: Any) -> Future[Any]:
+        """Queue ``fn(*args, **kwargs)`` behind earlier jobs of ``lane``; its result comes in the
+        future. ``urgent``: a user is waiting for it (a reply's first words): it starts before
+        queued jobs of other lanes, and its forwards run in express ticks."""
+        job = _Job(None if self.mode == "fifo" else lane, Future(), functools.partial(fn, *args, **kwargs), urgent)
         with self._lock:
             if self._closing:
                 raise RuntimeError("engine is closed")
@@ -215,7 +233,10 @@ class Scheduler:
 
     def _start(self, job: _Job) -> None:  # under _lock
         self._runnable += 1
-        self._ready.append(job)
+        if job.urgent:
+            self._ready.appendleft(job)
+        else:
+            self._ready.append(job)
         if len(self._ready) > self._idle:
             worker = threading.Thread(target=self._work, name=f"{self._name}-job{len(self._workers)}", daemon=True)
             self._workers.append(worker)
@@ -236,6 +257,7 @@ class Scheduler:
                     return
                 job = self._ready.popleft()
             with self._baton:
+                self._local.urgent = job.urgent
                 if job.future.set_running_or_notify_cancel():
                     try:
                         job.future.set_result(job.call())
@@ -258,7 +280,8 @@ class Scheduler:
         if self.mode == "fifo":
             return direct(ids, start_pos, keep)
         job = bool(getattr(self._local, "job", False))
-        req = _Request(owner, list(ids), start_pos, keep, cache, direct, job)
+        req = _Request(owner, list(ids), start_pos, keep, cache, direct, job,
+                       job and bool(getattr(self._local, "urgent", False)))
         with self._lock:
             if self._closing and not job:
                 raise RuntimeError("engine is closed")
@@ -323,8 +346,8 @@ class Scheduler:
     def _gather_wait(self) -> float:  # under _lock
         """Seconds a tick should still wait: for last tick's decoders to queue their next step, or,
         for a tick of prefills alone while nobody speaks, for more arrivals (``_ARRIVAL_*``)."""
-        if not self._batching:
-            return 0.0
+        if not self._batching or any(r.urgent for r in self._pending):
+            return 0.0  # an urgent request runs now (in an express tick, see _plan)
         if not self._last_decoders:
             if not self._pending or self._speakers or any(r.decode for r in self._pending):
                 return 0.0
@@ -358,8 +381,13 @@ class Scheduler:
         to ``burst_tokens`` in all), then pieces of long prefills round robin, with the short ones
         at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
         ``TickPacer.PACE - 1`` times the decode rows' own cost."""
-        plan = [(r, 1, 0) for r in self._pending if r.decode]
-        prefills = sorted((r for r in self._pending if not r.decode),
+        pool = self._pending
+        urgent = [r for r in pool if r.urgent]
+        if urgent and len(urgent) < len(pool) and not self._left_out:
+            pool = urgent  # an express tick; the next one takes everyone
+        self._left_out = pool is not self._pending
+        plan = [(r, 1, 0) for r in pool if r.decode]
+        prefills = sorted((r for r in pool if not r.decode),
                           key=lambda r: (self._served.get(id(r.owner), -1), r.order))
         budget = self.chunk_tokens
         tick = self.stats.ticks
@@ -486,11 +514,12 @@ class Scheduler:
     def _finish_tick(self, tick: int, plan: list[tuple[_Request, int, int]], forwards: int,
                      seconds: float) -> None:  # under _lock
         now = time.perf_counter()
-        records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick)
+        records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick, r.urgent)
                         for r, n, offset in plan)
-        self.trace.append(TickRecord(tick, records, forwards, seconds))
+        self.trace.append(TickRecord(tick, records, forwards, seconds, self._left_out))
         s = self.stats
         s.ticks += 1
+        s.express_ticks += self._left_out
         s.forwards += forwards
         s.rows += len(plan)
         s.decode_rows += sum(1 for r, _, _ in plan if r.decode)

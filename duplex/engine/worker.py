@@ -102,6 +102,12 @@ class Engine:
         interleaves with it at forward boundaries."""
         return await self._submit(seq, fn, *args, **kwargs)
 
+    async def run_urgent(self, seq: SharedSequence | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """:meth:`run_for` for work a user is waiting on: a reply's hand-over and its steps until
+        its first words are out. The scheduler runs it in an express tick, ahead of other
+        sessions' streaming (which waits at most that one tick)."""
+        return await self._submit(seq, fn, *args, _urgent=True, **kwargs)
+
     async def decode(self, seq: SharedSequence, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
         """One decode step: sample the next token and append it; batched with other sessions' steps."""
         return await self.run_for(seq, seq.step, sampler, status)
@@ -111,10 +117,10 @@ class Engine:
         that keep other sessions decoding."""
         await self.run_for(seq, seq.append, list(ids), status)
 
-    async def _submit(self, lane: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _submit(self, lane: Hashable, fn: Callable[..., T], *args: Any, _urgent: bool = False, **kwargs: Any) -> T:
         if self._closed:
             raise RuntimeError("engine is closed")
-        future = asyncio.wrap_future(self.scheduler.submit(lane, fn, *args, **kwargs))
+        future = asyncio.wrap_future(self.scheduler.submit(lane, fn, *args, urgent=_urgent, **kwargs))
         if not log.isEnabledFor(logging.DEBUG):
             return await future
         t0 = time.perf_counter()

@@ -362,8 +362,9 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             self._overlap_start_t = now  # typing over the agent counts as overlap
         self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), ev.final, now))
 
-    async def _prefill_user(self, text: str) -> None:
-        """Committed user text goes into the cache now, unless the agent's turn is still open."""
+    async def _prefill_user(self, text: str, urgent: bool = False) -> None:
+        """Committed user text goes into the cache now, unless the agent's turn is still open.
+        ``urgent``: the reply waits for it (the agent is taking its turn)."""
         assert self.seq is not None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
         agent = self._agent
@@ -375,10 +376,12 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
-            self._turn_end, self._prepared, self._first_token = await self.engine.run_for(
+            # the reply's first token comes out of this forward: urgent (an express tick)
+            self._turn_end, self._prepared, self._first_token = await self.engine.run_urgent(
                 self.seq, self._append_and_prepare_sync, ids)
             return
-        self._turn_end = await self.engine.run_for(self.seq, self._append_user_sync, ids)
+        run = self.engine.run_urgent if urgent else self.engine.run_for
+        self._turn_end = await run(self.seq, self._append_user_sync, ids)
 
     async def _maybe_prepare_reply(self) -> bool:
         """While the user is silent after committed words, prefill the user-turn footer and the
@@ -387,7 +390,7 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         if not self._can_prepare_reply():
             return False
         assert self.seq is not None
-        self._prepared, self._first_token = await self.engine.run_for(self.seq, self._hand_over_sync)
+        self._prepared, self._first_token = await self.engine.run_urgent(self.seq, self._hand_over_sync)
         return True
 
     def _can_prepare_reply(self, after_append: bool = False) -> bool:

@@ -82,8 +82,10 @@ class Speaking:
             agent.text += piece
             agent.char_ends.append(len(agent.text))
             self._emit_words(self._words.push(piece))
+            # until the reply's first words are out the user is waiting: urgent (express ticks)
+            run = self.engine.run_urgent if agent.emitted_chars == 0 else self.engine.run_for
             agent.next_token, agent.next_version = await self._step_listening(
-                self.engine.run(self.seq.append_and_sample, token, self._sampler, Status.UNSPOKEN))
+                run(self.seq, self.seq.append_and_sample, token, self._sampler, Status.UNSPOKEN))
             if not agent.generating:
                 return  # interrupted while the step ran
             stop = self._hit_stop()
@@ -123,16 +125,16 @@ class Speaking:
             text, self._typed_pending = self._typed_pending, ""
             prefix = " " if self._user_committed else ""
             self._user_committed.extend(text.split())
-            await self._prefill_user(prefix + text.strip())
+            await self._prefill_user(prefix + text.strip(), urgent=True)
         if self._held_ids:
             ids, self._held_ids = self._held_ids, []
-            self._turn_end = await self.engine.run_for(self.seq, self._append_user_sync, ids)
+            self._turn_end = await self.engine.run_urgent(self.seq, self._append_user_sync, ids)
         user_text = self._user_text_so_far()
         user_turn = self._user_turn
         if self._prepared is not None:
             turn, self._prepared = self._prepared, None
         else:
-            turn, self._first_token = await self.engine.run_for(self.seq, self._hand_over_sync)
+            turn, self._first_token = await self.engine.run_urgent(self.seq, self._hand_over_sync)
         first, self._first_token = self._first_token, None
         if user_turn is not None:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
