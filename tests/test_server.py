@@ -95,7 +95,9 @@ async def test_static_page_and_health(make_server) -> None:
     assert (await asyncio.to_thread(get, "/nope.js"))[0] == 404
     assert (await asyncio.to_thread(get, "/%2e%2e/server.py"))[0] == 404
     status, _, body = await asyncio.to_thread(get, "/healthz")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok" and health["sessions"] == 0
+    assert {"ticks", "express_ticks", "prefill_tokens"} <= set(health["engine"])
 
 
 async def test_text_reply_streams_and_matches_done(make_server) -> None:

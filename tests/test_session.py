@@ -415,7 +415,8 @@ async def test_held_decoding_waits_for_release_and_a_cancel_still_gets_through(t
 
 async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_engine, monkeypatch):
     # under load each engine job waits for the tick in flight: the first token must not need a job
-    # of its own between the hand-over and the first decode step
+    # of its own between the hand-over and the first decode step; and a typed turn's job takes the
+    # first decode step too (a word is complete only once the next token starts another)
     s = await _session(tiny_engine, max_tokens=6)
     calls: list[str] = []
     run, run_for, run_urgent = tiny_engine.run, tiny_engine.run_for, tiny_engine.run_urgent
@@ -440,8 +441,28 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
     deltas = [e for e in events if e.type == "agent_text_delta"]
     assert deltas
     assert "sample" not in calls  # only append_and_sample steps, each carrying the next token
-    assert calls.count("append_and_sample") == deltas[-1].token_end  # one job per reply token
+    assert calls[0] == "_append_and_prepare_sync"  # words, hand-over, first token and the step after it
+    assert calls.count("append_and_sample") == deltas[-1].token_end - 1  # then one job per reply token
     await s.close()
+
+
+async def test_a_typed_turn_taking_its_first_step_in_the_opening_job_says_what_it_would_say_without(tiny_engine):
+    """The folded first step (``_append_and_prepare_sync(first_step=True)``) gives the same greedy
+    reply, the same token spans and the same cache as the hand-over and first step as two jobs
+    (``speculative_handover`` off takes that path)."""
+    replies = []
+    for speculative in (True, False):
+        config = SessionConfig(instructions="You are terse.", speculative_handover=speculative,
+                               sampling=SamplingConfig(max_tokens=8, temperature=0.0))
+        s = Session(tiny_engine, config, clock=ManualClock())
+        await s.start()
+        s.submit(TextInput("hello there"))
+        events = await collect_until(s, _is("turn_ended", speaker="agent"))
+        deltas = [e for e in events if e.type == "agent_text_delta"]
+        replies.append(([(d.text, d.token_start, d.token_end) for d in deltas], list(s.seq.ids)))
+        await s.close()
+    assert replies[0] == replies[1]
+    assert replies[0][0][-1][2] == 8
 
 
 async def test_policy_sees_that_the_user_interrupted_until_the_reply_starts(tiny_engine):

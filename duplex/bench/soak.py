@@ -408,6 +408,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             for c in clients:
                 c.url, c.offset = url, c.index - n_talkers
             stop = asyncio.Event()
+            engine_start = ((await asyncio.to_thread(_health, url)) or {}).get("engine") or {}
             t_soak = time.monotonic()
             sampler.soak_start_s = round(t_soak - sampler.t0, 2)
             tasks = [asyncio.ensure_future(_client_loop(c, stop, stats.first_text_ms)) for c in clients]
@@ -423,6 +424,8 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
                 stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
             soak_s = time.monotonic() - t_soak
+            engine_end = ((await asyncio.to_thread(_health, url)) or {}).get("engine") or {}
+            engine = {k: v - engine_start.get(k, 0) for k, v in engine_end.items() if k != "max_rows"}
             await asyncio.sleep(1.0)
             await asyncio.to_thread(sampler.sample)  # after every client closed
             held_after = sampler.sessions[-1][1] if sampler.sessions else None
@@ -434,7 +437,10 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
-    return _result(cfg, stats, sampler, server_info, machine, soak_s, time.monotonic() - t_start, held_after)
+    result = _result(cfg, stats, sampler, server_info, machine, soak_s, time.monotonic() - t_start, held_after)
+    # how the engine spent the soak (the server's /healthz counters; empty for an older server)
+    result["engine_during_soak"] = engine
+    return result
 
 
 def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict[str, Any],

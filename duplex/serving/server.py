@@ -69,6 +69,8 @@ CLOSE_NORMAL = frozenset({1000, 1001})
 CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
 CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a client-chosen id for a new session (?session_id=)
+# SchedulerStats fields /healthz reports
+_ENGINE_COUNTERS = ("ticks", "express_ticks", "forwards", "rows", "decode_rows", "prefill_tokens", "max_rows")
 _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
 
 
@@ -413,9 +415,17 @@ class DuplexServer:
                 return resp
             return None
         if path == "/healthz":
-            return self._response(200, b'{"status":"ok","sessions":%d,"max_sessions":%d}'
-                                  % (len(self.sessions), self.admission.max_sessions), "application/json")
+            return self._response(200, json.dumps(self.health()).encode(), "application/json")
         return self._static(path)
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: sessions held, the cap, and the engine scheduler's counters (ticks,
+        express ticks, rows, prefill tokens since start), so a load run can see how the engine
+        spent its ticks without a debugger."""
+        stats = getattr(self.engine, "stats", None)
+        engine = {k: getattr(stats, k) for k in _ENGINE_COUNTERS if hasattr(stats, k)}
+        return {"status": "ok", "sessions": len(self.sessions), "max_sessions": self.admission.max_sessions,
+                "engine": engine}
 
     def _static(self, path: str) -> Response:
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")

@@ -18,7 +18,7 @@ from typing import Any
 
 from duplex.audio.turn_features import TurnAudioFeatures
 from duplex.engine.sampling import Sampler
-from duplex.engine.sequence import SharedSequence, Speaker, TurnEnd
+from duplex.engine.sequence import SharedSequence, Speaker, Status, TurnEnd
 from duplex.engine.worker import Engine
 from duplex.policies import (
     Action,
@@ -110,6 +110,10 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         # the reply's first token, sampled in the job that opened the agent turn: (token,
         # logits_version, sampler); saves the reply one engine job (a tick's wait under load)
         self._first_token: tuple[int, int, Sampler] | None = None
+        # the reply's first token, already appended by that job (then _first_token is the one after
+        # it): after a final typed message the job also takes the reply's first decode step, so the
+        # first word (complete once the next token starts) costs no second hand-off and tick wait
+        self._first_appended: int | None = None
         # agent side
         self._agent: AgentTurnState | None = None
         self._detok = IncrementalDetokenizer(engine.tokenizer)
@@ -357,14 +361,15 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             return
         had_words = bool(self._user_committed)
         self._user_committed.extend(words)
-        await self._prefill_user((" " if had_words else "") + " ".join(words))
+        await self._prefill_user((" " if had_words else "") + " ".join(words), urgent=ev.final)
         if self._agent_speaking() and self._overlap_start_t is None:
             self._overlap_start_t = now  # typing over the agent counts as overlap
         self._emit(UserTranscript(self._current_user_turn_id(), self._user_text_so_far(), ev.final, now))
 
     async def _prefill_user(self, text: str, urgent: bool = False) -> None:
         """Committed user text goes into the cache now, unless the agent's turn is still open.
-        ``urgent``: the reply waits for it (the agent is taking its turn)."""
+        ``urgent``: the reply waits for it (a final typed message, or the agent taking its turn):
+        an express tick, and a prepared hand-over takes the reply's first step too."""
         assert self.seq is not None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
         agent = self._agent
@@ -376,9 +381,10 @@ class Session(SessionLifecycle, Speaking, BargeIn):
             self._held_ids.extend(ids)
             return
         if self._can_prepare_reply(after_append=True):
-            # the reply's first token comes out of this forward: urgent (an express tick)
-            self._turn_end, self._prepared, self._first_token = await self.engine.run_urgent(
-                self.seq, self._append_and_prepare_sync, ids)
+            # the reply's first token comes out of this forward: urgent (an express tick); taking
+            # the turn now, the same job takes the reply's first step too
+            self._turn_end, self._prepared, self._first_token, self._first_appended = await self.engine.run_urgent(
+                self.seq, self._append_and_prepare_sync, ids, urgent)
             return
         run = self.engine.run_urgent if urgent else self.engine.run_for
         self._turn_end = await run(self.seq, self._append_user_sync, ids)
@@ -406,19 +412,28 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         return self._prepared is None and seq.open_turn is not None and seq.open_turn[0] is Speaker.USER
 
     def _unprepare_sync(self) -> None:
-        """Roll back a speculative hand-over (worker thread)."""
+        """Roll back a speculative hand-over, with the reply's first token if it was taken too
+        (worker thread)."""
         if self._prepared is None or self.seq is None or self._user_turn is None:
             self._prepared = None
+            self._first_appended = None
             return
         template = self.seq.template
-        self.seq.rollback(len(template.user.footer) + len(template.agent.header))
+        taken = self._first_appended is not None
+        self.seq.rollback(len(template.user.footer) + len(template.agent.header) + taken)
         self.seq.reopen(Speaker.USER, self._user_turn)
         self._prepared = None
         self._first_token = None
+        self._first_appended = None
 
-    def _append_and_prepare_sync(self, ids: list[int]) -> tuple[TurnEnd, int, tuple[int, int, Sampler]]:
+    def _append_and_prepare_sync(self, ids: list[int], first_step: bool = False
+                                 ) -> tuple[TurnEnd, int, tuple[int, int, Sampler], int | None]:
         """Worker thread: the user's words plus the speculative hand-over in one forward, and the
-        reply's first token sampled from it."""
+        reply's first token sampled from it. ``first_step`` (a typed message is final: the reply
+        is all but certain): that token is appended too and the next one sampled, as the reply's
+        first decode step would (returned as the last item; None when not taken: an end-of-turn
+        token, a one-token reply). All of it is undone by :meth:`_unprepare_sync` if the user goes
+        on instead."""
         assert self.seq is not None
         self._unprepare_sync()
         if self.seq.open_turn is None:  # header, words and hand-over in one forward
@@ -428,7 +443,13 @@ class Session(SessionLifecycle, Speaking, BargeIn):
         else:
             ids = self._open_user_turn_sync(ids)
             turn, eou = self.seq.append_and_hand_over(ids, Speaker.AGENT)
-        return eou, turn, self._sample_first_sync()
+        first = self._sample_first_sync()
+        token, _, sampler = first
+        if (not first_step or token in self.seq.template.end_of_agent_turn_ids
+                or sampler.config.max_tokens <= 1):
+            return eou, turn, first, None
+        self.seq.append([token], Status.UNSPOKEN)
+        return eou, turn, self._sample_first_sync(), token
 
     def _hand_over_sync(self) -> tuple[int, tuple[int, int, Sampler]]:
         """Worker thread: open the agent turn and sample its first token in the same job."""

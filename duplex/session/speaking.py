@@ -58,6 +58,8 @@ class Speaking:
         assert self.seq is not None
         if self._agent is None:
             await self._take_turn()
+            if self._agent is not None and self._agent.tokens and await self._stop_after_token():
+                return  # the turn's first token came with the job that took the turn
         agent = self._agent
         assert agent is not None
         for _ in range(max(1, n_tokens)):
@@ -77,21 +79,33 @@ class Speaking:
             if token in self.seq.template.end_of_agent_turn_ids:
                 await self._complete_turn("completed")
                 return
-            agent.tokens.append(token)
-            piece = self._detok.push(token)
-            agent.text += piece
-            agent.char_ends.append(len(agent.text))
-            self._emit_words(self._words.push(piece))
+            self._take_token(agent, token)
             # until the reply's first words are out the user is waiting: urgent (express ticks)
             run = self.engine.run_urgent if agent.emitted_chars == 0 else self.engine.run_for
             agent.next_token, agent.next_version = await self._step_listening(
                 run(self.seq, self.seq.append_and_sample, token, self._sampler, Status.UNSPOKEN))
             if not agent.generating:
                 return  # interrupted while the step ran
-            stop = self._hit_stop()
-            if stop or len(agent.tokens) >= self._sampler.config.max_tokens:
-                await self._complete_turn("stop_sequence" if stop else "max_tokens")
+            if await self._stop_after_token():
                 return
+
+    def _take_token(self, agent: AgentTurnState, token: int) -> None:
+        """A reply token is in the cache: its text, and the words it completes, go out."""
+        agent.tokens.append(token)
+        piece = self._detok.push(token)
+        agent.text += piece
+        agent.char_ends.append(len(agent.text))
+        self._emit_words(self._words.push(piece))
+
+    async def _stop_after_token(self) -> bool:
+        """End the turn if the last token hit a stop sequence or the token limit."""
+        agent = self._agent
+        assert agent is not None
+        stop = self._hit_stop()
+        if stop or len(agent.tokens) >= self._sampler.config.max_tokens:
+            await self._complete_turn("stop_sequence" if stop else "max_tokens")
+            return True
+        return False
 
     async def _step_listening(self, step: Any) -> Any:
         """Await a decode step while still reacting to inputs: a barge-in that arrives mid-step is
@@ -136,6 +150,7 @@ class Speaking:
         else:
             turn, self._first_token = await self.engine.run_urgent(self.seq, self._hand_over_sync)
         first, self._first_token = self._first_token, None
+        appended, self._first_appended = self._first_appended, None
         if user_turn is not None:
             self._emit(TurnEnded("user", user_turn, user_text, "completed", now))
         self._user_turn = None
@@ -150,7 +165,7 @@ class Speaking:
         self._overlap_start_t = self._overlap_end_t = None
         self._barged_in = False
         # a logical position (evicted tokens included), so that eviction mid-turn cannot move it
-        content_start = len(self.seq) + self.seq.evicted_tokens
+        content_start = len(self.seq) + self.seq.evicted_tokens - (appended is not None)
         self._paused = False
         self._agent = AgentTurnState(turn=turn, content_start=content_start)
         if first is not None and first[2] is self._sampler:  # not if the sampling settings changed since
@@ -159,6 +174,9 @@ class Speaking:
         self._words = WordBuffer()
         self._emit(TurnStarted("agent", turn, now))
         self._set_state("speaking")
+        if appended is not None:
+            # taken with the turn (sampled under the settings of that moment, even if they changed)
+            self._take_token(self._agent, appended)
 
     def _emit_words(self, text: str) -> None:
         agent = self._agent
