@@ -196,12 +196,13 @@ class _SoakClient:
             if pred(ev):
                 return ev
 
-    async def ask(self) -> tuple[int, float | None]:
-        """Send a question; wait for the reply's first text (or its end). Returns (turn, ms);
-        ms None: the reply ended without text (then ``self.done_turn`` is that turn)."""
+    async def ask(self, question: str | None = None) -> tuple[int, float | None]:
+        """Send a question (a random one by default); wait for the reply's first text (or its
+        end). Returns (turn, ms); ms None: the reply ended without text (then ``self.done_turn``
+        is that turn)."""
         assert self.client is not None
         t0 = time.perf_counter()
-        await self.client.send_text(self.rng.choice(QUESTIONS))
+        await self.client.send_text(question or self.rng.choice(QUESTIONS))
         ev = await self.until(lambda e: e["type"] in ("response.output_text.delta", "response.done"))
         ms = (time.perf_counter() - t0) * 1000 if ev["type"] == "response.output_text.delta" else None
         return int(ev.get("turn", -1)), ms
@@ -213,8 +214,8 @@ class _SoakClient:
         await self.until(lambda e: e["type"] == "response.done" and e.get("turn", -1) >= turn, slow_s)
 
     # ---- behaviours -----------------------------------------------------------------------
-    async def talk(self, record: list[float] | None) -> None:
-        turn, ms = await self.ask()
+    async def talk(self, record: list[float] | None, question: str | None = None) -> None:
+        turn, ms = await self.ask(question)
         if ms is not None and record is not None:
             record.append(ms)
         await self.done(turn)
@@ -353,12 +354,15 @@ async def _server(cfg: SoakConfig) -> AsyncIterator[tuple[str, int | None, dict[
 
 
 async def _idle_baseline(cfg: SoakConfig, url: str, stats: _Stats, record: list[float]) -> None:
-    """One talker alone: a warm-up question, then ``idle_trials`` measured ones."""
+    """One talker alone: every question once unscored (a fresh server builds its buffers for each
+    new prompt length on first use: the idle figure must not carry that), then ``idle_trials``
+    measured ones."""
     c = _SoakClient(cfg, stats, index=-1, talker=True)
     c.url = url
     await c.open()
     try:
-        await c.talk(None)
+        for question in QUESTIONS:
+            await c.talk(None, question)
         for _ in range(cfg.idle_trials):
             await c.talk(record)
             await asyncio.sleep(0.3)
@@ -448,8 +452,12 @@ def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict
     rss = rss_stats(sampler.rss, sampler.soak_start_s + cfg.warmup)
     idle, loaded = _ms(stats.idle_first_text_ms), _ms(stats.first_text_ms)
     idle_end = _ms(stats.idle_end_first_text_ms)
-    ratio = round(loaded["p95"] / idle["p95"], 2) if loaded["p95"] and idle["p95"] else None
+    ratio_start = round(loaded["p95"] / idle["p95"], 2) if loaded["p95"] and idle["p95"] else None
     ratio_end = round(loaded["p95"] / idle_end["p95"], 2) if loaded["p95"] and idle_end["p95"] else None
+    # the target's measure: against the faster idle of the two ends (the stricter ratio). The
+    # shared host's speed drifts: one slow spell during the 6 idle questions at the start made
+    # that idle p95 150 ms against 60 after the soak, and the ratio "met" at 1.61x, not 4.05x
+    ratio = max((r for r in (ratio_start, ratio_end) if r is not None), default=None)
     internal = stats.errors.get("internal_error", 0)
     result: dict[str, Any] = {
         "benchmark": "soak",
@@ -470,8 +478,9 @@ def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict
                            "never arrived (text-only sessions send JSON only, which is never dropped)",
             "first_text": "input_text sent -> first response.output_text.delta of the reply, client clock; "
                           "well-behaved = the talker clients during the soak; idle = one talker alone at the start "
-                          "(idle_after_soak: the same once every soak client has closed); p95_ratio is against "
-                          "the idle value at the start, the target's measure",
+                          "(idle_after_soak: the same once every soak client has closed; each after every question once "
+                          "unscored); p95_ratio, the target's measure, is against the faster of the two idle p95 "
+                          "values (the stricter ratio: the shared host's speed drifts)",
             "roles": f"{max(1, cfg.clients // 2)} talkers (well-behaved), the rest rotate through {list(ACTIONS)}",
         },
         "rss": {**{k: v for k, v in asdict(rss).items() if k != "type"}, "soak_start_s": sampler.soak_start_s,
@@ -483,7 +492,8 @@ def _result(cfg: SoakConfig, stats: _Stats, sampler: _Sampler, server_info: dict
         "lost_events": stats.lost, "duplicate_events": stats.duplicates,
         "unexpected_closes": dict(stats.closes), "stalls": dict(stats.stalls),
         "first_text_ms": {"idle": idle, "idle_after_soak": idle_end, "well_behaved_under_load": loaded,
-                          "p95_ratio": ratio, "p95_ratio_vs_idle_after_soak": ratio_end},
+                          "p95_ratio": ratio, "p95_ratio_vs_idle_at_start": ratio_start,
+                          "p95_ratio_vs_idle_after_soak": ratio_end},
         "counts": {"sessions": stats.sessions, "events": stats.events, "agent_turns": stats.turns,
                    "actions": dict(stats.actions), "resumes": stats.resumes,
                    "resumes_failed": dict(stats.resumes_failed), "replayed_events": stats.replayed,
