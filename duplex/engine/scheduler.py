@@ -191,6 +191,7 @@ class Scheduler:
         self._local = threading.local()
         self._lanes: dict[Hashable, deque[_Job]] = {}  # a lane is present while it has a job started
         self._ready: deque[_Job] = deque()
+        self._urgent_ready = 0  # urgent jobs at the front of _ready, in their arrival order
         self._idle = 0
         self._workers: list[threading.Thread] = []
         self._runnable = 0  # started jobs not parked in forward()
@@ -234,7 +235,8 @@ class Scheduler:
     def _start(self, job: _Job) -> None:  # under _lock
         self._runnable += 1
         if job.urgent:
-            self._ready.appendleft(job)
+            self._ready.insert(self._urgent_ready, job)  # ahead of the others, behind earlier urgent ones
+            self._urgent_ready += 1
         else:
             self._ready.append(job)
         if len(self._ready) > self._idle:
@@ -256,6 +258,7 @@ class Scheduler:
                 if not self._ready:
                     return
                 job = self._ready.popleft()
+                self._urgent_ready -= job.urgent
             with self._baton:
                 self._local.urgent = job.urgent
                 if job.future.set_running_or_notify_cancel():

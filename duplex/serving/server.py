@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import http
 import importlib.resources
+import dataclasses
 import json
 import logging
 import mimetypes
@@ -69,8 +70,6 @@ CLOSE_NORMAL = frozenset({1000, 1001})
 CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
 CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a client-chosen id for a new session (?session_id=)
-# SchedulerStats fields /healthz reports
-_ENGINE_COUNTERS = ("ticks", "express_ticks", "forwards", "rows", "decode_rows", "prefill_tokens", "max_rows")
 _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
 
 
@@ -423,7 +422,7 @@ class DuplexServer:
         express ticks, rows, prefill tokens since start), so a load run can see how the engine
         spent its ticks without a debugger."""
         stats = getattr(self.engine, "stats", None)
-        engine = {k: getattr(stats, k) for k in _ENGINE_COUNTERS if hasattr(stats, k)}
+        engine = {k: v for k, v in dataclasses.asdict(stats).items() if k != "type"} if dataclasses.is_dataclass(stats) else {}
         return {"status": "ok", "sessions": len(self.sessions), "max_sessions": self.admission.max_sessions,
                 "engine": engine}
 
