@@ -97,13 +97,17 @@ def test_c_decode_kernel_with_smollm_heads_matches_fp32_attention(q, n, monkeypa
         attention._cpu_decode_kernel.cache_clear()
 
 
+@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("q,n,d", [(1, 4000, 64), (6, 4000, 64), (16, 700, 64), (5, 333, 128), (3, 64, 64)])
-def test_avx512_attention_matches_fp32_and_the_avx2_code(q, n, d, threads, monkeypatch):
+@pytest.mark.parametrize("q,n,d", [(1, 4000, 64), (6, 4000, 64), (16, 700, 64), (5, 333, 128), (3, 64, 64),
+                                   (2, 130, 64)])
+def test_wide_attention_codes_match_fp32_and_the_avx2_code(isa, q, n, d, threads, monkeypatch):
     """Where the CPU has AVX512_BF16, head dims that are multiples of 64 run the zmm code: keys
     transposed per block for the bf16 dot products, keys split across threads (3 KV heads on 2
-    threads) with the per-range softmax sums merged. Same attention as the fp32 reference and the
-    AVX2 code, to fp32 rounding."""
+    threads) with the per-range softmax sums merged. Where it also has AMX, blocks of 6 or more query
+    rows run on tiles: scores transposed (keys straight from the cache), rows padded to 16 (6 rows;
+    18 rows = 2 groups), a partial last block, the causal masks only near the end, probabilities in
+    bf16. Same attention as the fp32 reference and the AVX2 code, to bf16 rounding."""
     from duplex.engine import attention
 
     monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
@@ -111,8 +115,8 @@ def test_avx512_attention_matches_fp32_and_the_avx2_code(q, n, d, threads, monke
     before = torch.get_num_threads()
     try:
         kernel = attention._cpu_decode_kernel()
-        if kernel is None or attention.set_attention_isa(True) != "avx512-bf16":
-            pytest.skip("no AVX512_BF16 here: the AVX2 code runs")
+        if kernel is None or attention.set_attention_isa(isa) != isa:
+            pytest.skip(f"no {isa} here")
         torch.set_num_threads(threads)
         torch.manual_seed(q * 7 + n + d)
         h, kvh = 9, 3
@@ -121,21 +125,31 @@ def test_avx512_attention_matches_fp32_and_the_avx2_code(q, n, d, threads, monke
         value = torch.randn(1, kvh, n + 3, d).bfloat16()[:, :, :n]
         scale = d ** -0.5
         outs = {}
-        for avx512 in (False, True):
-            attention.set_attention_isa(avx512)
-            outs[avx512] = kernel(query, key, value, scale)
-            assert outs[avx512] is not None and outs[avx512].shape == (1, q, h, d)
+        for code in ("avx2", isa):
+            assert attention.set_attention_isa(code) == code
+            outs[code] = kernel(query, key, value, scale)
+            assert outs[code] is not None and outs[code].shape == (1, q, h, d)
         mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
         ref = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
                                                                scale=scale, enable_gqa=True).transpose(1, 2)
-        torch.testing.assert_close(outs[True].float(), ref, rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(outs[True].float(), outs[False].float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(outs[isa].float(), ref, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(outs[isa].float(), outs["avx2"].float(), rtol=1e-2, atol=1e-2)
     finally:
         torch.set_num_threads(before)
         attention._cpu_decode_kernel.cache_clear()
 
 
-def test_a_long_row_attends_in_one_pass_on_the_avx512_code():
+def test_attention_isa_names_are_checked():
+    from duplex.engine import attention
+
+    if attention.decode_kernel() is None:
+        pytest.skip("no C kernel")
+    with pytest.raises(ValueError, match="avx512"):
+        attention.set_attention_isa("avx1024")
+
+
+@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
+def test_a_long_row_attends_in_one_pass_on_the_wide_codes(isa):
     """The batched kernel takes a whole prefill chunk of a row (64 tokens x 3 query heads, past the
     AVX2 code's 48 register rows) in one pass over the cache there: same result as fp32 SDPA."""
     import ctypes
@@ -145,8 +159,8 @@ def test_a_long_row_attends_in_one_pass_on_the_avx512_code():
     attention._cpu_decode_kernel.cache_clear()
     try:
         fn = attention.decode_rows_kernel()
-        if fn is None or attention.set_attention_isa(True) != "avx512-bf16":
-            pytest.skip("no AVX512_BF16 here")
+        if fn is None or attention.set_attention_isa(isa) != isa:
+            pytest.skip(f"no {isa} here")
         torch.manual_seed(5)
         h, kvh, d, cached, t = 9, 3, 64, 300, 64
         k_cache = torch.zeros(1, kvh, cached + t + 10, d, dtype=torch.bfloat16)

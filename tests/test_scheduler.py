@@ -396,7 +396,8 @@ async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_lit
         return ragged(model, rows)
 
     monkeypatch.setattr(sched, "_FAST_MAX_TOKENS", 4)
-    monkeypatch.setattr(sched, "_FAST_MAX_ATTN", {"avx512-bf16": attn_limit, "avx2": attn_limit})
+    monkeypatch.setattr(sched, "_FAST_MAX_ATTN", {"amx-bf16": attn_limit, "avx512-bf16": attn_limit,
+                                                         "avx2": attn_limit})
     monkeypatch.setattr(sched, "fast_decoder", lambda model: Lean())
     monkeypatch.setattr(sched, "ragged_forward", counted_ragged)
     engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=8)

@@ -6,7 +6,8 @@ once per query head (``repeat_kv``). Here each KV head is read once for its whol
 Valid for one unpadded sequence per batch row (our case: one session per cache) and for models
 without sliding-window layers; the engine only selects it then. Where the CPU has AVX512_BF16 and
 the head dim is a multiple of 64, the kernel runs its AVX-512 code (bf16 dot products for the
-scores, keys split across threads, a whole prefill row per pass over the cache); elsewhere AVX2.
+scores, keys split across threads, a whole prefill row per pass over the cache), with AMX tile
+products for blocks of many query rows where the CPU has AMX; elsewhere AVX2.
 """
 
 from __future__ import annotations
@@ -129,27 +130,41 @@ def _cpu_decode_kernel() -> Kernel | None:
     kernel.set_isa = lib.duplex_attn_set_isa  # type: ignore[attr-defined]
     lib.duplex_attn_isa.restype = ctypes.c_int
     kernel.isa = lib.duplex_attn_isa  # type: ignore[attr-defined]
-    kernel.set_isa(0 if os.environ.get("DUPLEX_ATTN_AVX512", "1").strip() == "0" else -1)
+    if os.environ.get("DUPLEX_ATTN_AVX512", "1").strip() == "0":
+        kernel.set_isa(0)
+    elif os.environ.get("DUPLEX_ATTN_AMX", "1").strip() == "0":
+        kernel.set_isa(1)
+    else:
+        kernel.set_isa(-1)
     return kernel
 
 
+_ISA_NAMES = {0: "avx2", 1: "avx512-bf16", 2: "amx-bf16"}
+_ISA_LEVELS = {name: level for level, name in _ISA_NAMES.items()}
+
+
 def attention_isa() -> str | None:
-    """``avx512-bf16`` or ``avx2``: the code the C kernel runs for head dims that are multiples of
-    64 (see :func:`set_attention_isa`); None without the kernel."""
+    """``amx-bf16``, ``avx512-bf16`` or ``avx2``: the code the C kernel runs for head dims that are
+    multiples of 64 (see :func:`set_attention_isa`); None without the kernel. ``amx-bf16`` is the
+    AVX-512 code with AMX tile products for blocks of 6 or more query rows (turn hand-overs, prefill
+    pieces); single decode steps stay on the zmm code, where they read the cache at memory speed."""
     kernel = _cpu_decode_kernel()
     if kernel is None:
         return None
-    return "avx512-bf16" if kernel.isa() else "avx2"  # type: ignore[attr-defined]
+    return _ISA_NAMES[kernel.isa()]  # type: ignore[attr-defined]
 
 
-def set_attention_isa(avx512: bool) -> str | None:
-    """Which code the C kernel runs for head dims that are multiples of 64: ``avx512-bf16`` (the
-    default where the CPU has AVX512BW and AVX512_BF16; ``DUPLEX_ATTN_AVX512=0`` turns it off) or
-    ``avx2``; returns the one now in use, None without the kernel. For A/B runs and tests."""
+def set_attention_isa(isa: str) -> str | None:
+    """Cap the code the C kernel runs for head dims that are multiples of 64 at ``isa``
+    (``amx-bf16``, ``avx512-bf16`` or ``avx2``; the best the CPU and OS allow is the default, and
+    ``DUPLEX_ATTN_AVX512=0`` / ``DUPLEX_ATTN_AMX=0`` lower it); returns the one now in use, None
+    without the kernel. For A/B runs and tests."""
     kernel = _cpu_decode_kernel()
     if kernel is None:
         return None
-    return "avx512-bf16" if kernel.set_isa(1 if avx512 else 0) else "avx2"  # type: ignore[attr-defined]
+    if isa not in _ISA_LEVELS:
+        raise ValueError(f"attention isa must be one of {sorted(_ISA_LEVELS)}, not {isa!r}")
+    return _ISA_NAMES[kernel.set_isa(_ISA_LEVELS[isa])]  # type: ignore[attr-defined]
 
 
 def decode_kernel() -> Kernel | None:

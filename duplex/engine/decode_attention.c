@@ -122,19 +122,41 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
 #define DUPLEX_HAVE_A512 1
 #define A512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-static int attn_isa512 = -1; /* -1: undecided; 0: AVX2 code; 1: AVX-512 BF16 code */
+static int attn_isa512 = -1; /* -1: undecided; 0: AVX2 code; 1: AVX-512 BF16 code; 2: that and AMX tiles */
+static int attn_max_isa = 2;  /* what duplex_attn_set_isa allows */
+
+/* AMX: its tile registers need the kernel's permission (Linux 5.16+) and gcc >= 11 / clang >= 12 */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define DUPLEX_HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+static int amx_available(void) {
+    unsigned a, b, c, dx;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &dx) || !(dx & (1u << 22)) || !(dx & (1u << 24))) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#else
+static int amx_available(void) { return 0; }
+#endif
 
 static int attn_use512(void) {
     if (attn_isa512 < 0) {
         __builtin_cpu_init();
         attn_isa512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+        if (attn_isa512 && attn_max_isa >= 2 && amx_available()) attn_isa512 = 2;
+        if (attn_isa512 > attn_max_isa) attn_isa512 = attn_max_isa;
     }
     return attn_isa512;
 }
 
-/* 0: the AVX2 code, 1 or -1: AVX-512 BF16 where the CPU has it; returns the path now in use */
+/* 0: the AVX2 code; 1: AVX-512 BF16 where the CPU has it; 2 or -1: AMX tiles too where the CPU and
+ * the OS allow them; returns the path now in use (0, 1 or 2) */
 int duplex_attn_set_isa(int isa) {
-    attn_isa512 = isa == 0 ? 0 : -1;
+    attn_max_isa = isa < 0 || isa > 2 ? 2 : isa;
+    attn_isa512 = -1;
     return attn_use512();
 }
 
@@ -194,10 +216,274 @@ int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { /* for the tes
     return 0;
 }
 
-/* 4 zmm of scores (64 keys) for NR rows: sc[r][j] = scale * sum_c q[r][c] k[j][c], from kt (pairs of
+/* the cache is two streams per head with compute between their blocks, which the hardware
+ * prefetchers do not run far enough ahead of: each block asks for the keys and values this many
+ * blocks ahead, a row at a time through its loops (one thread, 4k keys, 5 tokens: 8-12 % less time
+ * at 2 blocks ahead than none, interleaved A/B) */
+static int attn_pf_blocks = 2;
+int duplex_attn_set_pf(int blocks) { attn_pf_blocks = blocks; return blocks; }
+#define PREFETCH_ROW(base, j)                                                              \
+    do {                                                                                   \
+        if (base)                                                                          \
+            for (int o_ = 0; o_ < d * 2; o_ += 64)                                         \
+                _mm_prefetch((const char*)((base) + (int64_t)(j) * d) + o_, _MM_HINT_T0); \
+    } while (0)
+
+/* keys j0 .. j0 + jb (jb <= KB) of one head transposed into kt: pairs of dims x 64 keys, as uint32
+ * (the bf16 pairs vdpbf16ps and AMX's B tiles take); keys past jb are zero */
+static inline A512 void transpose_keys(const uint16_t* kb, int j0, int jb, int d, uint32_t* kt) {
+    int d2 = d / 2;
+    for (int kg = 0; kg < 4; ++kg) { /* keys kg*16 .. +16 of the block */
+        int j = kg * 16;
+        for (int ug = 0; ug < d2; ug += 16) {
+            if (j + 16 <= jb) {
+                transpose16((const uint32_t*)(kb + (int64_t)(j0 + j) * d) + ug, d2, kt + (int64_t)ug * 64 + j, 64);
+            } else {
+                uint32_t tmp[16 * 16];
+                for (int i = 0; i < 16; ++i) {
+                    if (j + i < jb) memcpy(tmp + i * 16, (const uint32_t*)(kb + (int64_t)(j0 + j + i) * d) + ug, 64);
+                    else memset(tmp + i * 16, 0, 64);
+                }
+                transpose16(tmp, 16, kt + (int64_t)ug * 64 + j, 64);
+            }
+        }
+    }
+}
+
+/* online softmax of one block for `rows` rows: sc [rows][64] holds unscaled scores; writes each row's
+ * probabilities relative to its new running max (0 past the keys it may see), its rescale factor
+ * alpha for what it summed before, and updates the running max and sum */
+static inline A512 void softmax_block(float* sc, int rows, const int* last, int j0, int jb, float scale, float* mx,
+                                      float* den, float* alpha) {
+    __m512 sv = _mm512_set1_ps(scale);
+    for (int r = 0; r < rows; ++r) {
+        float* s = sc + (int64_t)r * 64;
+        int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb;
+        if (lim <= 0) {
+            alpha[r] = 1.0f;
+            memset(s, 0, sizeof(float) * 64);
+            continue;
+        }
+        __m512 m = _mm512_set1_ps(-3.0e38f);
+        for (int j = 0; j < 64; j += 16) {
+            _mm512_store_ps(s + j, _mm512_mul_ps(_mm512_load_ps(s + j), sv));
+            if (j < lim) {
+                __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lim - j)) - 1);
+                m = _mm512_mask_max_ps(m, mk, m, _mm512_load_ps(s + j));
+            }
+        }
+        float bm = _mm512_reduce_max_ps(m);
+        float nm = den[r] > 0.0f && mx[r] > bm ? mx[r] : bm;
+        alpha[r] = den[r] > 0.0f ? expf(mx[r] - nm) : 0.0f;
+        mx[r] = nm;
+        __m512 mv = _mm512_set1_ps(nm), z = _mm512_setzero_ps();
+        for (int j = 0; j < 64; j += 16) {
+            __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : lim > j ? (__mmask16)((1u << (lim - j)) - 1) : 0;
+            __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_load_ps(s + j), mv)));
+            _mm512_store_ps(s + j, e);
+            z = _mm512_add_ps(z, e);
+        }
+        den[r] = den[r] * alpha[r] + _mm512_reduce_add_ps(z);
+    }
+}
+
+#ifdef DUPLEX_HAVE_AMX
+/* ---- AMX tiles (Sapphire Rapids and later) ----------------------------------------------------
+ * For blocks of many query rows (a turn hand-over, a prefill piece) the zmm products are the cost:
+ * a 5-token hand-over (15 rows) over 4k keys took 2.2x a one-token step (one thread). Per 64 keys and
+ * 16 query rows, tiles do
+ * - the scores transposed, S^T = K . Q^T: the keys are A tiles read straight from the cache (no
+ *   transposes), Q^T (dim pairs x rows) is built once per call; each key's 16 row scores are then
+ *   one zmm, so the online softmax is vertical (masks from each row's last visible key, no
+ *   horizontal max or sum per row);
+ * - the values, O = P . V: P transposed back (4 16x16 transposes) and rounded to bf16 as flash
+ *   attention does on GPUs, the values interleaved into key pairs (B tiles).
+ * Tiles 0-3: C (16 x 16 fp32); 4: A (16 x 32 bf16); 6: B (16 pairs x 16 columns). Rows are
+ * padded to 16 with zero queries that no key is visible to. */
+/* e^x for x <= 0 to ~2e-6 relative (degree-5 polynomial of 2^f on [-0.5, 0.5], then vscalefps):
+ * the probabilities it makes are rounded to bf16 (2^-9) for the tile product anyway */
+static inline AMX __m512 exp16_bf(__m512 x) {
+    __m512 tt = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    __m512 nn = _mm512_roundscale_ps(tt, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(tt, nn);
+    __m512 y = _mm512_set1_ps(1.3333558e-3f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, nn);
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static AMX __attribute__((noinline)) void amx_begin(void) {
+    amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    /* not _tile_loadconfig: gcc's macro names only the first 8 bytes as its input, so the stores of
+     * the rest of the configuration can be dropped as dead (a #GP at ldtilecfg) */
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+static AMX __attribute__((noinline)) void amx_end(void) { _tile_release(); }
+
+/* values rows j0 .. j0 + jb of one head interleaved into key pairs: vp[jp][c] = (v[2jp][c], v[2jp+1][c]),
+ * as uint32 (a B tile's layout); zero past jb */
+static inline AMX void pair_values(const uint16_t* vb, int j0, int jb, int d, uint32_t* vp) {
+    static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    __m512i ilo = _mm512_loadu_si512((const void*)lo_idx);
+    __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    for (int jp = 0; jp < KB / 2; ++jp) {
+        int ja = 2 * jp, jc = 2 * jp + 1;
+        for (int c = 0; c < d; c += 32) {
+            __m512i a = ja < jb ? _mm512_loadu_si512((const void*)(vb + (int64_t)(j0 + ja) * d + c)) : _mm512_setzero_si512();
+            __m512i b = jc < jb ? _mm512_loadu_si512((const void*)(vb + (int64_t)(j0 + jc) * d + c)) : _mm512_setzero_si512();
+            _mm512_store_si512((void*)(vp + (int64_t)jp * d + c), _mm512_permutex2var_epi16(a, ilo, b));
+            _mm512_store_si512((void*)(vp + (int64_t)jp * d + c + 16), _mm512_permutex2var_epi16(a, ihi, b));
+        }
+    }
+}
+
+/* one block of keys j0 .. j0 + jb (jb <= 64) for one group of 16 rows: qt [d2][16] their queries
+ * transposed into dim pairs; vp the block's values in key pairs (pair_values); kpad a zeroed 64 x d
+ * buffer for a partial block; st [64][16], pf [16][64] fp32 and pb [16][64] bf16 scratch; ob [16][d]
+ * fp32; m, den [16] running max and sum; acc [16][d] running output; last [16] each row's last
+ * visible key (-1 for padding), first_last the smallest of them over real rows */
+static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, const uint16_t* kb, int j0, int jb,
+                                                    const uint32_t* vp, uint16_t* kpad, float* st, float* pf,
+                                                    uint16_t* pb, float* ob, float* m, float* den, float* acc,
+                                                    const int* last, int first_last, int nr, float scale,
+                                                    const uint16_t* pfk, const uint16_t* pfv) {
+    int d2 = d / 2;
+    const uint16_t* kr = kb + (int64_t)j0 * d;
+    if (jb < 64) { /* the last, partial block: tile loads read whole groups of 16 keys */
+        memcpy(kpad, kr, sizeof(uint16_t) * (size_t)jb * d);
+        memset(kpad + (size_t)jb * d, 0, sizeof(uint16_t) * (size_t)(64 - jb) * d);
+        kr = kpad;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int p = 0; p < d2; p += 16) { /* 32 dims a step */
+        _tile_loadd(6, qt + (int64_t)p * 16, 64);
+        _tile_loadd(4, kr + 2 * p, d * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(4, kr + (int64_t)16 * d + 2 * p, d * 2);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(4, kr + (int64_t)32 * d + 2 * p, d * 2);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(4, kr + (int64_t)48 * d + 2 * p, d * 2);
+        _tile_dpbf16ps(3, 4, 6);
+    }
+    _tile_stored(0, st, 64);
+    _tile_stored(1, st + 256, 64);
+    _tile_stored(2, st + 512, 64);
+    _tile_stored(3, st + 768, 64);
+    /* online softmax, one zmm per key (lane = row). Only a block past the first query's own position
+     * needs the causal masks; elsewhere padded rows (zero queries) are left unmasked: their lanes are
+     * finite and never read */
+    __m512 sv = _mm512_set1_ps(scale), mo = _mm512_loadu_ps(m), raw = _mm512_set1_ps(-3.0e38f);
+    __mmask16 vis[64];
+    int masked = jb < 64 || j0 + 63 > first_last;
+    if (masked) {
+        __m512i lastv = _mm512_loadu_si512((const void*)last);
+        for (int j = 0; j < 64; ++j) {
+            PREFETCH_ROW(pfk, j);
+            vis[j] = j < jb ? _mm512_cmpge_epi32_mask(lastv, _mm512_set1_epi32(j0 + j)) : 0;
+            raw = _mm512_mask_max_ps(raw, vis[j], raw, _mm512_load_ps(st + j * 16));
+        }
+    } else {
+        __m512 r1 = raw;
+        for (int j = 0; j < 64; j += 2) {
+            PREFETCH_ROW(pfk, j);
+            PREFETCH_ROW(pfk, j + 1);
+            raw = _mm512_max_ps(raw, _mm512_load_ps(st + j * 16));
+            r1 = _mm512_max_ps(r1, _mm512_load_ps(st + j * 16 + 16));
+        }
+        raw = _mm512_max_ps(raw, r1);
+    }
+    __m512 mn = _mm512_max_ps(mo, _mm512_mul_ps(raw, sv)); /* scale > 0 */
+    __m512 alpha = exp16(_mm512_sub_ps(mo, mn)); /* 0 (underflow) where nothing was seen before */
+    __m512 z = _mm512_setzero_ps(), z1 = z;
+    if (masked) {
+        for (int j = 0; j < 64; ++j) {
+            PREFETCH_ROW(pfv, j);
+            __m512 x = _mm512_min_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * 16), sv, mn), _mm512_setzero_ps());
+            __m512 e = _mm512_maskz_mov_ps(vis[j], exp16_bf(x));
+            _mm512_store_ps(st + j * 16, e);
+            z = _mm512_add_ps(z, e);
+        }
+    } else {
+        for (int j = 0; j < 64; j += 2) {
+            PREFETCH_ROW(pfv, j);
+            PREFETCH_ROW(pfv, j + 1);
+            __m512 e0 = exp16_bf(_mm512_fmsub_ps(_mm512_load_ps(st + j * 16), sv, mn));
+            __m512 e1 = exp16_bf(_mm512_fmsub_ps(_mm512_load_ps(st + j * 16 + 16), sv, mn));
+            _mm512_store_ps(st + j * 16, e0);
+            _mm512_store_ps(st + j * 16 + 16, e1);
+            z = _mm512_add_ps(z, e0);
+            z1 = _mm512_add_ps(z1, e1);
+        }
+        z = _mm512_add_ps(z, z1);
+    }
+    _mm512_storeu_ps(den, _mm512_fmadd_ps(_mm512_loadu_ps(den), alpha, z));
+    _mm512_storeu_ps(m, mn);
+    float al[16];
+    _mm512_storeu_ps(al, alpha);
+    for (int kg = 0; kg < 4; ++kg) /* P = (P^T)^T, then bf16 */
+        transpose16((const uint32_t*)(st + kg * 256), 16, (uint32_t*)(pf + kg * 16), 64);
+    for (int r = 0; r < 16; ++r)
+        for (int j = 0; j < 64; j += 32) {
+            const float* sr = pf + r * 64 + j;
+            _mm512_store_si512((void*)(pb + r * 64 + j),
+                               (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(sr + 16), _mm512_load_ps(sr)));
+        }
+    for (int c0 = 0; c0 < d; c0 += 64) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int half = 0; half < 2; ++half) { /* keys 0-31, 32-63: 16 key pairs each */
+            _tile_loadd(4, pb + half * 32, 128);
+            const uint32_t* vr = vp + (int64_t)half * 16 * d + c0;
+            _tile_loadd(6, vr, d * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(6, vr + 16, d * 4);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(6, vr + 32, d * 4);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(6, vr + 48, d * 4);
+            _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, ob, 256);
+        _tile_stored(1, ob + 16, 256);
+        _tile_stored(2, ob + 32, 256);
+        _tile_stored(3, ob + 48, 256);
+        for (int i = 0; i < nr; ++i) { /* acc = alpha acc + this block's output */
+            float* ar = acc + (int64_t)i * d + c0;
+            __m512 a = _mm512_set1_ps(al[i]);
+            for (int u = 0; u < 64; u += 16)
+                _mm512_storeu_ps(ar + u, _mm512_fmadd_ps(a, _mm512_loadu_ps(ar + u), _mm512_load_ps(ob + i * 64 + u)));
+        }
+    }
+}
+#endif
+
+/* 4 zmm of scores (64 keys) for NR rows: sc[r][j] = sum_c q[r][c] k[j][c], from kt (pairs of
  * dims x 64 keys, as uint32) and q2 (each row's dims as pairs) */
 static inline __attribute__((always_inline)) A512 void scores512(const uint32_t* q2, const uint32_t* kt, float* sc,
-                                                                int d2, float scale, const int NR) {
+                                                                int d2, const int NR) {
     __m512 a[4][4];
     for (int i = 0; i < NR; ++i)
         for (int u = 0; u < 4; ++u) a[i][u] = _mm512_setzero_ps();
@@ -214,9 +500,8 @@ static inline __attribute__((always_inline)) A512 void scores512(const uint32_t*
             a[i][3] = _mm512_dpbf16_ps(a[i][3], qv, k3);
         }
     }
-    __m512 sv = _mm512_set1_ps(scale);
     for (int i = 0; i < NR; ++i)
-        for (int u = 0; u < 4; ++u) _mm512_store_ps(sc + i * 64 + 16 * u, _mm512_mul_ps(a[i][u], sv));
+        for (int u = 0; u < 4; ++u) _mm512_store_ps(sc + i * 64 + 16 * u, a[i][u]);
 }
 
 /* acc[r][c0 .. c0 + 64) = alpha[r] acc + sum_{j < jb} p[r][j] vf[j][c0 ..] for NR rows */
@@ -244,11 +529,21 @@ static inline __attribute__((always_inline)) A512 void values512(const float* p,
         for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc + (int64_t)i * d + c0 + 16 * u, a[i][u]);
 }
 
+/* rows at and above which the AMX code runs (where it is in use): below, the zmm products are cheap */
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 6
+#endif
+
 /* gqa_decode's contract; d % 64 == 0 */
 static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
                               uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
     int g = h / kvh, rows = g * t, d2 = d / 2;
     if (d > MAX_D || d % 64 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
+    int amx = 0;
+#ifdef DUPLEX_HAVE_AMX
+    amx = attn_use512() >= 2 && rows >= AMX_MIN_ROWS;
+#endif
+    int rows_pad = amx ? (rows + 15) & ~15 : rows;
 #ifdef _OPENMP
     extern int omp_get_max_threads(void);
     int nt = omp_get_max_threads();
@@ -267,13 +562,14 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
         int kh = it / splits, sp = it % splits;
         int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
         if (j_hi > n) j_hi = n;
-        size_t fl = (size_t)rows * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
+        /* q2 [rows_pad][d2], kt [d2][64], vf [KB][d] fp32 values, sc [rows][64], alpha [rows], last [rows] */
+        size_t fl = (size_t)rows_pad * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
         uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 63) & ~(size_t)63);
         if (!ws) {
             failed = 1;
             continue;
         }
-        uint32_t *q2 = ws, *kt = q2 + (size_t)rows * d2;
+        uint32_t *q2 = ws, *kt = q2 + (size_t)rows_pad * d2;
         float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
         float* alpha = sc + (size_t)rows * 64;
         int* last = (int*)(alpha + rows);
@@ -290,57 +586,77 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
             den[r] = 0.0f;
             last[r] = n - t + r % t;
         }
-        for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
-            int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
-            for (int kg = 0; kg < 4; ++kg) { /* keys kg*16 .. +16 of the block, pairs of dims */
-                int j = kg * 16;
-                for (int ug = 0; ug < d2; ug += 16) {
-                    if (j + 16 <= jb) {
-                        transpose16((const uint32_t*)(kb + (int64_t)(j0 + j) * d) + ug, d2, kt + (int64_t)ug * 64 + j, 64);
-                    } else {
-                        uint32_t tmp[16 * 16];
-                        for (int i = 0; i < 16; ++i) {
-                            if (j + i < jb) memcpy(tmp + i * 16, (const uint32_t*)(kb + (int64_t)(j0 + j + i) * d) + ug, 64);
-                            else memset(tmp + i * 16, 0, 64);
-                        }
-                        transpose16(tmp, 16, kt + (int64_t)ug * 64 + j, 64);
-                    }
+        if (amx) /* padded rows: zero queries */
+            memset(q2 + (size_t)rows * d2, 0, sizeof(uint32_t) * (size_t)(rows_pad - rows) * d2);
+#ifdef DUPLEX_HAVE_AMX
+        if (amx) {
+            int groups = rows_pad / 16;
+            /* qt [groups][d2][16], vp [32][d], kpad [64][d] bf16, st [64][16], pf [16][64], pb [16][64] bf16,
+             * ob [16][d], m and den [rows_pad], last [rows_pad] */
+            size_t al = (size_t)groups * d2 * 16 + (size_t)32 * d + (size_t)32 * d + 1024 + 1024 + 512
+                        + (size_t)16 * d + 3 * (size_t)rows_pad;
+            uint32_t* aw = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * al + 63) & ~(size_t)63);
+            if (!aw) {
+                failed = 1;
+                free(ws);
+                continue;
+            }
+            uint32_t *qt = aw, *vp = qt + (size_t)groups * d2 * 16;
+            uint16_t* kpad = (uint16_t*)(vp + (size_t)32 * d);
+            float *st = (float*)(vp + (size_t)64 * d), *pf = st + 1024;
+            uint16_t* pbt = (uint16_t*)(pf + 1024);
+            float *ob = (float*)(pbt + 1024), *m = ob + (size_t)16 * d, *dn = m + rows_pad;
+            int* lastp = (int*)(dn + rows_pad);
+            for (int r = 0; r < rows_pad; ++r) {
+                m[r] = -3.0e38f;
+                dn[r] = 0.0f;
+                lastp[r] = r < rows ? last[r] : -1;
+            }
+            for (int grp = 0; grp < groups; ++grp)
+                for (int pc = 0; pc < d2; pc += 16)
+                    transpose16(q2 + (size_t)grp * 16 * d2 + pc, d2, qt + (size_t)grp * d2 * 16 + (size_t)pc * 16, 16);
+            amx_begin();
+            for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
+                int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
+                int jp = j0 + attn_pf_blocks * KB; /* the block to ask for while this one is computed */
+                const uint16_t *pfk = NULL, *pfv = NULL;
+                if (attn_pf_blocks > 0 && jp + KB <= j_hi) {
+                    pfk = kb + (int64_t)jp * d;
+                    pfv = vb + (int64_t)jp * d;
+                }
+                pair_values(vb, j0, jb, d, vp);
+                for (int grp = 0; grp < groups; ++grp) {
+                    int r0 = grp * 16, nr = rows - r0 < 16 ? rows - r0 : 16;
+                    amx_block(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0, dn + r0,
+                              acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? NULL : pfk, grp ? NULL : pfv);
                 }
             }
-            for (int j = 0; j < jb; ++j) /* values in fp32, once for all rows */
+            amx_end();
+            for (int r = 0; r < rows; ++r) {
+                mx[r] = m[r];
+                den[r] = dn[r];
+            }
+            free(aw);
+        }
+#endif
+        for (int j0 = j_lo; !amx && j0 < j_hi; j0 += KB) {
+            int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
+            transpose_keys(kb, j0, jb, d, kt);
+            int jp = j0 + attn_pf_blocks * KB;
+            const uint16_t *pfk = attn_pf_blocks > 0 && jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
+            const uint16_t *pfv = pfk ? vb + (int64_t)jp * d : NULL;
+            for (int j = 0; j < jb; ++j) { /* values in fp32, once for all rows */
+                PREFETCH_ROW(pfk, j);
+                PREFETCH_ROW(pfv, j);
                 for (int c = 0; c < d; c += 16) {
                     __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vb + (int64_t)(j0 + j) * d + c)));
                     _mm512_store_ps(vf + (int64_t)j * d + c, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
                 }
-            int r = 0;
-            for (; r + 4 <= rows; r += 4) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, scale, 4);
-            for (; r < rows; ++r) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, scale, 1);
-            for (r = 0; r < rows; ++r) { /* online softmax over the keys row r may see */
-                float* s = sc + (int64_t)r * 64;
-                int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb;
-                if (lim <= 0) {
-                    alpha[r] = 1.0f;
-                    memset(s, 0, sizeof(float) * 64);
-                    continue;
-                }
-                __m512 m = _mm512_set1_ps(-3.0e38f);
-                for (int j = 0; j < lim; j += 16) {
-                    __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lim - j)) - 1);
-                    m = _mm512_mask_max_ps(m, mk, m, _mm512_load_ps(s + j));
-                }
-                float bm = _mm512_reduce_max_ps(m);
-                float nm = den[r] > 0.0f && mx[r] > bm ? mx[r] : bm;
-                alpha[r] = den[r] > 0.0f ? expf(mx[r] - nm) : 0.0f;
-                mx[r] = nm;
-                __m512 mv = _mm512_set1_ps(nm), z = _mm512_setzero_ps();
-                for (int j = 0; j < 64; j += 16) {
-                    __mmask16 mk = lim - j >= 16 ? (__mmask16)0xFFFF : lim > j ? (__mmask16)((1u << (lim - j)) - 1) : 0;
-                    __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_load_ps(s + j), mv)));
-                    _mm512_store_ps(s + j, e);
-                    z = _mm512_add_ps(z, e);
-                }
-                den[r] = den[r] * alpha[r] + _mm512_reduce_add_ps(z);
             }
+            int r = 0;
+            for (; r + 4 <= rows; r += 4) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 4);
+            for (; r < rows; ++r) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 1);
+            softmax_block(sc, rows, last, j0, jb, scale, mx, den, alpha);
             for (int c0 = 0; c0 < d; c0 += 64) {
                 for (r = 0; r + 4 <= rows; r += 4) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 4);
                 for (; r < rows; ++r) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 1);
