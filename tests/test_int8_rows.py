@@ -57,26 +57,32 @@ def test_q16_residual_and_prologues_keep_their_roundings(ops, m):
     torch.testing.assert_close(out, (residual.float() + plain.float()).to(torch.bfloat16), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17])
-@pytest.mark.parametrize("n,k", [(7, 24), (33, 200), (130, 1536), (5, 8300)])
-def test_avx512_tiles_give_the_avx2_bits(ops, m, n, k):
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 40])
+@pytest.mark.parametrize("n,k", [(7, 24), (33, 200), (130, 1536), (5, 8300), (96, 100), (64, 8300)])
+def test_wide_tiles_give_the_avx2_bits(ops, m, n, k):
     """Where the CPU has AVX-512 VNNI the q16 kernel runs other tiles (4 x 4, 32 k per step, a
-    zero-padded tail of K % 32, two int32 chunks past 4096): the sums are exact integers on both
-    paths, so the outputs are equal bit for bit, with a residual and a prologue too."""
+    zero-padded tail of K % 32, two int32 chunks past 4096), and where it has AMX, batches of 2+
+    rows run on int8 tiles (each int16 activation split into 256 hi + lo, 32 weight rows a pass,
+    the rest of a thread's rows on the VNNI tiles, a masked tail of K % 64, rows padded to 16): the
+    sums are exact integers on every path, so the outputs are equal bit for bit, with a residual
+    and a prologue too."""
     from duplex.engine.int8_kernel import q16_isa, set_q16_isa
 
-    if q16_isa() != "avx512-vnni":
+    best = q16_isa()
+    if best == "avx2":
         pytest.skip("this CPU has no AVX-512 VNNI: only the AVX2 tiles run")
+    isas = ["avx2", "avx512-vnni"] + (["amx-int8"] if best == "amx-int8" else [])
     x, w, scales = _case(m, n, 2 * k, seed=m + n + k)
     residual = torch.randn(m, n).to(torch.bfloat16)
     outs = {}
     try:
-        for avx512 in (False, True):
-            assert set_q16_isa(avx512) == ("avx512-vnni" if avx512 else "avx2")
+        for isa in isas:
+            assert set_q16_isa(isa) == isa
             fused = residual.clone()
             ops.gemv(x, w[:, :k].contiguous(), scales, ops.SWIGLU, residual=fused, out=fused)
-            outs[avx512] = (ops.gemv(x[:, :k].contiguous(), w[:, :k].contiguous(), scales), fused)
+            outs[isa] = (ops.gemv(x[:, :k].contiguous(), w[:, :k].contiguous(), scales), fused)
     finally:
         set_q16_isa(True)
-    assert torch.equal(outs[False][0], outs[True][0])
-    assert torch.equal(outs[False][1], outs[True][1])
+    for isa in isas[1:]:
+        assert torch.equal(outs["avx2"][0], outs[isa][0]), isa
+        assert torch.equal(outs["avx2"][1], outs[isa][1]), isa

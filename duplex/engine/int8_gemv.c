@@ -427,25 +427,44 @@ static inline __attribute__((always_inline)) void q16_tile(const int8_t* w, cons
 #define DUPLEX_HAVE_Q512 1
 #define Q512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-static int q16_isa512 = -1; /* -1: not decided yet; 0: AVX2 tiles; 1: AVX-512 VNNI tiles */
+static int q16_isa512 = -1; /* -1: not decided yet; 0: AVX2 tiles; 1: AVX-512 VNNI tiles; 2: and AMX */
+static int q16_max_isa = 2;  /* what duplex_q16_set_isa allows */
+
+/* AMX: its tile registers need the kernel's permission (Linux 5.16+) and gcc >= 11 / clang >= 12 */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define DUPLEX_HAVE_QAMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int q16_amx_available(void) {
+    unsigned a, b, c, dx;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &dx) || !(dx & (1u << 24)) || !(dx & (1u << 25))) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#else
+static int q16_amx_available(void) { return 0; }
+#endif
 
 static int q16_use512(void) {
     if (q16_isa512 < 0) {
         __builtin_cpu_init();
         q16_isa512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+        if (q16_isa512 && q16_max_isa >= 2 && q16_amx_available()) q16_isa512 = 2;
+        if (q16_isa512 > q16_max_isa) q16_isa512 = q16_max_isa;
     }
     return q16_isa512;
 }
 
-/* force a path (0: AVX2, 1: AVX-512 VNNI where the CPU has it, -1: decide from the CPU);
- * returns the path now in use */
+/* cap the path (0: AVX2, 1: AVX-512 VNNI where the CPU has it, 2 or -1: AMX tiles too for batches
+ * of rows where the CPU and OS allow them); returns the path now in use (0, 1 or 2) */
 int duplex_q16_set_isa(int isa) {
+    q16_max_isa = isa < 0 || isa > 2 ? 2 : isa;
     q16_isa512 = -1;
-    if (isa == 0) q16_isa512 = 0;
-    return isa == 0 ? 0 : q16_use512();
+    return q16_use512();
 }
 
-int duplex_q16_isa(void) { return q16_use512(); } /* 1: the AVX-512 VNNI tiles run */
+int duplex_q16_isa(void) { return q16_use512(); }
 
 static inline Q512_TARGET double hsum512_epi32_exact(__m512i v) {
     __m512d s = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)),
@@ -533,6 +552,201 @@ static Q512_TARGET void q16_slice512(const int8_t* B, const uint16_t* S, uint16_
     }
 }
 
+
+#ifdef DUPLEX_HAVE_QAMX
+/* ---- the same q16 products on AMX tiles, for batches of rows ---------------------------------
+ * A batched tick (8 sessions' decode rows, a prefill piece) was compute-bound on the VNNI tiles: an
+ * 8-row pass cost 2.4x a one-row pass that reads the same weights. AMX multiplies int8 tiles only,
+ * so each int16 activation is split exactly into x = 256 hi + lo (hi signed, lo unsigned bytes):
+ * tdpbssd(hi, w) and tdpbusd(lo, w) give two exact int32 dot products, and 256 hi + lo is the same
+ * integer the VNNI tiles sum. The conversion after it is q16_tile512's, so the outputs are
+ * bit-identical to both other paths: which one runs changes no result. A pass takes 32 weight rows
+ * at a time, transposed once into the tiles' 4-byte groups (16x16 32-bit transposes) and reused by
+ * every 16 activation rows. Tiles 0-3: C (16 x 16 int32: lo/hi x 2 blocks of 16 weight rows);
+ * 4, 5: A (16 rows x 64 k, lo and hi); 6, 7: B (16 k-groups x 16 weight rows x 4). */
+#define QAMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
+#define QAMX_MIN_M 4 /* activation rows from which the tiles run: 2-3 rows measured slower than VNNI, 4 even */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} q16_amx_config;
+
+/* dst[i * 16 + j] = the 4 bytes at src + j * stride + 4 i, for a 16 x 64-byte block (zero past `bytes`
+ * in each row) */
+static inline QAMX_TARGET void transpose_words16(const int8_t* src, int64_t stride, int bytes, uint32_t* dst) {
+    __m512i r[16], t[16];
+    __mmask64 mk = bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << bytes) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi8(mk, (const void*)(src + i * stride));
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_store_si512((void*)(dst + i * 16), r[i]);
+}
+
+/* The packed copy the tiles read: block (nb, kb) of weight rows 16 nb .. + 16 and k 64 kb .. + 64 at
+ * byte (nb * kb_n + kb) * 1024, as 16 groups of 4 k each holding the 16 rows' 4 bytes (a B tile as
+ * tileloadd reads it), zero past N and K. A second copy of the int8 weights, made once at load:
+ * transposing on the fly cost more than streaming the weights (an 8-row pass no faster than VNNI). */
+static inline int64_t q16_packed_bytes(int N, int K) { return (int64_t)((N + 15) / 16) * ((K + 63) / 64) * 1024; }
+
+static QAMX_TARGET void q16_pack_amx(const int8_t* B, int N, int K, int8_t* out) {
+    int kb_n = (K + 63) / 64, nb_n = (N + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int nb = 0; nb < nb_n; ++nb) {
+        int8_t tmp[16 * 64];
+        for (int kb = 0; kb < kb_n; ++kb) {
+            int bytes = K - kb * 64 < 64 ? K - kb * 64 : 64, rows = N - nb * 16 < 16 ? N - nb * 16 : 16;
+            uint32_t* dst = (uint32_t*)(out + ((int64_t)nb * kb_n + kb) * 1024);
+            const int8_t* src = B + (int64_t)nb * 16 * K + kb * 64;
+            if (rows == 16) {
+                transpose_words16(src, K, bytes, dst);
+            } else {
+                memset(tmp, 0, sizeof tmp);
+                for (int i = 0; i < rows; ++i) memcpy(tmp + i * 64, src + (int64_t)i * K, (size_t)bytes);
+                transpose_words16(tmp, 64, 64, dst);
+            }
+        }
+    }
+}
+
+/* 16 outputs of row m: C = (R +) bf16((double)(256 hi + lo) * ((double)dx * (double)S)), exactly
+ * q16_tile512's scalar arithmetic on 16 lanes (doubles for the product, the MXCSR's nearest for
+ * the float conversion, c10's bf16 rounding) */
+static inline QAMX_TARGET __m256i q16_round_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                             _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline QAMX_TARGET __m512 q16_bf16x16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline QAMX_TARGET void q16_convert16(const int32_t* lo, const int32_t* hi, double dxm, const uint16_t* S,
+                                             uint16_t* C, const uint16_t* R) {
+    __m512 sf = q16_bf16x16(S);
+    __m512i l = _mm512_loadu_si512((const void*)lo), h = _mm512_loadu_si512((const void*)hi);
+    __m512d d = _mm512_set1_pd(dxm), k256 = _mm512_set1_pd(256.0);
+    __m512d t0 = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)), k256),
+                               _mm512_cvtepi32_pd(_mm512_castsi512_si256(l)));
+    __m512d t1 = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), k256),
+                               _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
+    __m512d s0 = _mm512_mul_pd(d, _mm512_cvtps_pd(_mm512_castps512_ps256(sf)));
+    __m512d s1 = _mm512_mul_pd(d, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sf), 1))));
+    __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mul_pd(t0, s0))),
+                                  _mm512_cvtpd_ps(_mm512_mul_pd(t1, s1)), 1);
+    __m256i yb = q16_round_bf16(y);
+    if (R) {
+        __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(yb), 16));
+        yb = q16_round_bf16(_mm512_add_ps(q16_bf16x16(R), yf));
+    }
+    _mm256_storeu_si256((__m256i*)C, yb);
+}
+
+/* q16_slice's contract for weight rows n0 .. n1 (multiples of 16) from the packed copy Wp;
+ * K <= 65536 keeps both int32 sums exact (|lo w| <= 255 * 127 per product). Returns 0, or -2
+ * without memory (nothing written). */
+static QAMX_TARGET int q16_slice_amx(const int8_t* Wp, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0,
+                                     int n1, int M, int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+    int kb_n = (K + 63) / 64, mp = (M + 15) & ~15;
+    int64_t k64 = (int64_t)kb_n * 64;
+    uint8_t* lo = (uint8_t*)aligned_alloc(64, (size_t)(2 * mp * k64));
+    int32_t* ct = (int32_t*)aligned_alloc(64, 4 * 256 * sizeof(int32_t));
+    if (!lo || !ct) {
+        free(lo);
+        free(ct);
+        return -2;
+    }
+    int8_t* hi = (int8_t*)(lo + mp * k64);
+    for (int m = 0; m < mp; ++m) /* x = 256 hi + lo, exactly; padding rows and columns 0 */
+        for (int64_t k = 0; k < k64; k += 32) {
+            __m512i x = m < M && k < kp ? _mm512_loadu_si512((const void*)(qx + m * kp + k)) : _mm512_setzero_si512();
+            _mm256_store_si256((__m256i*)(lo + m * k64 + k), _mm512_cvtepi16_epi8(_mm512_and_si512(x, _mm512_set1_epi16(0xFF))));
+            _mm256_store_si256((__m256i*)(hi + m * k64 + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(x, 8)));
+        }
+    q16_amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    /* not _tile_loadconfig: gcc's macro names only the first 8 bytes of the configuration as its
+     * input, so the stores of the rest can be dropped as dead (a #GP at ldtilecfg) */
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+    for (int n = n0; n < n1; n += 32) {
+        int two = n + 32 <= n1;
+        const int8_t* b0 = Wp + (int64_t)(n / 16) * kb_n * 1024;
+        const int8_t* b1 = b0 + (int64_t)kb_n * 1024;
+        const int8_t* pf = b0 + (int64_t)2 * kb_n * 1024; /* the next pair's blocks, streamed ahead */
+        const int8_t* pf_end = Wp + (int64_t)(n1 / 16) * kb_n * 1024;
+        for (int g = 0; g < mp; g += 16) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int kb = 0; kb < kb_n; ++kb) {
+                if (g == 0)
+                    for (int o = 0; o < 2048; o += 64) {
+                        const int8_t* q = pf + (int64_t)kb * 2048 + o;
+                        if (q < pf_end) _mm_prefetch((const char*)q, _MM_HINT_T0);
+                    }
+                _tile_loadd(4, lo + g * k64 + kb * 64, k64);
+                _tile_loadd(5, hi + g * k64 + kb * 64, k64);
+                _tile_loadd(6, b0 + (int64_t)kb * 1024, 64);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbssd(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, b1 + (int64_t)kb * 1024, 64);
+                    _tile_dpbusd(2, 4, 7);
+                    _tile_dpbssd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, ct, 64);
+            _tile_stored(1, ct + 256, 64);
+            _tile_stored(2, ct + 512, 64);
+            _tile_stored(3, ct + 768, 64);
+            for (int i = 0; i < 16 && g + i < M; ++i) {
+                int m = g + i;
+                for (int half = 0; half < 1 + two; ++half) {
+                    int64_t o = (int64_t)m * N + n + 16 * half;
+                    q16_convert16(ct + half * 512 + i * 16, ct + half * 512 + 256 + i * 16, (double)dx[m],
+                                  S + n + 16 * half, C + o, R ? R + o : NULL);
+                }
+            }
+        }
+    }
+    _tile_release();
+    free(lo);
+    free(ct);
+    return 0;
+}
+#endif
+
 #else
 static int q16_use512(void) { return 0; }
 int duplex_q16_set_isa(int isa) { (void)isa; return 0; }
@@ -542,8 +756,18 @@ int duplex_q16_isa(void) { return 0; }
 /* C [M, N] (+)= the quantized rows (qx [M, kp] int16, dx [M]) @ (B [N, K] * S).T for weight rows
  * n0..n1: tiles of Q16_NR weight rows against Q16_MT activation rows (4 weight rows for a single
  * activation row, the memory-bound case); each tile's weights stay in L1 across the passes. */
-static void q16_slice(const int8_t* B, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0, int n1, int M,
-                      int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+static void q16_slice(const int8_t* B, const int8_t* Wp, const uint16_t* S, uint16_t* C, const uint16_t* R, int n0,
+                      int n1, int M, int N, int K, const int16_t* qx, const float* dx, int64_t kp) {
+#ifdef DUPLEX_HAVE_QAMX
+    if (Wp && q16_use512() >= 2 && M >= QAMX_MIN_M && K <= 65536) { /* 16-row blocks on the tiles */
+        int a0 = (n0 + 15) & ~15, a1 = n1 & ~15;
+        if (a0 < a1 && q16_slice_amx(Wp, S, C, R, a0, a1, M, N, K, qx, dx, kp) == 0) {
+            if (a1 < n1) q16_slice(B, NULL, S, C, R, a1, n1, M, N, K, qx, dx, kp);
+            n1 = a0; /* the rows before the first block, if any, below */
+            if (n0 == n1) return;
+        }
+    }
+#endif
 #ifdef DUPLEX_HAVE_Q512
     if (q16_use512()) {
         q16_slice512(B, S, C, R, n0, n1, M, N, K, qx, dx, kp);
@@ -643,23 +867,25 @@ static void prologue_row(int mode, const uint16_t* a, int K, const uint16_t* aux
     }
 }
 
-static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C, int M, int N,
-                    int K, int mode, const uint16_t* aux, float eps, const uint16_t* R);
+static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const int8_t* Wp, const uint16_t* S, uint16_t* C,
+                    int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R);
 
 int duplex_int8_q16_gemv_bf16(const uint16_t* A, const int8_t* B, const uint16_t* S, uint16_t* C,
                               int M, int N, int K) {
-    return q16_gemv(A, K, B, S, C, M, N, K, PRO_NONE, NULL, 0.0f, NULL);
+    return q16_gemv(A, K, B, NULL, S, C, M, N, K, PRO_NONE, NULL, 0.0f, NULL);
 }
 
 /* C [M, N] = (R [M, N] +) prologue(A [M, lda]) @ (B [N, K] * S).T, all bf16 but B (int8); C may be R
- * (in place). PRO_SWIGLU reads 2K columns of each row of A. */
+ * (in place). PRO_SWIGLU reads 2K columns of each row of A. Wp: B packed by duplex_q16_pack (the AMX
+ * tiles' copy, for batches of rows), or NULL. */
 int duplex_int8_q16_gemv_fused(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C,
-                               int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
-    return q16_gemv(A, lda, B, S, C, M, N, K, mode, aux, eps, R);
+                               int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R,
+                               const int8_t* Wp) {
+    return q16_gemv(A, lda, B, Wp, S, C, M, N, K, mode, aux, eps, R);
 }
 
-static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint16_t* S, uint16_t* C, int M, int N,
-                    int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
+static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const int8_t* Wp, const uint16_t* S, uint16_t* C,
+                    int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
     if (M < 1 || N < 1 || K < 1) return -1;
     int64_t kp = (int64_t)((K + 31) / 32) * 32;
     int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kp * M));
@@ -684,7 +910,7 @@ static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const uint1
 #pragma omp parallel
     {
         int n0, n1;
-        if (thread_slice(N, &n0, &n1)) q16_slice(B, S, C, R, n0, n1, M, N, K, qxs, dxs, kp);
+        if (thread_slice(N, &n0, &n1)) q16_slice(B, Wp, S, C, R, n0, n1, M, N, K, qxs, dxs, kp);
     }
     free(qxs);
     free(dxs);
@@ -733,6 +959,7 @@ typedef struct {
     const uint16_t* sin;
     float eps;
     int n, k, mode, rope_heads, head_dim;
+    const int8_t* wp; /* w packed by duplex_q16_pack, or NULL */
 } q16_step;
 
 /* Steps run in order, each reading what the ones before wrote (a barrier between them): a decode
@@ -767,7 +994,7 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
                 dxs[m] = quantize_row_q16(act, K, kp, qxs + kp * m);
             } /* implicit barrier: the quantized rows are ready */
             int n0, n1;
-            if (thread_slice(N, &n0, &n1)) q16_slice(st->w, st->s, st->c, st->r, n0, n1, M, N, K, qxs, dxs, kp);
+            if (thread_slice(N, &n0, &n1)) q16_slice(st->w, st->wp, st->s, st->c, st->r, n0, n1, M, N, K, qxs, dxs, kp);
             if (i + 1 < nsteps) { /* start this thread's next slice streaming while the team regroups */
                 const q16_step* nx = steps + i + 1;
                 int m0, m1;
@@ -788,4 +1015,31 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
     free(dxs);
     free(act);
     return 0;
+}
+
+/* ---- the packed copy for the AMX tiles (see q16_slice_amx) ---------------------------------- */
+
+/* bytes of the packed copy of an [N, K] weight, or 0 where the AMX tiles are not in use */
+int64_t duplex_q16_packed_bytes(int N, int K) {
+#ifdef DUPLEX_HAVE_QAMX
+    if (q16_use512() >= 2 && N > 0 && K > 0 && K <= 65536) return q16_packed_bytes(N, K);
+#endif
+    (void)N;
+    (void)K;
+    return 0;
+}
+
+/* out [duplex_q16_packed_bytes(N, K)] = B [N, K] packed for the AMX tiles; -1 where they are off */
+int duplex_q16_pack(const int8_t* B, int N, int K, int8_t* out) {
+#ifdef DUPLEX_HAVE_QAMX
+    if (duplex_q16_packed_bytes(N, K) > 0) {
+        q16_pack_amx(B, N, K, out);
+        return 0;
+    }
+#endif
+    (void)B;
+    (void)N;
+    (void)K;
+    (void)out;
+    return -1;
 }

@@ -48,6 +48,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,26 +97,39 @@ def _library() -> ctypes.CDLL:
     lib.duplex_q16_set_isa.argtypes = [ctypes.c_int]
     lib.duplex_q16_set_isa.restype = ctypes.c_int
     lib.duplex_q16_isa.restype = ctypes.c_int
-    lib.duplex_q16_set_isa(0 if os.environ.get("DUPLEX_INT8_AVX512", "1").strip() == "0" else -1)
+    if os.environ.get("DUPLEX_INT8_AVX512", "1").strip() == "0":
+        lib.duplex_q16_set_isa(0)
+    elif os.environ.get("DUPLEX_INT8_AMX", "1").strip() == "0":
+        lib.duplex_q16_set_isa(1)
+    else:
+        lib.duplex_q16_set_isa(-1)
     return lib
 
 
+_Q16_ISA_NAMES = {0: "avx2", 1: "avx512-vnni", 2: "amx-int8"}
+
+
 def q16_isa() -> str | None:
-    """Which tiles the q16 kernel runs: ``avx512-vnni`` (where the CPU has AVX512BW and VNNI and
-    ``$DUPLEX_INT8_AVX512`` is not 0) or ``avx2``; None without the compiled kernel. Both give
-    the same bits: the sums are exact integers either way."""
+    """Which tiles the q16 kernel runs: ``amx-int8`` (the AVX-512 VNNI tiles, and AMX tiles for
+    batches of 2+ rows, where the CPU and OS allow them), ``avx512-vnni`` (AVX512BW and VNNI) or
+    ``avx2``; ``$DUPLEX_INT8_AMX=0`` / ``$DUPLEX_INT8_AVX512=0`` lower it. None without the
+    compiled kernel. All give the same bits: the sums are exact integers on every path."""
     try:
         lib = _library()
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return None
-    return "avx512-vnni" if lib.duplex_q16_isa() else "avx2"
+    return _Q16_ISA_NAMES[lib.duplex_q16_isa()]
 
 
-def set_q16_isa(avx512: bool | None) -> str:
-    """Force the q16 tiles (False: AVX2; True or None: AVX-512 VNNI where the CPU has it), for A/B
-    runs and tests; returns :func:`q16_isa`'s name for the path now in use."""
-    lib = _library()
-    return "avx512-vnni" if lib.duplex_q16_set_isa(0 if avx512 is False else -1) else "avx2"
+def set_q16_isa(isa: bool | str | None) -> str:
+    """Cap the q16 tiles at ``isa`` (``amx-int8``, ``avx512-vnni`` or ``avx2``; True or None: the
+    best the CPU has; False: AVX2), for A/B runs and tests; returns :func:`q16_isa`'s name for the
+    path now in use."""
+    levels = {name: level for level, name in _Q16_ISA_NAMES.items()}
+    if isinstance(isa, str) and isa not in levels:
+        raise ValueError(f"q16 isa must be one of {sorted(levels)}, not {isa!r}")
+    level = 0 if isa is False else -1 if isa is None or isa is True else levels[isa]
+    return _Q16_ISA_NAMES[_library().duplex_q16_set_isa(level)]
 
 
 Q_TOLERANCE = {"q16": 0.005, "q8": 0.02}  # relative L2 error per output row vs an fp32 reference
@@ -207,7 +221,8 @@ class Step(ctypes.Structure):
     _fields_ = [("a", ctypes.c_void_p), ("lda", ctypes.c_int64), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
                 ("c", ctypes.c_void_p), ("r", ctypes.c_void_p), ("aux", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("eps", ctypes.c_float), ("n", ctypes.c_int), ("k", ctypes.c_int),
-                ("mode", ctypes.c_int), ("rope_heads", ctypes.c_int), ("head_dim", ctypes.c_int)]
+                ("mode", ctypes.c_int), ("rope_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("wp", ctypes.c_void_p)]
 
 
 class FusedOps:
@@ -226,7 +241,7 @@ class FusedOps:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._gemv = lib.duplex_int8_q16_gemv_fused
         self._gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [
-            ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+            ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         self._gemv.restype = ctypes.c_int
         self._rope = lib.duplex_rope_bf16
         self._rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
@@ -234,6 +249,31 @@ class FusedOps:
         self._steps = lib.duplex_int8_q16_steps
         self._steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._steps.restype = ctypes.c_int
+        self._packed_bytes = lib.duplex_q16_packed_bytes
+        self._packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._packed_bytes.restype = ctypes.c_int64
+        self._pack = lib.duplex_q16_pack
+        self._pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self._pack.restype = ctypes.c_int
+        # id(weight) -> (weakref to it, its packed copy): made at a weight's first use, kept while it lives
+        self._packs: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor | None:
+        """``w`` [N, K] int8 in the layout of the AMX tiles (``duplex_q16_pack``), made once per
+        weight and kept while the weight lives; None where those tiles are not in use (then the
+        kernel reads ``w`` itself). Costs a second copy of the int8 weights."""
+        nbytes = self._packed_bytes(w.shape[0], w.shape[1])
+        if nbytes <= 0:
+            return None
+        hit = self._packs.get(id(w))
+        if hit is not None and hit[0]() is w:
+            return hit[1]
+        out = torch.empty(nbytes, dtype=torch.int8)
+        if self._pack(w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr()) != 0:
+            return None
+        self._packs = {k: v for k, v in self._packs.items() if v[0]() is not None}
+        self._packs[id(w)] = (weakref.ref(w), out)
+        return out
 
     def step(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, mode: int = 0,
              aux: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
@@ -243,7 +283,8 @@ class FusedOps:
         heads, head_dim, cos, sin = rope if rope is not None else (0, 0, None, None)
         ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
         return Step(x.data_ptr(), x.stride(0), w.data_ptr(), scales.data_ptr(), out.data_ptr(), ptr(residual),
-                    ptr(aux), ptr(cos), ptr(sin), eps, w.shape[0], w.shape[1], mode, heads, head_dim)
+                    ptr(aux), ptr(cos), ptr(sin), eps, w.shape[0], w.shape[1], mode, heads, head_dim,
+                    ptr(self.packed(w)))
 
     @staticmethod
     def program(steps: list[Step]) -> Any:
@@ -264,9 +305,11 @@ class FusedOps:
         m = x.shape[0]
         if out is None:
             out = torch.empty(m, n, dtype=torch.bfloat16)
+        packed = self.packed(w) if m > 1 else None
         rc = self._gemv(x.data_ptr(), x.stride(0), w.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k, mode,
                         aux.data_ptr() if aux is not None else None, eps,
-                        residual.data_ptr() if residual is not None else None)
+                        residual.data_ptr() if residual is not None else None,
+                        packed.data_ptr() if packed is not None else None)
         if rc != 0:
             raise MemoryError("int8 fused mat-vec failed")
         return out
