@@ -175,6 +175,8 @@ async def test_a_model_the_ragged_pass_cannot_run_falls_back_to_one_forward_per_
         raise TypeError("this architecture does not take a ragged cache")
 
     class BrokenLean:
+        max_query = 24
+        dense = False
         forward = staticmethod(lambda rows: broken(None, rows))
 
     monkeypatch.setattr(scheduler, "ragged_forward", broken)
@@ -384,6 +386,7 @@ async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_lit
     class Lean:
         def __init__(self) -> None:
             self.dense = dense
+            self.max_query = 4  # the program pass's limit (AMX_MAX_QUERY where the AMX tiles run)
 
         def forward(self, rows):  # noqa: ANN001, ANN202
             calls.append(("lean", sum(len(r.ids) for r in rows)))

@@ -51,10 +51,11 @@ from duplex.engine.attention import (
     decode_rows_kernel,
     gqa_decode_attention,
 )
+from duplex.engine.int8_kernel import q16_isa
 from duplex.engine.kv import GrowableLayer
 from duplex.engine.quant import Int8WeightOnlyLinear, int8_matmul
 
-__all__ = ["MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
+__all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ MAX_QUERY = 24
 # against 56 (87 / 73). At 16 the program was the limit: 17-19 tokens (a typed question) fell to
 # the per-op fused pass, 41 ms
 DENSE_MIN_TOKENS = 25
+# where the int8 mat-vecs of 4+ rows run on AMX tiles (duplex.engine.int8_kernel.q16_isa
+# "amx-int8"), the program pass stays ahead of the dense one up to a few hundred tokens (one row
+# over 300 cached, 2 threads: 25 tokens 25 against 57 ms, 64 33 against 55, 128 83 against 104,
+# 256 153 against 176, 512 864 against 243; 8 rows x 19 tokens 72 against 87), so it takes them
+AMX_MAX_QUERY = 192
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -261,6 +267,12 @@ class FastDecoder:
         self._uniform = len(shapes) == 1  # every layer can share one set of activation buffers
         self._buffers: dict[int, _Buffers] = {}
         self._lock = threading.Lock()  # the buffers serve one forward at a time; others take _forward_fused
+        # the most tokens the program pass takes, and the fewest the dense pass does (see AMX_MAX_QUERY)
+        self.max_query = MAX_QUERY
+        self.dense_min_tokens = DENSE_MIN_TOKENS
+        if self.fused is not None and q16_isa() == "amx-int8":
+            self.max_query = AMX_MAX_QUERY
+            self.dense_min_tokens = AMX_MAX_QUERY + 1
         # dequantized weights everywhere (duplex.engine.quant.add_dense_weights): passes of many
         # tokens then run op by op on them, the matrix engine's work, not the fused mat-vecs'
         self.dense = all(l.qkv.dense is not None and l.gate_up.dense is not None
@@ -495,13 +507,14 @@ class FastDecoder:
             raise
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-        many = self.dense and sum(len(row.ids) for row in rows) >= DENSE_MIN_TOKENS
+        many = self.dense and sum(len(row.ids) for row in rows) >= self.dense_min_tokens
         if many and self.fused is not None:
             out = self._forward_dense(rows)
             if out is not None:
                 return out
         if self.fused is not None and not many:
-            if self._uniform and sum(len(row.ids) for row in rows) <= MAX_QUERY and self._lock.acquire(blocking=False):
+            if (self._uniform and sum(len(row.ids) for row in rows) <= self.max_query
+                    and self._lock.acquire(blocking=False)):
                 try:
                     return self._forward_program(rows)
                 finally:

@@ -474,8 +474,8 @@ class Scheduler:
     def _lean_forward(self, rows: list[Row]) -> FastDecoder | None:
         """The lean forward for these rows, or None for the ragged one: see ``_FAST_MAX_TOKENS``."""
         fast = fast_decoder(self.model)
-        if fast is None or sum(len(row.ids) for row in rows) <= _FAST_MAX_TOKENS:
-            return fast
+        if fast is None or sum(len(row.ids) for row in rows) <= max(_FAST_MAX_TOKENS, fast.max_query):
+            return fast  # (its program pass takes up to max_query tokens: more where the AMX tiles run)
         attn = sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
         return fast if fast.dense and attn <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0) else None
 
@@ -487,8 +487,8 @@ class Scheduler:
         if batch:
             rows = [Row(r.cache, tuple(r.ids[r.done:r.done + n]), r.start_pos + r.done,
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
-            fast = self._lean_forward(rows)
-            try:
+            try:  # choosing the pass is inside: an error there must not stop the tick thread either
+                fast = self._lean_forward(rows)
                 outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
                         if fast is not None else ragged_forward(self.model, rows))
             except Exception:
