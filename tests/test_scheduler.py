@@ -167,6 +167,32 @@ async def test_close_refuses_new_work(tiny_lm: LoadedModel) -> None:
         await engine.run(seq.hand_over, Speaker.AGENT)
 
 
+async def test_an_error_while_planning_a_tick_reaches_its_caller_and_the_engine_goes_on(
+        tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in planning must not end the tick thread with every caller left waiting: the callers
+    of that tick get the error, and later work runs."""
+    engine = Engine(tiny_lm, scheduler="batched")
+    try:
+        seq = await engine.start_sequence(PROMPTS[0])
+        sched = engine.scheduler
+        real = sched._plan
+        failed: list[bool] = []
+
+        def plan_once_broken():  # noqa: ANN202
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("planning failed")
+            return real()
+
+        monkeypatch.setattr(sched, "_plan", plan_once_broken)
+        with pytest.raises(RuntimeError, match="planning failed"):
+            await engine.run(seq.hand_over, Speaker.AGENT)
+        again = await engine.start_sequence(PROMPTS[1])
+        assert len(again) > 0 and failed == [True]
+    finally:
+        engine.close()
+
+
 async def test_a_model_the_ragged_pass_cannot_run_falls_back_to_one_forward_per_session(
         tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     from duplex.engine import scheduler

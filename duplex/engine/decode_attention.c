@@ -230,7 +230,7 @@ int duplex_attn_set_pf(int blocks) { attn_pf_blocks = blocks; return blocks; }
     } while (0)
 
 /* keys j0 .. j0 + jb (jb <= KB) of one head transposed into kt: pairs of dims x 64 keys, as uint32
- * (the bf16 pairs vdpbf16ps and AMX's B tiles take); keys past jb are zero */
+ * (the bf16 pairs vdpbf16ps takes); keys past jb are zero */
 static inline A512 void transpose_keys(const uint16_t* kb, int j0, int jb, int d, uint32_t* kt) {
     int d2 = d / 2;
     for (int kg = 0; kg < 4; ++kg) { /* keys kg*16 .. +16 of the block */

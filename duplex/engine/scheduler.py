@@ -365,11 +365,18 @@ class Scheduler:
         return self._last_tick_end + window - time.perf_counter()
 
     def _tick(self) -> None:
-        """Plan, run and finish one tick (baton held)."""
+        """Plan, run and finish one tick (baton held). An unexpected error in planning fails the
+        requests waiting on this tick (each caller gets it) instead of leaving them waiting forever:
+        the forward's own errors are handled in :meth:`_execute`."""
         with self._lock:
             if not self._pending:
                 return  # a leading job ran them meanwhile
-            plan = self._plan()
+            try:
+                plan = self._plan()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                log.exception("scheduler: planning a tick failed; failing its %d requests", len(self._pending))
+                self._fail_pending(exc)
+                return
             tick = self.stats.ticks
         t0 = time.perf_counter()
         forwards = self._execute(plan)
@@ -541,6 +548,16 @@ class Scheduler:
             self._pending.remove(r)
             if not any(p.owner is r.owner for p in self._pending):
                 self._served.pop(id(r.owner), None)
+            if r.job:
+                self._runnable += 1
+            r.event.set()
+
+    def _fail_pending(self, exc: BaseException) -> None:  # under _lock
+        """Hand ``exc`` to every pending request and wake its caller."""
+        for r in list(self._pending):
+            r.error = exc
+            self._pending.remove(r)
+            self._served.pop(id(r.owner), None)
             if r.job:
                 self._runnable += 1
             r.event.set()
