@@ -74,10 +74,10 @@ def test_a_long_pass_on_dense_weights_agrees_with_the_fused_int8_pass(dense_lm):
         for i, c in enumerate(caches):
             fast.forward([DecodeRow(c, list(range(10 + i, 30 + i)), 0, 0)])
         rows = [DecodeRow(caches[0], [5], 20), DecodeRow(caches[1], [6], 20),
-                DecodeRow(caches[2], list(range(40, 40 + fast.dense_min_tokens + 8)), 20, keep=2)]
+                DecodeRow(caches[2], list(range(40, 40 + fast.max_query + 9)), 20, keep=2)]
         outs[dense] = (fast.forward(rows), [c.get_seq_length() for c in caches])
     (int8_logits, int8_lens), (dense_logits, dense_lens) = outs[False], outs[True]
-    assert int8_lens == dense_lens == [21, 21, 20 + fast.dense_min_tokens + 8]
+    assert int8_lens == dense_lens == [21, 21, 20 + fast.max_query + 9]
     for a, b in zip(int8_logits, dense_logits):
         assert a.shape == b.shape
         assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -80,7 +80,7 @@ def _cpu_decode_kernel() -> Kernel | None:
     import os
     import subprocess
 
-    from duplex.engine.int8_kernel import build_c_kernel
+    from duplex.engine.int8_kernel import build_c_kernel, isa_cap_from_env
 
     source = Path(__file__).with_name("decode_attention.c")
     if os.environ.get("DUPLEX_DECODE_ATTN_KERNEL", "c") == "torch" or not source.exists() \
@@ -130,12 +130,7 @@ def _cpu_decode_kernel() -> Kernel | None:
     kernel.set_isa = lib.duplex_attn_set_isa  # type: ignore[attr-defined]
     lib.duplex_attn_isa.restype = ctypes.c_int
     kernel.isa = lib.duplex_attn_isa  # type: ignore[attr-defined]
-    if os.environ.get("DUPLEX_ATTN_AVX512", "1").strip() == "0":
-        kernel.set_isa(0)
-    elif os.environ.get("DUPLEX_ATTN_AMX", "1").strip() == "0":
-        kernel.set_isa(1)
-    else:
-        kernel.set_isa(-1)
+    kernel.set_isa(isa_cap_from_env("DUPLEX_ATTN_AVX512", "DUPLEX_ATTN_AMX"))
     return kernel
 
 

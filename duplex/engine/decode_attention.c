@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx_tiles.h"
+
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     if (f != f) return 0x7FC0;
@@ -125,19 +127,9 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
 static int attn_isa512 = -1; /* -1: undecided; 0: AVX2 code; 1: AVX-512 BF16 code; 2: that and AMX tiles */
 static int attn_max_isa = 2;  /* what duplex_attn_set_isa allows */
 
-/* AMX: its tile registers need the kernel's permission (Linux 5.16+) and gcc >= 11 / clang >= 12 */
-#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
-#define DUPLEX_HAVE_AMX 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#ifdef DUPLEX_HAVE_AMX
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
-
-static int amx_available(void) {
-    unsigned a, b, c, dx;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &dx) || !(dx & (1u << 22)) || !(dx & (1u << 24))) return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-}
+static int amx_available(void) { return duplex_amx_available(DUPLEX_AMX_BF16_BIT); }
 #else
 static int amx_available(void) { return 0; }
 #endif
@@ -179,40 +171,9 @@ static inline A512 __m512 exp16(__m512 x) { /* exp8's polynomial on 16 lanes; in
     return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
-/* dst[i * ld + j] = src[j * ls + i] for a 16 x 16 block of 32-bit values */
-static inline A512 void transpose16(const uint32_t* src, int64_t ls, uint32_t* dst, int64_t ld) {
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512((const void*)(src + i * ls));
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* each 128-bit lane now holds a 4 x 4 block transposed; two rounds of lane shuffles put the
-     * blocks in place */
-    for (int i = 0; i < 4; ++i) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; ++i) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512((void*)(dst + i * ld), r[i]);
-}
-
 int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { /* for the tests */
     if (!attn_use512()) return -1;
-    transpose16(src, 16, dst, 16);
+    duplex_transpose16x32(src, 64, 64, dst, 16);
     return 0;
 }
 
@@ -220,8 +181,7 @@ int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { /* for the tes
  * prefetchers do not run far enough ahead of: each block asks for the keys and values this many
  * blocks ahead, a row at a time through its loops (one thread, 4k keys, 5 tokens: 8-12 % less time
  * at 2 blocks ahead than none, interleaved A/B) */
-static int attn_pf_blocks = 2;
-int duplex_attn_set_pf(int blocks) { attn_pf_blocks = blocks; return blocks; }
+static const int attn_pf_blocks = 2;
 #define PREFETCH_ROW(base, j)                                                              \
     do {                                                                                   \
         if (base)                                                                          \
@@ -237,14 +197,14 @@ static inline A512 void transpose_keys(const uint16_t* kb, int j0, int jb, int d
         int j = kg * 16;
         for (int ug = 0; ug < d2; ug += 16) {
             if (j + 16 <= jb) {
-                transpose16((const uint32_t*)(kb + (int64_t)(j0 + j) * d) + ug, d2, kt + (int64_t)ug * 64 + j, 64);
+                duplex_transpose16x32((const uint32_t*)(kb + (int64_t)(j0 + j) * d) + ug, d2 * 4, 64, kt + (int64_t)ug * 64 + j, 64);
             } else {
                 uint32_t tmp[16 * 16];
                 for (int i = 0; i < 16; ++i) {
                     if (j + i < jb) memcpy(tmp + i * 16, (const uint32_t*)(kb + (int64_t)(j0 + j + i) * d) + ug, 64);
                     else memset(tmp + i * 16, 0, 64);
                 }
-                transpose16(tmp, 16, kt + (int64_t)ug * 64 + j, 64);
+                duplex_transpose16x32(tmp, 64, 64, kt + (int64_t)ug * 64 + j, 64);
             }
         }
     }
@@ -300,6 +260,7 @@ static inline A512 void softmax_block(float* sc, int rows, const int* last, int 
  *   attention does on GPUs, the values interleaved into key pairs (B tiles).
  * Tiles 0-3: C (16 x 16 fp32); 4: A (16 x 32 bf16); 6: B (16 pairs x 16 columns). Rows are
  * padded to 16 with zero queries that no key is visible to. */
+
 /* e^x for x <= 0 to ~2e-6 relative (degree-5 polynomial of 2^f on [-0.5, 0.5], then vscalefps):
  * the probabilities it makes are rounded to bf16 (2^-9) for the tile product anyway */
 static inline AMX __m512 exp16_bf(__m512 x) {
@@ -314,27 +275,6 @@ static inline AMX __m512 exp16_bf(__m512 x) {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, nn);
 }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
-
-static AMX __attribute__((noinline)) void amx_begin(void) {
-    amx_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; ++i) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
-    }
-    /* not _tile_loadconfig: gcc's macro names only the first 8 bytes as its input, so the stores of
-     * the rest of the configuration can be dropped as dead (a #GP at ldtilecfg) */
-    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
-}
-
-static AMX __attribute__((noinline)) void amx_end(void) { _tile_release(); }
 
 /* values rows j0 .. j0 + jb of one head interleaved into key pairs: vp[jp][c] = (v[2jp][c], v[2jp+1][c]),
  * as uint32 (a B tile's layout); zero past jb */
@@ -442,7 +382,7 @@ static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, c
     float al[16];
     _mm512_storeu_ps(al, alpha);
     for (int kg = 0; kg < 4; ++kg) /* P = (P^T)^T, then bf16 */
-        transpose16((const uint32_t*)(st + kg * 256), 16, (uint32_t*)(pf + kg * 16), 64);
+        duplex_transpose16x32(st + kg * 256, 64, 64, (uint32_t*)(pf + kg * 16), 64);
     for (int r = 0; r < 16; ++r)
         for (int j = 0; j < 64; j += 32) {
             const float* sr = pf + r * 64 + j;
@@ -614,13 +554,13 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
             }
             for (int grp = 0; grp < groups; ++grp)
                 for (int pc = 0; pc < d2; pc += 16)
-                    transpose16(q2 + (size_t)grp * 16 * d2 + pc, d2, qt + (size_t)grp * d2 * 16 + (size_t)pc * 16, 16);
-            amx_begin();
+                    duplex_transpose16x32(q2 + (size_t)grp * 16 * d2 + pc, d2 * 4, 64, qt + (size_t)grp * d2 * 16 + (size_t)pc * 16, 16);
+            duplex_amx_config_16x64();
             for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
                 int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
                 int jp = j0 + attn_pf_blocks * KB; /* the block to ask for while this one is computed */
                 const uint16_t *pfk = NULL, *pfv = NULL;
-                if (attn_pf_blocks > 0 && jp + KB <= j_hi) {
+                if (jp + KB <= j_hi) {
                     pfk = kb + (int64_t)jp * d;
                     pfv = vb + (int64_t)jp * d;
                 }
@@ -631,7 +571,7 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
                               acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? NULL : pfk, grp ? NULL : pfv);
                 }
             }
-            amx_end();
+            duplex_amx_release();
             for (int r = 0; r < rows; ++r) {
                 mx[r] = m[r];
                 den[r] = dn[r];
@@ -643,7 +583,7 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
             int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
             transpose_keys(kb, j0, jb, d, kt);
             int jp = j0 + attn_pf_blocks * KB;
-            const uint16_t *pfk = attn_pf_blocks > 0 && jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
+            const uint16_t *pfk = jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
             const uint16_t *pfv = pfk ? vb + (int64_t)jp * d : NULL;
             for (int j = 0; j < jb; ++j) { /* values in fp32, once for all rows */
                 PREFETCH_ROW(pfk, j);

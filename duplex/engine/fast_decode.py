@@ -60,15 +60,14 @@ __all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decod
 log = logging.getLogger(__name__)
 
 # tokens a pass takes in one C program per layer (decode steps, turn hand-overs, a typed question
-# with its turn markups); longer: prefill
+# with its turn markups); longer: prefill, as bf16 matrix products on dequantized weights where the
+# model has them (duplex.engine.quant.add_dense_weights), whose cost grows less with every row than
+# the fused int8 mat-vecs'. On the AMX Xeon with the AVX-512 VNNI tiles, one row over 300 cached
+# tokens, 2 threads (1 thread): 16 tokens 33 ms in the program against 42 dense (46 / 60), 19
+# tokens 36 against 52 (59 / 62), 24 tokens 49 against 52 (67 / 69), 32 tokens 60 against 56 (87 /
+# 73). At 16 the program was the limit: 17-19 tokens (a typed question) fell to the per-op fused
+# pass, 41 ms
 MAX_QUERY = 24
-# from this many tokens a pass over dequantized weights (where the model has them) beats the fused
-# int8 mat-vecs, whose cost grows with every row. On the AMX Xeon with the AVX-512 VNNI tiles, one
-# row over 300 cached tokens, 2 threads (1 thread): 16 tokens 33 ms in the program against 42 dense
-# (46 / 60), 19 tokens 36 against 52 (59 / 62), 24 tokens 49 against 52 (67 / 69), 32 tokens 60
-# against 56 (87 / 73). At 16 the program was the limit: 17-19 tokens (a typed question) fell to
-# the per-op fused pass, 41 ms
-DENSE_MIN_TOKENS = 25
 # where the int8 mat-vecs of 4+ rows run on AMX tiles (duplex.engine.int8_kernel.q16_isa
 # "amx-int8"), the program pass stays ahead of the dense one up to a few hundred tokens (one row
 # over 300 cached, 2 threads: 25 tokens 25 against 57 ms, 64 33 against 55, 128 83 against 104,
@@ -267,12 +266,8 @@ class FastDecoder:
         self._uniform = len(shapes) == 1  # every layer can share one set of activation buffers
         self._buffers: dict[int, _Buffers] = {}
         self._lock = threading.Lock()  # the buffers serve one forward at a time; others take _forward_fused
-        # the most tokens the program pass takes, and the fewest the dense pass does (see AMX_MAX_QUERY)
-        self.max_query = MAX_QUERY
-        self.dense_min_tokens = DENSE_MIN_TOKENS
-        if self.fused is not None and q16_isa() == "amx-int8":
-            self.max_query = AMX_MAX_QUERY
-            self.dense_min_tokens = AMX_MAX_QUERY + 1
+        # the most tokens the program pass takes; more go to the dense pass where there is one
+        self.max_query = AMX_MAX_QUERY if self.fused is not None and q16_isa() == "amx-int8" else MAX_QUERY
         # dequantized weights everywhere (duplex.engine.quant.add_dense_weights): passes of many
         # tokens then run op by op on them, the matrix engine's work, not the fused mat-vecs'
         self.dense = all(l.qkv.dense is not None and l.gate_up.dense is not None
@@ -507,7 +502,7 @@ class FastDecoder:
             raise
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-        many = self.dense and sum(len(row.ids) for row in rows) >= self.dense_min_tokens
+        many = self.dense and sum(len(row.ids) for row in rows) > self.max_query
         if many and self.fused is not None:
             out = self._forward_dense(rows)
             if out is not None:

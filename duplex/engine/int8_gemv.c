@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx_tiles.h"
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
     float f;
@@ -430,18 +432,9 @@ static inline __attribute__((always_inline)) void q16_tile(const int8_t* w, cons
 static int q16_isa512 = -1; /* -1: not decided yet; 0: AVX2 tiles; 1: AVX-512 VNNI tiles; 2: and AMX */
 static int q16_max_isa = 2;  /* what duplex_q16_set_isa allows */
 
-/* AMX: its tile registers need the kernel's permission (Linux 5.16+) and gcc >= 11 / clang >= 12 */
-#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#ifdef DUPLEX_HAVE_AMX
 #define DUPLEX_HAVE_QAMX 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-static int q16_amx_available(void) {
-    unsigned a, b, c, dx;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &dx) || !(dx & (1u << 24)) || !(dx & (1u << 25))) return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-}
+static int q16_amx_available(void) { return duplex_amx_available(DUPLEX_AMX_INT8_BIT); }
 #else
 static int q16_amx_available(void) { return 0; }
 #endif
@@ -567,43 +560,6 @@ static Q512_TARGET void q16_slice512(const int8_t* B, const uint16_t* S, uint16_
 #define QAMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
 #define QAMX_MIN_M 4 /* activation rows from which the tiles run: 2-3 rows measured slower than VNNI, 4 even */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} q16_amx_config;
-
-/* dst[i * 16 + j] = the 4 bytes at src + j * stride + 4 i, for a 16 x 64-byte block (zero past `bytes`
- * in each row) */
-static inline QAMX_TARGET void transpose_words16(const int8_t* src, int64_t stride, int bytes, uint32_t* dst) {
-    __m512i r[16], t[16];
-    __mmask64 mk = bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << bytes) - 1);
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi8(mk, (const void*)(src + i * stride));
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; ++i) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 16; ++i) _mm512_store_si512((void*)(dst + i * 16), r[i]);
-}
-
 /* The packed copy the tiles read: block (nb, kb) of weight rows 16 nb .. + 16 and k 64 kb .. + 64 at
  * byte (nb * kb_n + kb) * 1024, as 16 groups of 4 k each holding the 16 rows' 4 bytes (a B tile as
  * tileloadd reads it), zero past N and K. A second copy of the int8 weights, made once at load:
@@ -620,11 +576,11 @@ static QAMX_TARGET void q16_pack_amx(const int8_t* B, int N, int K, int8_t* out)
             uint32_t* dst = (uint32_t*)(out + ((int64_t)nb * kb_n + kb) * 1024);
             const int8_t* src = B + (int64_t)nb * 16 * K + kb * 64;
             if (rows == 16) {
-                transpose_words16(src, K, bytes, dst);
+                duplex_transpose16x32(src, K, bytes, dst, 16);
             } else {
                 memset(tmp, 0, sizeof tmp);
                 for (int i = 0; i < rows; ++i) memcpy(tmp + i * 64, src + (int64_t)i * K, (size_t)bytes);
-                transpose_words16(tmp, 64, 64, dst);
+                duplex_transpose16x32(tmp, 64, 64, dst, 16);
             }
         }
     }
@@ -688,16 +644,7 @@ static QAMX_TARGET int q16_slice_amx(const int8_t* Wp, const uint16_t* S, uint16
             _mm256_store_si256((__m256i*)(lo + m * k64 + k), _mm512_cvtepi16_epi8(_mm512_and_si512(x, _mm512_set1_epi16(0xFF))));
             _mm256_store_si256((__m256i*)(hi + m * k64 + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(x, 8)));
         }
-    q16_amx_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; ++i) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
-    }
-    /* not _tile_loadconfig: gcc's macro names only the first 8 bytes of the configuration as its
-     * input, so the stores of the rest can be dropped as dead (a #GP at ldtilecfg) */
-    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+    duplex_amx_config_16x64();
     for (int n = n0; n < n1; n += 32) {
         int two = n + 32 <= n1;
         const int8_t* b0 = Wp + (int64_t)(n / 16) * kb_n * 1024;
@@ -740,7 +687,7 @@ static QAMX_TARGET int q16_slice_amx(const int8_t* Wp, const uint16_t* S, uint16
             }
         }
     }
-    _tile_release();
+    duplex_amx_release();
     free(lo);
     free(ct);
     return 0;

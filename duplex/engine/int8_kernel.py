@@ -65,11 +65,13 @@ Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def build_c_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile ``source`` (AVX2, OpenMP) once into the duplex cache, keyed by its hash and flags;
-    return the shared library's path. Raises OSError, RuntimeError or SubprocessError."""
+    """Compile ``source`` (AVX2, OpenMP) once into the duplex cache, keyed by its hash, the headers
+    beside it (``amx_tiles.h``, which the kernels share) and the flags; return the shared library's
+    path. Raises OSError, RuntimeError or SubprocessError."""
     from duplex.engine.models import cache_dir
 
-    digest = hashlib.sha256(source.read_bytes() + repr(extra_flags).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + repr(extra_flags).encode()).hexdigest()[:12]
     target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -97,13 +99,16 @@ def _library() -> ctypes.CDLL:
     lib.duplex_q16_set_isa.argtypes = [ctypes.c_int]
     lib.duplex_q16_set_isa.restype = ctypes.c_int
     lib.duplex_q16_isa.restype = ctypes.c_int
-    if os.environ.get("DUPLEX_INT8_AVX512", "1").strip() == "0":
-        lib.duplex_q16_set_isa(0)
-    elif os.environ.get("DUPLEX_INT8_AMX", "1").strip() == "0":
-        lib.duplex_q16_set_isa(1)
-    else:
-        lib.duplex_q16_set_isa(-1)
+    lib.duplex_q16_set_isa(isa_cap_from_env("DUPLEX_INT8_AVX512", "DUPLEX_INT8_AMX"))
     return lib
+
+
+def isa_cap_from_env(avx512_var: str, amx_var: str) -> int:
+    """The cap a C kernel's ``*_set_isa`` takes from its two switches: 0 (AVX2) where ``avx512_var``
+    is 0, 1 (AVX-512, no AMX) where ``amx_var`` is, else -1 (the best the CPU and OS allow)."""
+    if os.environ.get(avx512_var, "1").strip() == "0":
+        return 0
+    return 1 if os.environ.get(amx_var, "1").strip() == "0" else -1
 
 
 _Q16_ISA_NAMES = {0: "avx2", 1: "avx512-vnni", 2: "amx-int8"}
@@ -111,7 +116,7 @@ _Q16_ISA_NAMES = {0: "avx2", 1: "avx512-vnni", 2: "amx-int8"}
 
 def q16_isa() -> str | None:
     """Which tiles the q16 kernel runs: ``amx-int8`` (the AVX-512 VNNI tiles, and AMX tiles for
-    batches of 2+ rows, where the CPU and OS allow them), ``avx512-vnni`` (AVX512BW and VNNI) or
+    batches of 4+ rows, where the CPU and OS allow them), ``avx512-vnni`` (AVX512BW and VNNI) or
     ``avx2``; ``$DUPLEX_INT8_AMX=0`` / ``$DUPLEX_INT8_AVX512=0`` lower it. None without the
     compiled kernel. All give the same bits: the sums are exact integers on every path."""
     try:
@@ -121,15 +126,13 @@ def q16_isa() -> str | None:
     return _Q16_ISA_NAMES[lib.duplex_q16_isa()]
 
 
-def set_q16_isa(isa: bool | str | None) -> str:
-    """Cap the q16 tiles at ``isa`` (``amx-int8``, ``avx512-vnni`` or ``avx2``; True or None: the
-    best the CPU has; False: AVX2), for A/B runs and tests; returns :func:`q16_isa`'s name for the
-    path now in use."""
+def set_q16_isa(isa: str | None = None) -> str:
+    """Cap the q16 tiles at ``isa`` (``amx-int8``, ``avx512-vnni`` or ``avx2``; None: the best the
+    CPU has), for A/B runs and tests; returns :func:`q16_isa`'s name for the path now in use."""
     levels = {name: level for level, name in _Q16_ISA_NAMES.items()}
-    if isinstance(isa, str) and isa not in levels:
+    if isa is not None and isa not in levels:
         raise ValueError(f"q16 isa must be one of {sorted(levels)}, not {isa!r}")
-    level = 0 if isa is False else -1 if isa is None or isa is True else levels[isa]
-    return _Q16_ISA_NAMES[_library().duplex_q16_set_isa(level)]
+    return _Q16_ISA_NAMES[_library().duplex_q16_set_isa(-1 if isa is None else levels[isa])]
 
 
 Q_TOLERANCE = {"q16": 0.005, "q8": 0.02}  # relative L2 error per output row vs an fp32 reference

@@ -545,22 +545,22 @@ class Scheduler:
                 self._served[id(r.owner)] = tick
             if r.done < len(r.ids) and r.error is None:
                 continue  # more prefill pieces to go
-            self._pending.remove(r)
-            if not any(p.owner is r.owner for p in self._pending):
-                self._served.pop(id(r.owner), None)
-            if r.job:
-                self._runnable += 1
-            r.event.set()
+            self._complete(r)
+
+    def _complete(self, r: _Request) -> None:  # under _lock
+        """``r`` leaves the queue (its result or error set) and its caller wakes."""
+        self._pending.remove(r)
+        if not any(p.owner is r.owner for p in self._pending):
+            self._served.pop(id(r.owner), None)
+        if r.job:
+            self._runnable += 1
+        r.event.set()
 
     def _fail_pending(self, exc: BaseException) -> None:  # under _lock
         """Hand ``exc`` to every pending request and wake its caller."""
         for r in list(self._pending):
             r.error = exc
-            self._pending.remove(r)
-            self._served.pop(id(r.owner), None)
-            if r.job:
-                self._runnable += 1
-            r.event.set()
+            self._complete(r)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http
 import importlib.resources
-import dataclasses
 import json
 import logging
 import mimetypes
