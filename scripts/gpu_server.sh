@@ -26,7 +26,7 @@ timeout ${SERVER_TIMEOUT:-420} python3 - <<'PY' > $OUT/server-cuda.json 2> $OUT/
 import asyncio, json, subprocess
 from duplex.bench.server import ServerBenchConfig, bench_server
 cfg = ServerBenchConfig(model='/tmp/smol-random', device='cuda', dtype='bfloat16', quantize=None,
-                        sessions=(1, 2, 4, 8, 16), max_tokens=48, rounds=2, schedulers=('batched', 'fifo'),
+                        sessions=(1, 2, 4, 8, 16), max_tokens=48, rounds=2, schedulers=('batched', 'fifo'), serve_configs=('text',),
                         prefill_kb=16.0, prefill_talkers=4)
 r = asyncio.run(bench_server(cfg))
 r['weights'] = 'random init, SmolLM2-135M-Instruct architecture (no network on the GPU machine): every reply runs to max_reply_tokens'

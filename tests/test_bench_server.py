@@ -1,5 +1,5 @@
-"""``duplex bench server`` end to end with the tiny model. Structure and counts only; no timing
-is asserted."""
+"""``duplex bench server`` end to end with the tiny model, against a ``duplex serve`` subprocess.
+Structure and counts only; no timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ from duplex.bench.server import ServerBenchConfig, bench_server
 
 async def test_the_server_sweep_counts_every_reply_and_the_prefill_case():
     cfg = ServerBenchConfig(model="tiny", device="cpu", dtype="float32", quantize=None, sessions=(1, 2),
-                            max_tokens=6, rounds=2, schedulers=("batched",), prefill_kb=1.0, prefill_talkers=1,
+                            max_tokens=6, rounds=2, schedulers=("batched",), serve_configs=("text",), prefill_kb=1.0, prefill_talkers=1,
                             prefill_idle_s=1.0)
     result = await bench_server(cfg)
     (mode,) = result["modes"]
-    assert mode["scheduler"] == "batched"
+    assert (mode["serve"], mode["scheduler"]) == ("text", "batched")
+    assert mode["serve_flags"][:4] == ["--asr-model", "none", "--tts", "none"]
+    assert mode["decode_baseline"]["tokens"] == cfg.max_tokens
     assert [lv["sessions"] for lv in mode["levels"]] == [1, 2]
     for level in mode["levels"]:
         assert level["replies"] == level["sessions"] * cfg.rounds  # every question got its response.done
         assert 0 < level["reply_tokens_mean"] <= cfg.max_tokens
         assert not math.isnan(level["ttft_ms_p50"]) and level["aggregate_tokens_per_s"] > 0
-        assert level["decode_rows_per_tick"] is not None
+        assert level["decode_rows_per_tick"] is not None  # read from the server's /healthz counters
+        assert level["server_rss_mib"] > 0
     prefill = mode["prefill"]
     assert prefill["instructions_chars"] == 1024 and prefill["talkers"] == 1 and prefill["prefill_s"] >= 0
     # the idle baseline talks as the talkers do during the prefill; the lockstep one is kept beside it

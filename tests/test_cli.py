@@ -57,3 +57,19 @@ def test_bench_realtime_passes_serve_flags_to_the_server_it_starts():
     assert flags == ("--overlap-layout", "interleave")
     assert RealtimeConfig(serve_args=flags).serve_args == flags
     assert ServeOptions(extra_args=flags).argv(1)[-2:] == ["--overlap-layout", "interleave"]
+
+
+def test_serve_sets_the_instructions_limit_and_the_scheduler():
+    import pytest
+
+    from duplex.cli.main import build_parser
+    from duplex.cli.serve import voice_config_from_args
+
+    args = build_parser().parse_args(["serve", "--max-instructions-chars", "20000", "--scheduler", "fifo"])
+    assert args.scheduler == "fifo"
+    session = voice_config_from_args(args).session
+    assert (session.max_instructions_chars, session.max_instructions_tokens) == (20000, 20000)
+    with pytest.raises(SystemExit, match="--max-instructions-chars 0"):
+        voice_config_from_args(build_parser().parse_args(["serve", "--max-instructions-chars", "0"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--scheduler", "round-robin"])

@@ -265,3 +265,18 @@ def test_the_template_knows_the_tokenizers_line_breaks_and_never_a_turn_marker(t
     from duplex.engine.template import _break_ids
 
     assert plain.end_of_user_turn_id not in _break_ids(tiny_lm.tokenizer, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_what_torch_argmax_picks_ties_and_nan_included(dtype):
+    greedy = Sampler(SamplingConfig(temperature=0.0))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        logits = torch.randn(49152, generator=gen).to(dtype)
+        assert greedy(logits) == int(torch.argmax(logits.float()))
+    tied = torch.zeros(1000, dtype=dtype)
+    tied[[7, 300, 999]] = 2.0
+    assert greedy(tied) == 7 == int(torch.argmax(tied.float()))  # the first of equal maxima
+    nan = torch.zeros(1000, dtype=dtype)
+    nan[[5, 40]] = float("nan")
+    assert greedy(nan) == 5 == int(torch.argmax(nan.float()))

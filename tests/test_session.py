@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from duplex.engine import decode_ahead
 from duplex.engine.sampling import SamplingConfig
 from duplex.engine.sequence import Speaker, Status
 from duplex.session.clock import ManualClock
@@ -433,16 +434,26 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
         calls.append(getattr(fn, "__name__", repr(fn)))
         return await run_urgent(seq, fn, *args, **kwargs)
 
+    steps = 0
+    step = decode_ahead._step
+
+    def counting_step(*args, **kwargs):  # every decode step: queued by the session or ahead by the engine
+        nonlocal steps
+        steps += 1
+        return step(*args, **kwargs)
+
     monkeypatch.setattr(tiny_engine, "run", counting_run)
     monkeypatch.setattr(tiny_engine, "run_for", counting_run_for)
     monkeypatch.setattr(tiny_engine, "run_urgent", counting_run_urgent)
+    monkeypatch.setattr(decode_ahead, "_step", counting_step)
     s.submit(TextInput("hello there"))
     events = await collect_until(s, _is("turn_ended", speaker="agent"))
     deltas = [e for e in events if e.type == "agent_text_delta"]
     assert deltas
-    assert "sample" not in calls  # only append_and_sample steps, each carrying the next token
+    assert "sample" not in calls  # only append-and-sample steps, each carrying the next token
     assert calls[0] == "_append_and_prepare_sync"  # words, hand-over, first token and the step after it
-    assert calls.count("append_and_sample") == deltas[-1].token_end - 1  # then one job per reply token
+    # then one step per reply token, none wasted past the last (max_tokens: that step queues none)
+    assert steps == deltas[-1].token_end - 1
     await s.close()
 
 

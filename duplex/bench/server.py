@@ -1,39 +1,54 @@
-"""``duplex bench server``: N concurrent text sessions over the socket against an in-process server.
+"""``duplex bench server``: N concurrent text sessions against ``duplex serve``, measured from outside.
+
+The server is the product itself, ``duplex serve`` started as a subprocess (its own process, event
+loop and GIL; the clients here never share them), once per serve configuration and scheduler mode:
+
+- ``voice``: ``duplex serve``'s defaults, ASR and TTS loaded and the LLM on half the cores (what
+  a user runs), answering text sessions;
+- ``text``: ``--asr-model none --tts none``, the LLM on every core.
 
 Per N (default 1, 2, 4, 8, 16) every client sends a question at the same moment and reads its
 streamed reply: TTFT = send -> first ``response.output_text.delta``; inter-token = the gap between
 deltas spread over the tokens they carry (deltas are word-buffered); aggregate tokens/s = all
-reply tokens / the round's wall time; RSS of this process (model + server). Then the prefill case:
-``prefill_talkers`` sessions keep talking while one more session sends ``prefill_kb`` of
-instructions; their inter-token p95 during that prefill is compared with the same talkers idle.
-Each scheduler mode (``batched``, ``chunked``, ``fifo`` = the old single worker) runs on the same
-loaded model in the same run, so the modes compare on equal footing. A single-sequence decode
-without sockets is the baseline for what serving costs.
+reply tokens / the round's wall time; RSS of the server process; decode rows per tick from its
+``/healthz`` counters. Then the prefill case: ``prefill_talkers`` sessions keep talking while one
+more session sends ``prefill_kb`` of instructions; their inter-token p95 during that prefill is
+compared with the same talkers idle. Each scheduler mode (``batched``, ``chunked``, ``fifo`` = the
+old single worker) runs in the same run, so the modes compare on equal footing. A single-sequence
+decode in this process, without sockets, at each configuration's LLM threads, is the baseline for
+what serving costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duplex.bench.servers import ServeOptions, serve_process
 from duplex.cpu import llm_threads
-from duplex.engine.models import LoadedModel, load_model
+from duplex.engine.models import load_model
 from duplex.engine.sampling import Sampler, SamplingConfig
-from duplex.engine.sequence import SequenceConfig, Speaker
+from duplex.engine.sequence import Speaker
 from duplex.engine.worker import Engine
 from duplex.serving.client import DuplexClient
-from duplex.serving.server import DuplexServer
-from duplex.serving.ws_session import ServerLimits
-from duplex.session.config import SessionConfig
 
-__all__ = ["ServerBenchConfig", "add_server_bench_args", "bench_server", "bench_server_cli", "plot_server"]
+__all__ = ["SERVE_CONFIGS", "ServerBenchConfig", "add_server_bench_args", "bench_server", "bench_server_cli",
+           "plot_server"]
+
+# serve configuration -> (extra ``duplex serve`` flags, whether its LLM gets every core)
+SERVE_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "voice": ((), False),  # the defaults: what `duplex serve` runs
+    "text": (("--asr-model", "none", "--tts", "none"), True),
+}
 
 QUESTIONS = [
     "Tell me a story about a dragon who learns to cook.", "Explain how a bicycle works, step by step.",
@@ -55,10 +70,16 @@ class ServerBenchConfig:
     max_tokens: int = 64
     rounds: int = 1
     schedulers: tuple[str, ...] = ("batched", "fifo")
+    serve_configs: tuple[str, ...] = ("voice", "text")
     prefill_kb: float = 100.0  # 0: skip the prefill case
     prefill_talkers: int = 4
     prefill_idle_s: float = 8.0  # the talkers' idle baseline: this long, talking as during the prefill
     type: str = "server_bench_config"
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.serve_configs if c not in SERVE_CONFIGS]
+        if unknown:
+            raise ValueError(f"unknown serve configuration {unknown[0]!r}; choose from {', '.join(SERVE_CONFIGS)}")
 
 
 def _progress(msg: str) -> None:
@@ -74,10 +95,26 @@ def _pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def _rss_mib() -> float:
+def _rss_mib(pid: int) -> float:
     import psutil
 
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def _healthz(url: str) -> dict[str, Any]:
+    """The server's ``/healthz`` (its scheduler counters), from its ``ws://`` URL."""
+    http = url.replace("ws://", "http://", 1).rsplit("/ws", 1)[0] + "/healthz"
+    with urllib.request.urlopen(http, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+async def _client(url: str, max_tokens: int) -> DuplexClient:
+    """A connected client whose replies are greedy and at most ``max_tokens`` long."""
+    client = DuplexClient(url)
+    await client.connect()
+    await client.update_session(temperature=0.0, max_output_tokens=max_tokens)
+    await client.wait_for("session.updated", timeout=60)
+    return client
 
 
 def _decode_baseline(engine: Engine, tokens: int) -> dict[str, float]:
@@ -127,9 +164,9 @@ async def _ask(client: DuplexClient, question: str) -> _Reply:
     raise RuntimeError("connection ended during the benchmark")
 
 
-async def _level(url: str, n: int, rounds: int) -> dict[str, Any]:
-    clients = [DuplexClient(url) for _ in range(n)]
-    await asyncio.gather(*(c.connect() for c in clients))
+async def _level(url: str, n: int, rounds: int, max_tokens: int, pid: int) -> dict[str, Any]:
+    clients = list(await asyncio.gather(*(_client(url, max_tokens) for _ in range(n))))
+    before = await asyncio.to_thread(_healthz, url)
     try:
         replies: list[_Reply] = []
         t0 = time.perf_counter()
@@ -137,7 +174,8 @@ async def _level(url: str, n: int, rounds: int) -> dict[str, Any]:
             replies += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)])
                                               for i, c in enumerate(clients)))
         wall = time.perf_counter() - t0
-        rss = _rss_mib()
+        rss = _rss_mib(pid)
+        after = await asyncio.to_thread(_healthz, url)
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     ttft = [1000 * (r.t_first - r.t_send) for r in replies if r.t_first is not None]
@@ -148,8 +186,15 @@ async def _level(url: str, n: int, rounds: int) -> dict[str, Any]:
         "aggregate_tokens_per_s": round(tokens / wall, 2),
         "ttft_ms_p50": round(_pct(ttft, 0.5), 1), "ttft_ms_p95": round(_pct(ttft, 0.95), 1),
         "inter_token_ms_p50": round(_pct(gaps, 0.5), 1), "inter_token_ms_p95": round(_pct(gaps, 0.95), 1),
-        "rss_mib": round(rss, 1),
+        "server_rss_mib": round(rss, 1), "decode_rows_per_tick": _rows_per_tick(before, after),
     }
+
+
+def _rows_per_tick(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Decode rows per engine tick between two ``/healthz`` readings (None: no ticks, or fifo)."""
+    b, a = before.get("engine") or {}, after.get("engine") or {}
+    ticks = a.get("ticks", 0) - b.get("ticks", 0)
+    return round((a.get("decode_rows", 0) - b.get("decode_rows", 0)) / ticks, 2) if ticks > 0 else None
 
 
 async def _talk_until(client: DuplexClient, stop: asyncio.Event, replies: list[_Reply], offset: int) -> None:
@@ -159,7 +204,7 @@ async def _talk_until(client: DuplexClient, stop: asyncio.Event, replies: list[_
         i += 1
 
 
-async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2,
+async def _prefill_case(url: str, talkers: int, kb: float, max_tokens: int, idle_replies: int = 2,
                         idle_s: float = 8.0) -> dict[str, Any]:
     """Talkers' inter-token p95 with nothing else going on, then while one more session's
     ``kb`` KB instructions update is prefilled.
@@ -169,10 +214,8 @@ async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2
     moments, and a tick that carries one talker's question is in the others' inter-token gaps,
     with or without the prefill. The lockstep figure (all ask together, ``idle_replies`` times:
     no question ever lands mid-reply) is kept as ``lockstep_idle_*`` for comparison."""
-    clients = [DuplexClient(url) for _ in range(talkers)]
-    await asyncio.gather(*(c.connect() for c in clients))
-    big = DuplexClient(url)
-    await big.connect()
+    clients = list(await asyncio.gather(*(_client(url, max_tokens) for _ in range(talkers))))
+    big = await _client(url, max_tokens)
     try:
         lockstep: list[_Reply] = []
         for r in range(idle_replies):
@@ -220,40 +263,37 @@ async def _prefill_case(url: str, talkers: int, kb: float, idle_replies: int = 2
     }
 
 
-def _session_config(cfg: ServerBenchConfig) -> SessionConfig:
-    # room for the prefill case's instructions: (max_tokens - keep_recent) / 2 must hold them
-    instr_tokens = max(1_000, int(cfg.prefill_kb * 1024 / 3))
-    return SessionConfig(
-        policy="silence", sampling=SamplingConfig(temperature=0.0, max_tokens=cfg.max_tokens),
-        max_instructions_chars=max(8_000, int(cfg.prefill_kb * 1024) + 1), max_instructions_tokens=instr_tokens,
-        sequence=SequenceConfig(max_tokens=2 * instr_tokens + 4096, keep_recent_tokens=2048),
-    )
+def _serve_options(cfg: ServerBenchConfig, serve: str, mode: str) -> ServeOptions:
+    """``duplex serve`` in configuration ``serve`` with scheduler ``mode``, room for every client,
+    and (for the prefill case) for ``prefill_kb`` of instructions."""
+    flags, _ = SERVE_CONFIGS[serve]
+    chars = max(8_000, int(cfg.prefill_kb * 1024) + 1)
+    # the instructions' tokens must fit a quarter of the context window (instructions_token_limit)
+    window = max(4096, 4 * (chars // 3 + 64))
+    sessions = max((*cfg.sessions, 1)) + cfg.prefill_talkers + 8
+    return ServeOptions(model=cfg.model, device=cfg.device, dtype=cfg.dtype,
+                        quantize="none" if cfg.quantize is None else cfg.quantize,
+                        extra_args=(*flags, "--scheduler", mode, "--max-sessions", str(sessions),
+                                    "--max-instructions-chars", str(chars), "--context-tokens", str(window)))
 
 
-async def _one_mode(lm: LoadedModel, mode: str, cfg: ServerBenchConfig) -> dict[str, Any]:
-    engine = Engine(lm, scheduler=mode, threads=llm_threads(text_only=True))  # as a text-only duplex serve
-    server = DuplexServer(engine, config=_session_config(cfg), limits=ServerLimits(max_sessions=256))
-    await server.start("127.0.0.1", 0)
-    out: dict[str, Any] = {"scheduler": mode, "levels": []}
-    try:
-        out["decode_baseline"] = await engine.run(_decode_baseline, engine, cfg.max_tokens)
-        _progress(f"[{mode}] baseline {out['decode_baseline']['ms_per_token']} ms/token")
-        await _level(server.ws_url(), 1, 1)  # warm-up: first-call overheads out of the numbers
+async def _one_mode(cfg: ServerBenchConfig, serve: str, mode: str) -> dict[str, Any]:
+    options = _serve_options(cfg, serve, mode)
+    out: dict[str, Any] = {"serve": serve, "scheduler": mode, "serve_flags": list(options.extra_args), "levels": []}
+    tag = f"{serve}/{mode}"
+    _progress(f"[{tag}] starting duplex serve {' '.join(options.extra_args)}")
+    async with serve_process(options) as served:
+        url = served.url
+        await _level(url, 1, 1, cfg.max_tokens, served.pid)  # warm-up: first-call overheads out of the numbers
         for n in cfg.sessions:
-            ticks0, rows0 = engine.stats.ticks, engine.stats.decode_rows
-            level = await _level(server.ws_url(), n, cfg.rounds)
-            ticks = engine.stats.ticks - ticks0
-            level["decode_rows_per_tick"] = round((engine.stats.decode_rows - rows0) / ticks, 2) if ticks else None
+            level = await _level(url, n, cfg.rounds, cfg.max_tokens, served.pid)
             out["levels"].append(level)
-            _progress(f"[{mode}] N={n}: {level['aggregate_tokens_per_s']} tok/s, TTFT p95 {level['ttft_ms_p95']} ms, "
+            _progress(f"[{tag}] N={n}: {level['aggregate_tokens_per_s']} tok/s, TTFT p95 {level['ttft_ms_p95']} ms, "
                       f"inter-token p50/p95 {level['inter_token_ms_p50']}/{level['inter_token_ms_p95']} ms")
         if cfg.prefill_kb > 0:
-            out["prefill"] = await _prefill_case(server.ws_url(), cfg.prefill_talkers, cfg.prefill_kb,
+            out["prefill"] = await _prefill_case(url, cfg.prefill_talkers, cfg.prefill_kb, cfg.max_tokens,
                                                 idle_s=cfg.prefill_idle_s)
-            _progress(f"[{mode}] prefill {cfg.prefill_kb} KB: {out['prefill']}")
-    finally:
-        await server.close()
-        engine.close()
+            _progress(f"[{tag}] prefill {cfg.prefill_kb} KB: {out['prefill']}")
     return out
 
 
@@ -271,9 +311,10 @@ def _targets(mode: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bench_server(cfg: ServerBenchConfig | None = None) -> dict[str, Any]:
-    """Load the model once, run every scheduler mode's sweep and prefill case, return JSON."""
+    """The decode baselines in this process, then every (serve configuration, scheduler mode)
+    against its own ``duplex serve``; returns JSON."""
     cfg = cfg or ServerBenchConfig()
-    _progress(f"loading model {cfg.model or 'default'}")
+    _progress(f"loading model {cfg.model or 'default'} for the decode baseline")
     loop = asyncio.get_running_loop()
     lm = await loop.run_in_executor(None, lambda: load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                                                 quantize=cfg.quantize))
@@ -281,12 +322,26 @@ async def bench_server(cfg: ServerBenchConfig | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "server", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
         "quantization": lm.quantization, "cpu_count": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load],
-        "max_reply_tokens": cfg.max_tokens, "rounds": cfg.rounds, "modes": [],
+        "max_reply_tokens": cfg.max_tokens, "rounds": cfg.rounds, "measured": "from outside: duplex serve subprocess",
+        "modes": [],
     }
-    for mode in cfg.schedulers:
-        result = await _one_mode(lm, mode, cfg)
-        result["targets"] = _targets(result)
-        results["modes"].append(result)
+    baselines: dict[str, dict[str, Any]] = {}
+    for serve in cfg.serve_configs:
+        threads = llm_threads(text_only=SERVE_CONFIGS[serve][1])
+        engine = Engine(lm, threads=threads)
+        try:
+            baselines[serve] = {**await engine.run(_decode_baseline, engine, cfg.max_tokens), "threads": threads}
+        finally:
+            engine.close()
+        _progress(f"[{serve}] decode baseline {baselines[serve]['ms_per_token']} ms/token at {threads} thread(s)")
+    del lm, engine
+    gc.collect()  # the servers load their own copy
+    for serve in cfg.serve_configs:
+        for mode in cfg.schedulers:
+            result = await _one_mode(cfg, serve, mode)
+            result["decode_baseline"] = baselines[serve]
+            result["targets"] = _targets(result)
+            results["modes"].append(result)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
@@ -302,7 +357,7 @@ def plot_server(results: dict[str, Any], path: Path) -> Path:
     for mode in results["modes"]:
         ns = [lv["sessions"] for lv in mode["levels"]]
         for ax, key in zip(axes, ("aggregate_tokens_per_s", "ttft_ms_p95", "inter_token_ms_p95")):
-            ax.plot(ns, [lv[key] for lv in mode["levels"]], marker="o", label=mode["scheduler"])
+            ax.plot(ns, [lv[key] for lv in mode["levels"]], marker="o", label=f"{mode['serve']}/{mode['scheduler']}")
     for ax, title in zip(axes, ("aggregate tokens/s", "TTFT p95 (ms)", "inter-token p95 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent sessions")
@@ -325,6 +380,9 @@ def add_server_bench_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sessions", default="1,2,4,8,16", help="concurrency levels, comma-separated")
     g.add_argument("--scheduler", default="batched,fifo",
                    help="engine scheduler modes to compare in the same run: batched, chunked, fifo (the old worker)")
+    g.add_argument("--serve-config", default="voice,text",
+                   help="duplex serve configurations, comma-separated: voice (the defaults: ASR and TTS loaded, "
+                        "the LLM on half the cores), text (--asr-model none --tts none: the LLM on every core)")
     g.add_argument("--prefill-kb", type=float, default=100.0,
                    help="instructions size for the prefill-while-others-decode case (0: skip it)")
     g.add_argument("--prefill-talkers", type=int, default=4)
@@ -336,6 +394,7 @@ def bench_server_cli(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
         sessions=tuple(int(n) for n in str(args.sessions).split(",") if n.strip()), max_tokens=args.tokens,
         rounds=args.rounds, schedulers=tuple(m.strip() for m in str(args.scheduler).split(",") if m.strip()),
+        serve_configs=tuple(c.strip() for c in str(args.serve_config).split(",") if c.strip()),
         prefill_kb=args.prefill_kb, prefill_talkers=args.prefill_talkers,
     )
     result = asyncio.run(bench_server(cfg))

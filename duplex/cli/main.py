@@ -187,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-tokens", type=int, default=None,
                    help="a conversation's KV window: past it the oldest turns are evicted down to half "
                         "(default: duplex.engine.sequence.SequenceConfig, 4096); bounds memory per session")
+    p.add_argument("--max-instructions-chars", type=int, default=None,
+                   help="longest instructions a session.update may carry, in characters (default: "
+                        "duplex.session.config.SessionConfig, 8000); their tokens must also fit a quarter of "
+                        "--context-tokens, and a longer update gets instructions_too_long naming the limit")
+    p.add_argument("--scheduler", choices=["batched", "chunked", "fifo"], default=None,
+                   help="engine scheduler (default: $DUPLEX_SCHEDULER or batched): batched = one forward per "
+                        "tick over all sessions; chunked = the same fair order, one forward per session; "
+                        "fifo = one session's job at a time (the old worker, for A/B runs)")
     p.add_argument("--overlap-layout", choices=["hold", "interleave"], default=None,
                    help="user words heard while the agent generates: wait outside the cache until it stops "
                         "(hold, default) or enter it at once inside the agent's turn (interleave)")

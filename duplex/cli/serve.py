@@ -73,6 +73,13 @@ def voice_config_from_args(args: argparse.Namespace) -> VoiceConfig:
         except ValueError as exc:
             raise SystemExit(f"duplex serve: --voice-option {key}: {exc}") from exc
     config = dataclasses.replace(config, **changes) if changes else config
+    chars = getattr(args, "max_instructions_chars", None)
+    if chars is not None:
+        if chars < 1:
+            raise SystemExit(f"duplex serve: --max-instructions-chars {chars}: at least 1")
+        # a token is at least one character, so the character limit bounds the tokens too (the
+        # context window's own bound, instructions_token_limit, still applies)
+        config = config.with_session(max_instructions_chars=chars, max_instructions_tokens=chars)
     layout = getattr(args, "overlap_layout", None)
     if layout:
         config = config.with_session(overlap_layout=layout)
@@ -93,7 +100,8 @@ async def run_server(args: argparse.Namespace) -> int:
     quantize = getattr(args, "quantize", "auto")
     engine = await loop.run_in_executor(None, lambda: Engine.load(args.model, device=args.device, dtype=args.dtype,
                                                                   quantize=None if quantize == "none" else quantize,
-                                                                  threads=_llm_threads(args)))
+                                                                  threads=_llm_threads(args),
+                                                                  scheduler=getattr(args, "scheduler", None)))
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = voice_config_from_args(args)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-__all__ = ["SamplingConfig", "Sampler"]
+__all__ = ["Sampler", "SamplingConfig"]
 
 _NUCLEUS_SHORTLIST = 256  # candidates searched for the top-p set before sorting the whole vocabulary
 
@@ -55,7 +56,7 @@ class Sampler:
             vals = logits[idx]
             logits[idx] = torch.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
         if cfg.temperature == 0.0:
-            return int(torch.argmax(logits))
+            return _argmax(logits)
         logits = logits / cfg.temperature
         if cfg.top_k > 0:
             k = min(cfg.top_k, logits.numel())
@@ -88,3 +89,11 @@ class Sampler:
             cum = torch.cumsum(top, dim=-1)
         keep = (cum - top) <= top_p  # the smallest prefix whose mass reaches top_p
         return int(order[keep][self._draw(top[keep])])
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The first index of the largest logit (NaN counts as largest, as in torch.argmax). numpy's
+    argmax is one SIMD pass on the calling thread: 8 us over 49k logits, where torch.argmax opened
+    a parallel region on the engine job's own OpenMP team (140 us alone, ~390 us in a loaded
+    server, for every session, in the gap between two batched ticks)."""
+    return int(np.argmax(logits.detach().numpy()))

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from duplex.cpu import stage_threads
+from duplex.engine.decode_ahead import DecodeLink, submit_step
 from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler
 from duplex.engine.scheduler import Scheduler, SchedulerStats
@@ -66,8 +67,9 @@ class Engine:
 
     @classmethod
     def load(cls, name_or_path: str | None = None, device: str = "auto", dtype: str = "auto",
-             quantize: str | None = "auto", threads: int | None = None) -> Engine:
-        return cls(load_model(name_or_path, device=device, dtype=dtype, quantize=quantize), threads=threads)
+             quantize: str | None = "auto", threads: int | None = None, scheduler: str | None = None) -> Engine:
+        return cls(load_model(name_or_path, device=device, dtype=dtype, quantize=quantize), threads=threads,
+                   scheduler=scheduler)
 
     @property
     def tokenizer(self) -> Any:
@@ -107,6 +109,15 @@ class Engine:
         its first words are out. The scheduler runs it in an express tick, ahead of other
         sessions' streaming (which waits at most that one tick)."""
         return await self._submit(seq, fn, *args, _urgent=True, **kwargs)
+
+    def decode_step(self, seq: SharedSequence, token: int, sampler: Sampler, *, chain: bool,
+                    urgent: Callable[[], bool], status: Status = Status.UNSPOKEN) -> DecodeLink:
+        """Queue a reply's step: append ``token``, sample the next; with ``chain`` the step queues the
+        following one itself (:mod:`duplex.engine.decode_ahead`). ``urgent()``: is the user waiting
+        for this step (the reply's first words)? Asked again for each step queued ahead."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        return submit_step(self.scheduler, seq, token, sampler, chain=chain, urgent=urgent, status=status)
 
     async def decode(self, seq: SharedSequence, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
         """One decode step: sample the next token and append it; batched with other sessions' steps."""

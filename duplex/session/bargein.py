@@ -132,6 +132,8 @@ class BargeIn:
         if agent is None or self._truncate_deadline is not None:
             return
         agent.generating = False
+        if agent.stepping is not None:
+            agent.stepping.revoke()  # a step in flight queues nothing more: the cut below comes after it
         self._paused = False  # Interrupted supersedes the pause: the audio is dropped, not resumed
         now = self.clock.now()
         kept = agent.delivered_tokens

@@ -63,3 +63,7 @@ class AgentTurnState:
     # logits_version it was sampled at (valid only while that is unchanged)
     next_token: int | None = None
     next_version: int = -1
+    # decode ahead (duplex.engine.decode_ahead): the claimed step in flight, and the step the last
+    # one queued to append next_token (unclaimed: the engine's one token ahead of the session)
+    stepping: Any = None
+    ahead: Any = None

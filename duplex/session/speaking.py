@@ -2,7 +2,9 @@
 
 Each token is one engine job (``SharedSequence.append_and_sample``: append the last token, sample
 the next), and the first one comes with the job that opened the turn, so under load a reply pays
-one tick's wait per token and no more. While a step runs the loop still takes inputs: a barge-in
+one tick's wait per token and no more. Each step queues the next one itself once the session has
+taken its token (:mod:`duplex.engine.decode_ahead`), so a batched tick never waits for the
+sessions' loops to come round; a token appended ahead and never taken is rolled back. While a step runs the loop still takes inputs: a barge-in
 that arrives mid-step is decided and announced at once. Text leaves as whole words
 (``WordBuffer``), so a rollback always lands on what was shown or played.
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from duplex.engine.sequence import Speaker, Status
+from duplex.engine import decode_ahead
+from duplex.engine.decode_ahead import settle
+from duplex.engine.sequence import Speaker
 from duplex.policies import Pause, Resume, Yield
 from duplex.session.config import AgentTurnState
 from duplex.session.detok import WordBuffer
@@ -69,25 +73,52 @@ class Speaking:
                 await self._wait_decode_release()
                 if self._urgent:
                     return
-            if agent.next_token is not None and agent.next_version == self.seq.logits_version:
+            ahead, agent.ahead = agent.ahead, None
+            if ahead is not None:
+                token = ahead.token  # the engine is appending it already (decode ahead)
+            elif agent.next_token is not None and agent.next_version == self.seq.logits_version:
                 token = agent.next_token  # sampled by the last step's job
             else:
                 token = await self.engine.run(self.seq.sample, self._sampler)
             agent.next_token = None
             if self._agent is not agent or not agent.generating:
                 return
-            if token in self.seq.template.end_of_agent_turn_ids:
+            if token in self.seq.template.end_of_agent_turn_ids:  # (never appended ahead)
                 await self._complete_turn("completed")
                 return
             self._take_token(agent, token)
-            # until the reply's first words are out the user is waiting: urgent (express ticks)
-            run = self.engine.run_urgent if agent.emitted_chars == 0 else self.engine.run_for
-            agent.next_token, agent.next_version = await self._step_listening(
-                run(self.seq, self.seq.append_and_sample, token, self._sampler, Status.UNSPOKEN))
+            # the step queues the next one itself (decode ahead), unless this token is the reply's
+            # last or user words may be interleaved into the turn (their position must be exact)
+            chain = (decode_ahead.ENABLED and len(agent.tokens) < self._sampler.config.max_tokens
+                     and self.config.overlap_layout != "interleave")
+            if ahead is not None:
+                link = ahead
+                step = link.claim(chain)
+            else:
+                # until the reply's first words are out the user is waiting: urgent (express ticks)
+                link = self.engine.decode_step(self.seq, token, self._sampler, chain=chain,
+                                               urgent=lambda: agent.emitted_chars == 0)
+                step = asyncio.wrap_future(link.future)
+            agent.stepping = link
+            try:
+                agent.next_token, agent.next_version, agent.ahead = await self._step_listening(step)
+            finally:
+                agent.stepping = None
             if not agent.generating:
-                return  # interrupted while the step ran
+                # interrupted while the step ran: the cut (truncate_turn) drops a token appended ahead
+                agent.ahead = None
+                return
             if await self._stop_after_token():
                 return
+
+    async def _settle_decoding_ahead(self, agent: AgentTurnState) -> None:
+        """The turn ends here (not cut by a barge-in): a token the engine appended ahead and the
+        session never took leaves the cache, and nothing more is queued."""
+        if agent.stepping is not None:
+            agent.stepping.revoke()
+        link, agent.ahead = agent.ahead, None
+        if link is not None:
+            await settle(lambda: self.engine.run_for(self.seq, self.seq.rollback, 1), link)
 
     def _take_token(self, agent: AgentTurnState, token: int) -> None:
         """A reply token is in the cache: its text, and the words it completes, go out."""
@@ -213,6 +244,7 @@ class Speaking:
             agent.delivered_tokens = len(agent.tokens)
         agent.generating = False
         self._overlap_start_t = self._overlap_end_t = None
+        await self._settle_decoding_ahead(agent)
         await self.engine.run(self.seq.end_turn, Speaker.AGENT)
         self._emit(TurnEnded("agent", agent.turn, agent.text, reason, self.clock.now()))
         if self.config.audio_output and not agent.playback_done:
