@@ -318,9 +318,11 @@ async def bench_server(cfg: ServerBenchConfig | None = None) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     lm = await loop.run_in_executor(None, lambda: load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                                                 quantize=cfg.quantize))
+    from duplex.eval.runner import git_commit
+
     load = os.getloadavg()
     results: dict[str, Any] = {
-        "benchmark": "server", "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+        "benchmark": "server", "git_commit": git_commit(Path(__file__).parent), "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
         "quantization": lm.quantization, "cpu_count": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load],
         "max_reply_tokens": cfg.max_tokens, "rounds": cfg.rounds, "measured": "from outside: duplex serve subprocess",
         "modes": [],
