@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from duplex.cpu import speech_stage
 from duplex.tasks import cancel_and_wait
 
 from .asr import StreamingAsr
@@ -394,7 +395,8 @@ class AsyncSpeechInput:
         if self._turn_executor is None:
             self._turn_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-turn")
         try:
-            events = await asyncio.get_running_loop().run_in_executor(self._turn_executor, self.pipeline.analyze_turn)
+            events = await asyncio.get_running_loop().run_in_executor(self._turn_executor,
+                                                                      speech_stage(self.pipeline.analyze_turn))
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the features are advisory: the speech input goes on without them
@@ -414,7 +416,7 @@ class AsyncSpeechInput:
                 if self._asr_flush:
                     self._asr_flush = False
                     work = self.pipeline.flush
-                for event in await loop.run_in_executor(self._executor, work):
+                for event in await loop.run_in_executor(self._executor, speech_stage(work)):
                     self._outbox.put_nowait(event)
         except asyncio.CancelledError:
             raise

@@ -14,13 +14,63 @@ on the critical path and took twice as long single-threaded.
 A text-only server (no ASR, no TTS) has no other stage to leave cores to, and its LLM gets them all:
 ``bench server`` back to back on the quiet 2-core machine, 1 vs 2 threads, N = 1 53.1 vs 59.9 and
 N = 8 117.5 vs 130.8 tokens/s, TTFT p95 at N = 8 919 vs 691 ms.
+
+A voice server's LLM borrows the other cores whenever no speech stage is running
+(:data:`SPEECH_STAGES`, counted around each whisper pass, turn analysis and TTS synthesis): text
+sessions on the default server, and the hand-over between a user's last words and the first TTS
+clause, then run at the text-only speed, while the split above still holds whenever a stage runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["llm_threads", "stage_threads"]
+__all__ = ["SPEECH_STAGES", "SpeechStages", "llm_threads", "speech_stage", "stage_threads"]
+
+T = TypeVar("T")
+
+
+class SpeechStages:
+    """How many speech stages (whisper passes, turn analysis, TTS synthesis) run right now, in this
+    process: the LLM takes every core only while none does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    @property
+    def idle(self) -> bool:
+        return self._running == 0
+
+
+SPEECH_STAGES = SpeechStages()
+
+
+def speech_stage(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` counted in :data:`SPEECH_STAGES` while it runs (wrap the callable an executor runs,
+    so that queueing for the executor does not count)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        with SPEECH_STAGES.running():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def stage_threads(env_var: str) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from duplex.cpu import stage_threads
 
@@ -36,3 +39,59 @@ def test_a_text_only_server_gives_the_llm_every_core(monkeypatch: pytest.MonkeyP
     assert _llm_threads(argparse.Namespace(asr_model="none", tts="piper")) == 1
     monkeypatch.setenv("DUPLEX_TORCH_THREADS", "1")
     assert _llm_threads(argparse.Namespace(asr_model="none", tts="none")) == 1  # the environment decides
+
+
+def test_speech_stages_count_what_runs_inside_them() -> None:
+    from duplex.cpu import SpeechStages, speech_stage
+
+    stages = SpeechStages()
+    assert stages.idle
+    with stages.running():
+        assert not stages.idle
+        with stages.running():
+            assert not stages.idle
+        assert not stages.idle
+    assert stages.idle
+    seen = []
+    from duplex import cpu
+
+    wrapped = speech_stage(lambda x: seen.append(cpu.SPEECH_STAGES.idle) or x * 2)
+    assert wrapped(21) == 42 and seen == [False] and cpu.SPEECH_STAGES.idle
+    with pytest.raises(ZeroDivisionError):
+        speech_stage(lambda: 1 / 0)()
+    assert cpu.SPEECH_STAGES.idle  # an exception leaves the count as it was
+
+
+def test_a_voice_engine_borrows_every_core_while_no_speech_stage_runs(tiny_lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from duplex.cpu import SPEECH_STAGES
+    from duplex.engine.sequence import Speaker
+    from duplex.engine.worker import Engine
+
+    monkeypatch.delenv("DUPLEX_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    engine = Engine(tiny_lm, threads=2)  # a voice server's share of 4 cores
+    try:
+        assert engine.tick_threads() == 4
+        with SPEECH_STAGES.running():
+            assert engine.tick_threads() == 2
+        seen: list[int] = []
+        orig = engine._tick_threads
+
+        def record() -> None:
+            orig()
+            seen.append(torch.get_num_threads())
+
+        engine.scheduler._before_tick = record  # the hook runs on the tick's thread, before its forward
+        seq = engine.new_sequence()
+        asyncio.run(engine.run_for(seq, seq.add_message, Speaker.USER, "hello there"))
+        assert seen and set(seen) == {4}
+    finally:
+        engine.close()
+    monkeypatch.setenv("DUPLEX_TORCH_THREADS", "2")  # a fixed count is kept as it is
+    fixed = Engine(tiny_lm, threads=2)
+    try:
+        assert fixed.tick_threads() == 2
+    finally:
+        fixed.close()

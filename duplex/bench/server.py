@@ -3,8 +3,9 @@
 The server is the product itself, ``duplex serve`` started as a subprocess (its own process, event
 loop and GIL; the clients here never share them), once per serve configuration and scheduler mode:
 
-- ``voice``: ``duplex serve``'s defaults, ASR and TTS loaded and the LLM on half the cores (what
-  a user runs), answering text sessions;
+- ``voice``: ``duplex serve``'s defaults, ASR and TTS loaded (what a user runs), answering text
+  sessions: its LLM has half the cores while a speech stage runs and borrows the rest otherwise
+  (``duplex.cpu``), so the decode baseline shows both thread counts;
 - ``text``: ``--asr-model none --tts none``, the LLM on every core.
 
 Per N (default 1, 2, 4, 8, 16) every client sends a question at the same moment and reads its
@@ -330,7 +331,7 @@ async def bench_server(cfg: ServerBenchConfig | None = None) -> dict[str, Any]:
     baselines: dict[str, dict[str, Any]] = {}
     for serve in cfg.serve_configs:
         threads = llm_threads(text_only=SERVE_CONFIGS[serve][1])
-        engine = Engine(lm, threads=threads)
+        engine = Engine(lm, threads=threads, borrow_cores=False)  # exactly `threads`: the share it names
         try:
             baselines[serve] = {**await engine.run(_decode_baseline, engine, cfg.max_tokens), "threads": threads}
         finally:
@@ -384,7 +385,7 @@ def add_server_bench_args(parser: argparse.ArgumentParser) -> None:
                    help="engine scheduler modes to compare in the same run: batched, chunked, fifo (the old worker)")
     g.add_argument("--serve-config", default="voice,text",
                    help="duplex serve configurations, comma-separated: voice (the defaults: ASR and TTS loaded, "
-                        "the LLM on half the cores), text (--asr-model none --tts none: the LLM on every core)")
+                        "the LLM on half the cores while a speech stage runs), text (--asr-model none --tts none)")
     g.add_argument("--prefill-kb", type=float, default=100.0,
                    help="instructions size for the prefill-while-others-decode case (0: skip it)")
     g.add_argument("--prefill-talkers", type=int, default=4)

@@ -171,7 +171,7 @@ class Scheduler:
 
     def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
                  init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096,
-                 burst_tokens: int | None = None) -> None:
+                 burst_tokens: int | None = None, before_tick: Callable[[], None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk_tokens < 1:
@@ -184,6 +184,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.trace: deque[TickRecord] = deque(maxlen=trace_len)
         self._init_thread = init_thread or (lambda: None)
+        self._before_tick = before_tick or (lambda: None)  # on the tick's thread, before its forward
         self._name = name
         self._lock = threading.Lock()  # queues and counters; never held across a model call
         self._baton = threading.Lock()  # held by the running job, or by the scheduler during a tick
@@ -378,6 +379,10 @@ class Scheduler:
                 self._fail_pending(exc)
                 return
             tick = self.stats.ticks
+        try:
+            self._before_tick()
+        except Exception:  # noqa: BLE001 - a failed thread setting must not stop the tick
+            log.warning("scheduler: before_tick failed", exc_info=True)
         t0 = time.perf_counter()
         forwards = self._execute(plan)
         seconds = time.perf_counter() - t0

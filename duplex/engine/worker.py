@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from duplex.cpu import stage_threads
+from duplex.cpu import SPEECH_STAGES, stage_threads
 from duplex.engine.decode_ahead import DecodeLink, submit_step
 from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler
@@ -44,18 +44,28 @@ class Engine:
 
     ``scheduler``: ``batched`` (default; one forward per tick over all sessions), ``chunked``
     (the same fair order, one forward per session) or ``fifo`` (the old single worker), also from
-    ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``).
+    ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``);
+    ``borrow_cores``: with fewer ``threads`` than cores, take them all while no speech stage runs
+    (:mod:`duplex.cpu`; ``$DUPLEX_LLM_BORROW_CORES=0`` turns it off too).
     """
 
     def __init__(self, lm: LoadedModel, threads: int | None = None, scheduler: str | None = None,
-                 chunk_tokens: int | None = None) -> None:
+                 chunk_tokens: int | None = None, borrow_cores: bool = True) -> None:
         self.lm = lm
         self.template = TurnTemplate.from_tokenizer(lm.tokenizer)
         self._threads = threads or stage_threads("DUPLEX_TORCH_THREADS")  # see duplex.cpu: half the cores
+        # a voice engine's share of the cores, and every core while no speech stage runs (duplex.cpu);
+        # not when $DUPLEX_TORCH_THREADS fixes the count
+        cores = os.cpu_count() or 1
+        self._borrow = (borrow_cores and lm.device.type == "cpu" and self._threads < cores
+                        and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip()
+                        and os.environ.get("DUPLEX_LLM_BORROW_CORES", "1").strip() != "0")
+        self._all_threads = cores
         self.scheduler = Scheduler(
             lm.model, mode=scheduler or os.environ.get("DUPLEX_SCHEDULER", "batched"),
             chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,
             init_thread=self._init_worker, name=f"duplex-{lm.device.type}",
+            before_tick=self._tick_threads if self._borrow else None,
         )
         self._closed = False
         if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
@@ -64,6 +74,17 @@ class Engine:
     def _init_worker(self) -> None:
         if self.lm.device.type == "cpu":
             torch.set_num_threads(self._threads)
+
+    def tick_threads(self) -> int:
+        """Threads the next tick's forward gets: every core while no speech stage runs, else the
+        engine's share (duplex.cpu)."""
+        return self._all_threads if self._borrow and SPEECH_STAGES.idle else self._threads
+
+    def _tick_threads(self) -> None:
+        """Scheduler hook, on the tick's thread: set its OpenMP team size for this forward."""
+        n = self.tick_threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
     @classmethod
     def load(cls, name_or_path: str | None = None, device: str = "auto", dtype: str = "auto",

@@ -40,6 +40,7 @@ from duplex.audio.speech_input import (
 )
 from duplex.audio.tts import StreamingTts, TtsEngine
 from duplex.audio.turn_features import TurnAudioFeatures
+from duplex.cpu import speech_stage
 from duplex.engine.worker import Engine
 from duplex.session.clock import Clock, MonotonicClock
 from duplex.session.core import Session
@@ -467,7 +468,7 @@ class VoicePipeline:
         assert engine is not None
         loop = asyncio.get_running_loop()
         try:
-            speech = await loop.run_in_executor(self._tts_executor, engine.synthesize_speech, ev.text)
+            speech = await loop.run_in_executor(self._tts_executor, speech_stage(engine.synthesize_speech), ev.text)
         except Exception as exc:  # noqa: BLE001 - a lost "mm-hm" must not end the session
             self._emit(ErrorEvent("tts_failed", f"{type(exc).__name__}: {exc}", self.clock.now()))
             return
@@ -560,7 +561,7 @@ class VoicePipeline:
         is being synthesised."""
         loop = asyncio.get_running_loop()
         while True:
-            chunk = await loop.run_in_executor(self._tts_executor, next, chunks, None)
+            chunk = await loop.run_in_executor(self._tts_executor, speech_stage(next), chunks, None)
             if chunk is None:
                 return
             if state.interrupted or self._turns.get(turn) is not state:
