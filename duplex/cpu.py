@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["SPEECH_STAGES", "SpeechStages", "llm_threads", "speech_stage", "stage_threads"]
+__all__ = ["SPEECH_STAGES", "SpeechStages", "llm_borrows_cores", "llm_threads", "speech_stage", "stage_threads"]
 
 T = TypeVar("T")
 
@@ -90,3 +90,11 @@ def llm_threads(text_only: bool) -> int:
     if text_only and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip():
         return os.cpu_count() or 1
     return stage_threads("DUPLEX_TORCH_THREADS")
+
+
+def llm_borrows_cores(threads: int) -> bool:
+    """Whether an LLM stage given ``threads`` takes every core while no speech stage runs: it has
+    fewer than all, ``$DUPLEX_TORCH_THREADS`` does not fix its count, and
+    ``$DUPLEX_LLM_BORROW_CORES`` is not ``0``."""
+    return (threads < (os.cpu_count() or 1) and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip()
+            and os.environ.get("DUPLEX_LLM_BORROW_CORES", "1").strip() != "0")

@@ -5,7 +5,7 @@ loop and GIL; the clients here never share them), once per serve configuration a
 
 - ``voice``: ``duplex serve``'s defaults, ASR and TTS loaded (what a user runs), answering text
   sessions: its LLM has half the cores while a speech stage runs and borrows the rest otherwise
-  (``duplex.cpu``), so the decode baseline shows both thread counts;
+  (``duplex.cpu``); its decode baseline runs at that half;
 - ``text``: ``--asr-model none --tts none``, the LLM on every core.
 
 Per N (default 1, 2, 4, 8, 16) every client sends a question at the same moment and reads its
@@ -29,12 +29,16 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duplex.bench.servers import ServeOptions, serve_process
+from duplex.bench.servers import (
+    ServeOptions,
+    read_rss_kib,
+    serve_process,
+    server_health,
+)
 from duplex.cpu import llm_threads
 from duplex.engine.models import load_model
 from duplex.engine.sampling import Sampler, SamplingConfig
@@ -45,7 +49,7 @@ from duplex.serving.client import DuplexClient
 __all__ = ["SERVE_CONFIGS", "ServerBenchConfig", "add_server_bench_args", "bench_server", "bench_server_cli",
            "plot_server"]
 
-# serve configuration -> (extra ``duplex serve`` flags, whether its LLM gets every core)
+# serve configuration -> (extra ``duplex serve`` flags, text-only: its LLM's threads are every core)
 SERVE_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "voice": ((), False),  # the defaults: what `duplex serve` runs
     "text": (("--asr-model", "none", "--tts", "none"), True),
@@ -94,19 +98,6 @@ def _pct(values: list[float], q: float) -> float:
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def _rss_mib(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
-
-
-def _healthz(url: str) -> dict[str, Any]:
-    """The server's ``/healthz`` (its scheduler counters), from its ``ws://`` URL."""
-    http = url.replace("ws://", "http://", 1).rsplit("/ws", 1)[0] + "/healthz"
-    with urllib.request.urlopen(http, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 async def _client(url: str, max_tokens: int) -> DuplexClient:
@@ -167,7 +158,7 @@ async def _ask(client: DuplexClient, question: str) -> _Reply:
 
 async def _level(url: str, n: int, rounds: int, max_tokens: int, pid: int) -> dict[str, Any]:
     clients = list(await asyncio.gather(*(_client(url, max_tokens) for _ in range(n))))
-    before = await asyncio.to_thread(_healthz, url)
+    before = await asyncio.to_thread(server_health, url) or {}
     try:
         replies: list[_Reply] = []
         t0 = time.perf_counter()
@@ -175,8 +166,8 @@ async def _level(url: str, n: int, rounds: int, max_tokens: int, pid: int) -> di
             replies += await asyncio.gather(*(_ask(c, QUESTIONS[(i + r) % len(QUESTIONS)])
                                               for i, c in enumerate(clients)))
         wall = time.perf_counter() - t0
-        rss = _rss_mib(pid)
-        after = await asyncio.to_thread(_healthz, url)
+        rss = (read_rss_kib(pid) or 0) / 1024
+        after = await asyncio.to_thread(server_health, url) or {}
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     ttft = [1000 * (r.t_first - r.t_send) for r in replies if r.t_first is not None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,14 +16,15 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServeOptions", "ServedProcess", "ServerStartError", "free_port", "in_process_server", "serve_process",
-           "serve_subprocess", "wait_healthy"]
+__all__ = ["ServeOptions", "ServedProcess", "ServerStartError", "free_port", "in_process_server", "read_rss_kib",
+           "serve_process", "serve_subprocess", "server_health", "wait_healthy"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,30 @@ class ServeOptions:
             if value is not None:
                 args += [flag, value]
         return args + list(self.extra_args)
+
+
+def read_rss_kib(pid: int) -> int | None:
+    """VmRSS of ``pid`` in KiB (None when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def server_health(url: str) -> dict[str, Any] | None:
+    """A server's ``GET /healthz`` (sessions, the scheduler's counters) from its ``ws://`` or
+    ``wss://`` URL; None when it does not answer."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    try:
+        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/healthz", timeout=5) as r:
+            return dict(json.loads(r.read()))
+    except (OSError, ValueError):
+        return None
 
 
 def free_port() -> int:

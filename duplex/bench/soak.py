@@ -19,21 +19,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import platform
 import random
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duplex.bench.servers import ServeOptions, serve_process
+from duplex.bench.servers import (
+    ServeOptions,
+    read_rss_kib,
+    serve_process,
+    server_health,
+)
 from duplex.bench.soak_report import SeqLedger, percentile, plot_rss, rss_stats, targets
 from duplex.serving.client import DuplexClient, DuplexClientError, ResumeError
 
@@ -78,28 +80,6 @@ class SoakConfig:
         if self.warmup_s is not None:
             return self.warmup_s
         return min(300.0, max(30.0, 0.1 * self.minutes * 60))
-
-
-def read_rss_kib(pid: int) -> int | None:
-    """VmRSS of ``pid`` in KiB (None when the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    parts = urllib.parse.urlsplit(url)
-    scheme = "https" if parts.scheme == "wss" else "http"
-    try:
-        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/healthz", timeout=5) as r:
-            return dict(json.loads(r.read()))
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass(slots=True)
@@ -323,7 +303,7 @@ class _Sampler:
         t = round(time.monotonic() - self.t0, 2)
         if self.pid is not None and (kib := read_rss_kib(self.pid)) is not None:
             self.rss.append((t, kib))
-        health = _health(self.url)
+        health = server_health(self.url)
         if health is not None:
             self.sessions.append((t, int(health.get("sessions", -1))))
 
@@ -412,7 +392,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             for c in clients:
                 c.url, c.offset = url, c.index - n_talkers
             stop = asyncio.Event()
-            engine_start = ((await asyncio.to_thread(_health, url)) or {}).get("engine") or {}
+            engine_start = ((await asyncio.to_thread(server_health, url)) or {}).get("engine") or {}
             t_soak = time.monotonic()
             sampler.soak_start_s = round(t_soak - sampler.t0, 2)
             tasks = [asyncio.ensure_future(_client_loop(c, stop, stats.first_text_ms)) for c in clients]
@@ -428,7 +408,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
                 stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
             soak_s = time.monotonic() - t_soak
-            engine_end = ((await asyncio.to_thread(_health, url)) or {}).get("engine") or {}
+            engine_end = ((await asyncio.to_thread(server_health, url)) or {}).get("engine") or {}
             engine = {k: v - engine_start.get(k, 0) for k, v in engine_end.items() if k != "max_rows"}
             await asyncio.sleep(1.0)
             await asyncio.to_thread(sampler.sample)  # after every client closed

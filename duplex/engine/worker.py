@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from duplex.cpu import SPEECH_STAGES, stage_threads
+from duplex.cpu import SPEECH_STAGES, llm_borrows_cores, stage_threads
 from duplex.engine.decode_ahead import DecodeLink, submit_step
 from duplex.engine.models import LoadedModel, load_model
 from duplex.engine.sampling import Sampler
@@ -54,13 +54,9 @@ class Engine:
         self.lm = lm
         self.template = TurnTemplate.from_tokenizer(lm.tokenizer)
         self._threads = threads or stage_threads("DUPLEX_TORCH_THREADS")  # see duplex.cpu: half the cores
-        # a voice engine's share of the cores, and every core while no speech stage runs (duplex.cpu);
-        # not when $DUPLEX_TORCH_THREADS fixes the count
-        cores = os.cpu_count() or 1
-        self._borrow = (borrow_cores and lm.device.type == "cpu" and self._threads < cores
-                        and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip()
-                        and os.environ.get("DUPLEX_LLM_BORROW_CORES", "1").strip() != "0")
-        self._all_threads = cores
+        # a voice engine's share of the cores, and every core while no speech stage runs (duplex.cpu)
+        self._borrow = borrow_cores and lm.device.type == "cpu" and llm_borrows_cores(self._threads)
+        self._all_threads = os.cpu_count() or 1
         self.scheduler = Scheduler(
             lm.model, mode=scheduler or os.environ.get("DUPLEX_SCHEDULER", "batched"),
             chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,

@@ -112,10 +112,8 @@ class Speaking:
                 return
 
     async def _settle_decoding_ahead(self, agent: AgentTurnState) -> None:
-        """The turn ends here (not cut by a barge-in): a token the engine appended ahead and the
-        session never took leaves the cache, and nothing more is queued."""
-        if agent.stepping is not None:
-            agent.stepping.revoke()
+        """The turn ends here (not cut by a barge-in), between steps: a token the engine appended
+        ahead and the session never took leaves the cache (an unclaimed step queues nothing)."""
         link, agent.ahead = agent.ahead, None
         if link is not None:
             await settle(lambda: self.engine.run_for(self.seq, self.seq.rollback, 1), link)
