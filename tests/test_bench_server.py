@@ -24,7 +24,24 @@ async def test_the_server_sweep_counts_every_reply_and_the_prefill_case():
         assert not math.isnan(level["ttft_ms_p50"]) and level["aggregate_tokens_per_s"] > 0
         assert level["decode_rows_per_tick"] is not None  # read from the server's /healthz counters
         assert level["server_rss_mib"] > 0
+    floors = result["ttft_floor"]["levels"]
+    assert [f["sessions"] for f in floors] == [1, 2] and all(f["ms_max"] >= f["ms_p50"] > 0 for f in floors)
     prefill = mode["prefill"]
     assert prefill["instructions_chars"] == 1024 and prefill["talkers"] == 1 and prefill["prefill_s"] >= 0
     # the idle baseline talks as the talkers do during the prefill; the lockstep one is kept beside it
     assert prefill["idle_tokens"] > 0 and prefill["lockstep_idle_inter_token_ms_p95"] > 0
+
+
+async def test_the_ttft_floor_takes_every_question_in_one_tick(tiny_engine):
+    """The floor is what one batched tick of all N hand-overs (and one of their first steps)
+    costs: the scheduler's trace shows the N questions' forwards together, every round."""
+    from duplex.bench.server import _burst_floor
+
+    tiny_engine.scheduler.trace.clear()
+    floor = await _burst_floor(tiny_engine, 4, rounds=2)
+    assert floor["sessions"] == 4 and floor["rounds"] == 2 and floor["ms_max"] > 0
+    ticks = list(tiny_engine.scheduler.trace)
+    prefills = [sum(1 for r in t.rows if not r.decode) for t in ticks]
+    # the system messages, the three rounds' hand-overs and the turn ends: always all four together
+    assert set(prefills) - {0} == {4} and prefills.count(4) >= 7
+    assert sum(1 for t in ticks if sum(1 for r in t.rows if r.decode) == 4) >= 3  # the first steps

@@ -512,3 +512,27 @@ async def test_the_observation_carries_whispers_confidence_in_the_heard_words(ti
     await collect_until(s, lambda e: e.type == "user_transcript" and e.committed)
     assert s.observe().word_confidence == pytest.approx(0.8)
     await s.close()
+
+
+async def test_a_reply_that_shows_no_text_stops_being_urgent_after_a_few_steps(tiny_engine, monkeypatch):
+    """Steps are urgent (express ticks) until the reply's first words are out, and at most
+    ``URGENT_STEPS_MAX``: a reply whose tokens show nothing (here the word buffer never releases)
+    must not keep priority over every other session for its whole length."""
+    from duplex.session import speaking
+
+    s = await _session(tiny_engine, max_tokens=20)
+    submitted: list[bool] = []
+    submit = tiny_engine.scheduler.submit
+
+    def recording_submit(lane, fn, *args, urgent=False, **kwargs):
+        if fn is decode_ahead._step:
+            submitted.append(urgent)
+        return submit(lane, fn, *args, urgent=urgent, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.scheduler, "submit", recording_submit)
+    monkeypatch.setattr(speaking.WordBuffer, "push", lambda self, text: "")  # no word is ever complete
+    s.submit(TextInput("hello there"))
+    await collect_until(s, _is("turn_ended", speaker="agent"))
+    assert len(submitted) >= speaking.URGENT_STEPS_MAX + 4  # the reply ran on past the cap
+    assert any(submitted) and not any(submitted[speaking.URGENT_STEPS_MAX:])
+    await s.close()

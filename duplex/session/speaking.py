@@ -27,6 +27,11 @@ from duplex.session.events import AgentTextDelta, TurnEnded, TurnStarted
 
 __all__ = ["Speaking"]
 
+# A reply's steps are urgent (express ticks) until its first words are out, and at most this many:
+# a reply whose tokens show no text for that long (special tokens, one unbroken run of symbols)
+# would otherwise keep its priority over every other session for its whole length
+URGENT_STEPS_MAX = 6
+
 
 class Speaking:
     """Decoding, word emission and the end of the agent's turn (mixed into ``Session``)."""
@@ -96,8 +101,9 @@ class Speaking:
                 step = link.claim(chain)
             else:
                 # until the reply's first words are out the user is waiting: urgent (express ticks)
-                link = self.engine.decode_step(self.seq, token, self._sampler, chain=chain,
-                                               urgent=lambda: agent.emitted_chars == 0)
+                link = self.engine.decode_step(
+                    self.seq, token, self._sampler, chain=chain,
+                    urgent=lambda: agent.emitted_chars == 0 and len(agent.tokens) < URGENT_STEPS_MAX)
                 step = asyncio.wrap_future(link.future)
             agent.stepping = link
             try:
