@@ -182,3 +182,68 @@ def test_a_long_row_attends_in_one_pass_on_the_wide_codes(isa):
         torch.testing.assert_close(out.view(t, h, d).float(), ref[0].transpose(0, 1), rtol=1e-2, atol=1e-2)
     finally:
         attention._cpu_decode_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_in_one_call_equal_a_call_per_row_bit_for_bit(isa, threads):
+    """The wide codes attend every row of a layer in one parallel region (each (row, KV head, key
+    range) a task): a decode row, a short hand-over on the tiles and a long-cache row whose keys
+    split across threads give exactly what one call per row gives, caches included."""
+    import ctypes
+
+    from duplex.engine import attention
+
+    attention._cpu_decode_kernel.cache_clear()
+    before = torch.get_num_threads()
+    try:
+        fn = attention.decode_rows_kernel()
+        if fn is None or attention.set_attention_isa(isa) != isa:
+            pytest.skip(f"no {isa} here")
+        torch.set_num_threads(threads)
+        torch.manual_seed(11)
+        h, kvh, d = 9, 3, 64
+        rows = [(300, 1), (100, 6), (700, 19), (40, 2)]  # (cached, new tokens)
+        t_all = sum(t for _, t in rows)
+        qkv = (torch.randn(t_all, (h + 2 * kvh) * d) * 2).bfloat16()
+
+        def caches():
+            torch.manual_seed(12)
+            out = []
+            for cached, t in rows:
+                k = torch.zeros(1, kvh, cached + t + 4, d, dtype=torch.bfloat16)
+                v = torch.zeros_like(k)
+                k[:, :, :cached] = torch.randn(1, kvh, cached, d).bfloat16()
+                v[:, :, :cached] = torch.randn(1, kvh, cached, d).bfloat16()
+                out.append((k, v))
+            return out
+
+        def desc(kv, first, t, cached):
+            k, v = kv
+            return [k.data_ptr(), v.data_ptr(), k.shape[2] * d, first, t, cached]
+
+        together, alone = caches(), caches()
+        out_together = torch.empty(t_all, h * d, dtype=torch.bfloat16)
+        out_alone = torch.empty_like(out_together)
+        starts = [sum(t for _, t in rows[:i]) for i in range(len(rows))]
+        all_rows = torch.tensor([desc(kv, s, t, c) for kv, s, (c, t) in zip(together, starts, rows)], dtype=torch.int64)
+        assert fn(all_rows.data_ptr(), len(rows), qkv.data_ptr(), qkv.stride(0), out_together.data_ptr(), h, kvh, d,
+                  ctypes.c_float(0.125)) == 0
+        for kv, s, (c, t) in zip(alone, starts, rows):
+            one = torch.tensor([desc(kv, s, t, c)], dtype=torch.int64)
+            assert fn(one.data_ptr(), 1, qkv.data_ptr(), qkv.stride(0), out_alone.data_ptr(), h, kvh, d,
+                      ctypes.c_float(0.125)) == 0
+        assert torch.equal(out_together, out_alone)
+        for (k1, v1), (k2, v2) in zip(together, alone):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        for (k_cache, v_cache), s, (cached, t) in zip(together, starts, rows):  # and it is attention
+            n = cached + t
+            q = qkv[s:s + t, :h * d].view(t, h, d).transpose(0, 1)[None].float()
+            mask = torch.ones(t, n, dtype=torch.bool).tril(diagonal=n - t)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q, k_cache[:, :, :n].float(), v_cache[:, :, :n].float(), attn_mask=mask, scale=0.125, enable_gqa=True)
+            torch.testing.assert_close(out_together[s:s + t].view(t, h, d).float(), ref[0].transpose(0, 1),
+                                       rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(before)
+        attention._cpu_decode_kernel.cache_clear()

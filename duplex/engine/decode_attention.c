@@ -474,41 +474,54 @@ static inline __attribute__((always_inline)) A512 void values512(const float* p,
 #define AMX_MIN_ROWS 6
 #endif
 
-/* gqa_decode's contract; d % 64 == 0 */
-static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
-                              uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+/* One query block of one row for the wide codes: t tokens of h query heads over the last n keys
+ * (gqa_decode's contract), its partial results in part: per (KV head, key range) item, the running
+ * max and sum per query row and the unnormalised output [rows][d] (the flash-decoding split) */
+typedef struct {
+    const uint16_t *q, *k, *v;
+    int64_t q_head, q_tok, head_stride;
+    uint16_t* out;
+    int t, n, splits, first_item;
+    float* part;
+} attn_job;
+
+static int attn_threads(void) {
+#ifdef _OPENMP
+    extern int omp_get_max_threads(void);
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* a row's keys are split across threads only where its KV heads would leave one idle */
+static int attn_splits(int n, int items, int nt) {
+    int nblocks = (n + KB - 1) / KB;
+    return (nt > 1 && items % nt && nblocks >= 2 * nt) ? nt : 1;
+}
+
+/* item it (KV head it / splits, key range it % splits) of job jb: returns 0, or 1 without memory */
+static A512 int attn_item512(const attn_job* jb, int it, int h, int kvh, int d, float scale) {
+    const uint16_t *q = jb->q, *k = jb->k, *v = jb->v;
+    int64_t q_head = jb->q_head, q_tok = jb->q_tok, head_stride = jb->head_stride;
+    int t = jb->t, n = jb->n, splits = jb->splits;
     int g = h / kvh, rows = g * t, d2 = d / 2;
-    if (d > MAX_D || d % 64 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
     int amx = 0;
 #ifdef DUPLEX_HAVE_AMX
     amx = attn_use512() >= 2 && rows >= AMX_MIN_ROWS;
 #endif
     int rows_pad = amx ? (rows + 15) & ~15 : rows;
-#ifdef _OPENMP
-    extern int omp_get_max_threads(void);
-    int nt = omp_get_max_threads();
-#else
-    int nt = 1;
-#endif
     int nblocks = (n + KB - 1) / KB;
-    int splits = (nt > 1 && kvh % nt && nblocks >= 2 * nt) ? nt : 1; /* keys split only where heads leave a thread idle */
-    int items = kvh * splits;
-    /* per item: running max and sum per row, output [rows][d] (unnormalised) */
-    float* part = (float*)malloc(sizeof(float) * (size_t)items * (size_t)rows * (size_t)(d + 2));
-    if (!part) return -2;
+    float* part = jb->part;
     int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int it = 0; it < items; ++it) {
+    {
         int kh = it / splits, sp = it % splits;
         int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
         if (j_hi > n) j_hi = n;
         /* q2 [rows_pad][d2], kt [d2][64], vf [KB][d] fp32 values, sc [rows][64], alpha [rows], last [rows] */
         size_t fl = (size_t)rows_pad * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
         uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 63) & ~(size_t)63);
-        if (!ws) {
-            failed = 1;
-            continue;
-        }
+        if (!ws) return 1;
         uint32_t *q2 = ws, *kt = q2 + (size_t)rows_pad * d2;
         float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
         float* alpha = sc + (size_t)rows * 64;
@@ -537,9 +550,8 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
                         + (size_t)16 * d + 3 * (size_t)rows_pad;
             uint32_t* aw = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * al + 63) & ~(size_t)63);
             if (!aw) {
-                failed = 1;
                 free(ws);
-                continue;
+                return 1;
             }
             uint32_t *qt = aw, *vp = qt + (size_t)groups * d2 * 16;
             uint16_t* kpad = (uint16_t*)(vp + (size_t)32 * d);
@@ -604,11 +616,14 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
         }
         free(ws);
     }
-    if (failed) {
-        free(part);
-        return -2;
-    }
-    /* merge the key ranges of each head: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */
+    return failed;
+}
+
+/* job jb's output from its items' partial results: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */
+static A512 void attn_merge512(const attn_job* jb, int h, int kvh, int d) {
+    int g = h / kvh, t = jb->t, rows = g * t, splits = jb->splits;
+    const float* part = jb->part;
+    uint16_t* out = jb->out;
     for (int kh = 0; kh < kvh; ++kh)
         for (int r = 0; r < rows; ++r) {
             float M = -3.0e38f;
@@ -630,8 +645,78 @@ static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, 
             float inv = 1.0f / tot;
             for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(o[c] * inv);
         }
+}
+
+/* gqa_decode's contract; d % 64 == 0 */
+static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
+                              uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
+    int g = h / kvh, rows = g * t;
+    if (d > MAX_D || d % 64 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
+    attn_job jb = {q, k, v, q_head, q_tok, head_stride, out, t, n, attn_splits(n, kvh, attn_threads()), 0, NULL};
+    int items = kvh * jb.splits;
+    jb.part = (float*)malloc(sizeof(float) * (size_t)items * (size_t)rows * (size_t)(d + 2));
+    if (!jb.part) return -2;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int it = 0; it < items; ++it) failed |= attn_item512(&jb, it, h, kvh, d, scale);
+    if (!failed) attn_merge512(&jb, h, kvh, d);
+    free(jb.part);
+    return failed ? -2 : 0;
+}
+
+/* the rows of one layer (duplex_gqa_decode_rows_bf16, caches written) in one parallel region: every
+ * (row, KV head, key range) item is one task, so 8 rows x 3 KV heads share 2 threads evenly where a
+ * region per row left one thread a head behind the other, and pay one fork/join, not eight. Each
+ * row's items and merge are those of a call for that row alone: the same arithmetic */
+static A512 int gqa_rows512(const int64_t* desc, int nrows, const uint16_t* qkv, int64_t stride, uint16_t* out,
+                            int h, int kvh, int d, float scale) {
+    int g = h / kvh, nt = attn_threads();
+    if (d > MAX_D || d % 64 || g * kvh != h) return -1;
+    attn_job* jobs = (attn_job*)calloc((size_t)nrows, sizeof(attn_job));
+    if (!jobs) return -2;
+    int items = 0, failed = 0;
+    size_t floats = 0;
+    for (int r = 0; r < nrows; ++r) {
+        const int64_t* e = desc + (int64_t)r * 6;
+        int64_t s = e[3];
+        int t = (int)e[4], n = (int)e[5] + t;
+        attn_job* jb = jobs + r;
+        jb->q = qkv + s * stride;
+        jb->k = (const uint16_t*)(intptr_t)e[0];
+        jb->v = (const uint16_t*)(intptr_t)e[1];
+        jb->q_head = d;
+        jb->q_tok = stride;
+        jb->head_stride = e[2];
+        jb->out = out + s * h * d;
+        jb->t = t;
+        jb->n = n;
+        jb->splits = attn_splits(n, kvh, nt); /* as a call per row splits it: the same arithmetic */
+        jb->first_item = items;
+        items += kvh * jb->splits;
+        floats += (size_t)kvh * jb->splits * (size_t)(g * t) * (size_t)(d + 2);
+    }
+    float* part = (float*)malloc(sizeof(float) * (floats ? floats : 1));
+    if (!part) {
+        free(jobs);
+        return -2;
+    }
+    for (int r = 0, off = 0; r < nrows; ++r) {
+        jobs[r].part = part + off;
+        off += kvh * jobs[r].splits * g * jobs[r].t * (d + 2);
+    }
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int i = 0; i < items; ++i) {
+        int r = 0;
+        while (r + 1 < nrows && jobs[r + 1].first_item <= i) ++r;
+        failed |= attn_item512(jobs + r, i - jobs[r].first_item, h, kvh, d, scale);
+    }
+    if (!failed) {
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < nrows; ++r) attn_merge512(jobs + r, h, kvh, d);
+    }
     free(part);
-    return 0;
+    free(jobs);
+    return failed ? -2 : 0;
 }
 
 #else
@@ -773,6 +858,7 @@ int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* 
                 memcpy(vc + kh * hs + (int64_t)(pos + i) * d, src + (int64_t)(h + kvh + kh) * d, sizeof(uint16_t) * d);
             }
         }
+        if (whole) continue; /* attended below, every row in one parallel region */
         int n = pos + t;
         for (int a = 0; a < t; a += per_call) {
             int b = t < a + per_call ? t : a + per_call;
@@ -781,5 +867,8 @@ int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* 
             if (rc) return rc;
         }
     }
+#ifdef DUPLEX_HAVE_A512
+    if (whole) return gqa_rows512(desc, nrows, qkv, stride, out, h, kvh, d, scale);
+#endif
     return 0;
 }
