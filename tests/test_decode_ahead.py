@@ -126,3 +126,98 @@ async def test_a_stop_sequence_leaves_exactly_the_taken_tokens_in_the_turn(tiny_
     assert kept[len(header):len(header) + n] == tokens[:n] and n == stop_at
     assert tiny_engine.tokenizer.decode(kept[len(header):len(header) + n], skip_special_tokens=True).startswith(text)
     await s.close()
+
+
+async def test_a_reply_decodes_inside_the_ticks_with_no_job_per_step(tiny_engine, monkeypatch):
+    """Every step of a reply is a tick step: the tick that runs its row takes the token, samples the
+    next and queues the follower itself, so no plain job (no worker thread) runs for any step."""
+    jobs = []
+    step = decode_ahead._step
+
+    def counting_step(*args, **kwargs):
+        jobs.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    before = tiny_engine.stats.tick_steps
+    config = SessionConfig(instructions="You are terse.", sampling=SamplingConfig(temperature=0.0, max_tokens=12))
+    s = Session(tiny_engine, config, clock=ManualClock())
+    await s.start()
+    s.submit(TextInput("tell me something"))
+    events = await collect_until(s, lambda e: e.type == "turn_ended" and e.speaker == "agent")
+    deltas = [e for e in events if e.type == "agent_text_delta"]
+    # the opening job took the first token and the step after it; every later one ran in a tick
+    assert not jobs and tiny_engine.stats.tick_steps - before == deltas[-1].token_end - 1 > 0
+    await s.close()
+
+
+async def test_a_step_queued_behind_a_lane_job_runs_after_it_and_a_cancelled_one_never(tiny_engine):
+    """A tick step keeps its place in the sequence's lane: queued behind a job, it has not started
+    (cancel() still works) and, once that job is done, appends after what the job appended."""
+    import threading
+
+    seq = _agent_turn(tiny_engine)
+    sampler = _greedy()
+    token = seq.sample(sampler)
+    word = tiny_engine.tokenizer.encode(" ok", add_special_tokens=False)[0]
+    gate = threading.Event()
+
+    def held_append():
+        assert gate.wait(30)
+        seq.append([word], Status.COMMITTED)
+
+    job = asyncio.wrap_future(tiny_engine.scheduler.submit(seq, held_append))
+    dropped = tiny_engine.decode_step(seq, token, sampler, chain=True, urgent=lambda: False)
+    kept = tiny_engine.decode_step(seq, token, sampler, chain=False, urgent=lambda: False)
+    assert not dropped.future.running() and not kept.future.running()
+    assert dropped.future.cancel()
+    gate.set()
+    await job
+    nxt, version, follower = await asyncio.wrap_future(kept.future)
+    assert seq.ids[-2:] == [word, token] and follower is None and version == seq.logits_version
+    assert isinstance(nxt, int)
+
+
+async def test_a_step_the_sequence_cannot_take_in_a_tick_runs_as_a_job(tiny_engine, monkeypatch):
+    """``decode_row`` declines (an eviction due, no open turn, another runner): the same step runs
+    as a plain job, with the same result."""
+    seq = _agent_turn(tiny_engine)
+    sampler = _greedy()
+    token = seq.sample(sampler)
+    assert seq.decode_row(token, tiny_engine.scheduler)[2] == len(seq)  # the row starts at the end
+    assert seq.decode_row(token, object()) is None  # not this sequence's runner
+    jobs = []
+    step = decode_ahead._step
+
+    def counting_step(*args, **kwargs):
+        jobs.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    monkeypatch.setattr(seq, "decode_row", lambda token, runner: None)
+    start = len(seq)
+    _, _, follower = await asyncio.wrap_future(
+        tiny_engine.decode_step(seq, token, sampler, chain=False, urgent=lambda: False).future)
+    assert jobs == [1] and follower is None and len(seq) == start + 1 and seq.ids[-1] == token
+
+
+async def test_a_tick_step_whose_row_fails_gets_the_error_and_its_lane_goes_on(tiny_engine):
+    class FailingStep:
+        def begin(self):
+            def direct(ids, start_pos, keep):
+                raise RuntimeError("row failed")
+            return self, [1], 0, 1, object(), direct  # a cache no batched pass takes: direct runs it
+
+        def finish(self, out):
+            raise AssertionError("finish must not run for a failed row")
+
+    sched = tiny_engine.scheduler
+    failed = asyncio.wrap_future(sched.submit_step("lane", FailingStep(), lambda: None))
+    after = asyncio.wrap_future(sched.submit("lane", lambda: 42))
+    try:
+        await failed
+    except RuntimeError as exc:
+        assert "row failed" in str(exc)
+    else:
+        raise AssertionError("the row's error did not reach the step's future")
+    assert await after == 42

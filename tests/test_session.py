@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from duplex.engine import decode_ahead
 from duplex.engine.sampling import SamplingConfig
 from duplex.engine.sequence import Speaker, Status
 from duplex.session.clock import ManualClock
@@ -435,17 +434,24 @@ async def test_reply_first_token_is_sampled_in_the_job_that_opens_the_turn(tiny_
         return await run_urgent(seq, fn, *args, **kwargs)
 
     steps = 0
-    step = decode_ahead._step
+    take = type(s.seq).take_decode_row
+    append_and_sample = type(s.seq).append_and_sample
 
-    def counting_step(*args, **kwargs):  # every decode step: queued by the session or ahead by the engine
+    def counting_take(*args, **kwargs):  # every decode step run in a tick (queued by the session or ahead)
         nonlocal steps
         steps += 1
-        return step(*args, **kwargs)
+        return take(*args, **kwargs)
+
+    def counting_append_and_sample(*args, **kwargs):  # ... or as a plain job
+        nonlocal steps
+        steps += 1
+        return append_and_sample(*args, **kwargs)
 
     monkeypatch.setattr(tiny_engine, "run", counting_run)
     monkeypatch.setattr(tiny_engine, "run_for", counting_run_for)
     monkeypatch.setattr(tiny_engine, "run_urgent", counting_run_urgent)
-    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    monkeypatch.setattr(type(s.seq), "take_decode_row", counting_take)
+    monkeypatch.setattr(type(s.seq), "append_and_sample", counting_append_and_sample)
     s.submit(TextInput("hello there"))
     events = await collect_until(s, _is("turn_ended", speaker="agent"))
     deltas = [e for e in events if e.type == "agent_text_delta"]
@@ -522,14 +528,13 @@ async def test_a_reply_that_shows_no_text_stops_being_urgent_after_a_few_steps(t
 
     s = await _session(tiny_engine, max_tokens=20)
     submitted: list[bool] = []
-    submit = tiny_engine.scheduler.submit
+    submit_step = tiny_engine.scheduler.submit_step
 
-    def recording_submit(lane, fn, *args, urgent=False, **kwargs):
-        if fn is decode_ahead._step:
-            submitted.append(urgent)
-        return submit(lane, fn, *args, urgent=urgent, **kwargs)
+    def recording_submit_step(lane, step, call, *, urgent=False):  # every decode step is queued here
+        submitted.append(urgent)
+        return submit_step(lane, step, call, urgent=urgent)
 
-    monkeypatch.setattr(tiny_engine.scheduler, "submit", recording_submit)
+    monkeypatch.setattr(tiny_engine.scheduler, "submit_step", recording_submit_step)
     monkeypatch.setattr(speaking.WordBuffer, "push", lambda self, text: "")  # no word is ever complete
     s.submit(TextInput("hello there"))
     await collect_until(s, _is("turn_ended", speaker="agent"))

@@ -8,6 +8,9 @@ queues the job that appends it, in the same lane, provided the session has *clai
 (taken token k): so the engine runs at most one token ahead of what the session has taken, and the
 next tick starts while the loops are still sending words.
 
+Each step is a tick step of the scheduler (:class:`_Step`): the tick that runs its row also takes
+the token, samples the next and queues the follower, so no worker thread wakes per token.
+
 A token appended ahead and never taken (the turn ended on a stop sequence, a barge-in cut it, user
 words are about to be interleaved) must leave the cache before the loop changes the turn: the
 session revokes the step in flight (:meth:`DecodeLink.revoke`, so that it queues nothing more) and
@@ -31,6 +34,8 @@ __all__ = ["ENABLED", "DecodeLink", "StepResult", "settle", "submit_step"]
 
 # $DUPLEX_DECODE_AHEAD=0: every step is queued by the session's loop, as before (A/B runs)
 ENABLED = os.environ.get("DUPLEX_DECODE_AHEAD", "1").strip() != "0"
+# $DUPLEX_TICK_STEPS=0: every step is a plain job on a worker thread, as before (A/B runs)
+TICK_STEPS = os.environ.get("DUPLEX_TICK_STEPS", "1").strip() != "0"
 
 # (the next token, the sequence's logits_version it was sampled at, the step queued to append it
 # or None)
@@ -82,24 +87,62 @@ def submit_step(scheduler: Any, seq: SharedSequence, token: int, sampler: Sample
 
 def _queue(scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampler, status: Status,
            urgent: Callable[[], bool]) -> None:
-    link.future = scheduler.submit(seq, _step, scheduler, seq, link, sampler, status, urgent, urgent=urgent())
+    step = _Step(scheduler, seq, link, sampler, status, urgent)
+    submit = getattr(scheduler, "submit_step", None) if TICK_STEPS else None
+    if submit is None:  # a plain job
+        link.future = scheduler.submit(seq, _step, scheduler, seq, link, sampler, status, urgent, urgent=urgent())
+    else:
+        link.future = submit(seq, step, step.call, urgent=urgent())
+
+
+class _Step:
+    """One decode step as the scheduler's :class:`~duplex.engine.scheduler.TickStep`: its forward
+    row is the token appended to the open turn, and the tick that runs it takes the token into the
+    ledger, samples the next and queues the follower, with no worker thread woken between two ticks
+    (on 2 cores eight sessions' job threads waking in turn cost ~5 ms of each ~30 ms cycle). Where
+    the sequence says it cannot (:meth:`SharedSequence.decode_row`: an eviction due, no open turn)
+    the same step runs as a plain job (:func:`_step`)."""
+
+    __slots__ = ("link", "sampler", "scheduler", "seq", "status", "urgent")
+
+    def __init__(self, scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampler, status: Status,
+                 urgent: Callable[[], bool]) -> None:
+        self.scheduler, self.seq, self.link, self.sampler, self.status, self.urgent = (
+            scheduler, seq, link, sampler, status, urgent)
+
+    def begin(self) -> tuple[object, list[int], int, int, Any, Any] | None:
+        return self.seq.decode_row(self.link.token, self.scheduler)
+
+    def finish(self, out: Any) -> StepResult:
+        nxt, version = self.seq.take_decode_row(self.link.token, out, self.sampler, self.status)
+        return nxt, version, _follow(self.scheduler, self.seq, self.link, self.sampler, self.status, self.urgent, nxt)
+
+    def call(self) -> StepResult:
+        return _step(self.scheduler, self.seq, self.link, self.sampler, self.status, self.urgent)
 
 
 def _step(scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampler, status: Status,
           urgent: Callable[[], bool]) -> StepResult:
-    """Worker thread: the step itself, then (claimed, and not the end of the turn) its follower,
-    queued before this job returns so that it is first in the sequence's lane."""
+    """Worker thread: the step as a plain job, then (claimed, and not the end of the turn) its
+    follower, queued before this job returns so that it is first in the sequence's lane."""
     nxt, version = seq.append_and_sample(link.token, sampler, status)
-    follower = None
-    # the lock is held while queueing: revoke() then means "nothing more will be queued"
+    return nxt, version, _follow(scheduler, seq, link, sampler, status, urgent, nxt)
+
+
+def _follow(scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampler, status: Status,
+            urgent: Callable[[], bool], nxt: int) -> DecodeLink | None:
+    """The step that appends ``nxt``, queued if ``link``'s step was claimed, may chain and did not end
+    the turn; else None. The link's lock is held while queueing: revoke() then means "nothing more
+    will be queued"."""
     with link._lock:
-        if link._claimed and link._chain and not link._revoked and nxt not in seq.template.end_of_agent_turn_ids:
-            follower = DecodeLink(nxt, claimed=False, chain=False)
-            try:
-                _queue(scheduler, seq, follower, sampler, status, urgent)
-            except RuntimeError:  # the engine is closing: the session hears of it on its next call
-                follower = None
-    return nxt, version, follower
+        if not (link._claimed and link._chain and not link._revoked and nxt not in seq.template.end_of_agent_turn_ids):
+            return None
+        follower = DecodeLink(nxt, claimed=False, chain=False)
+        try:
+            _queue(scheduler, seq, follower, sampler, status, urgent)
+        except RuntimeError:  # the engine is closing: the session hears of it on its next call
+            return None
+        return follower
 
 
 async def settle(rollback_one: Callable[[], Any], link: DecodeLink) -> bool:

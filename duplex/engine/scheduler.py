@@ -21,6 +21,12 @@ sessions paid eight passes over the weights per round. Here:
   ``batched`` mode the tick is ONE ragged forward (:mod:`duplex.engine.ragged`); in ``chunked``
   mode the same rows run one by one; ``fifo`` is the old single-worker behaviour (for A/B).
 
+A job that is one forward row and a little bookkeeping (a reply's decode step,
+:meth:`Scheduler.submit_step` with a :class:`TickStep`) does not take a worker thread at all: when
+it reaches the front of its lane its row joins the pending requests, and the tick that runs it calls
+its ``finish`` (take the token, sample the next, queue the follower) on the tick's own thread. Eight
+speaking sessions then cost no thread wake-ups between two ticks.
+
 A tick that is ready to run waits briefly (at most 8 ms, and half the last tick's time) for the
 sessions that decoded in the last tick to queue their next step: their event loops resubmit one
 after another, and starting on the first arrival splits one batched pass into several.
@@ -49,7 +55,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -58,7 +64,7 @@ from duplex.engine.fast_decode import DecodeRow, FastDecoder, fast_decoder
 from duplex.engine.pacer import TickPacer
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 
-__all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord"]
+__all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord", "TickStep"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,7 @@ class SchedulerStats:
     prefill_tokens: int = 0
     max_rows: int = 0
     express_ticks: int = 0
+    tick_steps: int = 0  # steps run by the tick itself (TickStep), no job thread
     type: str = "scheduler_stats"
 
 
@@ -145,6 +152,7 @@ class _Request:
     direct: Direct
     job: bool  # made by a job thread (which gave the baton back while it waits)
     urgent: bool = False  # made by an urgent job: see the module docstring
+    step: _Job | None = None  # a TickStep's job: the tick finishes it (TickStep.finish), no thread waits
     order: int = 0
     arrived: float = 0.0  # perf_counter() at submission
     submitted_tick: int = 0
@@ -164,6 +172,19 @@ class _Job:
     future: Future[Any]
     call: Callable[[], Any]
     urgent: bool = False
+    tick: TickStep | None = None  # run by the tick itself where TickStep.begin gives a row
+
+
+class TickStep(Protocol):
+    """A lane's job whose whole work is one forward row plus a little bookkeeping: the scheduler
+    runs it inside its ticks, with no worker thread to wake (:meth:`Scheduler.submit_step`)."""
+
+    def begin(self) -> tuple[object, list[int], int, int, Any, Direct] | None:
+        """Called under the scheduler's lock when the job reaches the front of its lane: the row
+        (owner, ids, start_pos, keep, cache, direct), or None to run ``call`` as a plain job."""
+
+    def finish(self, out: torch.Tensor | None) -> Any:
+        """On the tick's thread (baton held, lock not) once the row ran: the job's result."""
 
 
 class Scheduler:
@@ -198,6 +219,7 @@ class Scheduler:
         self._workers: list[threading.Thread] = []
         self._runnable = 0  # started jobs not parked in forward()
         self._pending: list[_Request] = []
+        self._steps_done: list[_Request] = []  # TickStep rows of the tick just finished
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
         self._pacer = TickPacer(getattr(model, "config", None))
@@ -234,7 +256,40 @@ class Scheduler:
                 queued.append(job)
         return job.future
 
+    def submit_step(self, lane: Hashable, step: TickStep, call: Callable[[], Any], *, urgent: bool = False) -> Future[Any]:
+        """:meth:`submit` for a job that is one forward row (a reply's chained decode step): when it
+        reaches the front of its lane, ``step.begin()`` gives the row and the tick that runs it
+        calls ``step.finish`` itself, so no worker thread wakes between two ticks for it; where
+        ``begin`` gives None (or in ``fifo`` mode) ``call`` runs as a plain job. Its future is
+        running from the moment its row is queued: ``cancel()`` works only before that."""
+        job = _Job(None if self.mode == "fifo" else lane, Future(), call, urgent,
+                   None if self.mode == "fifo" else step)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("engine is closed")
+            queued = self._lanes.get(job.lane)
+            if queued is None:
+                self._lanes[job.lane] = deque()
+                self._start(job)
+            else:
+                queued.append(job)
+        return job.future
+
     def _start(self, job: _Job) -> None:  # under _lock
+        if job.tick is not None:
+            row = None if self._closing else job.tick.begin()
+            if row is not None:
+                if not job.future.set_running_or_notify_cancel():
+                    self._next_in_lane(job.lane)  # cancelled while queued: the lane goes on
+                    return
+                owner, ids, start_pos, keep, cache, direct = row
+                req = _Request(owner, list(ids), start_pos, keep, cache, direct, False, job.urgent, job)
+                req.order, self._arrivals = self._arrivals, self._arrivals + 1
+                req.submitted_tick = self.stats.ticks
+                req.arrived = time.perf_counter()
+                self._pending.append(req)
+                self._tick_cv.notify()
+                return
         self._runnable += 1
         if job.urgent:
             self._ready.insert(self._urgent_ready, job)  # ahead of the others, behind earlier urgent ones
@@ -270,12 +325,16 @@ class Scheduler:
                         job.future.set_exception(exc)
             with self._lock:
                 self._runnable -= 1
-                lane = self._lanes[job.lane]
-                if lane:
-                    self._start(lane.popleft())
-                else:
-                    del self._lanes[job.lane]
+                self._next_in_lane(job.lane)
                 self._tick_cv.notify()
+
+    def _next_in_lane(self, lane: Hashable) -> None:  # under _lock
+        """The lane's job in front finished: start the next one, or the lane is idle."""
+        queued = self._lanes[lane]
+        if queued:
+            self._start(queued.popleft())
+        else:
+            del self._lanes[lane]
 
     # ---- model calls ---------------------------------------------------------------------------
     def forward(self, owner: object, ids: list[int], start_pos: int, keep: int, cache: Any,
@@ -377,8 +436,14 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 log.exception("scheduler: planning a tick failed; failing its %d requests", len(self._pending))
                 self._fail_pending(exc)
-                return
-            tick = self.stats.ticks
+                steps, self._steps_done = self._steps_done, []
+            else:
+                steps = None
+                tick = self.stats.ticks
+        if steps is not None:
+            for req in steps:
+                self._finish_step(req)
+            return
         try:
             self._before_tick()
         except Exception:  # noqa: BLE001 - a failed thread setting must not stop the tick
@@ -391,6 +456,27 @@ class Scheduler:
                                 sum(self._pacer.attn(n, r.start_pos + off) for r, n, off in plan))
         with self._lock:
             self._finish_tick(tick, plan, forwards, seconds)
+            steps, self._steps_done = self._steps_done, []
+        for req in steps:
+            self._finish_step(req)
+
+    def _finish_step(self, req: _Request) -> None:
+        """A TickStep's row ran (or failed): its ``finish`` on this thread, its result in its future,
+        then its lane goes on (a follower it queued starts its own row now, for the next tick)."""
+        job = req.step
+        assert job is not None and job.tick is not None
+        try:
+            if req.error is not None:
+                raise req.error
+            result = job.tick.finish(req.result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+        with self._lock:
+            self.stats.tick_steps += 1
+            self._next_in_lane(job.lane)
+            self._tick_cv.notify()
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
@@ -559,6 +645,8 @@ class Scheduler:
             self._served.pop(id(r.owner), None)
         if r.job:
             self._runnable += 1
+        if r.step is not None:
+            self._steps_done.append(r)  # finished by the tick's thread once the lock is released
         r.event.set()
 
     def _fail_pending(self, exc: BaseException) -> None:  # under _lock

@@ -415,6 +415,29 @@ class SharedSequence:
         self.append([token], status)
         return self.sample(sampler), self._logits_version
 
+    def decode_row(self, token: int, runner: object) -> tuple[object, list[int], int, int, Any, Any] | None:
+        """A decode step (``token`` appended to the open turn) as one forward row for ``runner`` (the
+        scheduler) to run inside its tick, :meth:`take_decode_row` after it: (owner, ids, start_pos,
+        keep, cache, direct). None where the step must go through :meth:`append_and_sample` as a job:
+        no open turn, an eviction due once the token is in, or another runner (or none)."""
+        if self._open is None or self._runner is not runner or len(self._ids) + 1 > self.config.max_tokens:
+            return None
+        return self, [int(token)], len(self._ids), 1, self._cache, self.forward_direct
+
+    def take_decode_row(self, token: int, logits: torch.Tensor | None, sampler: Sampler,
+                        status: Status = Status.UNSPOKEN) -> tuple[int, int]:
+        """:meth:`append_and_sample` after the scheduler ran :meth:`decode_row`'s row: the token joins
+        the ledger, the row's logits are the sequence's, and the next token is sampled."""
+        if self._open is None:
+            raise RuntimeError("a decode row finished with no open turn")
+        speaker, turn = self._open
+        self._logits = logits
+        self._ids.append(int(token))
+        self._speaker.append(speaker)
+        self._status.append(status)
+        self._turn.append(turn)
+        return self.sample(sampler), self._logits_version
+
     def step(self, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
         """Sample the next token and append it (one decode step)."""
         if self._open is None:
