@@ -58,3 +58,47 @@ async def test_a_short_soak_loses_nothing(tiny_engine, tmp_path) -> None:
     assert result["first_text_ms"]["idle"]["n"] == 1 and result["first_text_ms"]["idle_after_soak"]["n"] == 1
     assert set(result["targets"]) >= {"rss_growth_after_warmup_pct", "internal_error", "lost_events"}
     assert (tmp_path / "soak.png").stat().st_size > 0 and result["plot"] == "soak.png"
+
+
+def test_a_server_the_bench_started_dies_with_the_bench():
+    """A bench killed by a signal runs no ``finally``: the ``duplex serve`` it started must not
+    outlive it (``die_with_parent``: SIGTERM to the child when its parent goes). Here the parent is
+    a Python process that starts a long ``sleep`` the same way, then is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from duplex.bench.servers import die_with_parent
+
+    if die_with_parent() is None:
+        pytest.skip("no prctl here")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         ("import subprocess, sys, time\n"
+          "from duplex.bench.servers import die_with_parent\n"
+          "child = subprocess.Popen(['sleep', '120'], preexec_fn=die_with_parent())\n"
+          "print(child.pid, flush=True)\n"
+          "time.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    os.kill(child_pid, 0)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30  # a liveness bound, not a measurement
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init once it exits; a zombie still counts as gone
+            with open(f"/proc/{child_pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child_pid, signal.SIGKILL)
+    raise AssertionError("the child outlived its killed parent")
