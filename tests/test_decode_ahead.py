@@ -26,6 +26,19 @@ class _RecordingScheduler:
         return object()
 
 
+def _count_plain_job_steps(monkeypatch) -> list[int]:
+    """A list that grows by one for every decode step run as a plain job (not inside a tick)."""
+    jobs: list[int] = []
+    step = decode_ahead._step
+
+    def counting_step(*args, **kwargs):
+        jobs.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    return jobs
+
+
 def _greedy() -> Sampler:
     return Sampler(SamplingConfig(temperature=0.0, max_tokens=64))
 
@@ -131,14 +144,7 @@ async def test_a_stop_sequence_leaves_exactly_the_taken_tokens_in_the_turn(tiny_
 async def test_a_reply_decodes_inside_the_ticks_with_no_job_per_step(tiny_engine, monkeypatch):
     """Every step of a reply is a tick step: the tick that runs its row takes the token, samples the
     next and queues the follower itself, so no plain job (no worker thread) runs for any step."""
-    jobs = []
-    step = decode_ahead._step
-
-    def counting_step(*args, **kwargs):
-        jobs.append(1)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    jobs = _count_plain_job_steps(monkeypatch)
     before = tiny_engine.stats.tick_steps
     config = SessionConfig(instructions="You are terse.", sampling=SamplingConfig(temperature=0.0, max_tokens=12))
     s = Session(tiny_engine, config, clock=ManualClock())
@@ -186,14 +192,7 @@ async def test_a_step_the_sequence_cannot_take_in_a_tick_runs_as_a_job(tiny_engi
     token = seq.sample(sampler)
     assert seq.decode_row(token, tiny_engine.scheduler)[2] == len(seq)  # the row starts at the end
     assert seq.decode_row(token, object()) is None  # not this sequence's runner
-    jobs = []
-    step = decode_ahead._step
-
-    def counting_step(*args, **kwargs):
-        jobs.append(1)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(decode_ahead, "_step", counting_step)
+    jobs = _count_plain_job_steps(monkeypatch)
     monkeypatch.setattr(seq, "decode_row", lambda token, runner: None)
     start = len(seq)
     _, _, follower = await asyncio.wrap_future(

@@ -371,7 +371,8 @@ async def test_turns_that_start_together_share_one_tick_beyond_one_chunk(tiny_lm
 
 
 def test_only_a_prefill_tick_with_nobody_speaking_waits_for_arrivals(tiny_lm: LoadedModel) -> None:
-    from duplex.engine.scheduler import _ARRIVAL_GAP_S, Scheduler, _Request
+    from duplex.engine.scheduler import _ARRIVAL_GAP_S, Scheduler
+    from duplex.engine.scheduler_work import Request as _Request
 
     sched = Scheduler(tiny_lm.model, mode="batched")
     try:
@@ -448,7 +449,8 @@ def test_urgent_requests_run_in_an_express_tick_and_the_next_tick_takes_everyone
     """A reply's first steps (urgent) run without the other sessions' decode rows and prefill
     pieces when those are pending; the tick after takes everyone, so a streaming session waits
     at most that one express tick. Checked on the plan, by rows."""
-    from duplex.engine.scheduler import Scheduler, _Request
+    from duplex.engine.scheduler import Scheduler
+    from duplex.engine.scheduler_work import Request as _Request
 
     sched = Scheduler(tiny_lm.model, mode="batched", chunk_tokens=64)
     try:

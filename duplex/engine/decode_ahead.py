@@ -96,7 +96,7 @@ def _queue(scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampl
 
 
 class _Step:
-    """One decode step as the scheduler's :class:`~duplex.engine.scheduler.TickStep`: its forward
+    """One decode step as the scheduler's :class:`~duplex.engine.scheduler_work.TickStep`: its forward
     row is the token appended to the open turn, and the tick that runs it takes the token into the
     ledger, samples the next and queues the follower, with no worker thread woken between two ticks
     (on 2 cores eight sessions' job threads waking in turn cost ~5 ms of each ~30 ms cycle). Where

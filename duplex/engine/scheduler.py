@@ -54,8 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -63,6 +62,15 @@ from duplex.engine.attention import attention_isa
 from duplex.engine.fast_decode import DecodeRow, FastDecoder, fast_decoder
 from duplex.engine.pacer import TickPacer
 from duplex.engine.ragged import Row, ragged_forward, register, supports
+from duplex.engine.scheduler_work import (
+    Direct,
+    Job,
+    Request,
+    RowRecord,
+    SchedulerStats,
+    TickRecord,
+    TickStep,
+)
 
 __all__ = ["MODES", "RowRecord", "Scheduler", "SchedulerStats", "TickRecord", "TickStep"]
 
@@ -97,96 +105,6 @@ _FAST_MAX_TOKENS = 96
 # code (tiles for blocks of 6+ query rows) keeps the AVX-512 limit until a probe sets its own
 _FAST_MAX_ATTN = {"amx-bf16": 160_000, "avx512-bf16": 160_000, "avx2": 60_000}
 
-Direct = Callable[[list[int], int, int], torch.Tensor]
-
-
-@dataclass(frozen=True, slots=True)
-class RowRecord:
-    """One row of a tick. ``waited_ticks``: ticks begun between its request and this row (a
-    decode row waits at most for the one tick already running when it arrived, and one express
-    tick: 0 to 2). ``urgent``: on the path to a reply's first words."""
-
-    owner: int  # id() of the sequence
-    tokens: int
-    start_pos: int
-    decode: bool
-    waited_ticks: int
-    urgent: bool = False
-    type: str = "row"
-
-
-@dataclass(frozen=True, slots=True)
-class TickRecord:
-    tick: int
-    rows: tuple[RowRecord, ...]
-    forwards: int  # model calls in this tick: 1 when batched
-    seconds: float = 0.0  # wall time of its forwards (diagnostics; tests count rows, not time)
-    express: bool = False  # urgent rows only, others left for the next tick
-    type: str = "tick"
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(r.tokens for r in self.rows if not r.decode)
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    ticks: int = 0
-    forwards: int = 0
-    rows: int = 0
-    decode_rows: int = 0
-    prefill_tokens: int = 0
-    max_rows: int = 0
-    express_ticks: int = 0
-    tick_steps: int = 0  # steps run by the tick itself (TickStep), no job thread
-    type: str = "scheduler_stats"
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    owner: object
-    ids: list[int]
-    start_pos: int
-    keep: int
-    cache: Any
-    direct: Direct
-    job: bool  # made by a job thread (which gave the baton back while it waits)
-    urgent: bool = False  # made by an urgent job: see the module docstring
-    step: _Job | None = None  # a TickStep's job: the tick finishes it (TickStep.finish), no thread waits
-    order: int = 0
-    arrived: float = 0.0  # perf_counter() at submission
-    submitted_tick: int = 0
-    done: int = 0
-    result: torch.Tensor | None = None
-    error: BaseException | None = None
-    event: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def decode(self) -> bool:
-        return len(self.ids) == 1
-
-
-@dataclass(slots=True, eq=False)
-class _Job:
-    lane: Hashable
-    future: Future[Any]
-    call: Callable[[], Any]
-    urgent: bool = False
-    tick: TickStep | None = None  # run by the tick itself where TickStep.begin gives a row
-
-
-class TickStep(Protocol):
-    """A lane's job whose whole work is one forward row plus a little bookkeeping: the scheduler
-    runs it inside its ticks, with no worker thread to wake (:meth:`Scheduler.submit_step`)."""
-
-    def begin(self) -> tuple[object, list[int], int, int, Any, Direct] | None:
-        """Called under the scheduler's lock when the job reaches the front of its lane: the row
-        (owner, ids, start_pos, keep, cache, direct), or None to run ``call`` as a plain job."""
-
-    def finish(self, out: torch.Tensor | None) -> Any:
-        """On the tick's thread (baton held, lock not) once the row ran: the job's result."""
-
-
 class Scheduler:
     """Owns the model's compute: jobs in per-sequence lanes, forwards batched per tick."""
 
@@ -212,14 +130,14 @@ class Scheduler:
         self._tick_cv = threading.Condition(self._lock)
         self._work_cv = threading.Condition(self._lock)
         self._local = threading.local()
-        self._lanes: dict[Hashable, deque[_Job]] = {}  # a lane is present while it has a job started
-        self._ready: deque[_Job] = deque()
+        self._lanes: dict[Hashable, deque[Job]] = {}  # a lane is present while it has a job started
+        self._ready: deque[Job] = deque()
         self._urgent_ready = 0  # urgent jobs at the front of _ready, in their arrival order
         self._idle = 0
         self._workers: list[threading.Thread] = []
         self._runnable = 0  # started jobs not parked in forward()
-        self._pending: list[_Request] = []
-        self._steps_done: list[_Request] = []  # TickStep rows of the tick just finished
+        self._pending: list[Request] = []
+        self._steps_done: list[Request] = []  # TickStep rows of the tick just finished
         self._served: dict[int, int] = {}  # owner id -> tick of its last prefill piece (round robin)
         self._arrivals = 0
         self._pacer = TickPacer(getattr(model, "config", None))
@@ -244,17 +162,8 @@ class Scheduler:
         """Queue ``fn(*args, **kwargs)`` behind earlier jobs of ``lane``; its result comes in the
         future. ``urgent``: a user is waiting for it (a reply's first words): it starts before
         queued jobs of other lanes, and its forwards run in express ticks."""
-        job = _Job(None if self.mode == "fifo" else lane, Future(), functools.partial(fn, *args, **kwargs), urgent)
-        with self._lock:
-            if self._closing:
-                raise RuntimeError("engine is closed")
-            queued = self._lanes.get(job.lane)
-            if queued is None:
-                self._lanes[job.lane] = deque()
-                self._start(job)
-            else:
-                queued.append(job)
-        return job.future
+        return self._enqueue(Job(None if self.mode == "fifo" else lane, Future(),
+                                  functools.partial(fn, *args, **kwargs), urgent))
 
     def submit_step(self, lane: Hashable, step: TickStep, call: Callable[[], Any], *, urgent: bool = False) -> Future[Any]:
         """:meth:`submit` for a job that is one forward row (a reply's chained decode step): when it
@@ -262,8 +171,11 @@ class Scheduler:
         calls ``step.finish`` itself, so no worker thread wakes between two ticks for it; where
         ``begin`` gives None (or in ``fifo`` mode) ``call`` runs as a plain job. Its future is
         running from the moment its row is queued: ``cancel()`` works only before that."""
-        job = _Job(None if self.mode == "fifo" else lane, Future(), call, urgent,
-                   None if self.mode == "fifo" else step)
+        fifo = self.mode == "fifo"
+        return self._enqueue(Job(None if fifo else lane, Future(), call, urgent, None if fifo else step))
+
+    def _enqueue(self, job: Job) -> Future[Any]:
+        """``job`` behind the earlier jobs of its lane (started now if the lane is idle)."""
         with self._lock:
             if self._closing:
                 raise RuntimeError("engine is closed")
@@ -275,7 +187,7 @@ class Scheduler:
                 queued.append(job)
         return job.future
 
-    def _start(self, job: _Job) -> None:  # under _lock
+    def _start(self, job: Job) -> None:  # under _lock
         if job.tick is not None:
             row = None if self._closing else job.tick.begin()
             if row is not None:
@@ -283,11 +195,7 @@ class Scheduler:
                     self._next_in_lane(job.lane)  # cancelled while queued: the lane goes on
                     return
                 owner, ids, start_pos, keep, cache, direct = row
-                req = _Request(owner, list(ids), start_pos, keep, cache, direct, False, job.urgent, job)
-                req.order, self._arrivals = self._arrivals, self._arrivals + 1
-                req.submitted_tick = self.stats.ticks
-                req.arrived = time.perf_counter()
-                self._pending.append(req)
+                self._add_request(Request(owner, list(ids), start_pos, keep, cache, direct, False, job.urgent, job))
                 self._tick_cv.notify()
                 return
         self._runnable += 1
@@ -344,15 +252,12 @@ class Scheduler:
         if self.mode == "fifo":
             return direct(ids, start_pos, keep)
         job = bool(getattr(self._local, "job", False))
-        req = _Request(owner, list(ids), start_pos, keep, cache, direct, job,
+        req = Request(owner, list(ids), start_pos, keep, cache, direct, job,
                        job and bool(getattr(self._local, "urgent", False)))
         with self._lock:
             if self._closing and not job:
                 raise RuntimeError("engine is closed")
-            req.order, self._arrivals = self._arrivals, self._arrivals + 1
-            req.submitted_tick = self.stats.ticks
-            req.arrived = time.perf_counter()
-            self._pending.append(req)
+            self._add_request(req)
             if job:
                 self._runnable -= 1
             lead = job and self._runnable == 0 and self._gather_wait() <= 0
@@ -378,8 +283,15 @@ class Scheduler:
                 self._baton.acquire()
         return self._result(req)
 
+    def _add_request(self, req: Request) -> None:  # under _lock
+        """``req`` joins the pending requests, stamped with its arrival (order, tick, time)."""
+        req.order, self._arrivals = self._arrivals, self._arrivals + 1
+        req.submitted_tick = self.stats.ticks
+        req.arrived = time.perf_counter()
+        self._pending.append(req)
+
     @staticmethod
-    def _result(req: _Request) -> torch.Tensor | None:
+    def _result(req: Request) -> torch.Tensor | None:
         if req.error is not None:
             raise req.error
         assert req.result is not None or req.keep == 0
@@ -460,7 +372,7 @@ class Scheduler:
         for req in steps:
             self._finish_step(req)
 
-    def _finish_step(self, req: _Request) -> None:
+    def _finish_step(self, req: Request) -> None:
         """A TickStep's row ran (or failed): its ``finish`` on this thread, its result in its future,
         then its lane goes on (a follower it queued starts its own row now, for the next tick)."""
         job = req.step
@@ -478,7 +390,7 @@ class Scheduler:
             self._next_in_lane(job.lane)
             self._tick_cv.notify()
 
-    def _plan(self) -> list[tuple[_Request, int, int]]:
+    def _plan(self) -> list[tuple[Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
         to ``burst_tokens`` in all), then pieces of long prefills round robin, with the short ones
         at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
@@ -577,7 +489,7 @@ class Scheduler:
         attn = sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
         return fast if fast.dense and attn <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0) else None
 
-    def _execute(self, plan: list[tuple[_Request, int, int]]) -> int:
+    def _execute(self, plan: list[tuple[Request, int, int]]) -> int:
         """Run the planned rows (baton held, _lock not): one ragged forward, or one by one."""
         batch = [(r, n) for r, n, _ in plan if self._batching and supports(self.model, r.cache)]
         single = [(r, n) for r, n, _ in plan if not (self._batching and supports(self.model, r.cache))]
@@ -613,7 +525,7 @@ class Scheduler:
                 r.result = out
         return forwards
 
-    def _finish_tick(self, tick: int, plan: list[tuple[_Request, int, int]], forwards: int,
+    def _finish_tick(self, tick: int, plan: list[tuple[Request, int, int]], forwards: int,
                      seconds: float) -> None:  # under _lock
         now = time.perf_counter()
         records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick, r.urgent)
@@ -638,7 +550,7 @@ class Scheduler:
                 continue  # more prefill pieces to go
             self._complete(r)
 
-    def _complete(self, r: _Request) -> None:  # under _lock
+    def _complete(self, r: Request) -> None:  # under _lock
         """``r`` leaves the queue (its result or error set) and its caller wakes."""
         self._pending.remove(r)
         if not any(p.owner is r.owner for p in self._pending):
