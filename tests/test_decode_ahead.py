@@ -210,8 +210,11 @@ async def test_a_tick_step_whose_row_fails_gets_the_error_and_its_lane_goes_on(t
         def finish(self, out):
             raise AssertionError("finish must not run for a failed row")
 
+        def call(self):
+            raise AssertionError("the row was given: no plain job")
+
     sched = tiny_engine.scheduler
-    failed = asyncio.wrap_future(sched.submit_step("lane", FailingStep(), lambda: None))
+    failed = asyncio.wrap_future(sched.submit_step("lane", FailingStep()))
     after = asyncio.wrap_future(sched.submit("lane", lambda: 42))
     try:
         await failed

@@ -530,9 +530,9 @@ async def test_a_reply_that_shows_no_text_stops_being_urgent_after_a_few_steps(t
     submitted: list[bool] = []
     submit_step = tiny_engine.scheduler.submit_step
 
-    def recording_submit_step(lane, step, call, *, urgent=False):  # every decode step is queued here
+    def recording_submit_step(lane, step, *, urgent=False):  # every decode step is queued here
         submitted.append(urgent)
-        return submit_step(lane, step, call, urgent=urgent)
+        return submit_step(lane, step, urgent=urgent)
 
     monkeypatch.setattr(tiny_engine.scheduler, "submit_step", recording_submit_step)
     monkeypatch.setattr(speaking.WordBuffer, "push", lambda self, text: "")  # no word is ever complete

@@ -331,10 +331,10 @@ def _targets(mode: dict[str, Any], floors: list[dict[str, Any]] | None = None) -
         out.update(tokens_per_s_n8_over_n1=round(tps, 2), tokens_per_s_target_met=tps >= 3.0,
                    ttft_p95_n8_over_n1=round(ttft, 2), ttft_target_met=ttft <= 2.0)
         if 8 in floor:
-            # the engine alone needs floor[8] for eight lockstep questions: above 2x N=1's TTFT, no
-            # scheduling meets the TTFT target on this machine; the served N=8 p95 against it is
-            # what sockets, event loop and sessions add
-            # (its median over the rounds: a floor is not a slow spell of the host)
+            # the engine alone needs floor[8] (its median over the rounds: a floor is not a slow
+            # spell of the host) for eight lockstep questions: above 2x N=1's TTFT, no scheduling
+            # meets the TTFT target here; the served N=8 p95 against it is what sockets, event
+            # loop and sessions add
             out.update(ttft_floor_n8_ms=floor[8]["ms_p50"],
                        ttft_floor_n8_over_n1_p95=round(floor[8]["ms_p50"] / by_n[1]["ttft_ms_p95"], 2),
                        ttft_p95_n8_over_floor=round(by_n[8]["ttft_ms_p95"] / floor[8]["ms_p50"], 2))

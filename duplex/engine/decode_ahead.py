@@ -87,12 +87,11 @@ def submit_step(scheduler: Any, seq: SharedSequence, token: int, sampler: Sample
 
 def _queue(scheduler: Any, seq: SharedSequence, link: DecodeLink, sampler: Sampler, status: Status,
            urgent: Callable[[], bool]) -> None:
-    step = _Step(scheduler, seq, link, sampler, status, urgent)
     submit = getattr(scheduler, "submit_step", None) if TICK_STEPS else None
     if submit is None:  # a plain job
         link.future = scheduler.submit(seq, _step, scheduler, seq, link, sampler, status, urgent, urgent=urgent())
     else:
-        link.future = submit(seq, step, step.call, urgent=urgent())
+        link.future = submit(seq, _Step(scheduler, seq, link, sampler, status, urgent), urgent=urgent())
 
 
 class _Step:

@@ -513,110 +513,107 @@ static A512 int attn_item512(const attn_job* jb, int it, int h, int kvh, int d, 
     int rows_pad = amx ? (rows + 15) & ~15 : rows;
     int nblocks = (n + KB - 1) / KB;
     float* part = jb->part;
-    int failed = 0;
-    {
-        int kh = it / splits, sp = it % splits;
-        int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
-        if (j_hi > n) j_hi = n;
-        /* q2 [rows_pad][d2], kt [d2][64], vf [KB][d] fp32 values, sc [rows][64], alpha [rows], last [rows] */
-        size_t fl = (size_t)rows_pad * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
-        uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 63) & ~(size_t)63);
-        if (!ws) return 1;
-        uint32_t *q2 = ws, *kt = q2 + (size_t)rows_pad * d2;
-        float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
-        float* alpha = sc + (size_t)rows * 64;
-        int* last = (int*)(alpha + rows);
-        float* mx = part + (size_t)it * rows * (d + 2);
-        float* den = mx + rows;
-        float* acc = den + rows;
-        const uint16_t* kb = k + kh * head_stride;
-        const uint16_t* vb = v + kh * head_stride;
-        for (int r = 0; r < rows; ++r) {
-            const uint16_t* qr = q + (int64_t)(kh * g + r / t) * q_head + (int64_t)(r % t) * q_tok;
-            memcpy(q2 + (size_t)r * d2, qr, sizeof(uint16_t) * d);
-            memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
-            mx[r] = 0.0f;
-            den[r] = 0.0f;
-            last[r] = n - t + r % t;
-        }
-        if (amx) /* padded rows: zero queries */
-            memset(q2 + (size_t)rows * d2, 0, sizeof(uint32_t) * (size_t)(rows_pad - rows) * d2);
-#ifdef DUPLEX_HAVE_AMX
-        if (amx) {
-            int groups = rows_pad / 16;
-            /* qt [groups][d2][16], vp [32][d], kpad [64][d] bf16, st [64][16], pf [16][64], pb [16][64] bf16,
-             * ob [16][d], m and den [rows_pad], last [rows_pad] */
-            size_t al = (size_t)groups * d2 * 16 + (size_t)32 * d + (size_t)32 * d + 1024 + 1024 + 512
-                        + (size_t)16 * d + 3 * (size_t)rows_pad;
-            uint32_t* aw = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * al + 63) & ~(size_t)63);
-            if (!aw) {
-                free(ws);
-                return 1;
-            }
-            uint32_t *qt = aw, *vp = qt + (size_t)groups * d2 * 16;
-            uint16_t* kpad = (uint16_t*)(vp + (size_t)32 * d);
-            float *st = (float*)(vp + (size_t)64 * d), *pf = st + 1024;
-            uint16_t* pbt = (uint16_t*)(pf + 1024);
-            float *ob = (float*)(pbt + 1024), *m = ob + (size_t)16 * d, *dn = m + rows_pad;
-            int* lastp = (int*)(dn + rows_pad);
-            for (int r = 0; r < rows_pad; ++r) {
-                m[r] = -3.0e38f;
-                dn[r] = 0.0f;
-                lastp[r] = r < rows ? last[r] : -1;
-            }
-            for (int grp = 0; grp < groups; ++grp)
-                for (int pc = 0; pc < d2; pc += 16)
-                    duplex_transpose16x32(q2 + (size_t)grp * 16 * d2 + pc, d2 * 4, 64, qt + (size_t)grp * d2 * 16 + (size_t)pc * 16, 16);
-            duplex_amx_config_16x64();
-            for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
-                int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
-                int jp = j0 + attn_pf_blocks * KB; /* the block to ask for while this one is computed */
-                const uint16_t *pfk = NULL, *pfv = NULL;
-                if (jp + KB <= j_hi) {
-                    pfk = kb + (int64_t)jp * d;
-                    pfv = vb + (int64_t)jp * d;
-                }
-                pair_values(vb, j0, jb, d, vp);
-                for (int grp = 0; grp < groups; ++grp) {
-                    int r0 = grp * 16, nr = rows - r0 < 16 ? rows - r0 : 16;
-                    amx_block(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0, dn + r0,
-                              acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? NULL : pfk, grp ? NULL : pfv);
-                }
-            }
-            duplex_amx_release();
-            for (int r = 0; r < rows; ++r) {
-                mx[r] = m[r];
-                den[r] = dn[r];
-            }
-            free(aw);
-        }
-#endif
-        for (int j0 = j_lo; !amx && j0 < j_hi; j0 += KB) {
-            int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
-            transpose_keys(kb, j0, jb, d, kt);
-            int jp = j0 + attn_pf_blocks * KB;
-            const uint16_t *pfk = jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
-            const uint16_t *pfv = pfk ? vb + (int64_t)jp * d : NULL;
-            for (int j = 0; j < jb; ++j) { /* values in fp32, once for all rows */
-                PREFETCH_ROW(pfk, j);
-                PREFETCH_ROW(pfv, j);
-                for (int c = 0; c < d; c += 16) {
-                    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vb + (int64_t)(j0 + j) * d + c)));
-                    _mm512_store_ps(vf + (int64_t)j * d + c, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
-                }
-            }
-            int r = 0;
-            for (; r + 4 <= rows; r += 4) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 4);
-            for (; r < rows; ++r) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 1);
-            softmax_block(sc, rows, last, j0, jb, scale, mx, den, alpha);
-            for (int c0 = 0; c0 < d; c0 += 64) {
-                for (r = 0; r + 4 <= rows; r += 4) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 4);
-                for (; r < rows; ++r) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 1);
-            }
-        }
-        free(ws);
+    int kh = it / splits, sp = it % splits;
+    int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
+    if (j_hi > n) j_hi = n;
+    /* q2 [rows_pad][d2], kt [d2][64], vf [KB][d] fp32 values, sc [rows][64], alpha [rows], last [rows] */
+    size_t fl = (size_t)rows_pad * d2 + (size_t)d2 * 64 + (size_t)KB * d + (size_t)rows * 64 + 2 * (size_t)rows;
+    uint32_t* ws = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * fl + 63) & ~(size_t)63);
+    if (!ws) return 1;
+    uint32_t *q2 = ws, *kt = q2 + (size_t)rows_pad * d2;
+    float *vf = (float*)(kt + (size_t)d2 * 64), *sc = vf + (size_t)KB * d;
+    float* alpha = sc + (size_t)rows * 64;
+    int* last = (int*)(alpha + rows);
+    float* mx = part + (size_t)it * rows * (d + 2);
+    float* den = mx + rows;
+    float* acc = den + rows;
+    const uint16_t* kb = k + kh * head_stride;
+    const uint16_t* vb = v + kh * head_stride;
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t* qr = q + (int64_t)(kh * g + r / t) * q_head + (int64_t)(r % t) * q_tok;
+        memcpy(q2 + (size_t)r * d2, qr, sizeof(uint16_t) * d);
+        memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
+        mx[r] = 0.0f;
+        den[r] = 0.0f;
+        last[r] = n - t + r % t;
     }
-    return failed;
+    if (amx) /* padded rows: zero queries */
+        memset(q2 + (size_t)rows * d2, 0, sizeof(uint32_t) * (size_t)(rows_pad - rows) * d2);
+#ifdef DUPLEX_HAVE_AMX
+    if (amx) {
+        int groups = rows_pad / 16;
+        /* qt [groups][d2][16], vp [32][d], kpad [64][d] bf16, st [64][16], pf [16][64], pb [16][64] bf16,
+         * ob [16][d], m and den [rows_pad], last [rows_pad] */
+        size_t al = (size_t)groups * d2 * 16 + (size_t)32 * d + (size_t)32 * d + 1024 + 1024 + 512
+                    + (size_t)16 * d + 3 * (size_t)rows_pad;
+        uint32_t* aw = (uint32_t*)aligned_alloc(64, (sizeof(uint32_t) * al + 63) & ~(size_t)63);
+        if (!aw) {
+            free(ws);
+            return 1;
+        }
+        uint32_t *qt = aw, *vp = qt + (size_t)groups * d2 * 16;
+        uint16_t* kpad = (uint16_t*)(vp + (size_t)32 * d);
+        float *st = (float*)(vp + (size_t)64 * d), *pf = st + 1024;
+        uint16_t* pbt = (uint16_t*)(pf + 1024);
+        float *ob = (float*)(pbt + 1024), *m = ob + (size_t)16 * d, *dn = m + rows_pad;
+        int* lastp = (int*)(dn + rows_pad);
+        for (int r = 0; r < rows_pad; ++r) {
+            m[r] = -3.0e38f;
+            dn[r] = 0.0f;
+            lastp[r] = r < rows ? last[r] : -1;
+        }
+        for (int grp = 0; grp < groups; ++grp)
+            for (int pc = 0; pc < d2; pc += 16)
+                duplex_transpose16x32(q2 + (size_t)grp * 16 * d2 + pc, d2 * 4, 64, qt + (size_t)grp * d2 * 16 + (size_t)pc * 16, 16);
+        duplex_amx_config_16x64();
+        for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
+            int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
+            int jp = j0 + attn_pf_blocks * KB; /* the block to ask for while this one is computed */
+            const uint16_t *pfk = NULL, *pfv = NULL;
+            if (jp + KB <= j_hi) {
+                pfk = kb + (int64_t)jp * d;
+                pfv = vb + (int64_t)jp * d;
+            }
+            pair_values(vb, j0, jb, d, vp);
+            for (int grp = 0; grp < groups; ++grp) {
+                int r0 = grp * 16, nr = rows - r0 < 16 ? rows - r0 : 16;
+                amx_block(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0, dn + r0,
+                          acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? NULL : pfk, grp ? NULL : pfv);
+            }
+        }
+        duplex_amx_release();
+        for (int r = 0; r < rows; ++r) {
+            mx[r] = m[r];
+            den[r] = dn[r];
+        }
+        free(aw);
+    }
+#endif
+    for (int j0 = j_lo; !amx && j0 < j_hi; j0 += KB) {
+        int jb = j_hi - j0 < KB ? j_hi - j0 : KB;
+        transpose_keys(kb, j0, jb, d, kt);
+        int jp = j0 + attn_pf_blocks * KB;
+        const uint16_t *pfk = jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
+        const uint16_t *pfv = pfk ? vb + (int64_t)jp * d : NULL;
+        for (int j = 0; j < jb; ++j) { /* values in fp32, once for all rows */
+            PREFETCH_ROW(pfk, j);
+            PREFETCH_ROW(pfv, j);
+            for (int c = 0; c < d; c += 16) {
+                __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vb + (int64_t)(j0 + j) * d + c)));
+                _mm512_store_ps(vf + (int64_t)j * d + c, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+            }
+        }
+        int r = 0;
+        for (; r + 4 <= rows; r += 4) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 4);
+        for (; r < rows; ++r) scores512(q2 + (size_t)r * d2, kt, sc + (size_t)r * 64, d2, 1);
+        softmax_block(sc, rows, last, j0, jb, scale, mx, den, alpha);
+        for (int c0 = 0; c0 < d; c0 += 64) {
+            for (r = 0; r + 4 <= rows; r += 4) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 4);
+            for (; r < rows; ++r) values512(sc + r * 64, vf, acc + (int64_t)r * d, alpha + r, c0, jb, d, 1);
+        }
+    }
+    free(ws);
+    return 0;
 }
 
 /* job jb's output from its items' partial results: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */

@@ -165,14 +165,14 @@ class Scheduler:
         return self._enqueue(Job(None if self.mode == "fifo" else lane, Future(),
                                   functools.partial(fn, *args, **kwargs), urgent))
 
-    def submit_step(self, lane: Hashable, step: TickStep, call: Callable[[], Any], *, urgent: bool = False) -> Future[Any]:
+    def submit_step(self, lane: Hashable, step: TickStep, *, urgent: bool = False) -> Future[Any]:
         """:meth:`submit` for a job that is one forward row (a reply's chained decode step): when it
         reaches the front of its lane, ``step.begin()`` gives the row and the tick that runs it
         calls ``step.finish`` itself, so no worker thread wakes between two ticks for it; where
-        ``begin`` gives None (or in ``fifo`` mode) ``call`` runs as a plain job. Its future is
+        ``begin`` gives None (or in ``fifo`` mode) ``step.call`` runs as a plain job. Its future is
         running from the moment its row is queued: ``cancel()`` works only before that."""
         fifo = self.mode == "fifo"
-        return self._enqueue(Job(None if fifo else lane, Future(), call, urgent, None if fifo else step))
+        return self._enqueue(Job(None if fifo else lane, Future(), step.call, urgent, None if fifo else step))
 
     def _enqueue(self, job: Job) -> Future[Any]:
         """``job`` behind the earlier jobs of its lane (started now if the lane is idle)."""

@@ -101,7 +101,10 @@ class TickStep(Protocol):
 
     def begin(self) -> tuple[object, list[int], int, int, Any, Direct] | None:
         """Called under the scheduler's lock when the job reaches the front of its lane: the row
-        (owner, ids, start_pos, keep, cache, direct), or None to run ``call`` as a plain job."""
+        (owner, ids, start_pos, keep, cache, direct), or None to run :meth:`call` instead."""
 
     def finish(self, out: torch.Tensor | None) -> Any:
         """On the tick's thread (baton held, lock not) once the row ran: the job's result."""
+
+    def call(self) -> Any:
+        """The same job as a plain one on a worker thread (its forward a request like any other)."""

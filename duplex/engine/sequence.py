@@ -432,10 +432,7 @@ class SharedSequence:
             raise RuntimeError("a decode row finished with no open turn")
         speaker, turn = self._open
         self._logits = logits
-        self._ids.append(int(token))
-        self._speaker.append(speaker)
-        self._status.append(status)
-        self._turn.append(turn)
+        self._record([int(token)], speaker, status, turn)
         return self.sample(sampler), self._logits_version
 
     def step(self, sampler: Sampler, status: Status = Status.UNSPOKEN) -> int:
@@ -565,6 +562,10 @@ class SharedSequence:
         if not ids:
             return
         self._prefill(ids, logits=logits)
+        self._record(ids, speaker, status, turn)
+
+    def _record(self, ids: list[int], speaker: Speaker, status: Status, turn: int) -> None:
+        """The ledger takes ``ids`` (their forward has run: the cache holds them)."""
         self._ids.extend(ids)
         self._speaker.extend([speaker] * len(ids))
         self._status.extend([status] * len(ids))
