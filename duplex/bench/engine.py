@@ -276,57 +276,68 @@ _LOWER_ATTENTION_ISAS = {"amx-bf16": ("avx512-bf16", "avx2"), "avx512-bf16": ("a
 
 
 def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "auto",
-               histories: tuple[int, ...] = (100, 1000, 4000), reps: int = 7,
+               histories: tuple[int, ...] = (100, 1000, 4000), reps: int = 7, turn_ends_per_rep: int = 3,
                progress: TextIO | None = sys.stderr) -> dict[str, Any]:
-    """TTFT at several history lengths: shared cache vs full re-prefill, same model, same run."""
+    """TTFT at several history lengths: shared cache vs full re-prefill, same model, same run.
+
+    Every round times each history in turn (and each attention code on it), so the growth ratio
+    compares turn ends taken seconds apart: on a shared host whose speed drifts by 2x from minute to
+    minute, timing one history's reps after the other's had put that drift into the ratio."""
     lm = load_model(model, device=device, dtype=dtype)
     sampler = Sampler(SamplingConfig())
-    rows = []
+    best = attention_isa()
+    lower = [isa for isa in _LOWER_ATTENTION_ISAS.get(best or "", ()) if set_attention_isa(isa) == isa]
+    if best:
+        set_attention_isa(best)
+    states = []
     for n in histories:
-        _progress(progress, f"history {n} tokens")
+        _progress(progress, f"history {n} tokens: building")
         seq, last = _history_sequence(lm, n)
         seq.begin_turn(Speaker.USER)
         seq.append(last)  # prefilled while the user was still speaking
-        base = len(seq)
-        best = attention_isa()
-        lower = [isa for isa in _LOWER_ATTENTION_ISAS.get(best or "", ()) if set_attention_isa(isa) == isa]
-        if best:
-            set_attention_isa(best)
-        shared, full, prepared = [], [], []
-        by_isa: dict[str, list[float]] = {isa: [] for isa in lower}
+        states.append({"seq": seq, "base": len(seq), "shared": [], "full": [], "prepared": [],
+                       "by_isa": {isa: [] for isa in lower}})
 
-        def turn_end() -> None:
-            # user turn ends: close it, open the agent turn, sample the first token
-            seq.hand_over(Speaker.AGENT)
-            seq.sample(sampler)  # emitted here; its own forward pass comes after
+    def turn_end(seq: SharedSequence) -> None:
+        # user turn ends: close it, open the agent turn, sample the first token
+        seq.hand_over(Speaker.AGENT)
+        seq.sample(sampler)  # emitted here; its own forward pass comes after
 
-        def reset() -> None:
-            seq.truncate_to(base)
-            seq.reopen(Speaker.USER, seq.open_turn[1] if seq.open_turn else _last_turn(seq))
+    def reset(st: dict[str, Any]) -> None:
+        seq = st["seq"]
+        seq.truncate_to(st["base"])
+        seq.reopen(Speaker.USER, seq.open_turn[1] if seq.open_turn else _last_turn(seq))
 
-        for _ in range(reps):  # every variant once per round, so a slow spell of the host hits them alike
-            shared.append(_timed(turn_end, lm.device))
-            reset()
-            for isa in lower:  # the same turn end on the older attention codes
-                set_attention_isa(isa)
-                try:
-                    by_isa[isa].append(_timed(turn_end, lm.device))
-                finally:
-                    set_attention_isa(best)
-                reset()
+    for rep in range(reps):
+        _progress(progress, f"round {rep + 1}/{reps}")
+        for st in states:
+            seq = st["seq"]
+            for _ in range(turn_ends_per_rep):
+                st["shared"].append(_timed(lambda: turn_end(seq), lm.device))
+                reset(st)
+                for isa in lower:  # the same turn end on the older attention codes
+                    set_attention_isa(isa)
+                    try:
+                        st["by_isa"][isa].append(_timed(lambda: turn_end(seq), lm.device))
+                    finally:
+                        set_attention_isa(best)
+                    reset(st)
             history_ids = seq.ids
             tail = list(seq.template.user.footer) + list(seq.template.agent.header)
-            full.append(_timed(lambda: _reprefill_first_token(lm, history_ids + tail, sampler), lm.device))
+            st["full"].append(_timed(lambda: _reprefill_first_token(lm, history_ids + tail, sampler), lm.device))
             # the session's speculative path: footer + agent header were prefilled during the
             # user's end-of-turn silence, so the turn end itself only samples
             seq.hand_over(Speaker.AGENT)
-            prepared.append(_timed(lambda: seq.sample(sampler), lm.device))
-            reset()
-        row = {"history_tokens": len(seq), "shared_cache_ms": round(statistics.median(shared), 1),
-               "shared_cache_prepared_ms": round(statistics.median(prepared), 2),
-               "reprefill_ms": round(statistics.median(full), 1)}
-        if by_isa:
-            row["shared_cache_ms_by_attention"] = {isa: round(statistics.median(ms), 1) for isa, ms in by_isa.items()}
+            st["prepared"].append(_timed(lambda: seq.sample(sampler), lm.device))
+            reset(st)
+    rows = []
+    for st in states:
+        row = {"history_tokens": len(st["seq"]), "shared_cache_ms": round(statistics.median(st["shared"]), 1),
+               "shared_cache_prepared_ms": round(statistics.median(st["prepared"]), 2),
+               "reprefill_ms": round(statistics.median(st["full"]), 1)}
+        if lower:
+            row["shared_cache_ms_by_attention"] = {isa: round(statistics.median(ms), 1)
+                                                   for isa, ms in st["by_isa"].items()}
         row["speedup"] = round(row["reprefill_ms"] / row["shared_cache_ms"], 1)
         rows.append(row)
         _progress(progress, str(row))
@@ -343,7 +354,7 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_bytes_per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * lm.dtype.itemsize
-    gbps = bandwidth_gbps(lm.device, mbytes=256)
+    gbps = bandwidth_gbps(lm.device, mbytes=512)  # twice what the KV cache or an L3 holds
     extra_ms = (last_row["history_tokens"] - first["history_tokens"]) * kv_bytes_per_token / (gbps * 1e6)
     extra["kv_bytes_per_token"] = kv_bytes_per_token
     extra["bandwidth_gbps"] = round(gbps, 1)
