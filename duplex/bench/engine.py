@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -313,22 +314,23 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
         for st in states:
             seq = st["seq"]
             for _ in range(turn_ends_per_rep):
-                st["shared"].append(_timed(lambda: turn_end(seq), lm.device))
+                st["shared"].append(_timed(functools.partial(turn_end, seq), lm.device))
                 reset(st)
                 for isa in lower:  # the same turn end on the older attention codes
                     set_attention_isa(isa)
                     try:
-                        st["by_isa"][isa].append(_timed(lambda: turn_end(seq), lm.device))
+                        st["by_isa"][isa].append(_timed(functools.partial(turn_end, seq), lm.device))
                     finally:
                         set_attention_isa(best)
                     reset(st)
             history_ids = seq.ids
             tail = list(seq.template.user.footer) + list(seq.template.agent.header)
-            st["full"].append(_timed(lambda: _reprefill_first_token(lm, history_ids + tail, sampler), lm.device))
+            st["full"].append(_timed(functools.partial(_reprefill_first_token, lm, history_ids + tail, sampler),
+                                     lm.device))
             # the session's speculative path: footer + agent header were prefilled during the
             # user's end-of-turn silence, so the turn end itself only samples
             seq.hand_over(Speaker.AGENT)
-            st["prepared"].append(_timed(lambda: seq.sample(sampler), lm.device))
+            st["prepared"].append(_timed(functools.partial(seq.sample, sampler), lm.device))
             reset(st)
     rows = []
     for st in states:
