@@ -100,14 +100,15 @@ def test_c_decode_kernel_with_smollm_heads_matches_fp32_attention(q, n, monkeypa
 @pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("q,n,d", [(1, 4000, 64), (6, 4000, 64), (16, 700, 64), (5, 333, 128), (3, 64, 64),
-                                   (2, 130, 64)])
+                                   (2, 130, 64), (11, 4000, 64), (6, 70, 128), (7, 500, 64)])
 def test_wide_attention_codes_match_fp32_and_the_avx2_code(isa, q, n, d, threads, monkeypatch):
     """Where the CPU has AVX512_BF16, head dims that are multiples of 64 run the zmm code: keys
     transposed per block for the bf16 dot products, keys split across threads (3 KV heads on 2
     threads) with the per-range softmax sums merged. Where it also has AMX, blocks of 6 or more query
     rows run on tiles: scores transposed (keys straight from the cache), rows padded to 16 (6 rows;
-    18 rows = 2 groups), a partial last block, the causal masks only near the end, probabilities in
-    bf16. Same attention as the fp32 reference and the AVX2 code, to bf16 rounding."""
+    21 rows = 2 groups), a trailing group of at most 4 rows with its softmax along the rows (18 and
+    33 rows: 2 and 1 left over), a partial last block, the causal masks only near the end,
+    probabilities in bf16. Same attention as the fp32 reference and the AVX2 code, to bf16 rounding."""
     from duplex.engine import attention
 
     monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")

@@ -195,6 +195,9 @@ static const int attn_pf_blocks = 2;
  * 5 tokens over 4k keys, 2 threads, interleaved A/B: 8.5 -> 7.3 ms; 1 block ahead and L2 a few %
  * better than 2 and L1). Its cursor: K line i/2 of the block for even i, V line i/2 for odd i. */
 static const int attn_pf_blocks_amx = 1;
+#ifndef AMX_THIN_ROWS
+#define AMX_THIN_ROWS 4 /* a trailing group of at most this many rows runs amx_block_thin */
+#endif
 typedef struct {
     const char *k, *v;
     int i, n;
@@ -310,18 +313,11 @@ static inline AMX void pair_values(const uint16_t* vb, int j0, int jb, int d, ui
     }
 }
 
-/* one block of keys j0 .. j0 + jb (jb <= 64) for one group of 16 rows: qt [d2][16] their queries
- * transposed into dim pairs; vp the block's values in key pairs (pair_values); kpad a zeroed 64 x d
- * buffer for a partial block; st [64][16], pf [16][64] fp32 and pb [16][64] bf16 scratch; ob [16][d]
- * fp32; m, den [16] running max and sum; acc [16][d] running output; last [16] each row's last
- * visible key (-1 for padding), first_last the smallest of them over real rows */
-static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, const uint16_t* kb, int j0, int jb,
-                                                    const uint32_t* vp, uint16_t* kpad, float* st, float* pf,
-                                                    uint16_t* pb, float* ob, float* m, float* den, float* acc,
-                                                    const int* last, int first_last, int nr, float scale,
-                                                    pf_cursor* pc) {
+/* S^T = K . Q^T for keys j0 .. j0 + jb (jb <= 64) of one group of 16 query rows into st [64][16]: qt
+ * [d2][16] their queries transposed into dim pairs; kpad a 64 x d buffer for a partial block */
+static inline AMX void amx_scores(const uint32_t* qt, int d, const uint16_t* kb, int j0, int jb, uint16_t* kpad,
+                                  float* st) {
     int d2 = d / 2;
-    pf_take(pc, 16);
     const uint16_t* kr = kb + (int64_t)j0 * d;
     if (jb < 64) { /* the last, partial block: tile loads read whole groups of 16 keys */
         memcpy(kpad, kr, sizeof(uint16_t) * (size_t)jb * d);
@@ -347,6 +343,56 @@ static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, c
     _tile_stored(1, st + 256, 64);
     _tile_stored(2, st + 512, 64);
     _tile_stored(3, st + 768, 64);
+}
+
+/* acc[i] = al[i] acc[i] + P[i] . V for rows i < nr: pb [16][64] the block's probabilities in bf16,
+ * vp its values in key pairs (pair_values), ob [16][d] fp32 scratch */
+static inline AMX void amx_values(const uint16_t* pb, const uint32_t* vp, int d, float* ob, float* acc,
+                                  const float* al, int nr, pf_cursor* pc) {
+    for (int c0 = 0; c0 < d; c0 += 64) {
+        pf_take(pc, 8);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int half = 0; half < 2; ++half) { /* keys 0-31, 32-63: 16 key pairs each */
+            _tile_loadd(4, pb + half * 32, 128);
+            const uint32_t* vr = vp + (int64_t)half * 16 * d + c0;
+            _tile_loadd(6, vr, d * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(6, vr + 16, d * 4);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(6, vr + 32, d * 4);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(6, vr + 48, d * 4);
+            _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, ob, 256);
+        _tile_stored(1, ob + 16, 256);
+        _tile_stored(2, ob + 32, 256);
+        _tile_stored(3, ob + 48, 256);
+        for (int i = 0; i < nr; ++i) { /* acc = alpha acc + this block's output */
+            pf_take(pc, 2);
+            float* ar = acc + (int64_t)i * d + c0;
+            __m512 a = _mm512_set1_ps(al[i]);
+            for (int u = 0; u < 64; u += 16)
+                _mm512_storeu_ps(ar + u, _mm512_fmadd_ps(a, _mm512_loadu_ps(ar + u), _mm512_load_ps(ob + i * 64 + u)));
+        }
+    }
+}
+
+/* one block of keys j0 .. j0 + jb (jb <= 64) for one group of 16 rows: qt [d2][16] their queries
+ * transposed into dim pairs; vp the block's values in key pairs (pair_values); kpad a zeroed 64 x d
+ * buffer for a partial block; st [64][16], pf [16][64] fp32 and pb [16][64] bf16 scratch; ob [16][d]
+ * fp32; m, den [16] running max and sum; acc [16][d] running output; last [16] each row's last
+ * visible key (-1 for padding), first_last the smallest of them over real rows */
+static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, const uint16_t* kb, int j0, int jb,
+                                                    const uint32_t* vp, uint16_t* kpad, float* st, float* pf,
+                                                    uint16_t* pb, float* ob, float* m, float* den, float* acc,
+                                                    const int* last, int first_last, int nr, float scale,
+                                                    pf_cursor* pc) {
+    pf_take(pc, 16);
+    amx_scores(qt, d, kb, j0, jb, kpad, st);
     /* online softmax, one zmm per key (lane = row). Only a block past the first query's own position
      * needs the causal masks; elsewhere padded rows (zero queries) are left unmasked: their lanes are
      * finite and never read */
@@ -408,36 +454,53 @@ static AMX __attribute__((noinline)) void amx_block(const uint32_t* qt, int d, c
                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(sr + 16), _mm512_load_ps(sr)));
         }
     }
-    for (int c0 = 0; c0 < d; c0 += 64) {
+    amx_values(pb, vp, d, ob, acc, al, nr, pc);
+    pf_take(pc, 1 << 20);
+}
+
+/* amx_block for a group of at most AMX_THIN_ROWS real rows (the 2 left over from a 6-token hand-over's
+ * 18 rows): the same tile products, but the softmax runs along each real row (4 zmm of 64 keys)
+ * instead of down 64 keys of 16 lanes of which few are real rows: that vertical softmax was most of
+ * a group's cost, so 18 rows had cost as much as 32 */
+static AMX __attribute__((noinline)) void amx_block_thin(const uint32_t* qt, int d, const uint16_t* kb, int j0,
+                                                         int jb, const uint32_t* vp, uint16_t* kpad, float* st,
+                                                         float* pf, uint16_t* pb, float* ob, float* m, float* den,
+                                                         float* acc, const int* last, int nr, float scale,
+                                                         pf_cursor* pc) {
+    pf_take(pc, 16);
+    amx_scores(qt, d, kb, j0, jb, kpad, st);
+    for (int kg = 0; kg < 4; ++kg) { /* S = (S^T)^T: row r's 64 scores at pf + 64 r */
         pf_take(pc, 8);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int half = 0; half < 2; ++half) { /* keys 0-31, 32-63: 16 key pairs each */
-            _tile_loadd(4, pb + half * 32, 128);
-            const uint32_t* vr = vp + (int64_t)half * 16 * d + c0;
-            _tile_loadd(6, vr, d * 4);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(6, vr + 16, d * 4);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(6, vr + 32, d * 4);
-            _tile_dpbf16ps(2, 4, 6);
-            _tile_loadd(6, vr + 48, d * 4);
-            _tile_dpbf16ps(3, 4, 6);
-        }
-        _tile_stored(0, ob, 256);
-        _tile_stored(1, ob + 16, 256);
-        _tile_stored(2, ob + 32, 256);
-        _tile_stored(3, ob + 48, 256);
-        for (int i = 0; i < nr; ++i) { /* acc = alpha acc + this block's output */
-            pf_take(pc, 2);
-            float* ar = acc + (int64_t)i * d + c0;
-            __m512 a = _mm512_set1_ps(al[i]);
-            for (int u = 0; u < 64; u += 16)
-                _mm512_storeu_ps(ar + u, _mm512_fmadd_ps(a, _mm512_loadu_ps(ar + u), _mm512_load_ps(ob + i * 64 + u)));
-        }
+        duplex_transpose16x32(st + kg * 256, 64, 64, (uint32_t*)(pf + kg * 16), 64);
     }
+    __m512 sv = _mm512_set1_ps(scale);
+    float al[AMX_THIN_ROWS];
+    for (int r = 0; r < nr; ++r) {
+        pf_take(pc, 8);
+        int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb; /* keys of the block row r sees */
+        __m512 s[4], raw = _mm512_set1_ps(-3.0e38f);
+        __mmask16 mk[4];
+        for (int c = 0; c < 4; ++c) {
+            int k0 = 16 * c;
+            mk[c] = lim - k0 >= 16 ? (__mmask16)0xFFFF : lim > k0 ? (__mmask16)((1u << (lim - k0)) - 1) : 0;
+            s[c] = _mm512_mul_ps(_mm512_load_ps(pf + r * 64 + k0), sv);
+            raw = _mm512_mask_max_ps(raw, mk[c], raw, s[c]);
+        }
+        float mn = _mm512_reduce_max_ps(raw);
+        if (m[r] > mn) mn = m[r];
+        al[r] = expf(m[r] - mn); /* 0 where nothing was seen before (m = -3e38) */
+        __m512 mv = _mm512_set1_ps(mn), z = _mm512_setzero_ps();
+        for (int c = 0; c < 4; ++c) {
+            s[c] = _mm512_maskz_mov_ps(mk[c], exp16_bf(_mm512_min_ps(_mm512_sub_ps(s[c], mv), _mm512_setzero_ps())));
+            z = _mm512_add_ps(z, s[c]);
+        }
+        den[r] = den[r] * al[r] + _mm512_reduce_add_ps(z);
+        m[r] = mn;
+        _mm512_store_si512((void*)(pb + r * 64), (__m512i)_mm512_cvtne2ps_pbh(s[1], s[0]));
+        _mm512_store_si512((void*)(pb + r * 64 + 32), (__m512i)_mm512_cvtne2ps_pbh(s[3], s[2]));
+    }
+    /* rows nr .. 15 of pb keep an earlier group's probabilities: finite, and their outputs unread */
+    amx_values(pb, vp, d, ob, acc, al, nr, pc);
     pf_take(pc, 1 << 20);
 }
 #endif
@@ -597,8 +660,12 @@ static A512 int attn_item512(const attn_job* jb, int it, int h, int kvh, int d, 
             pair_values(vb, j0, jb, d, vp, &pc);
             for (int grp = 0; grp < groups; ++grp) {
                 int r0 = grp * 16, nr = rows - r0 < 16 ? rows - r0 : 16;
-                amx_block(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0, dn + r0,
-                          acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? &none : &pc);
+                if (nr <= AMX_THIN_ROWS && grp)
+                    amx_block_thin(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0,
+                                   dn + r0, acc + (int64_t)r0 * d, lastp + r0, nr, scale, &none);
+                else
+                    amx_block(qt + (size_t)grp * d2 * 16, d, kb, j0, jb, vp, kpad, st, pf, pbt, ob, m + r0, dn + r0,
+                              acc + (int64_t)r0 * d, lastp + r0, n - t, nr, scale, grp ? &none : &pc);
             }
         }
         duplex_amx_release();
