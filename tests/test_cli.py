@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from duplex.cli.main import build_parser, main
@@ -73,3 +75,16 @@ def test_serve_sets_the_instructions_limit_and_the_scheduler():
         voice_config_from_args(build_parser().parse_args(["serve", "--max-instructions-chars", "0"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--scheduler", "round-robin"])
+
+
+def test_bench_json_file_is_written_for_the_engine_benchmarks(tmp_path, monkeypatch, capsys):
+    from duplex.bench import engine as bench_engine
+
+    calls = []
+    monkeypatch.setattr(bench_engine, "bench_ttft",
+                        lambda model, device, dtype: calls.append((model, device, dtype)) or {"benchmark": "ttft"})
+    out = tmp_path / "ttft.json"
+    assert main(["bench", "ttft", "--model", "tiny", "--json", str(out)]) == 0
+    assert calls == [("tiny", "auto", "auto")]
+    assert json.loads(out.read_text()) == {"benchmark": "ttft"}
+    assert json.loads(capsys.readouterr().out) == {"benchmark": "ttft"}

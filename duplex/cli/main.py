@@ -101,6 +101,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_server_cli(args)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {what}")
+    if isinstance(args.json, str) and what != "server":  # bench server writes its own file and plot
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     _print_json(result)
     return 0
 
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
                    help="JSON output (always on except for realtime, which prints a summary without it); "
-                        "bench openai also writes it to FILE when one is given")
+                        "with FILE it is also written there")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--int8-only", action="store_true",
                    help="bench decode: only the int8 format (the served one), with its batched-rows part")
