@@ -27,9 +27,14 @@ def _chirp(f0: float, f1: float, seconds: float = 1.0, amp0: float = 0.3, amp1: 
 class _FakeSmartTurn:
     def __init__(self) -> None:
         self.seen: list[int] = []
+        self.nice: list[int] = []  # the calling thread's nice value at each call
 
     def probability(self, audio: np.ndarray) -> float:
+        import os
+        import threading
+
         self.seen.append(len(audio))
+        self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return 0.75
 
 
@@ -138,7 +143,8 @@ async def test_voice_pipeline_delivers_features_to_the_policy(tiny_engine):
     from duplex.voice.config import VoiceConfig
     from duplex.voice.pipeline import VoicePipeline
 
-    tracker = TurnFeatureTracker(_FakeSmartTurn())  # type: ignore[arg-type]
+    smart = _FakeSmartTurn()
+    tracker = TurnFeatureTracker(smart)  # type: ignore[arg-type]
     speech = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=200, min_speech_ms=60), StreamingAsr(FakeWhisper()),
                          asr_interval_ms=400, turn_features=tracker)
     session = SessionConfig(policy="smart-turn", log_decisions=True,
@@ -164,3 +170,10 @@ async def test_voice_pipeline_delivers_features_to_the_policy(tiny_engine):
     decided = [o.observation for o in seen if isinstance(o, PolicyDecided)]
     assert any(d["audio_eot_prob"] == 0.75 and d["speech_s"] > 0.5 for d in decided)
     assert any(isinstance(o, TurnStarted) and o.speaker == "agent" for o in seen)
+    # ... on a thread that yields the CPU to whisper's turn-end pass and the decode (Linux nice)
+    import os
+
+    from duplex.audio.speech_input import TURN_THREAD_NICE
+
+    if os.getpriority(os.PRIO_PROCESS, 0) < TURN_THREAD_NICE:
+        assert smart.nice and set(smart.nice) == {TURN_THREAD_NICE}
