@@ -397,6 +397,12 @@ class AsyncSpeechInput:
         except Exception as exc:  # surface failures to the consumer, then stop
             self._fail(exc)
 
+    def analyze_turn_if_due(self) -> None:
+        """Check now (not at the next audio block) whether a pause wants its turn features: the
+        consumer calls this when its own reason to want them starts (on the event loop)."""
+        if self._tasks and not self._closed:
+            self._maybe_analyze_turn()
+
     def _maybe_analyze_turn(self) -> None:
         """A pause just started: compute its turn features on their own thread, so neither the
         loop nor the whisper pass of the same pause waits for them."""

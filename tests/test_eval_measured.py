@@ -51,7 +51,7 @@ def test_run_measured_plays_each_scenario_in_the_rotated_order(tmp_path: Path, m
     import asyncio
     from types import SimpleNamespace
 
-    import duplex.bench.loopback as loopback
+    from duplex.bench import loopback
     from duplex.eval.measured import run_measured
     from duplex.eval.runner import PolicySpec, RunSpec
 

@@ -177,3 +177,60 @@ async def test_voice_pipeline_delivers_features_to_the_policy(tiny_engine):
 
     if os.getpriority(os.PRIO_PROCESS, 0) < TURN_THREAD_NICE:
         assert smart.nice and set(smart.nice) == {TURN_THREAD_NICE}
+
+
+async def _served_turn(tiny_engine, policy: str, params: dict) -> tuple[_FakeSmartTurn, list[object]]:
+    """One spoken turn through the voice pipeline (fake VAD/ASR, fake Smart Turn) until the agent
+    replies; returns the Smart Turn stand-in and every output."""
+    from duplex.engine.sampling import SamplingConfig
+    from duplex.session.config import SessionConfig
+    from duplex.session.events import TurnStarted
+    from duplex.voice.config import VoiceConfig
+    from duplex.voice.pipeline import VoicePipeline
+
+    smart = _FakeSmartTurn()
+    speech = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=200, min_speech_ms=60), StreamingAsr(FakeWhisper()),
+                         asr_interval_ms=400, turn_features=TurnFeatureTracker(smart))  # type: ignore[arg-type]
+    session = SessionConfig(policy=policy, policy_params=params, log_decisions=True,
+                            sampling=SamplingConfig(temperature=1.0, seed=0, max_tokens=4))
+    voice = VoicePipeline(tiny_engine, VoiceConfig(session=session), speech_factory=lambda: speech)
+    await voice.start()
+    seen: list[object] = []
+
+    async def read() -> None:
+        async for out in voice.outputs():
+            seen.append(out)
+            if isinstance(out, TurnStarted) and out.speaker == "agent":
+                return
+
+    reader = asyncio.ensure_future(read())
+    try:
+        await voice.feed_audio(np.concatenate([np.zeros(SR // 5, np.float32), _chirp(200, 150, 1.0),
+                                               np.zeros(SR // 2, np.float32)]), realtime=False)
+        await asyncio.wait_for(reader, 60)  # a hang guard only
+    finally:
+        reader.cancel()
+        await voice.close()
+    return smart, seen
+
+
+async def test_turn_features_are_skipped_when_the_words_settle_the_turn(tiny_engine):
+    """A policy that reads the features but takes the turn at the first tick after the final words
+    never makes the pipeline run Smart Turn: the reply's first audio does not share the CPU with it."""
+    from duplex.session.events import PolicyDecided
+
+    smart, seen = await _served_turn(tiny_engine, "learned", {"threshold": 0.0})
+    decided = [o for o in seen if isinstance(o, PolicyDecided) and o.observation["silence_s"] is not None]
+    assert decided and decided[0].action["type"] == "speak"
+    assert smart.seen == []
+
+
+async def test_turn_features_run_once_the_policy_is_undecided_after_the_final_words(tiny_engine):
+    """The same turn with a policy that waits: the features are computed (once) while it listens,
+    and the ticks before them had none."""
+    from duplex.session.events import PolicyDecided
+
+    smart, seen = await _served_turn(tiny_engine, "learned", {"threshold": 1.0, "max_gap_ms": 1500.0})
+    listening = [o.observation for o in seen if isinstance(o, PolicyDecided) and o.observation["silence_s"] is not None]
+    assert len(smart.seen) == 1
+    assert listening[0]["audio_eot_prob"] is None and any(d["audio_eot_prob"] == 0.75 for d in listening)

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--policy", default="eou")
+    p.add_argument("--policy", default=None, help="turn policy (default: duplex.voice.config.VOICE_POLICY)")
     p.add_argument("--auth-token", default=None, help="require this token (or env DUPLEX_AUTH_TOKEN)")
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
                    help="also accept WebSocket handshakes from this browser origin (repeatable; '*' = any). "
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("talk", _cmd_talk, "local voice chat with microphone and speaker")
     _add_model_args(p)
-    p.add_argument("--policy", default="eou")
+    p.add_argument("--policy", default=None, help="turn policy (default: duplex.voice.config.VOICE_POLICY)")
     p.add_argument("--headphones", action="store_true", help="no echo: allow barge-in while the agent speaks")
     p.add_argument("--tts", default=None)
 

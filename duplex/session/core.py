@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from duplex.audio.turn_features import TurnAudioFeatures
@@ -102,6 +103,10 @@ class Session(SessionLifecycle, Listening, Speaking, BargeIn):
         self._speech_end_t: float | None = None
         self._turn_end: TurnEnd | None = None  # the model's end-of-turn belief after the committed words
         self._audio_turn: TurnAudioFeatures | None = None  # acoustic features of the latest pause
+        # the user has stopped, their final words are in, and the policy chose to listen: the one
+        # moment acoustic turn features can still change a decision (see awaiting_turn_decision)
+        self._turn_undecided = False
+        self.on_turn_undecided: Callable[[], None] | None = None  # called when that moment starts
         self._held_ids: list[int] = []  # user tokens waiting for the agent turn to close
         self._prepared: int | None = None  # agent turn opened speculatively during user silence
         # the reply's first token, sampled in the job that opened the agent turn: (token,
@@ -371,9 +376,25 @@ class Session(SessionLifecycle, Listening, Speaking, BargeIn):
                     energy_slope_db_s=a.energy_slope_db_s, speech_s=a.speech_s, vad_mean_1s=a.vad_mean_1s,
                     vad_mean=a.vad_mean)
 
+    @property
+    def awaiting_turn_decision(self) -> bool:
+        """The user's speech has ended (with its final words), the agent has not taken the turn, and
+        the policy's last decision was to listen. Acoustic turn features (Smart Turn, ~60 ms of a
+        core) are computed only then: when the words alone settle it, the reply starts without
+        them, and they would only have taken the CPU from the reply's first audio."""
+        return self._turn_undecided
+
+    def _note_turn_decision(self, obs: Observation, action: Action) -> None:
+        undecided = (isinstance(action, Listen) and obs.silence_s is not None and not obs.agent_speaking
+                     and not obs.user_turn_final and (obs.user_turn_words > 0 or bool(obs.partial_text.strip())))
+        started, self._turn_undecided = undecided and not self._turn_undecided, undecided
+        if started and self.on_turn_undecided is not None:
+            self.on_turn_undecided()
+
     def _decide(self) -> Action:
         obs = self.observe()
         action = self.policy.decide(obs)
+        self._note_turn_decision(obs, action)
         if self.config.log_decisions:  # every decision (each tick), the training data of policies/learned
             self._emit(PolicyDecided(obs.to_dict(), dataclasses.asdict(action), obs.t))
         if isinstance(action, Yield) and not self._agent_speaking():

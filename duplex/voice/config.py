@@ -17,8 +17,8 @@ from duplex.audio.turn_features import default_turn_features
 from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 
-__all__ = ["VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig", "default_voice_config",
-           "make_speech_input", "voice_policy_params", "voice_session_config"]
+__all__ = ["SERVED_POLICY_PARAMS", "VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig",
+           "default_voice_config", "make_speech_input", "voice_policy_params", "voice_session_config"]
 
 VAD_MIN_SILENCE_MS = 200
 VOICE_POLICY = "eou"
@@ -32,6 +32,9 @@ VOICE_POLICY = "eou"
 # scenarios' take-over rates did not move (bench/results/ab-sentence-breaks/, confident 0.3 vs 0.2).
 VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.3,
                                        "unlikely": 0.02, "sentence_breaks": True}
+# The parameters each policy is served with when a session names it without any. Per policy, not
+# only for the default: a session that asks for eou by name gets the tuned eou, whatever the default.
+SERVED_POLICY_PARAMS: dict[str, dict[str, Any]] = {"eou": VOICE_POLICY_PARAMS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ class VoiceConfig:
 
 def voice_policy_params(policy: str) -> dict[str, Any]:
     """The parameters a voice session runs ``policy`` with when none are given."""
-    return dict(VOICE_POLICY_PARAMS) if policy == VOICE_POLICY else {}
+    return dict(SERVED_POLICY_PARAMS.get(policy, {}))
 
 
 def voice_session_config(policy: str = VOICE_POLICY, **overrides: Any) -> SessionConfig:

@@ -200,6 +200,7 @@ class VoicePipeline:
         session_config = dataclasses.replace(self.config.session, audio_output=self._audio_on)
         self.config = dataclasses.replace(self.config, session=session_config)
         self.session = Session(engine, session_config, clock=self.clock, session_id=session_id)
+        self.session.on_turn_undecided = self._turn_undecided
         self._speech_factory = speech_factory
         self._speech: AsyncSpeechInput | None = None
         self._asr_executor, self._turn_executor = asr_executor, turn_executor
@@ -285,13 +286,23 @@ class VoicePipeline:
             interval = getattr(self.session, "asr_interval_ms", None)  # a session that wants words sooner
             if interval is not None:
                 speech.asr_interval_ms = interval
-            phrases = _PhraseInput(speech,
-                                   lambda: self.config.turn_features_always
-                                   or bool(getattr(self.session.policy, "needs_audio_features", False)))
+            phrases = _PhraseInput(speech, self._wants_turn_features)
             self._speech = AsyncSpeechInput(cast(SpeechInput, phrases), executor=self._asr_executor,
                                             turn_executor=self._turn_executor)
             self._spawn("speech", self._pump_speech(self._speech))
         await self._speech.push(samples_16k)
+
+    def _wants_turn_features(self) -> bool:
+        """Smart Turn and prosody run for a policy that reads them (or for the decision log), and
+        only once the session is undecided after the user's final words: when the words settle
+        the turn, the reply starts without them (``Session.awaiting_turn_decision``)."""
+        if not (self.config.turn_features_always or getattr(self.session.policy, "needs_audio_features", False)):
+            return False
+        return self.session.awaiting_turn_decision
+
+    def _turn_undecided(self) -> None:
+        if self._speech is not None:
+            self._speech.analyze_turn_if_due()  # now, not at the next audio block
 
     async def feed_audio(self, samples_16k: np.ndarray, chunk_ms: int = 20, realtime: bool = True) -> float:
         """Push a recording in ``chunk_ms`` blocks, each when it would have finished arriving on
