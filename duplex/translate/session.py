@@ -103,6 +103,10 @@ class TranslateSession(SessionLifecycle):
     # which needs the words only by the end of the turn, takes them every second (fewer, better
     # agreed words: the voice default). The voice pipeline reads this when it opens its ASR.
     asr_interval_ms: int = 500
+    # A translation has no turn to decide: the voice pipeline's acoustic turn features (Smart Turn,
+    # prosody; computed while a chat Session is undecided after the user's words) never run for it.
+    awaiting_turn_decision: bool = False
+    on_turn_undecided: Callable[[], None] | None = None
 
     def __init__(self, engine: Engine, config: TranslateConfig | None = None, clock: Clock | None = None,
                  session_id: str | None = None,

@@ -200,7 +200,6 @@ class VoicePipeline:
         session_config = dataclasses.replace(self.config.session, audio_output=self._audio_on)
         self.config = dataclasses.replace(self.config, session=session_config)
         self.session = Session(engine, session_config, clock=self.clock, session_id=session_id)
-        self.session.on_turn_undecided = self._turn_undecided
         self._speech_factory = speech_factory
         self._speech: AsyncSpeechInput | None = None
         self._asr_executor, self._turn_executor = asr_executor, turn_executor
@@ -241,6 +240,7 @@ class VoicePipeline:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        self.session.on_turn_undecided = self._turn_undecided  # here: a caller may swap the session in first
         await self.session.start()
         if "session" not in self._tasks:  # audio pushed before the start has spawned its speech pump already
             self._spawn("session", self._pump_session())
