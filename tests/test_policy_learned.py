@@ -4,6 +4,7 @@ set: ideal-clock episodes (tiny model, fake VAD/ASR/TTS, tone bursts) -> ticks -
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,52 @@ def test_served_decision_events_are_training_ticks(tmp_path: Path):
     assert ep.voice == "flite:kal" and ep.eot_t == 1.5
     assert [t for t, _ in ep.ticks] == [1.8, 1.9]  # listening ticks only, before the agent's turn
     assert ep.ticks[0][1].eou_prob == 0.6 and [tick_label(ep, t) for t, _ in ep.ticks] == [1, 1]
+
+
+def _decided(t: float, **obs) -> dict:
+    base = dict(t=t, user_turn_words=3, partial_text="no, I meant Oslo.", committed_words=3, silence_s=0.05)
+    base.update(obs)
+    return {"type": "policy_decided", "t": t, "observation": Observation(**base).to_dict(), "action": {"type": "listen"}}
+
+
+def test_ticks_after_an_interruption_form_their_own_labelled_episode(tmp_path: Path):
+    """After the agent yielded to an interruption and until its next turn, the listening ticks are
+    an ``after_interruption`` episode labelled by the interruption cue's end; ticks from before the
+    first agent turn stay the scenario's own episode, and ticks of the agent's turns are dropped."""
+    records = [
+        {"type": "episode", "t": 0.0, "scenario": "interruption-0", "category": "interruption", "voice": "va"},
+        {"type": "user_speech", "t": 0.5, "end": 2.0, "text": "Where should I go in May?"},
+        {"type": "cue", "t": 2.0, "kind": "end_of_turn", "end": None, "start": 0.5},
+        _decided(2.1, partial_text="Where should I go in May?"),
+        {"type": "turn_started", "t": 2.4, "speaker": "agent", "turn": 1},
+        _decided(3.0, agent_speaking=True, silence_s=None),
+        {"type": "cue", "t": 4.0, "kind": "interruption", "end": 6.0, "start": None},
+        _decided(4.9, after_interruption=True, partial_text="No,"),  # a pause inside the interrupting words
+        _decided(6.2, after_interruption=True),
+        _decided(6.4, after_interruption=True, user_speaking=True, silence_s=None),  # not a listening tick
+        {"type": "turn_started", "t": 6.5, "speaker": "agent", "turn": 3},
+        _decided(6.6, after_interruption=True),  # after the reply started: not policy-independent
+        {"type": "episode_end", "t": 9.0},
+    ]
+    (tmp_path / "episodes" / "p").mkdir(parents=True)
+    (tmp_path / "episodes" / "p" / "interruption-0.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    first, cut = load_episodes([tmp_path])
+    assert first.category == "interruption" and [t for t, _ in first.ticks] == [2.1] and first.eot_t == 2.0
+    assert cut.category == "after_interruption" and cut.eot_t == 6.0 and cut.scenario == "interruption-0#after-interruption"
+    assert [t for t, _ in cut.ticks] == [4.9, 6.2]
+    assert [tick_label(cut, t) for t, _ in cut.ticks] == [0, 1]
+    assert cut.voice == "va" and cut.sentences == first.sentences  # the split keeps them together
+
+
+def test_weights_trained_before_a_feature_was_added_still_load_and_read_their_subset():
+    from duplex.policies.learned import FEATURE_NAMES, TurnModel, turn_features
+
+    old = [f for f in FEATURE_NAMES if f != "after_interruption"]
+    model = TurnModel.from_dict({"features": old, "mean": [0.0] * len(old), "std": [1.0] * len(old),
+                                 "layers": [{"w": [[1.0 if f == "silence_s" else 0.0 for f in old]], "b": [0.0]}],
+                                 "threshold": 0.5, "max_gap_ms": 2000.0})
+    x = turn_features(_obs(silence_s=2.0, after_interruption=True))
+    assert len(x) == len(FEATURE_NAMES) and model.probability(x) == pytest.approx(1 / (1 + math.exp(-2.0)))
+    with pytest.raises(ValueError, match="retrain"):
+        TurnModel.from_dict({"features": ["no_such_feature"], "mean": [0.0], "std": [1.0],
+                             "layers": [{"w": [[1.0]], "b": [0.0]}], "threshold": 0.5, "max_gap_ms": 2000.0})

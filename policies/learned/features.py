@@ -30,6 +30,7 @@ FEATURE_NAMES = (
     "ends_stop",  # ... with "." or "!"
     "ends_open",  # ... with "," "-" "..." or no punctuation
     "typed_final",  # typed text submitted (an explicit end of turn)
+    "after_interruption",  # the user's words cut the agent off (it yielded and has not replied yet)
 )
 
 
@@ -61,4 +62,5 @@ def turn_features(obs: Observation) -> list[float]:
         float(last in (".", "!")),
         float(last not in ("?", ".", "!")),
         float(obs.user_turn_final),
+        float(obs.after_interruption),
     ]

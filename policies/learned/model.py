@@ -6,6 +6,7 @@ Weights live in a small JSON file (``weights.json`` beside this module, written 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class TurnModel:
     type: str = "turn_model"
 
     def probability(self, x: list[float]) -> float:
+        """``x``: a vector in :data:`FEATURE_NAMES` order; the model reads the features it was trained on."""
+        if len(x) != len(self.features):
+            x = [x[i] for i in _positions(self.features)]
         h = [(v - m) / s for v, m, s in zip(x, self.mean, self.std)]
         for i, (w, b) in enumerate(self.layers):
             h = [sum(wi * hi for wi, hi in zip(row, h)) + bi for row, bi in zip(w, b)]
@@ -48,13 +52,21 @@ class TurnModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TurnModel:
-        if tuple(d["features"]) != FEATURE_NAMES:
-            raise ValueError(f"weights were trained on features {d['features']}, this code computes {list(FEATURE_NAMES)}; "
-                             f"retrain with duplex policy train")
+        unknown = [f for f in d["features"] if f not in FEATURE_NAMES]
+        if unknown or list(d["features"]) != [f for f in FEATURE_NAMES if f in d["features"]]:
+            raise ValueError(f"weights were trained on features {d['features']}, this code computes {list(FEATURE_NAMES)} "
+                             f"(unknown or out of order: {unknown or d['features']}); retrain with duplex policy train")
         layers = tuple((tuple(tuple(float(v) for v in row) for row in layer["w"]), tuple(float(v) for v in layer["b"]))
                        for layer in d["layers"])
         return cls(tuple(d["features"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), layers,
                    float(d["threshold"]), float(d["max_gap_ms"]), dict(d.get("meta", {})))
+
+
+@functools.cache
+def _positions(features: tuple[str, ...]) -> tuple[int, ...]:
+    """Where a model's features sit in :data:`FEATURE_NAMES` (weights trained before a feature was
+    added read the older subset)."""
+    return tuple(FEATURE_NAMES.index(f) for f in features)
 
 
 def load_turn_model(path: str | Path | None = None) -> TurnModel:

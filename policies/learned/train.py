@@ -10,6 +10,10 @@ turn policy decides between listening and speaking. Its label comes from the sce
 annotated mid-sentence ``pause``. Only ticks before the logged agent's first turn are used: up to
 then the observations do not depend on the policy that was logged (the user's input schedule is
 the same for every policy), so any policy can be replayed on them exactly (:func:`simulate`).
+One more stretch is policy-independent: after the agent yielded to an interruption (every policy
+shares the barge-in rules) until its next turn. Those ticks form an episode of their own (category
+``after_interruption``), labelled by the interruption cue's end: without them the model had never
+seen a user who just cut the agent off, and waited out its cap there.
 
 Split: by voice AND by sentence. Episodes whose voice is a test voice form the test split;
 training keeps the others, minus every episode that shares a sentence with the test split.
@@ -101,22 +105,32 @@ def load_episodes(run_dirs: Iterable[str | Path]) -> list[LoggedEpisode]:
             eots = sorted(c["t"] for c in cues if c["kind"] == "end_of_turn")
             agent_start = min((r["t"] for r in records if r["type"] == "turn_started" and r.get("speaker") == "agent"),
                               default=math.inf)
-            ticks = []
+            agent_starts = sorted(r["t"] for r in records if r["type"] == "turn_started" and r.get("speaker") == "agent")
+            cut = next((c for c in cues if c["kind"] == "interruption" and c.get("end") is not None), None)
+            # after the agent yielded to an interruption, until its next turn: the user who just cut it off
+            after_cut = (cut["t"], next((t for t in agent_starts if t > cut["t"]), math.inf)) if cut else None
+            ticks, cut_ticks = [], []
             for t, logged in _decisions(records):
-                if t >= agent_start:
-                    continue
                 obs = Observation(**{k: v for k, v in logged.items() if k in _OBS_FIELDS})
-                if _listening(obs):
+                if not _listening(obs):
+                    continue
+                if t < agent_start:
                     ticks.append((t, obs))
-            if not ticks:
-                continue
-            out.append(LoggedEpisode(
-                path=str(path), scenario=str(head.get("scenario")), category=str(head.get("category")),
-                voice=head.get("voice"),
-                sentences=tuple(sorted({_norm(r["text"]) for r in records if r["type"] == "user_speech" and r.get("text")})),
-                eot_t=eots[0] if eots else None,
-                pauses=tuple((c["t"], c["end"]) for c in cues if c["kind"] == "pause" and c.get("end") is not None),
-                ticks=tuple(ticks)))
+                elif after_cut is not None and after_cut[0] <= t < after_cut[1] and obs.after_interruption:
+                    cut_ticks.append((t, obs))
+            common = dict(voice=head.get("voice"), sentences=tuple(sorted(
+                {_norm(r["text"]) for r in records if r["type"] == "user_speech" and r.get("text")})))
+            if ticks:
+                out.append(LoggedEpisode(
+                    path=str(path), scenario=str(head.get("scenario")), category=str(head.get("category")),
+                    eot_t=eots[0] if eots else None,
+                    pauses=tuple((c["t"], c["end"]) for c in cues if c["kind"] == "pause" and c.get("end") is not None),
+                    ticks=tuple(ticks), **common))
+            if cut_ticks and cut is not None:  # its own episode: the interrupting words end at the cue's end
+                out.append(LoggedEpisode(
+                    path=f"{path}#after-interruption", scenario=f"{head.get('scenario')}#after-interruption",
+                    category="after_interruption", eot_t=float(cut["end"]), pauses=(), ticks=tuple(cut_ticks),
+                    **common))
     return out
 
 
