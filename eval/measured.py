@@ -11,7 +11,7 @@ duration in wall time, and parallel episodes would compete for the cores they me
 The policies take turns going first (:func:`policy_order`): one server serves every episode, and
 what a scenario's first episode leaves behind helps the next ones. The TTS cache is the one that
 measured: the reply's first word ("Vitamin", "Yuki's") is synthesised once and is a lookup for every
-later policy, ~55 ms less to first audio. With a fixed order the first policy listed paid it on
+later policy, one TTS call off its first audio. With a fixed order the first policy listed paid it on
 every scenario.
 """
 

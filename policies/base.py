@@ -63,6 +63,15 @@ class Observation:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def turn_open(self) -> bool:
+        """The moment a turn policy decides: the user has said something and stopped (silence
+        counts only once their final words are in), has not submitted typed text, and the agent
+        is silent. The learned policy is trained on these ticks; the session computes acoustic
+        turn features only while the policy listens at one."""
+        return (not self.agent_speaking and not self.user_speaking and self.silence_s is not None
+                and not self.user_turn_final and (self.user_turn_words > 0 or bool(self.partial_text.strip())))
+
 
 @dataclass(frozen=True, slots=True)
 class Listen:

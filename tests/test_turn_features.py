@@ -137,36 +137,9 @@ async def test_features_reach_the_observation(tiny_engine):
 async def test_voice_pipeline_delivers_features_to_the_policy(tiny_engine):
     """Served path: the async speech input computes the features on its own thread at the pause and
     the pipeline hands them to the session; the smart-turn policy then sees them and replies."""
-    from duplex.engine.sampling import SamplingConfig
-    from duplex.session.core import SessionConfig
     from duplex.session.events import PolicyDecided, TurnStarted
-    from duplex.voice.config import VoiceConfig
-    from duplex.voice.pipeline import VoicePipeline
 
-    smart = _FakeSmartTurn()
-    tracker = TurnFeatureTracker(smart)  # type: ignore[arg-type]
-    speech = SpeechInput(VadSegmenter(EnergyVad(), min_silence_ms=200, min_speech_ms=60), StreamingAsr(FakeWhisper()),
-                         asr_interval_ms=400, turn_features=tracker)
-    session = SessionConfig(policy="smart-turn", log_decisions=True,
-                            sampling=SamplingConfig(temperature=1.0, seed=0, max_tokens=4))
-    voice = VoicePipeline(tiny_engine, VoiceConfig(session=session), speech_factory=lambda: speech)
-    await voice.start()
-    seen: list[object] = []
-
-    async def read() -> None:
-        async for out in voice.outputs():
-            seen.append(out)
-            if isinstance(out, TurnStarted) and out.speaker == "agent":
-                return
-
-    reader = asyncio.ensure_future(read())
-    try:
-        await voice.feed_audio(np.concatenate([np.zeros(SR // 5, np.float32), _chirp(200, 150, 1.0),
-                                               np.zeros(SR // 2, np.float32)]), realtime=False)
-        await asyncio.wait_for(reader, 60)  # a hang guard only
-    finally:
-        reader.cancel()
-        await voice.close()
+    smart, seen = await _served_turn(tiny_engine, "smart-turn", {})
     decided = [o.observation for o in seen if isinstance(o, PolicyDecided)]
     assert any(d["audio_eot_prob"] == 0.75 and d["speech_s"] > 0.5 for d in decided)
     assert any(isinstance(o, TurnStarted) and o.speaker == "agent" for o in seen)

@@ -385,8 +385,7 @@ class Session(SessionLifecycle, Listening, Speaking, BargeIn):
         return self._turn_undecided
 
     def _note_turn_decision(self, obs: Observation, action: Action) -> None:
-        undecided = (isinstance(action, Listen) and obs.silence_s is not None and not obs.agent_speaking
-                     and not obs.user_turn_final and (obs.user_turn_words > 0 or bool(obs.partial_text.strip())))
+        undecided = isinstance(action, Listen) and obs.turn_open
         started, self._turn_undecided = undecided and not self._turn_undecided, undecided
         if started and self.on_turn_undecided is not None:
             self.on_turn_undecided()

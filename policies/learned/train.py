@@ -75,11 +75,6 @@ def _norm(text: str) -> str:
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
-def _listening(obs: Observation) -> bool:
-    return (not obs.agent_speaking and not obs.user_speaking and obs.silence_s is not None
-            and not obs.user_turn_final and (obs.user_turn_words > 0 or bool(obs.partial_text.strip())))
-
-
 def _decisions(records: list[dict[str, Any]]) -> Iterable[tuple[float, dict[str, Any]]]:
     """(time, observation) of every logged decision: the session's own ``policy_decided`` records
     (virtual clocks), or the ``policy.decided`` events a ``duplex serve --log-decisions`` sent to the
@@ -103,16 +98,15 @@ def load_episodes(run_dirs: Iterable[str | Path]) -> list[LoggedEpisode]:
             head = records[0]
             cues = [r for r in records if r["type"] == "cue"]
             eots = sorted(c["t"] for c in cues if c["kind"] == "end_of_turn")
-            agent_start = min((r["t"] for r in records if r["type"] == "turn_started" and r.get("speaker") == "agent"),
-                              default=math.inf)
             agent_starts = sorted(r["t"] for r in records if r["type"] == "turn_started" and r.get("speaker") == "agent")
+            agent_start = agent_starts[0] if agent_starts else math.inf
             cut = next((c for c in cues if c["kind"] == "interruption" and c.get("end") is not None), None)
             # after the agent yielded to an interruption, until its next turn: the user who just cut it off
             after_cut = (cut["t"], next((t for t in agent_starts if t > cut["t"]), math.inf)) if cut else None
             ticks, cut_ticks = [], []
             for t, logged in _decisions(records):
                 obs = Observation(**{k: v for k, v in logged.items() if k in _OBS_FIELDS})
-                if not _listening(obs):
+                if not obs.turn_open:
                     continue
                 if t < agent_start:
                     ticks.append((t, obs))
