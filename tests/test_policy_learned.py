@@ -193,3 +193,16 @@ def test_weights_trained_before_a_feature_was_added_still_load_and_read_their_su
     with pytest.raises(ValueError, match="retrain"):
         TurnModel.from_dict({"features": ["no_such_feature"], "mean": [0.0], "std": [1.0],
                              "layers": [{"w": [[1.0]], "b": [0.0]}], "threshold": 0.5, "max_gap_ms": 2000.0})
+
+
+def test_the_last_word_marks_an_unfinished_half_whatever_whisper_punctuates():
+    """whisper closes unfinished halves with a full stop or a question mark ("...right now is that.",
+    "...better to?"): the feature reads the word, not the punctuation."""
+    from duplex.policies.learned import FEATURE_NAMES, turn_features
+
+    i = FEATURE_NAMES.index("ends_function_word")
+    for text in ("the main reason is that.", "Do you think it would be better to?", "I need a gift for...",
+                 "My cousin told me the best time is"):
+        assert turn_features(_obs(partial_text=text))[i] == 1.0, text
+    for text in ("Thanks a lot.", "Remind me at 10.", "What about Seoul?", "I ended up calling them", ""):
+        assert turn_features(_obs(partial_text=text))[i] == 0.0, text

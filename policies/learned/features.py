@@ -31,7 +31,19 @@ FEATURE_NAMES = (
     "ends_open",  # ... with "," "-" "..." or no punctuation
     "typed_final",  # typed text submitted (an explicit end of turn)
     "after_interruption",  # the user's words cut the agent off (it yielded and has not replied yet)
+    "ends_function_word",  # the last word is one an English turn rarely ends on ("to", "that", "the", ...)
 )
+
+# Words an English turn rarely ends on: articles, possessives, conjunctions and complementisers,
+# auxiliaries, and the prepositions that need an object. whisper often closes an unfinished half
+# with a full stop or a question mark ("...right now is that.", "...better to?"), and the 135M
+# model's end-of-turn belief is weak there (0.3 after "...is that..."), so the word itself is a cue.
+# A few can end a question ("What is it for?"); the model weighs this against the other cues.
+_FUNCTION_WORDS = frozenset(
+    "a an the my your his her its our their this these those "
+    "and but or nor so because if whether that than which who whose when while although though "
+    "is are was were am be been being will would can could should shall must may might do does did have has had "
+    "to of for with at from into onto by about like as in on than via".split())
 
 
 def _logit(p: float | None) -> float:
@@ -63,4 +75,10 @@ def turn_features(obs: Observation) -> list[float]:
         float(last not in ("?", ".", "!")),
         float(obs.user_turn_final),
         float(obs.after_interruption),
+        float(_last_word(text) in _FUNCTION_WORDS),
     ]
+
+
+def _last_word(text: str) -> str:
+    words = text.split()
+    return words[-1].strip(".,!?;:\"'()-\u2026").lower() if words else ""
