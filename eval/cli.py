@@ -86,7 +86,8 @@ def add_eval_parser(subparsers: Any) -> None:
     m.add_argument("--voices", default=None, help="comma list, e.g. piper:joe,flite:slt (default: all available)")
     m.add_argument("--categories", default=None, help="comma list (default: all four)")
     m.add_argument("--short-turns", type=float, default=0.0, metavar="SHARE",
-                   help="share of turn-taking scenarios whose turn is one to five words (default 0)")
+                   help="share of turn-taking scenarios whose turn is one to seven words, most of two to "
+                        "five (default 0)")
     m.add_argument("--long-pauses", type=float, default=0.0, metavar="SHARE",
                    help="share of pause scenarios whose unfinished first half is seven words or more (default 0)")
     m.add_argument("--quiet", action="store_true")

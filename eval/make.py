@@ -32,7 +32,7 @@ class LayoutConfig:
     pause_s: tuple[float, float] = (1.2, 2.5)
     cue_after_turn_s: tuple[float, float] = (3.0, 6.0)  # backchannel / interruption onset after the question
     tail_s: float = 8.0
-    # shares of turn-taking scenarios whose turn is a short complete one (one to five words) and of
+    # shares of turn-taking scenarios whose turn is a short complete one (one to seven words) and of
     # pause scenarios whose unfinished first half is a long one: 0 keeps the original sets (the
     # same seed draws the same scenarios), a turn model's training and test sets want both
     short_turn_share: float = 0.0

@@ -61,9 +61,10 @@ _PAUSE_PAIRS = [
     ("Last year in {city} we", "spent {number} days just eating {food}."),
 ]
 
-# Complete turns of one to five words. Without them, every complete turn in a scenario set was a
-# long question and every short utterance the unfinished half of a pause, so a turn model could
-# learn "few words: keep listening" (the learned policy did: "Yes." waited out its 2 s cap).
+# Complete turns of one to seven words (most of two to five; "Remind me at a quarter to five." is
+# the longest). Without them, every complete turn in a scenario set was a long question and every
+# short utterance the unfinished half of a pause, so a turn model could learn "few words: keep
+# listening" (the learned policy did: "Thanks a lot." waited out its 2 s cap).
 _SHORT_TURNS = [
     "What time is it?",
     "Tell me a joke.",
@@ -160,7 +161,7 @@ def pause_pair(rng: random.Random) -> tuple[str, str]:
 
 
 def short_turn(rng: random.Random) -> str:
-    """A complete user turn of one to five words."""
+    """A complete user turn of one to seven words."""
     return _fill(rng.choice(_SHORT_TURNS), rng)
 
 

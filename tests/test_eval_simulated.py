@@ -193,7 +193,7 @@ def test_make_scenarios_writes_loadable_annotated_scenarios(tmp_path: Path):
 
 
 def test_short_turns_and_long_pause_halves_break_the_length_cue():
-    """Complete turns of one to five words and unfinished halves of seven or more: word count alone
+    """Complete turns of one to seven words and unfinished halves of seven or more: word count alone
     must not tell a finished turn from a pause."""
     import random
 
@@ -201,7 +201,7 @@ def test_short_turns_and_long_pause_halves_break_the_length_cue():
 
     for seed in range(200):
         rng = random.Random(seed)
-        assert 1 <= len(sentences.short_turn(rng).split()) <= 5
+        assert 1 <= len(sentences.short_turn(rng).split()) <= 7
         first, second = sentences.long_pause_pair(rng)
         assert len(first.split()) >= 7 and second and "{" not in first + second
 
@@ -215,7 +215,7 @@ def test_make_scenarios_mixes_short_turns_and_long_pauses_on_request(tmp_path: P
     assert sorted(s.category for s in scenarios) == ["pause", "pause", "turn_taking", "turn_taking"]
     for s in scenarios:
         words = len(s.items[0].text.split())
-        assert (words >= 7) if s.category == "pause" else (words <= 5)
+        assert (words >= 7) if s.category == "pause" else (words <= 7)
     with pytest.raises(ValueError, match="unknown scenario categories"):
         make_scenarios(tmp_path / "bad", 1, categories=("turn-taking",))
     with pytest.raises(ValueError, match="short_turn_share"):

@@ -206,3 +206,18 @@ def test_the_last_word_marks_an_unfinished_half_whatever_whisper_punctuates():
         assert turn_features(_obs(partial_text=text))[i] == 1.0, text
     for text in ("Thanks a lot.", "Remind me at 10.", "What about Seoul?", "I ended up calling them", ""):
         assert turn_features(_obs(partial_text=text))[i] == 0.0, text
+
+
+def test_committed_weights_do_not_read_length_as_the_end_of_a_turn():
+    """The committed weights answer a short complete turn and wait on a long unfinished half: the
+    observations are the served ones of "What time is it?" (piper:joe) and of a pause scenario's
+    15-word first half, whose word count alone once decided (the model trained before the short
+    turns answered the first only at its 2 s cap and took the second at once)."""
+    policy = make_policy("learned")
+    short = _obs(partial_text="What time is it?", user_turn_words=4, committed_words=4, eou_prob=0.08,
+                 sentence_break_prob=0.42, audio_eot_prob=0.967, pitch_slope_st_s=14.5, pitch_end_st=12.0,
+                 energy_slope_db_s=-23.3, speech_s=0.87, vad_mean_1s=0.85, vad_mean=0.69, silence_s=0.1)
+    assert isinstance(policy.decide(short), Speak)
+    half = _obs(partial_text="The main reason I am asking you about all of this right now is that.",
+                user_turn_words=15, committed_words=15, eou_prob=0.164, sentence_break_prob=0.2, silence_s=1.0)
+    assert isinstance(policy.decide(half), Listen)

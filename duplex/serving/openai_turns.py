@@ -4,7 +4,8 @@ The Realtime API decides when to answer with ``server_vad`` (a silence gap), ``s
 model's belief that the user has finished) or ``null`` (only ``response.create``), and qualifies
 them with ``create_response`` / ``interrupt_response``. duplex already has those decisions as
 policies, so :class:`RealtimeTurnPolicy` (registered as ``"realtime"``) only composes them:
-``silence`` for server_vad, ``eou`` (the served default, the best turn policy here) for semantic_vad,
+``silence`` for server_vad, ``eou`` (the model's own end-of-turn belief; its ``long_gap_ms`` is what
+``eagerness`` sets) for semantic_vad,
 and an ``armed`` flag that a ``response.create`` sets. It stays a pure ``decide(obs)``.
 """
 
@@ -17,13 +18,13 @@ import numpy as np
 
 from duplex.policies import (Action, BargeInRules, Continue, EouPolicy, Listen, Observation, SilencePolicy, Speak,
                              register_policy)
-from duplex.voice.config import VAD_MIN_SILENCE_MS, VOICE_POLICY_PARAMS
+from duplex.voice.config import VAD_MIN_SILENCE_MS, EOU_VOICE_PARAMS
 
 __all__ = ["EAGERNESS_LONG_GAP_MS", "RealtimeTurnPolicy", "ThresholdVad", "TurnDetection", "parse_turn_detection"]
 
 # semantic_vad eagerness -> how long an unfinished-looking turn may pause (the eou policy's long gap)
-EAGERNESS_LONG_GAP_MS = {"high": 350.0, "medium": float(VOICE_POLICY_PARAMS["long_gap_ms"]),
-                         "auto": float(VOICE_POLICY_PARAMS["long_gap_ms"]), "low": 1400.0}
+EAGERNESS_LONG_GAP_MS = {"high": 350.0, "medium": float(EOU_VOICE_PARAMS["long_gap_ms"]),
+                         "auto": float(EOU_VOICE_PARAMS["long_gap_ms"]), "low": 1400.0}
 
 
 class TurnDetectionError(ValueError):
@@ -121,7 +122,7 @@ class RealtimeTurnPolicy:
     armed: bool = False
     interrupt: bool = True
     gap_ms: float = 200.0
-    long_gap_ms: float = float(VOICE_POLICY_PARAMS["long_gap_ms"])
+    long_gap_ms: float = float(EOU_VOICE_PARAMS["long_gap_ms"])
     speak_chunk_tokens: int = 1
     barge_in: BargeInRules = field(default_factory=BargeInRules)
     name: str = "realtime"
@@ -142,7 +143,7 @@ class RealtimeTurnPolicy:
         if self.auto == "silence" and not obs.user_turn_final:
             return SilencePolicy(gap_ms=self.gap_ms, speak_chunk_tokens=self.speak_chunk_tokens).decide(obs)
         if self.auto == "eou" and not obs.user_turn_final:
-            params = {**VOICE_POLICY_PARAMS, "long_gap_ms": self.long_gap_ms}
+            params = {**EOU_VOICE_PARAMS, "long_gap_ms": self.long_gap_ms}
             return EouPolicy(**params, speak_chunk_tokens=self.speak_chunk_tokens).decide(obs)
         return Listen()
 

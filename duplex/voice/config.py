@@ -17,11 +17,16 @@ from duplex.audio.turn_features import default_turn_features
 from duplex.audio.vad import FrameVad, VadSegmenter, WebRtcVad
 from duplex.session.config import DEFAULT_INSTRUCTIONS, SessionConfig
 
-__all__ = ["SERVED_POLICY_PARAMS", "VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VOICE_POLICY_PARAMS", "VoiceConfig",
+__all__ = ["EOU_VOICE_PARAMS", "SERVED_POLICY_PARAMS", "VAD_MIN_SILENCE_MS", "VOICE_POLICY", "VoiceConfig",
            "default_voice_config", "make_speech_input", "voice_policy_params", "voice_session_config"]
 
 VAD_MIN_SILENCE_MS = 200
-VOICE_POLICY = "eou"
+# The served default. learned (policies/learned) won the served turn-policy comparison on the test
+# voices, 48 scenarios with short complete turns and long unfinished halves among them: turn-taking
+# latency 0.697 s against eou 0.739, silence 0.850, smart-turn 0.862, and no worse on any of the four
+# take-over rates (pause 0.19 against 0.56 / 0.69 / 0.38); bench/results/xeon/policies-measured-fair.json.
+VOICE_POLICY = "learned"
+# eou's served parameters (it is no longer the default, but a session that names it gets these):
 # The VAD's hangover and the final ASR pass already are the acoustic gap, so the model's
 # end-of-turn belief only adds time when the words look unfinished; then it waits up to 1.5 s
 # ("So my plan for tomorrow is to ..."). With 700 ms, once the path got fast, the agent talked for
@@ -30,11 +35,11 @@ VOICE_POLICY = "eou"
 # with the footer alone, read prose ("...to do for them.") looked unfinished: after LibriVox speech
 # the turn was taken ~1 s after the last words (stage p50s); with both, 27 ms, and the synthetic
 # scenarios' take-over rates did not move (bench/results/ab-sentence-breaks/, confident 0.3 vs 0.2).
-VOICE_POLICY_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.3,
-                                       "unlikely": 0.02, "sentence_breaks": True}
+EOU_VOICE_PARAMS: dict[str, Any] = {"short_gap_ms": 0.0, "long_gap_ms": 1500.0, "confident": 0.3,
+                                    "unlikely": 0.02, "sentence_breaks": True}
 # The parameters each policy is served with when a session names it without any. Per policy, not
 # only for the default: a session that asks for eou by name gets the tuned eou, whatever the default.
-SERVED_POLICY_PARAMS: dict[str, dict[str, Any]] = {"eou": VOICE_POLICY_PARAMS}
+SERVED_POLICY_PARAMS: dict[str, dict[str, Any]] = {"eou": EOU_VOICE_PARAMS}
 
 
 @dataclass(frozen=True, slots=True)
