@@ -20,7 +20,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
     categories = tuple(args.categories.split(",")) if args.categories else CATEGORIES
     layout = LayoutConfig(short_turn_share=args.short_turns, long_pause_share=args.long_pauses)
     paths = make_scenarios(args.out, args.n, seed=args.seed, voices=voices, categories=categories, layout=layout,
-                           progress=not args.quiet)
+                           progress=not args.quiet, id_offset=args.id_offset)
     print(f"wrote {len(paths)} scenarios to {args.out}")
     return 0
 
@@ -90,6 +90,8 @@ def add_eval_parser(subparsers: Any) -> None:
                         "five (default 0)")
     m.add_argument("--long-pauses", type=float, default=0.0, metavar="SHARE",
                    help="share of pause scenarios whose unfinished first half is seven words or more (default 0)")
+    m.add_argument("--id-offset", type=int, default=0, metavar="N",
+                   help="number the files from N (pause-1000, ...): add a second set to a directory that has one")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_cmd_make)
 

@@ -76,9 +76,9 @@ class _Builder:
 
 
 def _one(category: str, idx: int, seed: int, out_dir: Path, voices: list[str], bank: VoiceBank,
-         layout: LayoutConfig) -> Scenario:
+         layout: LayoutConfig, id_offset: int = 0) -> Scenario:
     rng = random.Random(f"duplex-eval-{seed}-{category}-{idx}")
-    sid = f"{category}-{idx:04d}"
+    sid = f"{category}-{idx + id_offset:04d}"
     b = _Builder(out_dir, sid, rng.choice(voices), bank)
     lead = rng.uniform(*layout.lead_s)
     r3 = lambda x: round(x, 3)  # noqa: E731
@@ -106,10 +106,14 @@ def _one(category: str, idx: int, seed: int, out_dir: Path, voices: list[str], b
 
 def make_scenarios(out_dir: str | Path, n: int, seed: int = 0, voices: list[str] | None = None,
                    categories: tuple[str, ...] = CATEGORIES, layout: LayoutConfig | None = None,
-                   progress: bool = False) -> list[Path]:
-    """Write ``n`` scenarios per category (JSON + WAVs) into ``out_dir``; returns the JSON paths."""
+                   progress: bool = False, id_offset: int = 0) -> list[Path]:
+    """Write ``n`` scenarios per category (JSON + WAVs) into ``out_dir``; returns the JSON paths.
+    ``id_offset`` numbers the files from there (``pause-1000``...) while each scenario's content still
+    comes from its own index under ``seed``: a second set can join a directory that holds one already."""
     from tqdm import tqdm
 
+    if id_offset < 0:
+        raise ValueError(f"id_offset must be >= 0, got {id_offset}")
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise ValueError(f"unknown scenario categories {unknown}: choose from {', '.join(CATEGORIES)}")
@@ -126,7 +130,7 @@ def make_scenarios(out_dir: str | Path, n: int, seed: int = 0, voices: list[str]
     jobs = [(c, i) for c in categories for i in range(n)]
     paths = []
     for category, i in tqdm(jobs, desc="scenarios", unit="scn", disable=not progress):
-        s = _one(category, i, seed, out, voices, bank, layout)
+        s = _one(category, i, seed, out, voices, bank, layout, id_offset)
         path = out / f"{s.id}.json"
         save_scenario(s, path)
         paths.append(path)

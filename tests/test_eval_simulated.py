@@ -222,6 +222,23 @@ def test_make_scenarios_mixes_short_turns_and_long_pauses_on_request(tmp_path: P
         make_scenarios(tmp_path / "bad", 1, layout=LayoutConfig(short_turn_share=1.5))
 
 
+def test_an_id_offset_renames_a_set_without_changing_it(tmp_path: Path):
+    """A second set joins a directory under new ids (the turn-policy test set is two sets in one)."""
+    from duplex.eval.make import make_scenarios
+
+    make_scenarios(tmp_path / "plain", 1, seed=9, voices=["flite:kal"], categories=("pause",))
+    plain = load_scenarios(tmp_path / "plain")
+    make_scenarios(tmp_path / "both", 1, seed=4, voices=["flite:kal"], categories=("pause",))
+    make_scenarios(tmp_path / "both", 1, seed=9, voices=["flite:kal"], categories=("pause",), id_offset=1000)
+    both = {s.id: s for s in load_scenarios(tmp_path / "both")}
+    assert sorted(both) == ["pause-0000", "pause-1000"]
+    moved = both["pause-1000"]
+    assert [(i.t, i.text) for i in moved.items] == [(i.t, i.text) for i in plain[0].items]
+    assert moved.cues == plain[0].cues and (tmp_path / "both" / moved.items[0].audio).exists()
+    with pytest.raises(ValueError, match="id_offset"):
+        make_scenarios(tmp_path / "bad", 1, id_offset=-1)
+
+
 @pytest.mark.integration
 def test_real_pipeline_takes_the_turn_after_a_spoken_question(tmp_path: Path):
     """SmolLM2 + whisper tiny.en + Piper on one synthesised turn-taking scenario, virtual time charged
