@@ -43,7 +43,7 @@ _FUNCTION_WORDS = frozenset(
     "a an the my your his her its our their this these those "
     "and but or nor so because if whether that than which who whose when while although though "
     "is are was were am be been being will would can could should shall must may might do does did have has had "
-    "to of for with at from into onto by about like as in on than via".split())
+    "to of for with at from into onto by about like as in on via".split())
 
 
 def _logit(p: float | None) -> float:
