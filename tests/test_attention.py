@@ -43,8 +43,8 @@ def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n, monkeypatch):
 
 @pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130), (6, 6), (6, 300), (11, 200)])
 def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
-    """Blocks of more than 5 tokens (3 query heads per KV head: over the kernel's 16 rows, as a
-    6-token turn hand-over is) run as consecutive calls, each with its own causal bound."""
+    """Blocks of several tokens (a 6-token turn hand-over, 11 tokens: 33 query rows per KV head) run
+    in one call, each token with its own causal bound."""
     from duplex.engine import attention
 
     monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
@@ -97,12 +97,14 @@ def test_c_decode_kernel_with_smollm_heads_matches_fp32_attention(q, n, monkeypa
         attention._cpu_decode_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512-bf16", "amx-bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("q,n,d", [(1, 4000, 64), (6, 4000, 64), (16, 700, 64), (5, 333, 128), (3, 64, 64),
                                    (2, 130, 64), (11, 4000, 64), (6, 70, 128), (7, 500, 64)])
-def test_wide_attention_codes_match_fp32_and_the_avx2_code(isa, q, n, d, threads, monkeypatch):
-    """Where the CPU has AVX512_BF16, head dims that are multiples of 64 run the zmm code: keys
+def test_attention_codes_match_fp32_and_the_avx2_code(isa, q, n, d, threads, monkeypatch):
+    """Every code splits a row's keys across threads (3 KV heads on 2 threads) and merges the
+    per-range softmax sums, for any number of query rows (11 tokens: 33 rows). Where the CPU has
+    AVX512_BF16, head dims that are multiples of 64 run the zmm code: keys
     transposed per block for the bf16 dot products, keys split across threads (3 KV heads on 2
     threads) with the per-range softmax sums merged. Where it also has AMX, blocks of 6 or more query
     rows run on tiles: scores transposed (keys straight from the cache), rows padded to 16 (6 rows;
@@ -149,10 +151,10 @@ def test_attention_isa_names_are_checked():
         attention.set_attention_isa("avx1024")
 
 
-@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
-def test_a_long_row_attends_in_one_pass_on_the_wide_codes(isa):
-    """The batched kernel takes a whole prefill chunk of a row (64 tokens x 3 query heads, past the
-    AVX2 code's 48 register rows) in one pass over the cache there: same result as fp32 SDPA."""
+@pytest.mark.parametrize("isa", ["avx2", "avx512-bf16", "amx-bf16"])
+def test_a_long_row_attends_in_one_pass(isa):
+    """The batched kernel takes a whole prefill chunk of a row (64 tokens x 3 query heads) in one
+    pass over the cache on every code: same result as fp32 SDPA."""
     import ctypes
 
     from duplex.engine import attention
@@ -185,10 +187,10 @@ def test_a_long_row_attends_in_one_pass_on_the_wide_codes(isa):
         attention._cpu_decode_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("isa", ["avx512-bf16", "amx-bf16"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512-bf16", "amx-bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_in_one_call_equal_a_call_per_row_bit_for_bit(isa, threads):
-    """The wide codes attend every row of a layer in one parallel region (each (row, KV head, key
+    """Every code attends every row of a layer in one parallel region (each (row, KV head, key
     range) a task): a decode row, a short hand-over on the tiles and a long-cache row whose keys
     split across threads give exactly what one call per row gives, caches included."""
     import ctypes

@@ -63,7 +63,6 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
 
 Kernel = Callable[..., "torch.Tensor | None"]
 
-_MAX_QUERY_ROWS = 48  # query heads x tokens one kernel call takes (MAX_ROWS in decode_attention.c)
 _MAX_SPLIT_TOKENS = 16  # longer blocks are prefill chunks, for the torch path
 
 
@@ -105,23 +104,16 @@ def _cpu_decode_kernel() -> Kernel | None:
         (into ``out``, a contiguous bf16 tensor of that size, if given)."""
         _, h, t, d = query.shape
         kvh, n = key.shape[1], key.shape[2]
-        per_call = _MAX_QUERY_ROWS // (h // kvh)  # query tokens whose rows fit the kernel's registers
-        if per_call < 1 or t > _MAX_SPLIT_TOKENS:
+        if t > _MAX_SPLIT_TOKENS:
             return None  # a long block (chunked prefill): torch mat-muls amortise the cache reads
         if key.dtype != torch.bfloat16 or value.dtype != torch.bfloat16 or key.stride()[2:] != (d, 1) \
                 or value.stride() != key.stride():
             return None
         if out is None:
             out = torch.empty(1, t, h, d, dtype=torch.bfloat16)
-        # a block of more tokens than fit (a 6-token turn hand-over with 3 query heads per KV head)
-        # runs as consecutive calls, each over the cache up to its own last query: the causal mask
-        # is the kernel's "the t queries are the last t of n" rule applied to a shorter n
-        for a in range(0, t, per_call):
-            b = min(t, a + per_call)
-            q = query[:, :, a:b].contiguous()
-            if fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out[:, a:b].data_ptr(), h, kvh, b - a,
-                  n - (t - b), d, key.stride(1), scale):
-                return None
+        q = query.contiguous()
+        if fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), h, kvh, t, n, d, key.stride(1), scale):
+            return None
         return out
 
     kernel.rows = rows_fn  # type: ignore[attr-defined]

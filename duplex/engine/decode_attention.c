@@ -2,8 +2,10 @@
  *
  * out[h] = softmax(scale * q[h] . K[h / g]^T) V[h / g], fp32 inside, bf16 out. Each KV head's keys
  * and values are read once, in place (strided cache views), for its whole group of g query heads
- * and t tokens (rows = g * t): no fp32 copies of the cache, which at 4k context cost more than the
- * mat-muls themselves. One pass over the cache in blocks of KB keys with an online softmax:
+ * and t tokens (rows = g * t, any number: a prefill chunk reads the cache once): no fp32 copies of
+ * the cache, which at 4k context cost more than the mat-muls themselves. One pass over the cache
+ * in blocks of KB keys with an online softmax, split into items (KV head, key range) so that 3 KV
+ * heads keep 2 threads busy (the flash-decoding split, merged in fp32). The AVX2 code:
  *
  * - a block's keys and values are converted to fp32 once for all rows (row-major, 8 lanes a step);
  * - scores: 2 query rows x 4 keys per step (6 loads, 8 fmas), each group of 4 dot products
@@ -12,7 +14,8 @@
  *   running output is loaded, rescaled by exp(old max - new max), and stored once per block).
  *
  * expf is Cephes' polynomial (~1 ulp), so results match PyTorch's attention to fp32 rounding, not
- * bit for bit, and do not depend on the thread count. Built at first use by
+ * bit for bit; the thread count changes them only through the key split (at 2+ threads a row's
+ * keys may run as that many ranges, merged in fp32). Built at first use by
  * duplex.engine.int8_kernel (-O3 -mavx2 -mfma -ffast-math -fopenmp).
  */
 #include <immintrin.h>
@@ -58,52 +61,312 @@ static inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) { /* (sum 
 }
 
 #define MAX_D 256
-#define MAX_ROWS 48 /* query heads per KV head x new tokens */
-#define KB 64       /* keys per block */
+#define KB 64 /* keys per block (the unit of a key range) */
+#ifndef KB2
+#define KB2 32 /* the AVX2 code's keys per block: its fp32 keys and values (2 x 8 KB at d = 64) stay in L1 */
+#endif
+#ifndef AVX2_PF_KEYS
+#define AVX2_PF_KEYS 64 /* how far ahead the AVX2 code asks for keys and values */
+#endif
 
-/* sc[r0 + i][0 .. jb4) = q[r0 + i] . kf[j] for i < NR (1 or 2) query rows; jb4 % 4 == 0 */
+/* sc[r0 + i][0 .. jb4) = q[r0 + i] . kf[j] for i < NR (1 to 3) query rows; jb4 % 4 == 0. Up to 12
+ * accumulators: the fmas' latency needs 8 or more in flight on 2 pipes */
 static inline __attribute__((always_inline)) void scores(const float* qf, const float* kf, float* sc, int r0,
                                                          int jb4, int d, const int NR) {
     const float* q0 = qf + (int64_t)r0 * d;
     const float* q1 = NR > 1 ? q0 + d : q0;
+    const float* q2 = NR > 2 ? q0 + 2 * d : q0;
     for (int j = 0; j < jb4; j += 4) {
         const float* k0 = kf + (int64_t)j * d;
-        __m256 a[2][4];
+        __m256 a[3][4];
         for (int i = 0; i < NR; ++i)
             for (int u = 0; u < 4; ++u) a[i][u] = _mm256_setzero_ps();
         for (int c = 0; c < d; c += 8) {
-            __m256 x0 = _mm256_load_ps(q0 + c), x1 = _mm256_load_ps(q1 + c);
+            __m256 x0 = _mm256_load_ps(q0 + c), x1 = _mm256_load_ps(q1 + c), x2 = _mm256_load_ps(q2 + c);
             for (int u = 0; u < 4; ++u) {
                 __m256 kv = _mm256_load_ps(k0 + u * d + c);
                 a[0][u] = _mm256_fmadd_ps(x0, kv, a[0][u]);
                 if (NR > 1) a[1][u] = _mm256_fmadd_ps(x1, kv, a[1][u]);
+                if (NR > 2) a[2][u] = _mm256_fmadd_ps(x2, kv, a[2][u]);
             }
         }
-        for (int i = 0; i < NR; ++i) _mm_store_ps(sc + (int64_t)(r0 + i) * KB + j, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
+        for (int i = 0; i < NR; ++i) _mm_store_ps(sc + (int64_t)(r0 + i) * KB2 + j, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
     }
 }
 
-/* acc[r0 + i][c0 .. c0 + 8 NV) = alpha[r0 + i] * acc + sum_j p[r0 + i][j] * vf[j][c0 ..] */
+/* acc[r0 + i][c0 .. c0 + 8 NV) = alpha[r0 + i] * acc + sum_j p[r0 + i][j] * vf[j][c0 ..] for i < NR
+ * (1 to 3) rows */
 static inline __attribute__((always_inline)) void values(const float* p, const float* vf, float* acc,
                                                          const float* alpha, int r0, int c0, int jb, int d,
                                                          const int NR, const int NV) {
-    __m256 a[2][4];
+    __m256 a[3][4];
     for (int i = 0; i < NR; ++i) {
         __m256 al = _mm256_set1_ps(alpha[r0 + i]);
-        for (int u = 0; u < NV; ++u)
-            a[i][u] = _mm256_mul_ps(al, _mm256_load_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u));
+        for (int u = 0; u < NV; ++u) /* acc lies in the job's partial results: unaligned */
+            a[i][u] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u));
     }
-    const float* p0 = p + (int64_t)r0 * KB;
+    const float* p0 = p + (int64_t)r0 * KB2;
     for (int j = 0; j < jb; ++j) {
-        __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p0 + (NR > 1 ? KB : 0) + j);
+        __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p0 + (NR > 1 ? KB2 : 0) + j),
+               w2 = _mm256_broadcast_ss(p0 + (NR > 2 ? 2 * KB2 : 0) + j);
         for (int u = 0; u < NV; ++u) {
             __m256 vv = _mm256_load_ps(vf + (int64_t)j * d + c0 + 8 * u);
             a[0][u] = _mm256_fmadd_ps(w0, vv, a[0][u]);
             if (NR > 1) a[1][u] = _mm256_fmadd_ps(w1, vv, a[1][u]);
+            if (NR > 2) a[2][u] = _mm256_fmadd_ps(w2, vv, a[2][u]);
         }
     }
     for (int i = 0; i < NR; ++i)
-        for (int u = 0; u < NV; ++u) _mm256_store_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u, a[i][u]);
+        for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u, a[i][u]);
+}
+
+/* ---- the flash-decoding split, shared by every code ---------------------------------------------
+ * A call's work is items: (KV head, key range) pairs. A row's keys are split across threads where
+ * its KV heads alone would leave one idle (3 KV heads on 2 threads), each item keeps its own running
+ * max, sum and unnormalised output, and the items' results are merged at the end in fp32. A
+ * layer's batched rows are one parallel region of all their items. */
+
+/* One query block of one row: t tokens of h query heads over the last n keys (gqa_decode's
+ * contract), its partial results in part: per item, the running max and sum per query row and the
+ * unnormalised output [rows][d] */
+typedef struct {
+    const uint16_t *q, *k, *v;
+    int64_t q_head, q_tok, head_stride;
+    uint16_t* out;
+    int t, n, splits, first_item;
+    float* part;
+} attn_job;
+
+/* item it (KV head it / splits, key range it % splits) of job jb: returns 0, or 1 without memory */
+typedef int (*attn_item_fn)(const attn_job* jb, int it, int h, int kvh, int d, float scale);
+
+static int attn_threads(void) {
+#ifdef _OPENMP
+    extern int omp_get_max_threads(void);
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* a row's keys are split across threads only where its KV heads would leave one idle */
+static int attn_splits(int n, int items, int nt) {
+    int nblocks = (n + KB - 1) / KB;
+    return (nt > 1 && items % nt && nblocks >= 2 * nt) ? nt : 1;
+}
+
+/* the cache is two streams per head with compute between their blocks, which the hardware
+ * prefetchers do not run far enough ahead of: each block asks for the keys and values this many
+ * blocks ahead, a row at a time through its loops (one thread, 4k keys, 5 tokens: 8-12 % less time
+ * at 2 blocks ahead than none, interleaved A/B) */
+static const int attn_pf_blocks = 2;
+#define PREFETCH_ROW(base, j)                                                              \
+    do {                                                                                   \
+        if (base)                                                                          \
+            for (int o_ = 0; o_ < d * 2; o_ += 64)                                         \
+                _mm_prefetch((const char*)((base) + (int64_t)(j) * d) + o_, _MM_HINT_T0); \
+    } while (0)
+
+/* online softmax of one block (AVX2 code): sc [rows][KB2] holds scores of pre-scaled queries; writes
+ * each row's probabilities relative to its new running max (0 past the keys it may see), its
+ * rescale factor alpha for what it summed before, and updates the running max and sum */
+static inline void softmax_block2(float* sc, int rows, const int* last, int j0, int jb, float* mx, float* den,
+                                  float* alpha) {
+    for (int r = 0; r < rows; ++r) {
+        float* s = sc + (int64_t)r * KB2;
+        int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb; /* keys this row may see */
+        if (lim <= 0) {
+            alpha[r] = 1.0f;
+            memset(s, 0, sizeof(float) * KB2);
+            continue;
+        }
+        float m = den[r] > 0.0f ? mx[r] : s[0];
+        for (int j = 0; j < lim; ++j) m = s[j] > m ? s[j] : m;
+        alpha[r] = den[r] > 0.0f ? expf(mx[r] - m) : 0.0f; /* den > 0 once a key was seen */
+        mx[r] = m;
+        __m256 mv = _mm256_set1_ps(m), z = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= lim; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), mv));
+            _mm256_store_ps(s + j, e);
+            z = _mm256_add_ps(z, e);
+        }
+        float zs = 0.0f;
+        for (; j < lim; ++j) zs += (s[j] = expf(s[j] - m));
+        for (; j < KB2; ++j) s[j] = 0.0f;
+        __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+        z4 = _mm_add_ps(z4, _mm_movehl_ps(z4, z4));
+        zs += _mm_cvtss_f32(_mm_add_ss(z4, _mm_movehdup_ps(z4)));
+        den[r] = den[r] * alpha[r] + zs;
+    }
+}
+
+/* the AVX2 code's item (any d % 8 == 0 up to MAX_D, any number of rows) */
+static int attn_item2(const attn_job* jb, int it, int h, int kvh, int d, float scale) {
+    int t = jb->t, n = jb->n, splits = jb->splits;
+    int g = h / kvh, rows = g * t;
+    int nblocks = (n + KB - 1) / KB;
+    int kh = it / splits, sp = it % splits;
+    int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
+    if (j_hi > n) j_hi = n;
+    /* qf [rows][d] (scaled), kf and vf [KB2][d], sc [rows][KB2], alpha [rows], last [rows] */
+    size_t fl = (size_t)rows * d + (size_t)KB2 * d * 2 + (size_t)rows * KB2 + 2 * (size_t)rows;
+    float* ws = (float*)aligned_alloc(32, (sizeof(float) * fl + 31) & ~(size_t)31);
+    if (!ws) return 1;
+    float *qf = ws, *kf = qf + (size_t)rows * d, *vf = kf + (size_t)KB2 * d, *sc = vf + (size_t)KB2 * d;
+    float* alpha = sc + (size_t)rows * KB2;
+    int* last = (int*)(alpha + rows);
+    float* mx = jb->part + (size_t)it * rows * (d + 2);
+    float* den = mx + rows;
+    float* acc = den + rows;
+    const uint16_t* kb = jb->k + kh * jb->head_stride;
+    const uint16_t* vb = jb->v + kh * jb->head_stride;
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int r = 0; r < rows; ++r) { /* row r = query head kh * g + r / t, token r % t */
+        const uint16_t* qr = jb->q + (int64_t)(kh * g + r / t) * jb->q_head + (int64_t)(r % t) * jb->q_tok;
+        for (int c = 0; c < d; c += 8) _mm256_store_ps(qf + (int64_t)r * d + c, _mm256_mul_ps(load_bf16x8(qr + c), sv));
+        memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
+        mx[r] = 0.0f;
+        den[r] = 0.0f;
+        last[r] = n - t + r % t;
+    }
+    for (int j0 = j_lo; j0 < j_hi; j0 += KB2) {
+        int jb_ = j_hi - j0 < KB2 ? j_hi - j0 : KB2, jb4 = (jb_ + 3) & ~3;
+        int jp = j0 + AVX2_PF_KEYS;
+        const uint16_t* pfk = jp + KB2 <= j_hi ? kb + (int64_t)jp * d : NULL;
+        const uint16_t* pfv = pfk ? vb + (int64_t)jp * d : NULL;
+        for (int j = 0; j < jb_; ++j) { /* this block's keys and values in fp32, once for all rows */
+            PREFETCH_ROW(pfk, j);
+            PREFETCH_ROW(pfv, j);
+            for (int c = 0; c < d; c += 8) {
+                _mm256_store_ps(kf + (int64_t)j * d + c, load_bf16x8(kb + (int64_t)(j0 + j) * d + c));
+                _mm256_store_ps(vf + (int64_t)j * d + c, load_bf16x8(vb + (int64_t)(j0 + j) * d + c));
+            }
+        }
+        memset(kf + (int64_t)jb_ * d, 0, sizeof(float) * (size_t)(jb4 - jb_) * d);
+        int r = 0;
+        for (; r + 3 <= rows; r += 3) scores(qf, kf, sc, r, jb4, d, 3);
+        if (rows - r == 2) scores(qf, kf, sc, r, jb4, d, 2);
+        else if (rows - r == 1) scores(qf, kf, sc, r, jb4, d, 1);
+        softmax_block2(sc, rows, last, j0, jb_, mx, den, alpha);
+        for (int c = 0; c < d;) { /* 32 columns at a time, then 8 */
+            int nv = c + 32 <= d ? 4 : 1;
+            for (r = 0; r + 3 <= rows; r += 3)
+                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 3, 4);
+                else values(sc, vf, acc, alpha, r, c, jb_, d, 3, 1);
+            if (rows - r == 2) {
+                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 2, 4);
+                else values(sc, vf, acc, alpha, r, c, jb_, d, 2, 1);
+            } else if (rows - r == 1) {
+                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 1, 4);
+                else values(sc, vf, acc, alpha, r, c, jb_, d, 1, 1);
+            }
+            c += 8 * nv;
+        }
+    }
+    free(ws);
+    return 0;
+}
+
+/* job jb's output from its items' partial results: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */
+static void attn_merge(const attn_job* jb, int h, int kvh, int d) {
+    int g = h / kvh, t = jb->t, rows = g * t, splits = jb->splits;
+    const float* part = jb->part;
+    uint16_t* out = jb->out;
+    for (int kh = 0; kh < kvh; ++kh)
+        for (int r = 0; r < rows; ++r) {
+            float M = -3.0e38f;
+            for (int sp = 0; sp < splits; ++sp) {
+                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
+                if (pm[rows + r] > 0.0f && pm[r] > M) M = pm[r];
+            }
+            float o[MAX_D], tot = 0.0f;
+            for (int c = 0; c < d; ++c) o[c] = 0.0f;
+            for (int sp = 0; sp < splits; ++sp) {
+                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
+                if (!(pm[rows + r] > 0.0f)) continue;
+                float w = expf(pm[r] - M);
+                tot += w * pm[rows + r];
+                const float* pa = pm + 2 * rows + (size_t)r * d;
+                for (int c = 0; c < d; ++c) o[c] += w * pa[c];
+            }
+            int head = kh * g + r / t, tok = r % t;
+            float inv = 1.0f / tot;
+            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(o[c] * inv);
+        }
+}
+
+/* gqa_decode's contract on one code: the job's items in one parallel region, then the merge */
+static int attn_run(attn_item_fn item, const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k,
+                    const uint16_t* v, uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride,
+                    float scale) {
+    int g = h / kvh, rows = g * t;
+    if (d > MAX_D || d % 8 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
+    attn_job jb = {q, k, v, q_head, q_tok, head_stride, out, t, n, attn_splits(n, kvh, attn_threads()), 0, NULL};
+    int items = kvh * jb.splits;
+    jb.part = (float*)malloc(sizeof(float) * (size_t)items * (size_t)rows * (size_t)(d + 2));
+    if (!jb.part) return -2;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int i = 0; i < items; ++i) failed |= item(&jb, i, h, kvh, d, scale);
+    if (!failed) attn_merge(&jb, h, kvh, d);
+    free(jb.part);
+    return failed ? -2 : 0;
+}
+
+/* the rows of one layer (duplex_gqa_decode_rows_bf16, caches written) in one parallel region: every
+ * (row, KV head, key range) item is one task, so 8 rows x 3 KV heads share 2 threads evenly where a
+ * region per row left one thread a head behind the other, and pay one fork/join, not eight. Each
+ * row's items and merge are those of a call for that row alone: the same arithmetic */
+static int attn_rows(attn_item_fn item, const int64_t* desc, int nrows, const uint16_t* qkv, int64_t stride,
+                     uint16_t* out, int h, int kvh, int d, float scale) {
+    int g = h / kvh, nt = attn_threads();
+    if (d > MAX_D || d % 8 || g * kvh != h) return -1;
+    attn_job* jobs = (attn_job*)calloc((size_t)nrows, sizeof(attn_job));
+    if (!jobs) return -2;
+    int items = 0, failed = 0;
+    size_t floats = 0;
+    for (int r = 0; r < nrows; ++r) {
+        const int64_t* e = desc + (int64_t)r * 6;
+        int64_t s = e[3];
+        int t = (int)e[4], n = (int)e[5] + t;
+        attn_job* jb = jobs + r;
+        jb->q = qkv + s * stride;
+        jb->k = (const uint16_t*)(intptr_t)e[0];
+        jb->v = (const uint16_t*)(intptr_t)e[1];
+        jb->q_head = d;
+        jb->q_tok = stride;
+        jb->head_stride = e[2];
+        jb->out = out + s * h * d;
+        jb->t = t;
+        jb->n = n;
+        jb->splits = attn_splits(n, kvh, nt); /* as a call per row splits it: the same arithmetic */
+        jb->first_item = items;
+        items += kvh * jb->splits;
+        floats += (size_t)kvh * jb->splits * (size_t)(g * t) * (size_t)(d + 2);
+    }
+    float* part = (float*)malloc(sizeof(float) * (floats ? floats : 1));
+    if (!part) {
+        free(jobs);
+        return -2;
+    }
+    for (int r = 0, off = 0; r < nrows; ++r) {
+        jobs[r].part = part + off;
+        off += kvh * jobs[r].splits * g * jobs[r].t * (d + 2);
+    }
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int i = 0; i < items; ++i) {
+        int r = 0;
+        while (r + 1 < nrows && jobs[r + 1].first_item <= i) ++r;
+        failed |= item(jobs + r, i - jobs[r].first_item, h, kvh, d, scale);
+    }
+    if (!failed) {
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < nrows; ++r) attn_merge(jobs + r, h, kvh, d);
+    }
+    free(part);
+    free(jobs);
+    return failed ? -2 : 0;
 }
 
 /* ---- AVX-512 (BF16) path -----------------------------------------------------------------------
@@ -177,17 +440,6 @@ int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { /* for the tes
     return 0;
 }
 
-/* the cache is two streams per head with compute between their blocks, which the hardware
- * prefetchers do not run far enough ahead of: each block asks for the keys and values this many
- * blocks ahead, a row at a time through its loops (one thread, 4k keys, 5 tokens: 8-12 % less time
- * at 2 blocks ahead than none, interleaved A/B) */
-static const int attn_pf_blocks = 2;
-#define PREFETCH_ROW(base, j)                                                              \
-    do {                                                                                   \
-        if (base)                                                                          \
-            for (int o_ = 0; o_ < d * 2; o_ += 64)                                         \
-                _mm_prefetch((const char*)((base) + (int64_t)(j) * d) + o_, _MM_HINT_T0); \
-    } while (0)
 
 /* The AMX code asks for the next block's lines a few at a time from every loop of a block (its
  * prefetch cursor), into L2: asked for all at once, in one loop, they filled the core's line-fill
@@ -559,31 +811,6 @@ static inline __attribute__((always_inline)) A512 void values512(const float* p,
 #define AMX_MIN_ROWS 6
 #endif
 
-/* One query block of one row for the wide codes: t tokens of h query heads over the last n keys
- * (gqa_decode's contract), its partial results in part: per (KV head, key range) item, the running
- * max and sum per query row and the unnormalised output [rows][d] (the flash-decoding split) */
-typedef struct {
-    const uint16_t *q, *k, *v;
-    int64_t q_head, q_tok, head_stride;
-    uint16_t* out;
-    int t, n, splits, first_item;
-    float* part;
-} attn_job;
-
-static int attn_threads(void) {
-#ifdef _OPENMP
-    extern int omp_get_max_threads(void);
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-/* a row's keys are split across threads only where its KV heads would leave one idle */
-static int attn_splits(int n, int items, int nt) {
-    int nblocks = (n + KB - 1) / KB;
-    return (nt > 1 && items % nt && nblocks >= 2 * nt) ? nt : 1;
-}
 
 /* item it (KV head it / splits, key range it % splits) of job jb: returns 0, or 1 without memory */
 static A512 int attn_item512(const attn_job* jb, int it, int h, int kvh, int d, float scale) {
@@ -703,112 +930,21 @@ static A512 int attn_item512(const attn_job* jb, int it, int h, int kvh, int d, 
     return 0;
 }
 
-/* job jb's output from its items' partial results: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) den_s */
-static A512 void attn_merge512(const attn_job* jb, int h, int kvh, int d) {
-    int g = h / kvh, t = jb->t, rows = g * t, splits = jb->splits;
-    const float* part = jb->part;
-    uint16_t* out = jb->out;
-    for (int kh = 0; kh < kvh; ++kh)
-        for (int r = 0; r < rows; ++r) {
-            float M = -3.0e38f;
-            for (int sp = 0; sp < splits; ++sp) {
-                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
-                if (pm[rows + r] > 0.0f && pm[r] > M) M = pm[r];
-            }
-            float o[MAX_D], tot = 0.0f;
-            for (int c = 0; c < d; ++c) o[c] = 0.0f;
-            for (int sp = 0; sp < splits; ++sp) {
-                const float* pm = part + (size_t)(kh * splits + sp) * rows * (d + 2);
-                if (!(pm[rows + r] > 0.0f)) continue;
-                float w = expf(pm[r] - M);
-                tot += w * pm[rows + r];
-                const float* pa = pm + 2 * rows + (size_t)r * d;
-                for (int c = 0; c < d; ++c) o[c] += w * pa[c];
-            }
-            int head = kh * g + r / t, tok = r % t;
-            float inv = 1.0f / tot;
-            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(o[c] * inv);
-        }
-}
-
-/* gqa_decode's contract; d % 64 == 0 */
-static A512 int gqa_decode512(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
-                              uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
-    int g = h / kvh, rows = g * t;
-    if (d > MAX_D || d % 64 || g * kvh != h || n < t || t < 1) return -1; /* any number of rows */
-    attn_job jb = {q, k, v, q_head, q_tok, head_stride, out, t, n, attn_splits(n, kvh, attn_threads()), 0, NULL};
-    int items = kvh * jb.splits;
-    jb.part = (float*)malloc(sizeof(float) * (size_t)items * (size_t)rows * (size_t)(d + 2));
-    if (!jb.part) return -2;
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int it = 0; it < items; ++it) failed |= attn_item512(&jb, it, h, kvh, d, scale);
-    if (!failed) attn_merge512(&jb, h, kvh, d);
-    free(jb.part);
-    return failed ? -2 : 0;
-}
-
-/* the rows of one layer (duplex_gqa_decode_rows_bf16, caches written) in one parallel region: every
- * (row, KV head, key range) item is one task, so 8 rows x 3 KV heads share 2 threads evenly where a
- * region per row left one thread a head behind the other, and pay one fork/join, not eight. Each
- * row's items and merge are those of a call for that row alone: the same arithmetic */
-static A512 int gqa_rows512(const int64_t* desc, int nrows, const uint16_t* qkv, int64_t stride, uint16_t* out,
-                            int h, int kvh, int d, float scale) {
-    int g = h / kvh, nt = attn_threads();
-    if (d > MAX_D || d % 64 || g * kvh != h) return -1;
-    attn_job* jobs = (attn_job*)calloc((size_t)nrows, sizeof(attn_job));
-    if (!jobs) return -2;
-    int items = 0, failed = 0;
-    size_t floats = 0;
-    for (int r = 0; r < nrows; ++r) {
-        const int64_t* e = desc + (int64_t)r * 6;
-        int64_t s = e[3];
-        int t = (int)e[4], n = (int)e[5] + t;
-        attn_job* jb = jobs + r;
-        jb->q = qkv + s * stride;
-        jb->k = (const uint16_t*)(intptr_t)e[0];
-        jb->v = (const uint16_t*)(intptr_t)e[1];
-        jb->q_head = d;
-        jb->q_tok = stride;
-        jb->head_stride = e[2];
-        jb->out = out + s * h * d;
-        jb->t = t;
-        jb->n = n;
-        jb->splits = attn_splits(n, kvh, nt); /* as a call per row splits it: the same arithmetic */
-        jb->first_item = items;
-        items += kvh * jb->splits;
-        floats += (size_t)kvh * jb->splits * (size_t)(g * t) * (size_t)(d + 2);
-    }
-    float* part = (float*)malloc(sizeof(float) * (floats ? floats : 1));
-    if (!part) {
-        free(jobs);
-        return -2;
-    }
-    for (int r = 0, off = 0; r < nrows; ++r) {
-        jobs[r].part = part + off;
-        off += kvh * jobs[r].splits * g * jobs[r].t * (d + 2);
-    }
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
-    for (int i = 0; i < items; ++i) {
-        int r = 0;
-        while (r + 1 < nrows && jobs[r + 1].first_item <= i) ++r;
-        failed |= attn_item512(jobs + r, i - jobs[r].first_item, h, kvh, d, scale);
-    }
-    if (!failed) {
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < nrows; ++r) attn_merge512(jobs + r, h, kvh, d);
-    }
-    free(part);
-    free(jobs);
-    return failed ? -2 : 0;
-}
-
 #else
 static int attn_use512(void) { return 0; }
 int duplex_attn_set_isa(int isa) { (void)isa; return 0; }
 int duplex_attn_isa(void) { return 0; }
 int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { (void)src; (void)dst; return -1; }
 #endif
+
+/* the item code for head dim d: AVX-512 (and AMX) where the CPU has it and d % 64 == 0, else AVX2 */
+static attn_item_fn attn_item(int d) {
+#ifdef DUPLEX_HAVE_A512
+    if (d % 64 == 0 && attn_use512()) return attn_item512;
+#endif
+    (void)d;
+    return attn_item2;
+}
 
 /* q [h, t, d] bf16 contiguous (t new tokens, the last t positions of the cache); k, v: element
  * (head, j, c) at head * head_stride + j * d + c (bf16); out [t, h, d] bf16. Token i of the t
@@ -817,93 +953,7 @@ int duplex_transpose16_test(const uint32_t* src, uint32_t* dst) { (void)src; (vo
  * head vectors: converting bf16 to fp32 is exact, so the layout does not change the result) */
 static int gqa_decode(const uint16_t* q, int64_t q_head, int64_t q_tok, const uint16_t* k, const uint16_t* v,
                       uint16_t* out, int h, int kvh, int t, int n, int d, int64_t head_stride, float scale) {
-#ifdef DUPLEX_HAVE_A512
-    if (d % 64 == 0 && d <= MAX_D && attn_use512())
-        return gqa_decode512(q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
-#endif
-    int g = h / kvh, rows = g * t;
-    if (d > MAX_D || d % 8 || rows > MAX_ROWS || g * kvh != h || n < t || t < 1) return -1;
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int kh = 0; kh < kvh; ++kh) {
-        size_t fl = (size_t)rows * d * 2 + (size_t)KB * d * 2 + (size_t)rows * KB;
-        float* ws = (float*)aligned_alloc(32, sizeof(float) * fl);
-        if (!ws) {
-            failed = 1;
-            continue;
-        }
-        float *qf = ws, *acc = qf + (size_t)rows * d, *kf = acc + (size_t)rows * d, *vf = kf + (size_t)KB * d;
-        float* sc = vf + (size_t)KB * d; /* scores, then probabilities [rows][KB] */
-        float mx[MAX_ROWS], den[MAX_ROWS], alpha[MAX_ROWS];
-        int last[MAX_ROWS];
-        const uint16_t* kb = k + kh * head_stride;
-        const uint16_t* vb = v + kh * head_stride;
-        const __m256 sv = _mm256_set1_ps(scale);
-        for (int r = 0; r < rows; ++r) { /* row r = query head kh * g + r / t, token r % t */
-            const uint16_t* qr = q + (int64_t)(kh * g + r / t) * q_head + (int64_t)(r % t) * q_tok;
-            for (int c = 0; c < d; c += 8) _mm256_store_ps(qf + (int64_t)r * d + c, _mm256_mul_ps(load_bf16x8(qr + c), sv));
-            memset(acc + (int64_t)r * d, 0, sizeof(float) * d);
-            mx[r] = 0.0f;
-            den[r] = 0.0f;
-            last[r] = n - t + r % t;
-        }
-        for (int j0 = 0; j0 < n; j0 += KB) {
-            int jb = n - j0 < KB ? n - j0 : KB, jb4 = (jb + 3) & ~3;
-            for (int j = 0; j < jb; ++j) /* this block's keys and values in fp32, once for all rows */
-                for (int c = 0; c < d; c += 8) {
-                    _mm256_store_ps(kf + (int64_t)j * d + c, load_bf16x8(kb + (int64_t)(j0 + j) * d + c));
-                    _mm256_store_ps(vf + (int64_t)j * d + c, load_bf16x8(vb + (int64_t)(j0 + j) * d + c));
-                }
-            memset(kf + (int64_t)jb * d, 0, sizeof(float) * (size_t)(jb4 - jb) * d);
-            int r = 0;
-            for (; r + 2 <= rows; r += 2) scores(qf, kf, sc, r, jb4, d, 2);
-            if (r < rows) scores(qf, kf, sc, r, jb4, d, 1);
-            for (r = 0; r < rows; ++r) { /* online softmax: new max, rescale, probabilities */
-                float* s = sc + (int64_t)r * KB;
-                int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb; /* keys this row may see */
-                if (lim <= 0) {
-                    alpha[r] = 1.0f;
-                    memset(s, 0, sizeof(float) * KB);
-                    continue;
-                }
-                float m = den[r] > 0.0f ? mx[r] : s[0];
-                for (int j = 0; j < lim; ++j) m = s[j] > m ? s[j] : m;
-                alpha[r] = den[r] > 0.0f ? expf(mx[r] - m) : 0.0f; /* den > 0 once a key was seen */
-                mx[r] = m;
-                __m256 mv = _mm256_set1_ps(m), z = _mm256_setzero_ps();
-                int j = 0;
-                for (; j + 8 <= lim; j += 8) {
-                    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), mv));
-                    _mm256_store_ps(s + j, e);
-                    z = _mm256_add_ps(z, e);
-                }
-                float zs = 0.0f;
-                for (; j < lim; ++j) zs += (s[j] = expf(s[j] - m));
-                for (; j < KB; ++j) s[j] = 0.0f;
-                __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-                z4 = _mm_add_ps(z4, _mm_movehl_ps(z4, z4));
-                zs += _mm_cvtss_f32(_mm_add_ss(z4, _mm_movehdup_ps(z4)));
-                den[r] = den[r] * alpha[r] + zs;
-            }
-            for (r = 0; r + 2 <= rows; r += 2) {
-                int c = 0;
-                for (; c + 32 <= d; c += 32) values(sc, vf, acc, alpha, r, c, jb, d, 2, 4);
-                for (; c < d; c += 8) values(sc, vf, acc, alpha, r, c, jb, d, 2, 1);
-            }
-            if (r < rows) {
-                int c = 0;
-                for (; c + 32 <= d; c += 32) values(sc, vf, acc, alpha, r, c, jb, d, 1, 4);
-                for (; c < d; c += 8) values(sc, vf, acc, alpha, r, c, jb, d, 1, 1);
-            }
-        }
-        for (int r = 0; r < rows; ++r) {
-            int head = kh * g + r / t, tok = r % t;
-            float inv = 1.0f / den[r];
-            for (int c = 0; c < d; ++c) out[((int64_t)tok * h + head) * d + c] = f32_to_bf16(acc[(int64_t)r * d + c] * inv);
-        }
-        free(ws);
-    }
-    return failed ? -2 : 0;
+    return attn_run(attn_item(d), q, q_head, q_tok, k, v, out, h, kvh, t, n, d, head_stride, scale);
 }
 
 int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
@@ -913,8 +963,7 @@ int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t*
 
 /* One layer of a batched decode pass: for each of `nrows` rows (one sequence each, its own cache),
  * write its new keys and values into its cache, then attend, exactly as duplex_gqa_decode_bf16
- * called per row (and per block of tokens that fit MAX_ROWS, each over the cache up to its own
- * last query) after the cache's own update: the same arithmetic in the same order.
+ * called per row after the cache's own update: the same arithmetic in the same order.
  *
  * qkv: [tokens, stride] bf16, token i's q heads at qkv + i * stride, then its kvh key heads, then
  * its kvh value heads (the fused projection's output after rope); out: [tokens, h, d] bf16.
@@ -924,11 +973,7 @@ int duplex_gqa_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t*
 int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* qkv, int64_t stride, uint16_t* out,
                                 int h, int kvh, int d, float scale) {
     int g = h / kvh;
-    if (g < 1 || g * kvh != h || g > MAX_ROWS) return -1;
-    /* the AVX2 code keeps at most MAX_ROWS rows in registers; the AVX-512 code takes a whole row,
-     * reading the cache once for all its tokens (a prefill chunk) */
-    int whole = d % 64 == 0 && attn_use512();
-    int per_call = whole ? 1 << 30 : MAX_ROWS / g;
+    if (g < 1 || g * kvh != h || d > MAX_D || d % 8) return -1;
     for (int r = 0; r < nrows; ++r) {
         const int64_t* e = desc + (int64_t)r * 6;
         uint16_t* kc = (uint16_t*)(intptr_t)e[0];
@@ -942,17 +987,7 @@ int duplex_gqa_decode_rows_bf16(const int64_t* desc, int nrows, const uint16_t* 
                 memcpy(vc + kh * hs + (int64_t)(pos + i) * d, src + (int64_t)(h + kvh + kh) * d, sizeof(uint16_t) * d);
             }
         }
-        if (whole) continue; /* attended below, every row in one parallel region */
-        int n = pos + t;
-        for (int a = 0; a < t; a += per_call) {
-            int b = t < a + per_call ? t : a + per_call;
-            int rc = gqa_decode(qkv + (s + a) * stride, d, stride, kc, vc, out + (s + a) * h * d, h, kvh, b - a,
-                                n - (t - b), d, hs, scale);
-            if (rc) return rc;
-        }
     }
-#ifdef DUPLEX_HAVE_A512
-    if (whole) return gqa_rows512(desc, nrows, qkv, stride, out, h, kvh, d, scale);
-#endif
-    return 0;
+    /* every row attended in one parallel region, each reading the cache once for all its tokens */
+    return attn_rows(attn_item(d), desc, nrows, qkv, stride, out, h, kvh, d, scale);
 }

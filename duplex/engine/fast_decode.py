@@ -297,7 +297,7 @@ class FastDecoder:
             return None
         first = self.layers[0]
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
-        if d % 8 or d > 256 or nh % nkv or 48 // (nh // nkv) < 1:
+        if d % 8 or d > 256 or nh % nkv:
             return None
         n_layers, n_rows = len(self.layers), len(rows)
         bf16 = torch.bfloat16
