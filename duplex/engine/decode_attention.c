@@ -61,13 +61,7 @@ static inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) { /* (sum 
 }
 
 #define MAX_D 256
-#define KB 64 /* keys per block (the unit of a key range) */
-#ifndef KB2
-#define KB2 32 /* the AVX2 code's keys per block: its fp32 keys and values (2 x 8 KB at d = 64) stay in L1 */
-#endif
-#ifndef AVX2_PF_KEYS
-#define AVX2_PF_KEYS 64 /* how far ahead the AVX2 code asks for keys and values */
-#endif
+#define KB 64 /* keys per block (blocks of 32 in the AVX2 code, for L1, measured slower) */
 
 /* sc[r0 + i][0 .. jb4) = q[r0 + i] . kf[j] for i < NR (1 to 3) query rows; jb4 % 4 == 0. Up to 12
  * accumulators: the fmas' latency needs 8 or more in flight on 2 pipes */
@@ -90,7 +84,7 @@ static inline __attribute__((always_inline)) void scores(const float* qf, const 
                 if (NR > 2) a[2][u] = _mm256_fmadd_ps(x2, kv, a[2][u]);
             }
         }
-        for (int i = 0; i < NR; ++i) _mm_store_ps(sc + (int64_t)(r0 + i) * KB2 + j, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
+        for (int i = 0; i < NR; ++i) _mm_store_ps(sc + (int64_t)(r0 + i) * KB + j, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
     }
 }
 
@@ -105,10 +99,10 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
         for (int u = 0; u < NV; ++u) /* acc lies in the job's partial results: unaligned */
             a[i][u] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u));
     }
-    const float* p0 = p + (int64_t)r0 * KB2;
+    const float* p0 = p + (int64_t)r0 * KB;
     for (int j = 0; j < jb; ++j) {
-        __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p0 + (NR > 1 ? KB2 : 0) + j),
-               w2 = _mm256_broadcast_ss(p0 + (NR > 2 ? 2 * KB2 : 0) + j);
+        __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p0 + (NR > 1 ? KB : 0) + j),
+               w2 = _mm256_broadcast_ss(p0 + (NR > 2 ? 2 * KB : 0) + j);
         for (int u = 0; u < NV; ++u) {
             __m256 vv = _mm256_load_ps(vf + (int64_t)j * d + c0 + 8 * u);
             a[0][u] = _mm256_fmadd_ps(w0, vv, a[0][u]);
@@ -167,17 +161,17 @@ static const int attn_pf_blocks = 2;
                 _mm_prefetch((const char*)((base) + (int64_t)(j) * d) + o_, _MM_HINT_T0); \
     } while (0)
 
-/* online softmax of one block (AVX2 code): sc [rows][KB2] holds scores of pre-scaled queries; writes
+/* online softmax of one block (AVX2 code): sc [rows][KB] holds scores of pre-scaled queries; writes
  * each row's probabilities relative to its new running max (0 past the keys it may see), its
  * rescale factor alpha for what it summed before, and updates the running max and sum */
 static inline void softmax_block2(float* sc, int rows, const int* last, int j0, int jb, float* mx, float* den,
                                   float* alpha) {
     for (int r = 0; r < rows; ++r) {
-        float* s = sc + (int64_t)r * KB2;
+        float* s = sc + (int64_t)r * KB;
         int lim = last[r] - j0 + 1 < jb ? last[r] - j0 + 1 : jb; /* keys this row may see */
         if (lim <= 0) {
             alpha[r] = 1.0f;
-            memset(s, 0, sizeof(float) * KB2);
+            memset(s, 0, sizeof(float) * KB);
             continue;
         }
         float m = den[r] > 0.0f ? mx[r] : s[0];
@@ -193,7 +187,7 @@ static inline void softmax_block2(float* sc, int rows, const int* last, int j0, 
         }
         float zs = 0.0f;
         for (; j < lim; ++j) zs += (s[j] = expf(s[j] - m));
-        for (; j < KB2; ++j) s[j] = 0.0f;
+        for (; j < KB; ++j) s[j] = 0.0f;
         __m128 z4 = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
         z4 = _mm_add_ps(z4, _mm_movehl_ps(z4, z4));
         zs += _mm_cvtss_f32(_mm_add_ss(z4, _mm_movehdup_ps(z4)));
@@ -209,12 +203,12 @@ static int attn_item2(const attn_job* jb, int it, int h, int kvh, int d, float s
     int kh = it / splits, sp = it % splits;
     int j_lo = (int)((int64_t)nblocks * sp / splits) * KB, j_hi = (int)((int64_t)nblocks * (sp + 1) / splits) * KB;
     if (j_hi > n) j_hi = n;
-    /* qf [rows][d] (scaled), kf and vf [KB2][d], sc [rows][KB2], alpha [rows], last [rows] */
-    size_t fl = (size_t)rows * d + (size_t)KB2 * d * 2 + (size_t)rows * KB2 + 2 * (size_t)rows;
+    /* qf [rows][d] (scaled), kf and vf [KB][d], sc [rows][KB], alpha [rows], last [rows] */
+    size_t fl = (size_t)rows * d + (size_t)KB * d * 2 + (size_t)rows * KB + 2 * (size_t)rows;
     float* ws = (float*)aligned_alloc(32, (sizeof(float) * fl + 31) & ~(size_t)31);
     if (!ws) return 1;
-    float *qf = ws, *kf = qf + (size_t)rows * d, *vf = kf + (size_t)KB2 * d, *sc = vf + (size_t)KB2 * d;
-    float* alpha = sc + (size_t)rows * KB2;
+    float *qf = ws, *kf = qf + (size_t)rows * d, *vf = kf + (size_t)KB * d, *sc = vf + (size_t)KB * d;
+    float* alpha = sc + (size_t)rows * KB;
     int* last = (int*)(alpha + rows);
     float* mx = jb->part + (size_t)it * rows * (d + 2);
     float* den = mx + rows;
@@ -230,10 +224,10 @@ static int attn_item2(const attn_job* jb, int it, int h, int kvh, int d, float s
         den[r] = 0.0f;
         last[r] = n - t + r % t;
     }
-    for (int j0 = j_lo; j0 < j_hi; j0 += KB2) {
-        int jb_ = j_hi - j0 < KB2 ? j_hi - j0 : KB2, jb4 = (jb_ + 3) & ~3;
-        int jp = j0 + AVX2_PF_KEYS;
-        const uint16_t* pfk = jp + KB2 <= j_hi ? kb + (int64_t)jp * d : NULL;
+    for (int j0 = j_lo; j0 < j_hi; j0 += KB) {
+        int jb_ = j_hi - j0 < KB ? j_hi - j0 : KB, jb4 = (jb_ + 3) & ~3;
+        int jp = j0 + attn_pf_blocks * KB;
+        const uint16_t* pfk = jp + KB <= j_hi ? kb + (int64_t)jp * d : NULL;
         const uint16_t* pfv = pfk ? vb + (int64_t)jp * d : NULL;
         for (int j = 0; j < jb_; ++j) { /* this block's keys and values in fp32, once for all rows */
             PREFETCH_ROW(pfk, j);
