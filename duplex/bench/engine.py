@@ -26,7 +26,7 @@ from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker
 from duplex.engine.template import TurnTemplate
 
-__all__ = ["bench_decode", "bench_decode_rows", "bench_ttft", "memory_bound_ms"]
+__all__ = ["bench_decode", "bench_decode_rows", "bench_ttft", "fp32_gmacs", "memory_bound_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,18 @@ def bandwidth_gbps(device: torch.device, mbytes: int = 512) -> float:
     """Streaming read bandwidth (an fp32 mat-vec over ``mbytes``), best of several runs."""
     ms = memory_bound_ms(mbytes * 1_000_000, torch.float32, device)
     return mbytes / 1000 / (ms / 1000)
+
+
+def fp32_gmacs(device: torch.device, n: int = 512, k: int = 2048, reps: int = 7) -> float:
+    """Multiply-adds per second of PyTorch's own fp32 matrix product at this run's threads (best of
+    ``reps``): the rate of the fp32 arithmetic the AVX2 attention code does, as good as a tuned
+    GEMM gets it on this CPU."""
+    a = torch.randn(n, k, device=device)
+    b = torch.randn(k, n, device=device)
+    best = float("inf")
+    for _ in range(reps):
+        best = min(best, _timed(lambda: torch.mm(a, b), device))
+    return n * k * n / (best / 1000) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -361,6 +373,17 @@ def bench_ttft(model: str | None = None, device: str = "auto", dtype: str = "aut
     extra["kv_bytes_per_token"] = kv_bytes_per_token
     extra["bandwidth_gbps"] = round(gbps, 1)
     extra["memory_bound_growth_ratio"] = round((first["shared_cache_ms"] + extra_ms) / first["shared_cache_ms"], 2)
+    if attention_isa() == "avx2":
+        # where attention is fp32 multiply-adds (the AVX2 code), the extra history's arithmetic is a
+        # second floor: the hand-over's query rows against every extra key, scores and values
+        hand_over = len(states[0]["seq"].template.user.footer) + len(states[0]["seq"].template.agent.header)
+        macs = (hand_over * cfg.num_attention_heads * head_dim * 2 * cfg.num_hidden_layers
+                * (last_row["history_tokens"] - first["history_tokens"]))
+        gmacs = fp32_gmacs(lm.device)
+        compute_ms = macs / (gmacs * 1e6)
+        extra["fp32_gmacs"] = round(gmacs, 1)
+        extra["attention_extra_gmac"] = round(macs / 1e9, 3)
+        extra["compute_bound_growth_ratio"] = round((first["shared_cache_ms"] + compute_ms) / first["shared_cache_ms"], 2)
     return {
         "benchmark": "ttft", "attention": attention_isa(), **extra, "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
         "quantization": lm.quantization, "load_avg_1min": _load_avg(),
