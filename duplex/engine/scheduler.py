@@ -102,7 +102,8 @@ _FAST_MAX_TOKENS = 96
 # tokens at 2000: 600 against 249 ms). The AVX-512 code reads it once per row: 8 x 19 at 100
 # cached 98 against 214 ms, at 1000 250 against 318, 8 decode rows + 2 x 64 at 1000 217 against
 # 235; SDPA stays ahead for long rows over long caches (128 at 2000: 251 against 184 ms). The AMX
-# code (tiles for blocks of 6+ query rows) keeps the AVX-512 limit until a probe sets its own
+# code (tiles for blocks of 6+ query rows) keeps the AVX-512 limit until a probe sets its own. The
+# AVX2 code now reads the cache once per row too (2026-11-27); its limit is the one measured before
 _FAST_MAX_ATTN = {"amx-bf16": 160_000, "avx512-bf16": 160_000, "avx2": 60_000}
 
 class Scheduler:
