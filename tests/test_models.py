@@ -47,3 +47,32 @@ def test_real_model_knows_the_capital_of_france(real_lm):
             break
         ids.append(tok)
     assert "Paris" in real_lm.tokenizer.decode(ids)
+
+
+def test_the_decode_format_probe_times_the_int8_mat_vec_decode_runs_at_one_thread(monkeypatch):
+    """The int8 candidate is the C mat-vec decode steps run (PyTorch's int8pack_mm, timed before,
+    is no faster than bf16 on an AVX2 CPU, which made the pick a coin toss), every round times every
+    format, and the probe runs at one thread (a busy neighbour stalled two-thread mat-vecs at their
+    barriers and handed the pick to fp32), restoring the thread count afterwards."""
+    import torch
+
+    from duplex.engine import int8_kernel, models
+
+    calls: list[int] = []
+
+    def fake_gemv():
+        def gemv(x, w, scales):
+            calls.append(torch.get_num_threads())
+            return torch.zeros(x.shape[0], w.shape[0], dtype=torch.bfloat16)  # instant: it must win
+        return gemv
+
+    monkeypatch.setattr(int8_kernel, "int8_gemv", fake_gemv)
+    before = torch.get_num_threads()
+    models.fastest_cpu_decode_format.cache_clear()
+    try:
+        assert models.fastest_cpu_decode_format() == (torch.bfloat16, True)
+    finally:
+        models.fastest_cpu_decode_format.cache_clear()
+    assert calls and set(calls) == {1}
+    assert len(calls) == 8 * 24  # 8 rounds (one warm-up) over the 24 matrices
+    assert torch.get_num_threads() == before

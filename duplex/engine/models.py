@@ -110,6 +110,11 @@ def _has_int8_kernel() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
+def _matvec_pass(matvec: Callable[[torch.Tensor], object], mats: list[torch.Tensor]) -> None:
+    for w in mats:
+        matvec(w)
+
+
 @functools.lru_cache(maxsize=1)
 def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
     """(activation dtype, int8 weights) that decodes fastest on this CPU, measured once (~0.2 s).
@@ -117,34 +122,49 @@ def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
     Decode reads every weight once per token, so the winner depends on the machine: on one CPU
     with native bf16, int8+bf16 was 2x bf16 and fp32 beat int8+fp32; on an AMD EPYC without it,
     int8+bf16 still decoded at 50 ms/token against 100 for fp32. A static rule picks wrongly
-    somewhere, so this times mat-vecs over a weight set larger than the caches in each format.
+    somewhere, so this times mat-vecs over a weight set larger than the caches in each format
+    (int8: the C mat-vec of :mod:`duplex.engine.int8_kernel` that decode steps run).
     """
     rows, cols, n_mats = 1536, 576, 24  # SmolLM2-135M's MLP shape; 85 MB in fp32
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(rows, cols, generator=gen) for _ in range(n_mats)]
     x32 = torch.randn(1, cols, generator=gen)
-
-    def timed(matvec: Callable[[torch.Tensor], object], mats: list[torch.Tensor]) -> float:
-        """Best of 3 passes of ``matvec`` over every matrix (after one warm-up pass)."""
-        best = float("inf")
-        for i in range(4):
-            t0 = time.perf_counter()
-            for w in mats:
-                matvec(w)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        return best
-
     x16 = x32.to(torch.bfloat16)
-    candidates: dict[tuple[torch.dtype, bool], float] = {
-        (torch.float32, False): timed(lambda w: torch.nn.functional.linear(x32, w), weights),
-        (torch.bfloat16, False): timed(lambda w: torch.nn.functional.linear(x16, w),
-                                       [w.to(torch.bfloat16) for w in weights]),
-    }
+    passes: dict[tuple[torch.dtype, bool], Callable[[], object]] = {}
+    passes[(torch.float32, False)] = functools.partial(_matvec_pass, lambda w: torch.nn.functional.linear(x32, w),
+                                                       weights)
+    w16 = [w.to(torch.bfloat16) for w in weights]
+    passes[(torch.bfloat16, False)] = functools.partial(_matvec_pass, lambda w: torch.nn.functional.linear(x16, w),
+                                                        w16)
     if _has_int8_kernel():
+        from duplex.engine.int8_kernel import int8_gemv
+
         scales = torch.ones(rows, dtype=torch.bfloat16)
         w8 = [(w.clamp(-1, 1) * 127).to(torch.int8).contiguous() for w in weights]
-        candidates[(torch.bfloat16, True)] = timed(lambda w: torch._weight_int8pack_mm(x16, w, scales), w8)
+        # the mat-vec int8 decode steps really run: the C kernel where it builds. PyTorch's
+        # _weight_int8pack_mm, timed here before, is 20x slower than it on an AVX2 EPYC and no
+        # faster than the bf16 dot there, so the pick was a coin toss: served LLMs ran 3-5x
+        # slower (fp32, or bf16 without int8) after about half of the server starts
+        gemv = int8_gemv() or (lambda x, w, s: torch._weight_int8pack_mm(x, w, s))
+        passes[(torch.bfloat16, True)] = functools.partial(_matvec_pass, lambda w: gemv(x16, w, scales), w8)
+    # every round times every format, best of the rounds: a slow spell of a shared host (one
+    # format timed after the other had let one spell decide) then costs every format alike. One
+    # thread: with two, any other busy process (a voice server loads whisper and Piper meanwhile)
+    # left the OpenMP formats waiting out a descheduled thread's time slice at every mat-vec's
+    # barrier (8 ms a matrix, 190 ms a pass, where fp32's single-threaded mat-vec took 20), and
+    # the pick went to fp32; the ranking of the formats' bytes is the same at one thread
+    candidates = {fmt: float("inf") for fmt in passes}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(8):
+            for fmt, run in passes.items():
+                t0 = time.perf_counter()
+                run()
+                if i:  # the first round warms up
+                    candidates[fmt] = min(candidates[fmt], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     best = min(candidates, key=lambda k: candidates[k])
     log.info("CPU decode format: %s%s (mat-vec timings %s)", best[0], "+int8" if best[1] else "",
              {f"{d}{'+int8' if q else ''}": round(v * 1000, 2) for (d, q), v in candidates.items()})
