@@ -98,7 +98,7 @@ _FAST_MAX_TOKENS = 96
 # ...unless its attention is small: (query, cached position) pairs at most this many, where the
 # lean forward has dense weights. Eight questions starting together (8 rows x 19 tokens at 100
 # cached) took 164 ms there against 241 ms in the ragged forward with the AVX2 attention code,
-# which reads the cache once per 16 queries (8 x 19 at 1000 cached: 319 against 301 ms; 128
+# which then read the cache once per 16 queries (8 x 19 at 1000 cached: 319 against 301 ms; 128
 # tokens at 2000: 600 against 249 ms). The AVX-512 code reads it once per row: 8 x 19 at 100
 # cached 98 against 214 ms, at 1000 250 against 318, 8 decode rows + 2 x 64 at 1000 217 against
 # 235; SDPA stays ahead for long rows over long caches (128 at 2000: 251 against 184 ms). The AMX
