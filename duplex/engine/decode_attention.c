@@ -114,6 +114,16 @@ static inline __attribute__((always_inline)) void values(const float* p, const f
         for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc + (int64_t)(r0 + i) * d + c0 + 8 * u, a[i][u]);
 }
 
+/* values() for every row, 3 at a time, columns c0 .. c0 + 8 NV */
+static inline __attribute__((always_inline)) void values_rows(const float* p, const float* vf, float* acc,
+                                                              const float* alpha, int rows, int c0, int jb, int d,
+                                                              const int NV) {
+    int r = 0;
+    for (; r + 3 <= rows; r += 3) values(p, vf, acc, alpha, r, c0, jb, d, 3, NV);
+    if (rows - r == 2) values(p, vf, acc, alpha, r, c0, jb, d, 2, NV);
+    else if (rows - r == 1) values(p, vf, acc, alpha, r, c0, jb, d, 1, NV);
+}
+
 /* ---- the flash-decoding split, shared by every code ---------------------------------------------
  * A call's work is items: (KV head, key range) pairs. A row's keys are split across threads where
  * its KV heads alone would leave one idle (3 KV heads on 2 threads), each item keeps its own running
@@ -243,20 +253,9 @@ static int attn_item2(const attn_job* jb, int it, int h, int kvh, int d, float s
         if (rows - r == 2) scores(qf, kf, sc, r, jb4, d, 2);
         else if (rows - r == 1) scores(qf, kf, sc, r, jb4, d, 1);
         softmax_block2(sc, rows, last, j0, jb_, mx, den, alpha);
-        for (int c = 0; c < d;) { /* 32 columns at a time, then 8 */
-            int nv = c + 32 <= d ? 4 : 1;
-            for (r = 0; r + 3 <= rows; r += 3)
-                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 3, 4);
-                else values(sc, vf, acc, alpha, r, c, jb_, d, 3, 1);
-            if (rows - r == 2) {
-                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 2, 4);
-                else values(sc, vf, acc, alpha, r, c, jb_, d, 2, 1);
-            } else if (rows - r == 1) {
-                if (nv == 4) values(sc, vf, acc, alpha, r, c, jb_, d, 1, 4);
-                else values(sc, vf, acc, alpha, r, c, jb_, d, 1, 1);
-            }
-            c += 8 * nv;
-        }
+        int c = 0;
+        for (; c + 32 <= d; c += 32) values_rows(sc, vf, acc, alpha, rows, c, jb_, d, 4);
+        for (; c < d; c += 8) values_rows(sc, vf, acc, alpha, rows, c, jb_, d, 1);
     }
     free(ws);
     return 0;

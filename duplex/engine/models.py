@@ -117,7 +117,7 @@ def _matvec_pass(matvec: Callable[[torch.Tensor], object], mats: list[torch.Tens
 
 @functools.lru_cache(maxsize=1)
 def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
-    """(activation dtype, int8 weights) that decodes fastest on this CPU, measured once (~0.2 s).
+    """(activation dtype, int8 weights) that decodes fastest on this CPU, measured once (about 1 s).
 
     Decode reads every weight once per token, so the winner depends on the machine: on one CPU
     with native bf16, int8+bf16 was 2x bf16 and fp32 beat int8+fp32; on an AMD EPYC without it,
@@ -143,8 +143,8 @@ def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
         w8 = [(w.clamp(-1, 1) * 127).to(torch.int8).contiguous() for w in weights]
         # the mat-vec int8 decode steps really run: the C kernel where it builds. PyTorch's
         # _weight_int8pack_mm, timed here before, is 20x slower than it on an AVX2 EPYC and no
-        # faster than the bf16 dot there, so the pick was a coin toss: served LLMs ran 3-5x
-        # slower (fp32, or bf16 without int8) after about half of the server starts
+        # faster than the bf16 dot there, so the pick was a coin toss (5 of 8 picks went to fp32
+        # or plain bf16 while a bench ran), and served LLMs then ran 3-5x slower
         gemv = int8_gemv() or (lambda x, w, s: torch._weight_int8pack_mm(x, w, s))
         passes[(torch.bfloat16, True)] = functools.partial(_matvec_pass, lambda w: gemv(x16, w, scales), w8)
     # every round times every format, best of the rounds: a slow spell of a shared host (one
