@@ -481,6 +481,63 @@ def test_urgent_requests_run_in_an_express_tick_and_the_next_tick_takes_everyone
         sched.close()
 
 
+def test_a_reply_waiting_for_its_first_words_rides_with_pieces_of_prefill_not_whole_turns(tiny_lm: LoadedModel) -> None:
+    """While an urgent decode row is pending (a reply one step from its first words), the short
+    prefills of that tick take at most ``first_words_tokens`` in all, split into pieces whose last
+    keeps the logits; without such a row they run whole, as many as ``burst_tokens`` allows.
+    Checked on the plan, by rows and tokens."""
+    from duplex.engine.scheduler import Scheduler
+    from duplex.engine.scheduler_work import Request as _Request
+
+    sched = Scheduler(tiny_lm.model, mode="batched", chunk_tokens=64, first_words_tokens=16)
+    try:
+        now = __import__("time").perf_counter()
+
+        def request(n: int, urgent: bool = True) -> _Request:
+            return _Request(object(), [1] * n, 0, 1, None, lambda *a: None, job=True, urgent=urgent, arrived=now)
+
+        def run(plan: list) -> None:  # what _execute and _finish_tick do to the requests
+            for r, n, offset in plan:
+                assert offset == r.done
+                r.done += n
+                if r.done == len(r.ids):
+                    sched._pending.remove(r)
+                elif not r.decode:
+                    sched._served[id(r.owner)] = sched.stats.ticks
+            sched.stats.ticks += 1
+
+        first_step, question, other = request(1), request(40), request(20)
+        with sched._lock:
+            sched._pending = [first_step, question, other]
+            plan = sched._plan()
+            assert [(r is first_step, n) for r, n, _ in plan] == [(True, 1), (False, 16)]
+            assert plan[1][0] is question
+            run(plan)
+            assert first_step not in sched._pending and question.done == 16
+            # the next step of that reply is pending again: the split turn keeps its place (arrival order)
+            step2 = request(1)
+            sched._pending.append(step2)
+            plan = sched._plan()
+            assert [(r, n) for r, n, _ in plan] == [(step2, 1), (question, 16)]
+            run(plan)
+            # first words out: no urgent decode row, so the rest of both run whole in one tick
+            plan = sched._plan()
+            assert [(r, n) for r, n, _ in plan] == [(question, 8), (other, 20)]
+            run(plan)
+            assert sched._pending == []
+            # a turn whose last piece would be its logits position alone still ends on that position
+            step3, short = request(1), request(17)
+            sched._pending = [step3, short]
+            plan = sched._plan()
+            assert [(r, n) for r, n, _ in plan] == [(step3, 1), (short, 16)]
+            run(plan)
+            assert short.done == 16 and len(short.ids) - short.done == short.keep
+    finally:
+        with sched._lock:
+            sched._pending = []  # made-up requests: nothing for the scheduler thread to run
+        sched.close()
+
+
 async def test_a_reply_started_urgently_while_others_stream_decodes_as_it_would_alone(tiny_lm: LoadedModel) -> None:
     """Two sessions stream while a third hands over and takes its first steps as urgent jobs:
     its tokens are those it gets alone, express ticks hold urgent rows only, and a streaming

@@ -38,6 +38,11 @@ the gather wait. The tick after an express tick that left requests out takes eve
 streaming session's next token waits at most one express tick more; it is already ahead of its
 listener, while the first words of a reply are what the user is waiting for.
 
+While a reply is a decode step from its first words (an urgent decode row is pending), a tick's
+prefill rows take at most ``first_words_tokens`` (16) in all, short turns split into pieces in
+arrival order: on a CPU where prefill costs milliseconds a token, whole turns of others' words in
+that tick held the first words of a soak's talkers for 250-450 ms (``duplex bench soak``).
+
 So a long prefill delays another session's next token by at most one tick, whose long-prefill
 part is bounded by ``chunk_tokens`` (turns that start together may add up to ``burst_tokens`` of
 short ones: what their first tokens wait for), plus one express tick; and decoders share the
@@ -111,7 +116,8 @@ class Scheduler:
 
     def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
                  init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096,
-                 burst_tokens: int | None = None, before_tick: Callable[[], None] | None = None) -> None:
+                 burst_tokens: int | None = None, before_tick: Callable[[], None] | None = None,
+                 first_words_tokens: int = 16) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk_tokens < 1:
@@ -121,6 +127,8 @@ class Scheduler:
         self.chunk_tokens = chunk_tokens
         # short prefills (each at most chunk_tokens) one tick takes in all; default 4 chunks
         self.burst_tokens = max(chunk_tokens, burst_tokens if burst_tokens is not None else 4 * chunk_tokens)
+        # prefill tokens a tick takes in all while a reply's first words wait for a decode step
+        self.first_words_tokens = max(1, first_words_tokens)
         self.stats = SchedulerStats()
         self.trace: deque[TickRecord] = deque(maxlen=trace_len)
         self._init_thread = init_thread or (lambda: None)
@@ -395,15 +403,20 @@ class Scheduler:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
         to ``burst_tokens`` in all), then pieces of long prefills round robin, with the short ones
         at most ``chunk_tokens`` in all; while anyone speaks, long prefills add at most
-        ``TickPacer.PACE - 1`` times the decode rows' own cost."""
+        ``TickPacer.PACE - 1`` times the decode rows' own cost; while a reply waits for its first
+        words, all prefill rows together at most ``first_words_tokens``."""
         pool = self._pending
         urgent = [r for r in pool if r.urgent]
         if urgent and len(urgent) < len(pool) and not self._left_out:
             pool = urgent  # an express tick; the next one takes everyone
         self._left_out = pool is not self._pending
         plan = [(r, 1, 0) for r in pool if r.decode]
+        # short prefills in arrival order (one split into pieces keeps its place: turns of about
+        # equal size finish soonest on average one after another, not sharing ticks); long ones
+        # round robin, least recently served first, so one huge prompt cannot hold back another
         prefills = sorted((r for r in pool if not r.decode),
-                          key=lambda r: (self._served.get(id(r.owner), -1), r.order))
+                          key=lambda r: (0, r.order) if len(r.ids) <= self.chunk_tokens
+                          else (1, self._served.get(id(r.owner), -1), r.order))
         budget = self.chunk_tokens
         tick = self.stats.ticks
         now = time.perf_counter()
@@ -427,17 +440,31 @@ class Scheduler:
         # short prefills first (a user's words, a turn hand-over: at most chunk_tokens each), whole:
         # what someone's first reply token waits for. Many arriving at once share this tick up to
         # burst_tokens (a tick per chunk_tokens would add a tick to most of their replies); long
-        # prefills' pieces then take what is left of chunk_tokens
+        # prefills' pieces then take what is left of chunk_tokens.
+        # But while some reply's first words are a decode step away (an urgent decode row), that
+        # row must not wait for whole turns of others' prefill: the prefill rows then take at most
+        # first_words_tokens in all, in pieces (a turn split this way costs its own user a tick
+        # or two of decode rows; the rows waiting for first words save all but that piece)
+        first_words = any(r.urgent and r.decode for r in pool)
         burst = self.burst_tokens
+        if first_words:
+            burst = budget = min(burst, budget, self.first_words_tokens)
         longs = []
         for r in prefills:
             if len(r.ids) > self.chunk_tokens:
                 longs.append(r)
-            elif len(r.ids) <= burst or first:  # (a short one is never split: r.done == 0)
-                plan.append((r, len(r.ids), 0))
-                burst -= len(r.ids)
-                budget -= len(r.ids)
-                first = False
+                continue
+            remaining = len(r.ids) - r.done
+            if remaining <= burst or (first and not first_words):
+                n = remaining
+            else:
+                n = min(burst, remaining - r.keep)  # the positions that need logits stay in the last piece
+                if not first_words or n < 1 or (not first and n < _MIN_PIECE):
+                    continue
+            plan.append((r, n, r.done))
+            burst -= n
+            budget -= n
+            first = False
         for r in longs:
             if budget <= 0:
                 break
