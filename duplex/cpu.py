@@ -30,9 +30,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["SPEECH_STAGES", "SpeechStages", "llm_borrows_cores", "llm_threads", "speech_stage", "stage_threads"]
+__all__ = ["SPEECH_STAGES", "SpeechStages", "llm_borrows_cores", "llm_threads", "speech_stage", "stage_threads",
+           "time_interleaved"]
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class SpeechStages:
@@ -98,3 +100,31 @@ def llm_borrows_cores(threads: int) -> bool:
     ``$DUPLEX_LLM_BORROW_CORES`` is not ``0``."""
     return (threads < (os.cpu_count() or 1) and not os.environ.get("DUPLEX_TORCH_THREADS", "").strip()
             and os.environ.get("DUPLEX_LLM_BORROW_CORES", "1").strip() != "0")
+
+
+def time_interleaved(candidates: dict[K, Callable[[], object]], rounds: int = 8) -> dict[K, float]:
+    """Best seconds of each candidate over ``rounds`` rounds (the first one a warm-up, untimed),
+    every round timing every candidate, at one torch/OpenMP thread: what a load-time probe that
+    picks a kernel needs on a shared host. Timed one after another, a slow spell decided the pick;
+    with two threads, any other busy process (a voice server loads whisper and Piper meanwhile)
+    left an OpenMP candidate waiting out a descheduled thread's time slice at every barrier, and
+    the decode-format probe picked a format 3-5x slower in 5 of 8 tries under load."""
+    import time
+
+    import torch
+
+    if rounds < 2:
+        raise ValueError("rounds must be >= 2 (the first one warms up)")
+    best = {key: float("inf") for key in candidates}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(rounds):
+            for key, run in candidates.items():
+                t0 = time.perf_counter()
+                run()
+                if i:
+                    best[key] = min(best[key], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from duplex.cpu import stage_threads
+from duplex.cpu import stage_threads, time_interleaved
 
 
 def test_half_the_cores_at_least_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,3 +95,43 @@ def test_a_voice_engine_borrows_every_core_while_no_speech_stage_runs(tiny_lm, m
         assert fixed.tick_threads() == 2
     finally:
         fixed.close()
+
+
+def test_interleaved_timing_takes_each_candidates_best_round_after_the_warm_up_at_one_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every round times every candidate (a slow spell then costs all of them alike), the first round
+    is not counted, the candidates run at one thread, and the thread count comes back. A fake clock:
+    each candidate advances it by its cost in that round."""
+    import time
+
+    clock = [0.0]
+    costs = {"a": [100.0, 5.0, 3.0, 4.0], "b": [1.0, 9.0, 8.0, 7.0]}
+    order: list[tuple[str, int]] = []
+
+    def candidate(key: str):
+        def run() -> None:
+            order.append((key, torch.get_num_threads()))
+            clock[0] += costs[key][sum(k == key for k, _ in order) - 1]
+        return run
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        best = time_interleaved({"a": candidate("a"), "b": candidate("b")}, rounds=4)
+        assert best == {"a": 3.0, "b": 7.0}
+        assert [k for k, _ in order] == ["a", "b"] * 4
+        assert {t for _, t in order} == {1}
+        assert torch.get_num_threads() == 2
+
+        def broken() -> None:
+            raise RuntimeError("kernel failed")
+
+        with pytest.raises(RuntimeError):
+            time_interleaved({"x": broken})
+        assert torch.get_num_threads() == 2  # restored on an error too
+        with pytest.raises(ValueError):
+            time_interleaved({"a": candidate("a")}, rounds=1)
+    finally:
+        torch.set_num_threads(before)
+

@@ -46,6 +46,35 @@ def test_the_probe_can_be_forced(monkeypatch):
     dense_matmul_pays.cache_clear()
 
 
+def test_the_probe_times_both_products_in_every_round_at_one_thread(monkeypatch):
+    """Like the decode-format probe: one after another at the stage's threads, a busy neighbour
+    decided the pick; now every round times the int8 and the dense product, at one thread."""
+    import types
+
+    from duplex.engine import quant
+
+    calls: list[tuple[str, int]] = []
+
+    def fake_int8(x, w, scales, dense=None):
+        calls.append(("int8", torch.get_num_threads()))
+
+    def fake_linear(x, w):
+        calls.append(("dense", torch.get_num_threads()))
+
+    monkeypatch.delenv("DUPLEX_DENSE_PREFILL", raising=False)
+    monkeypatch.setattr(quant, "int8_matmul", fake_int8)
+    monkeypatch.setattr(quant, "F", types.SimpleNamespace(linear=fake_linear))
+    before = torch.get_num_threads()
+    dense_matmul_pays.cache_clear()
+    try:
+        assert isinstance(dense_matmul_pays(torch.bfloat16), bool)
+    finally:
+        dense_matmul_pays.cache_clear()
+    assert [k for k, _ in calls] == ["int8", "dense"] * 6
+    assert {t for _, t in calls} == {1}
+    assert torch.get_num_threads() == before
+
+
 @pytest.fixture(scope="module")
 def dense_lm():
     lm = load_model("tiny", device="cpu", dtype="bfloat16", quantize="int8")

@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from duplex.cpu import time_interleaved
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -147,24 +148,10 @@ def fastest_cpu_decode_format() -> tuple[torch.dtype, bool]:
         # or plain bf16 while a bench ran), and served LLMs then ran 3-5x slower
         gemv = int8_gemv() or (lambda x, w, s: torch._weight_int8pack_mm(x, w, s))
         passes[(torch.bfloat16, True)] = functools.partial(_matvec_pass, lambda w: gemv(x16, w, scales), w8)
-    # every round times every format, best of the rounds: a slow spell of a shared host (one
-    # format timed after the other had let one spell decide) then costs every format alike. One
-    # thread: with two, any other busy process (a voice server loads whisper and Piper meanwhile)
-    # left the OpenMP formats waiting out a descheduled thread's time slice at every mat-vec's
-    # barrier (8 ms a matrix, 190 ms a pass, where fp32's single-threaded mat-vec took 20), and
-    # the pick went to fp32; the ranking of the formats' bytes is the same at one thread
-    candidates = {fmt: float("inf") for fmt in passes}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i in range(8):
-            for fmt, run in passes.items():
-                t0 = time.perf_counter()
-                run()
-                if i:  # the first round warms up
-                    candidates[fmt] = min(candidates[fmt], time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
+    # one thread, every round timing every format (see time_interleaved: timed one after another at
+    # two threads, a busy neighbour handed the pick to fp32); the ranking of the formats' bytes is
+    # the same at one thread
+    candidates = time_interleaved(passes, rounds=8)
     best = min(candidates, key=lambda k: candidates[k])
     log.info("CPU decode format: %s%s (mat-vec timings %s)", best[0], "+int8" if best[1] else "",
              {f"{d}{'+int8' if q else ''}": round(v * 1000, 2) for (d, q), v in candidates.items()})

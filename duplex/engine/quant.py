@@ -3,9 +3,10 @@
 Decode is memory-bound: each token reads every weight once. Int8 weights halve the bytes of bf16.
 Activations stay in the model dtype. Embedding lookups stay unquantized (one row per token).
 Decode steps (up to 16 rows, bf16 activations, CPU) run the C mat-vec of
-:mod:`duplex.engine.int8_kernel`, which quantizes the activations per block of 32 (llama.cpp's
-Q8_0; within 2 % of the exact product, ~0.5 % typical) and streams the weights at memory speed;
-longer inputs (prefill, ticks that batch many sessions) are compute-bound, not memory-bound:
+:mod:`duplex.engine.int8_kernel`, which rounds each activation row to int16 with one scale
+(exact integer sums; the error is below the bf16 rounding the inputs already carry) and streams
+the weights at memory speed (the engine's lean forward, :mod:`duplex.engine.fast_decode`, calls
+the same kernels fused with their norms for ticks of up to ~96 tokens); longer inputs (prefill, ticks that batch many sessions) are compute-bound, not memory-bound:
 where the CPU multiplies bf16 matrices fast (AMX or AVX512-BF16 through oneDNN) they run on a
 dequantized bf16 copy of the weights (:func:`add_dense_weights`, chosen by a probe at load: 4-8x
 PyTorch's ``_weight_int8pack_mm`` at 64-256 rows on an AMX Xeon), elsewhere on
@@ -17,12 +18,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from duplex.cpu import time_interleaved
 
 __all__ = ["DENSE_MIN_ROWS", "Int8WeightOnlyLinear", "add_dense_weights", "decode_bytes_per_token",
            "dense_matmul_pays", "int8_matmul", "quantize_int8", "torch_int8_mm"]
@@ -59,7 +61,7 @@ def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor
                 dense: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ (weight_int8 [N, K] * scales [N]).T`` in ``x``'s dtype. A few tokens (decode
     steps, batched or not) take the faster mat-vec of duplex.engine.int8_kernel (activations
-    rounded to 8 bits per block of 32; ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's exact result);
+    rounded to int16 per row; ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's arithmetic);
     from :data:`DENSE_MIN_ROWS` rows, ``dense`` (those weights dequantized), where given.
     ``weight_int8`` must lie in [-127, 127] (what :class:`Int8WeightOnlyLinear` stores)."""
     shape = x.shape
@@ -113,8 +115,9 @@ def add_dense_weights(model: nn.Module) -> int:
 @functools.cache
 def dense_matmul_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether, on this CPU, a 64-row product with dense ``dtype`` weights is at least 1.5x
-    faster than the int8 kernel prefill would take (a probe of a few ms; ``DUPLEX_DENSE_PREFILL``
-    = 1 or 0 overrides). Without a matrix engine bf16 products are emulated and slower."""
+    faster than the int8 kernel prefill would take (a probe of a few ms at one thread;
+    ``DUPLEX_DENSE_PREFILL`` = 1 or 0 overrides). Without a matrix engine bf16 products are
+    emulated and slower."""
     forced = os.environ.get("DUPLEX_DENSE_PREFILL", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -124,18 +127,12 @@ def dense_matmul_pays(dtype: torch.dtype = torch.bfloat16) -> bool:
     dense = w.to(dtype) * scales[:, None]
     x = torch.randn(64, 576, generator=gen).to(dtype)
 
-    def best(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     with torch.inference_mode():
-        int8_s = best(lambda: int8_matmul(x, w, scales))
-        dense_s = best(lambda: F.linear(x, dense))
+        # one thread, every round timing both (see time_interleaved): the decode-format probe,
+        # timed one after another at the stage's threads, picked wrongly under a busy neighbour
+        times = time_interleaved({"int8": lambda: int8_matmul(x, w, scales), "dense": lambda: F.linear(x, dense)},
+                                 rounds=6)
+    int8_s, dense_s = times["int8"], times["dense"]
     pays = dense_s * 1.5 <= int8_s
     log.info("64-row product: dense %s %.2f ms, int8 %.2f ms: dense prefill %s", dtype, dense_s * 1e3,
              int8_s * 1e3, "on" if pays else "off")
