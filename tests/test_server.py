@@ -98,6 +98,10 @@ async def test_static_page_and_health(make_server) -> None:
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok" and health["sessions"] == 0
     assert {"ticks", "express_ticks", "prefill_tokens"} <= set(health["engine"])
+    kernels = health["kernels"]  # what runs the forwards: the model, its format, threads, the C kernels' code
+    assert kernels["model"] and kernels["device"] == "cpu" and kernels["scheduler"] in ("batched", "chunked", "fifo")
+    assert kernels["threads"] >= 1 and kernels["threads_while_no_speech_stage"] >= kernels["threads"]
+    assert "attention_isa" in kernels and kernels["first_words_tokens"] >= 1
 
 
 async def test_text_reply_streams_and_matches_done(make_server) -> None:

@@ -37,6 +37,7 @@ from duplex.bench.servers import (
     server_health,
 )
 from duplex.bench.soak_report import SeqLedger, percentile, plot_rss, rss_stats, targets
+from duplex.bench.ticks import summarize_tick_log
 from duplex.serving.client import DuplexClient, DuplexClientError, ResumeError
 
 __all__ = ["SoakConfig", "bench_soak", "read_rss_kib", "run_kind"]
@@ -393,7 +394,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
                 c.url, c.offset = url, c.index - n_talkers
             stop = asyncio.Event()
             engine_start = ((await asyncio.to_thread(server_health, url)) or {}).get("engine") or {}
-            t_soak = time.monotonic()
+            t_soak, pc_soak = time.monotonic(), time.perf_counter()
             sampler.soak_start_s = round(t_soak - sampler.t0, 2)
             tasks = [asyncio.ensure_future(_client_loop(c, stop, stats.first_text_ms)) for c in clients]
             try:
@@ -407,8 +408,9 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
             finally:
                 stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            soak_s = time.monotonic() - t_soak
-            engine_end = ((await asyncio.to_thread(server_health, url)) or {}).get("engine") or {}
+            soak_s, pc_soak_end = time.monotonic() - t_soak, time.perf_counter()
+            health_end = (await asyncio.to_thread(server_health, url)) or {}
+            engine_end = health_end.get("engine") or {}
             engine = {k: v - engine_start.get(k, 0) for k, v in engine_end.items() if k != "max_rows"}
             await asyncio.sleep(1.0)
             await asyncio.to_thread(sampler.sample)  # after every client closed
@@ -424,6 +426,11 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
     result = _result(cfg, stats, sampler, server_info, machine, soak_s, time.monotonic() - t_start, held_after)
     # how the engine spent the soak (the server's /healthz counters; empty for an older server)
     result["engine_during_soak"] = engine
+    result["server_kernels"] = health_end.get("kernels") or {}  # what ran the forwards (Engine.describe)
+    tick_log = os.environ.get("DUPLEX_TICK_LOG", "").strip()
+    if tick_log and Path(tick_log).is_file():  # the server (started with this environment) logged its ticks
+        _progress(f"reading the tick log {tick_log}")
+        result["tick_log"] = {"path": tick_log, **summarize_tick_log(tick_log, since=pc_soak, until=pc_soak_end)}
     return result
 
 

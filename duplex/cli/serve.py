@@ -102,6 +102,11 @@ async def run_server(args: argparse.Namespace) -> int:
                                                                   quantize=None if quantize == "none" else quantize,
                                                                   threads=_llm_threads(args),
                                                                   scheduler=getattr(args, "scheduler", None)))
+    k = engine.describe()
+    print(f"engine: {k['model']} on {k['device']}, {k['dtype']}{'+' + k['quantization'] if k['quantization'] else ''}, "
+          f"{k['threads']} thread(s) ({k['threads_while_no_speech_stage']} while no speech stage runs), "
+          f"attention {k.get('attention_isa') or 'torch'}"
+          + (f", int8 {k['int8_kernel']} ({k['int8_isa']})" if k.get("int8_kernel") else ""), file=sys.stderr)
     tts, asr = await loop.run_in_executor(None, _load_audio, args)
     token = getattr(args, "auth_token", None) or os.environ.get("DUPLEX_AUTH_TOKEN") or None
     config = voice_config_from_args(args)

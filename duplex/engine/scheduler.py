@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -73,6 +74,7 @@ from duplex.engine.scheduler_work import (
     Request,
     RowRecord,
     SchedulerStats,
+    TickLog,
     TickRecord,
     TickStep,
 )
@@ -117,7 +119,7 @@ class Scheduler:
     def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
                  init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096,
                  burst_tokens: int | None = None, before_tick: Callable[[], None] | None = None,
-                 first_words_tokens: int = 16) -> None:
+                 first_words_tokens: int = 16, tick_log: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk_tokens < 1:
@@ -160,6 +162,9 @@ class Scheduler:
         self._last_tick_s = 0.0
         self._batching = mode == "batched"
         self._closing = False
+        # every tick as a JSON line, for `duplex bench ticks` (where first words wait, and for what)
+        path = tick_log if tick_log is not None else os.environ.get("DUPLEX_TICK_LOG", "").strip() or None
+        self._tick_log = TickLog(path) if path else None
         if self._batching:
             register()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
@@ -556,9 +561,14 @@ class Scheduler:
     def _finish_tick(self, tick: int, plan: list[tuple[Request, int, int]], forwards: int,
                      seconds: float) -> None:  # under _lock
         now = time.perf_counter()
-        records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick, r.urgent)
+        started = now - seconds
+        records = tuple(RowRecord(id(r.owner), n, r.start_pos + offset, r.decode, tick - r.submitted_tick, r.urgent,
+                                  max(0.0, started - r.arrived))
                         for r, n, offset in plan)
-        self.trace.append(TickRecord(tick, records, forwards, seconds, self._left_out))
+        record = TickRecord(tick, records, forwards, seconds, self._left_out, now)
+        self.trace.append(record)
+        if self._tick_log is not None:
+            self._tick_log.add(record)
         s = self.stats
         s.ticks += 1
         s.express_ticks += self._left_out
@@ -612,3 +622,5 @@ class Scheduler:
         for thread in [self._thread, *self._workers]:
             if thread is not me:
                 thread.join()
+        if self._tick_log is not None:
+            self._tick_log.close()

@@ -7,7 +7,10 @@ can be read without the scheduling itself.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ class RowRecord:
     decode: bool
     waited_ticks: int
     urgent: bool = False
+    waited_s: float = 0.0  # from its request's arrival to the start of this tick (diagnostics)
     type: str = "row"
 
 
@@ -42,6 +46,7 @@ class TickRecord:
     forwards: int  # model calls in this tick: 1 when batched
     seconds: float = 0.0  # wall time of its forwards (diagnostics; tests count rows, not time)
     express: bool = False  # urgent rows only, others left for the next tick
+    ended: float = 0.0  # time.perf_counter() when its forwards ended (diagnostics)
     type: str = "tick"
 
     @property
@@ -108,3 +113,40 @@ class TickStep(Protocol):
 
     def call(self) -> Any:
         """The same job as a plain one on a worker thread (its forward a request like any other)."""
+
+
+class TickLog:
+    """Every tick as one JSON line (``$DUPLEX_TICK_LOG``, read by :mod:`duplex.bench.ticks`): where a
+    reply's first words waited under load, and behind what, without a debugger. Written by the
+    tick's thread (buffered, flushed about once a second); a failed write turns it off with a
+    warning rather than failing the tick."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: Any = open(path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - kept open
+        self._flushed = time.monotonic()
+
+    def add(self, tick: TickRecord) -> None:
+        if self._file is None:
+            return
+        rows = [[r.owner, r.tokens, r.start_pos, int(r.decode), int(r.urgent), round(r.waited_s, 5)] for r in tick.rows]
+        line = json.dumps({"tick": tick.tick, "ended": round(tick.ended, 5), "seconds": round(tick.seconds, 5),
+                           "express": int(tick.express), "rows": rows}, separators=(",", ":"))
+        try:
+            self._file.write(line + "\n")
+            now = time.monotonic()
+            if now - self._flushed > 1.0:
+                self._file.flush()
+                self._flushed = now
+        except OSError as exc:
+            logging.getLogger(__name__).warning("tick log %s: %s; not logging ticks any more", self.path, exc)
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass
+

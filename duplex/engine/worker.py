@@ -44,7 +44,8 @@ class Engine:
 
     ``scheduler``: ``batched`` (default; one forward per tick over all sessions), ``chunked``
     (the same fair order, one forward per session) or ``fifo`` (the old single worker), also from
-    ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``);
+    ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``;
+    ``$DUPLEX_FIRST_WORDS_TOKENS``: those of a tick while a reply waits for its first words);
     ``borrow_cores``: with fewer ``threads`` than cores, take them all while no speech stage runs
     (:mod:`duplex.cpu`; ``$DUPLEX_LLM_BORROW_CORES=0`` turns it off too).
     """
@@ -62,6 +63,7 @@ class Engine:
             chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,
             init_thread=self._init_worker, name=f"duplex-{lm.device.type}",
             before_tick=self._tick_threads if self._borrow else None,
+            first_words_tokens=int(os.environ.get("DUPLEX_FIRST_WORDS_TOKENS", "0")) or 16,
         )
         self._closed = False
         if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
@@ -95,6 +97,28 @@ class Engine:
     @property
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats
+
+    def describe(self) -> dict[str, Any]:
+        """What runs this engine's forwards (model, format, threads, the C kernels' instruction
+        sets), for ``/healthz`` and the benchmarks' JSON: a slow server can then be told apart from
+        one that picked a slow kernel at load, as the decode-format probe once did under load."""
+        lm = self.lm
+        out: dict[str, Any] = {
+            "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+            "quantization": lm.quantization, "threads": self._threads,
+            "threads_while_no_speech_stage": self._all_threads if self._borrow else self._threads,
+            "scheduler": self.scheduler.mode, "chunk_tokens": self.scheduler.chunk_tokens,
+            "first_words_tokens": self.scheduler.first_words_tokens,
+        }
+        if lm.device.type == "cpu":
+            from duplex.engine.attention import attention_isa
+            from duplex.engine.int8_kernel import kernel_choice, q16_isa
+
+            out["attention_isa"] = attention_isa()
+            if lm.quantization == "int8":
+                out["int8_kernel"] = kernel_choice()
+                out["int8_isa"] = q16_isa()
+        return out
 
     def new_sequence(self, config: SequenceConfig | None = None) -> SharedSequence:
         """An empty sequence sharing this engine's model (no model call yet); its forwards go

@@ -418,13 +418,15 @@ class DuplexServer:
         return self._static(path)
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: sessions held, the cap, and the engine scheduler's counters (ticks,
+        """``GET /healthz``: sessions held, the cap, the engine scheduler's counters (ticks,
         express ticks, rows, prefill tokens since start), so a load run can see how the engine
-        spent its ticks without a debugger."""
+        spent its ticks without a debugger, and what runs the forwards (``kernels``:
+        :meth:`~duplex.engine.worker.Engine.describe`)."""
         stats = getattr(self.engine, "stats", None)
         engine = {k: v for k, v in dataclasses.asdict(stats).items() if k != "type"} if dataclasses.is_dataclass(stats) else {}
+        describe = getattr(self.engine, "describe", None)
         return {"status": "ok", "sessions": len(self.sessions), "max_sessions": self.admission.max_sessions,
-                "engine": engine}
+                "engine": engine, "kernels": describe() if callable(describe) else {}}
 
     def _static(self, path: str) -> Response:
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
