@@ -532,6 +532,12 @@ def test_a_reply_waiting_for_its_first_words_rides_with_pieces_of_prefill_not_wh
             assert [(r, n) for r, n, _ in plan] == [(step3, 1), (short, 16)]
             run(plan)
             assert short.done == 16 and len(short.ids) - short.done == short.keep
+            run(sched._plan())
+            # without the limit (first_words_tokens None, the behaviour before it) turns run whole
+            sched.first_words_tokens = None
+            step4, whole = request(1), request(40)
+            sched._pending = [step4, whole]
+            assert [(r, n) for r, n, _ in sched._plan()] == [(step4, 1), (whole, 40)]
     finally:
         with sched._lock:
             sched._pending = []  # made-up requests: nothing for the scheduler thread to run
@@ -578,3 +584,18 @@ async def test_a_reply_started_urgently_while_others_stream_decodes_as_it_would_
         assert engine.stats.express_ticks == sum(t.express for t in ticks)
     finally:
         engine.close()
+
+
+def test_the_first_words_limit_comes_from_the_environment(monkeypatch) -> None:
+    from duplex.engine.worker import _first_words_tokens
+
+    monkeypatch.delenv("DUPLEX_FIRST_WORDS_TOKENS", raising=False)
+    assert _first_words_tokens() == 16
+    monkeypatch.setenv("DUPLEX_FIRST_WORDS_TOKENS", "8")
+    assert _first_words_tokens() == 8
+    monkeypatch.setenv("DUPLEX_FIRST_WORDS_TOKENS", "off")
+    assert _first_words_tokens() is None
+    monkeypatch.setenv("DUPLEX_FIRST_WORDS_TOKENS", "many")
+    with pytest.raises(ValueError, match="DUPLEX_FIRST_WORDS_TOKENS"):
+        _first_words_tokens()
+

@@ -119,7 +119,7 @@ class Scheduler:
     def __init__(self, model: Any, mode: str = "batched", chunk_tokens: int = 64,
                  init_thread: Callable[[], None] | None = None, name: str = "duplex", trace_len: int = 4096,
                  burst_tokens: int | None = None, before_tick: Callable[[], None] | None = None,
-                 first_words_tokens: int = 16, tick_log: str | None = None) -> None:
+                 first_words_tokens: int | None = 16, tick_log: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, not {mode!r}")
         if chunk_tokens < 1:
@@ -130,7 +130,8 @@ class Scheduler:
         # short prefills (each at most chunk_tokens) one tick takes in all; default 4 chunks
         self.burst_tokens = max(chunk_tokens, burst_tokens if burst_tokens is not None else 4 * chunk_tokens)
         # prefill tokens a tick takes in all while a reply's first words wait for a decode step
-        self.first_words_tokens = max(1, first_words_tokens)
+        # (None: no such limit, the behaviour before it; for A/B runs)
+        self.first_words_tokens = None if first_words_tokens is None else max(1, first_words_tokens)
         self.stats = SchedulerStats()
         self.trace: deque[TickRecord] = deque(maxlen=trace_len)
         self._init_thread = init_thread or (lambda: None)
@@ -450,9 +451,10 @@ class Scheduler:
         # row must not wait for whole turns of others' prefill: the prefill rows then take at most
         # first_words_tokens in all, in pieces (a turn split this way costs its own user a tick
         # or two of decode rows; the rows waiting for first words save all but that piece)
-        first_words = any(r.urgent and r.decode for r in pool)
+        first_words = self.first_words_tokens is not None and any(r.urgent and r.decode for r in pool)
         burst = self.burst_tokens
         if first_words:
+            assert self.first_words_tokens is not None
             burst = budget = min(burst, budget, self.first_words_tokens)
         longs = []
         for r in prefills:

@@ -39,13 +39,25 @@ T = TypeVar("T")
 _SWITCH_INTERVAL_S = 0.0005
 
 
+def _first_words_tokens() -> int | None:
+    """``$DUPLEX_FIRST_WORDS_TOKENS``: a token count, ``off`` (None), or unset (16)."""
+    value = os.environ.get("DUPLEX_FIRST_WORDS_TOKENS", "").strip().lower()
+    if value in ("off", "none"):
+        return None
+    try:
+        return max(1, int(value)) if value else 16
+    except ValueError as exc:
+        raise ValueError(f"$DUPLEX_FIRST_WORDS_TOKENS must be a token count or 'off', not {value!r}") from exc
+
+
 class Engine:
     """One loaded model + its scheduler. Create sequences with :meth:`new_sequence`.
 
     ``scheduler``: ``batched`` (default; one forward per tick over all sessions), ``chunked``
     (the same fair order, one forward per session) or ``fifo`` (the old single worker), also from
     ``$DUPLEX_SCHEDULER``; ``chunk_tokens``: the prefill tokens per tick (``$DUPLEX_PREFILL_CHUNK``;
-    ``$DUPLEX_FIRST_WORDS_TOKENS``: those of a tick while a reply waits for its first words);
+    ``$DUPLEX_FIRST_WORDS_TOKENS``: those of a tick while a reply waits for its first words, 16;
+    ``off`` for no such limit);
     ``borrow_cores``: with fewer ``threads`` than cores, take them all while no speech stage runs
     (:mod:`duplex.cpu`; ``$DUPLEX_LLM_BORROW_CORES=0`` turns it off too).
     """
@@ -63,7 +75,7 @@ class Engine:
             chunk_tokens=chunk_tokens or int(os.environ.get("DUPLEX_PREFILL_CHUNK", "0")) or 64,
             init_thread=self._init_worker, name=f"duplex-{lm.device.type}",
             before_tick=self._tick_threads if self._borrow else None,
-            first_words_tokens=int(os.environ.get("DUPLEX_FIRST_WORDS_TOKENS", "0")) or 16,
+            first_words_tokens=_first_words_tokens(),
         )
         self._closed = False
         if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
