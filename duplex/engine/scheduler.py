@@ -40,8 +40,9 @@ listener, while the first words of a reply are what the user is waiting for.
 
 While a reply is a decode step from its first words (an urgent decode row is pending), a tick's
 prefill rows take at most ``first_words_tokens`` (16) in all, short turns split into pieces in
-arrival order: on a CPU where prefill costs milliseconds a token, whole turns of others' words in
-that tick held the first words of a soak's talkers for 250-450 ms (``duplex bench soak``).
+arrival order: on a CPU where prefill costs milliseconds a token, the slowest tenth of a soak's
+first-words chains spent 363 of their 465 ms in ticks carrying other turns' whole prefill, 244 of
+373 with the limit (``bench/results/ab-first-words/``, from ``DUPLEX_TICK_LOG``).
 
 So a long prefill delays another session's next token by at most one tick, whose long-prefill
 part is bounded by ``chunk_tokens`` (turns that start together may add up to ``burst_tokens`` of
@@ -163,7 +164,7 @@ class Scheduler:
         self._last_tick_s = 0.0
         self._batching = mode == "batched"
         self._closing = False
-        # every tick as a JSON line, for `duplex bench ticks` (where first words wait, and for what)
+        # every tick as a JSON line, for duplex.bench.ticks (where first words wait, and behind what)
         path = tick_log if tick_log is not None else os.environ.get("DUPLEX_TICK_LOG", "").strip() or None
         self._tick_log = TickLog(path) if path else None
         if self._batching:
