@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duplex.bench.soak_report import percentile
+
 __all__ = ["summarize_tick_log"]
 
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -30,13 +32,6 @@ class _Chain:
     ticks: list[tuple[float, float, int, int]] = field(default_factory=list)  # (waited, seconds, own, others' prefill)
     ended: float = 0.0
     decoded: bool = False
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _ms(value: float | None) -> float | None:
@@ -72,7 +67,7 @@ def summarize_tick_log(path: str | Path, since: float | None = None, until: floa
         by_tokens.setdefault(f"{bucket}+", []).append(t["seconds"])
     chains = _chains(ticks)
     spans = [c.ended - c.arrived for c in chains]
-    slow_cut = _pct(spans, 0.9)
+    slow_cut = percentile(spans, 0.9)
     slow = [c for c in chains if slow_cut is not None and c.ended - c.arrived >= slow_cut]
 
     def mean(values: list[float]) -> float | None:
@@ -84,15 +79,15 @@ def summarize_tick_log(path: str | Path, since: float | None = None, until: floa
         "ticks": len(ticks),
         "span_s": round(span, 1),
         "busy_fraction": round(sum(seconds) / span, 3) if span > 0 else None,
-        "tick_ms": {"p50": _ms(_pct(seconds, 0.5)), "p95": _ms(_pct(seconds, 0.95)),
-                    "p99": _ms(_pct(seconds, 0.99)), "max": _ms(max(seconds))},
+        "tick_ms": {"p50": _ms(percentile(seconds, 0.5)), "p95": _ms(percentile(seconds, 0.95)),
+                    "p99": _ms(percentile(seconds, 0.99)), "max": _ms(max(seconds))},
         "tick_ms_mean_by_tokens": {k: {"ticks": len(v), "mean_ms": _ms(mean(v))}
                                    for k, v in sorted(by_tokens.items(), key=lambda kv: int(kv[0][:-1]))},
         "first_words_chains": {
             "definition": "a session's urgent rows from its turn's prefill through the reply's urgent decode "
                           "steps; span = the first row's arrival to the end of the last one's tick",
             "n": len(chains),
-            "span_ms": {"p50": _ms(_pct(spans, 0.5)), "p95": _ms(_pct(spans, 0.95))},
+            "span_ms": {"p50": _ms(percentile(spans, 0.5)), "p95": _ms(percentile(spans, 0.95))},
             "slowest_tenth": {
                 "n": len(slow),
                 "mean_span_ms": _ms(mean([c.ended - c.arrived for c in slow])),

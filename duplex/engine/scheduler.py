@@ -452,11 +452,11 @@ class Scheduler:
         # row must not wait for whole turns of others' prefill: the prefill rows then take at most
         # first_words_tokens in all, in pieces (a turn split this way costs its own user a tick
         # or two of decode rows; the rows waiting for first words save all but that piece)
-        first_words = self.first_words_tokens is not None and any(r.urgent and r.decode for r in pool)
+        limit = self.first_words_tokens if any(r.urgent and r.decode for r in pool) else None
+        first_words = limit is not None
         burst = self.burst_tokens
-        if first_words:
-            assert self.first_words_tokens is not None
-            burst = budget = min(burst, budget, self.first_words_tokens)
+        if limit is not None:
+            burst = budget = min(burst, budget, limit)
         longs = []
         for r in prefills:
             if len(r.ids) > self.chunk_tokens:
