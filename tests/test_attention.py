@@ -250,3 +250,40 @@ def test_rows_in_one_call_equal_a_call_per_row_bit_for_bit(isa, threads):
     finally:
         torch.set_num_threads(before)
         attention._cpu_decode_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("q,n", [(17, 40), (64, 300), (150, 150)])
+def test_the_avx2_code_takes_blocks_of_any_length(q, n, monkeypatch):
+    """On its AVX2 code the C kernel takes prefill blocks past 16 tokens (a typed question, a 64-token
+    piece, a whole short prompt) instead of handing them to the torch path: max_query_rows says so,
+    and the result stays that of fp32 attention. The other codes keep the 16-token limit."""
+    from duplex.engine import attention
+
+    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
+    attention._cpu_decode_kernel.cache_clear()
+    try:
+        kernel = attention._cpu_decode_kernel()
+        if kernel is None:
+            pytest.skip("no C compiler or no AVX2")
+        best = attention.attention_isa()
+        try:
+            if best != "avx2":
+                assert attention.max_query_rows() == attention._MAX_SPLIT_TOKENS
+                assert kernel(torch.zeros(1, 9, q, 64).bfloat16(), torch.zeros(1, 3, n, 64).bfloat16(),
+                              torch.zeros(1, 3, n, 64).bfloat16(), 0.125) is None
+            assert attention.set_attention_isa("avx2") == "avx2"
+            assert attention.max_query_rows() >= 1 << 20
+            torch.manual_seed(3)
+            query = torch.randn(1, 9, q, 64).bfloat16()
+            key = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+            value = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+            out = kernel(query, key, value, 0.125)
+            assert out is not None and out.shape == (1, q, 9, 64)
+            mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                query.float(), key.float(), value.float(), attn_mask=mask, scale=0.125, enable_gqa=True).transpose(1, 2)
+            torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+        finally:
+            attention.set_attention_isa(best)
+    finally:
+        attention._cpu_decode_kernel.cache_clear()

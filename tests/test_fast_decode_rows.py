@@ -171,3 +171,36 @@ def test_a_fresh_cache_starts_in_the_batched_pass_as_in_the_per_row_path(int8_lm
     assert ca.get_seq_length() == cb.get_seq_length() == 4
     for la, lb in zip(ca.layers, cb.layers):
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+def test_a_long_program_pass_equals_the_per_op_pass_and_shares_bucketed_buffers(int8_lm):
+    """Passes past MAX_QUERY tokens (eight typed questions at once) take the program pass where it
+    is allowed to (AMX tiles, or the attention's AVX2 code with no dense weights): the same logits
+    and caches, bit for bit, as the per-op pass; their buffers are sized in _BUFFER_STEP steps, so
+    45 and 50 tokens share one set."""
+    from duplex.engine import fast_decode
+
+    model = int8_lm.model
+    fast = _decoder(model)
+    saved = fast.max_query
+    fast.max_query = fast_decode.AMX_MAX_QUERY
+    try:
+        for lengths in ([20, 25], [24, 26]):
+            prompts = _prompts(200, [30, 50], seed=len(lengths) + lengths[0])
+            new = _prompts(200, lengths, seed=7)
+            results = []
+            for program in (True, False):
+                caches = []
+                for prompt in prompts:
+                    cache = new_kv_cache(model.config)
+                    _prefill(model, prompt, cache)
+                    caches.append(cache)
+                rows = [DecodeRow(c, ids, len(p), keep=1) for c, ids, p in zip(caches, new, prompts)]
+                with torch.inference_mode():
+                    out = fast._forward_program(rows) if program else fast._forward_fused(rows)
+                results.append((out, caches, []))
+            _assert_same(*results)
+        step = fast_decode._BUFFER_STEP
+        assert -(-45 // step) * step in fast._buffers and 45 not in fast._buffers and 50 not in fast._buffers
+    finally:
+        fast.max_query = saved

@@ -131,9 +131,9 @@ def test_int8_decode_with_the_exact_kernel_equals_torch_kernel_decode(monkeypatc
     if int8_gemv("exact") is None:
         pytest.skip("no exact C kernel here")
     lm = load_model("tiny", device="cpu", dtype="bfloat16", quantize="int8")
-    monkeypatch.setattr(quant, "_cpu_gemv", lambda: int8_gemv("exact"))
+    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows: int8_gemv("exact") if rows <= quant._GEMV_MAX_ROWS else None)
     fast_ids, fast_logits = _greedy_decode(lm)
-    monkeypatch.setattr(quant, "_cpu_gemv", lambda: None)
+    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows: None)
     ref_ids, ref_logits = _greedy_decode(lm)
     assert fast_ids == ref_ids
     assert torch.equal(fast_logits, ref_logits)
@@ -149,9 +149,9 @@ def test_int8_decode_with_quantized_activation_kernels_stays_close_to_torch_kern
     if int8_gemv(kind) is None:
         pytest.skip("no C kernel here")
     lm = load_model("tiny", device="cpu", dtype="bfloat16", quantize="int8")
-    monkeypatch.setattr(quant, "_cpu_gemv", lambda: int8_gemv(kind))
+    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows: int8_gemv(kind))
     fast_ids, fast_logits = _greedy_decode(lm)
-    monkeypatch.setattr(quant, "_cpu_gemv", lambda: None)
+    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows: None)
     ref_ids, ref_logits = _greedy_decode(lm)
     assert fast_ids == ref_ids
     rel = ((fast_logits.float() - ref_logits.float()).norm() / ref_logits.float().norm()).item()
@@ -192,3 +192,29 @@ def test_fused_helpers_equal_the_torch_op_sequences_they_replace():
     ops.rope(qk, heads, d, cos, sin)
     assert torch.equal(qk[:, :heads * d].view(t, heads, d), expected)
     assert torch.equal(qk[:, heads * d:], tail)
+
+
+@pytest.mark.parametrize("kind,tiles", [("q16", True), ("exact", False)])
+def test_many_rows_without_dense_weights_take_the_tiled_c_kernel(monkeypatch, kind, tiles):
+    """A prefill pass of more than 16 rows and no dense copy: the q16 tiles take it (PyTorch's
+    _weight_int8pack_mm ran half as fast on an AVX2 EPYC); with the exact kernel PyTorch's own, the
+    same bits, takes it as before. Counted by which kernel ran."""
+    from duplex.engine import int8_kernel, quant
+
+    if int8_kernel.int8_gemv("q16") is None:
+        pytest.skip("no C kernel here")
+    monkeypatch.setenv("DUPLEX_INT8_KERNEL", kind)
+    ran = []
+    real = quant.torch_int8_mm
+    monkeypatch.setattr(quant, "torch_int8_mm", lambda *a: ran.append("torch") or real(*a))
+    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows, real_pick=quant._cpu_gemv: (
+        (lambda x, w, s: ran.append("c") or int8_kernel.int8_gemv(kind)(x, w, s))
+        if real_pick(rows) is not None else None))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=g)
+    scales = (torch.rand(64, generator=g) / 50).bfloat16()
+    x = torch.randn(40, 96, generator=g).bfloat16()
+    y = quant.int8_matmul(x, w, scales)
+    assert ran == (["c"] if tiles else ["torch"])
+    ref = x.float() @ (w.float() * scales.float()[:, None]).T
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01

@@ -395,13 +395,18 @@ def test_only_a_prefill_tick_with_nobody_speaking_waits_for_arrivals(tiny_lm: Lo
         sched.close()
 
 
-@pytest.mark.parametrize("dense,attn_limit,lean", [(True, 10**9, True), (True, 1, False), (False, 10**9, False)])
-async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_little_attention(
-        tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, dense: bool, attn_limit: int, lean: bool) -> None:
-    """Eight questions starting together make a tick past _FAST_MAX_TOKENS over short caches: its
-    linears are matrix products either way, and the lean forward's attention is cheap there, so
-    it runs it where the model has dense weights; long rows over long caches go to the ragged
-    (SDPA) forward. Counted by which forward ran, with the same result."""
+@pytest.mark.parametrize("dense,attn_limit,kernel_rows,lean", [
+    (True, 10**9, 16, True), (True, 1, 16, False),  # dense weights: by the tick's attention
+    (False, 10**9, 10**9, True), (False, 10**9, 4, False),  # none: by the rows the C attention takes
+])
+async def test_a_big_tick_takes_the_lean_forward_where_it_pays(
+        tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, dense: bool, attn_limit: int, kernel_rows: int,
+        lean: bool) -> None:
+    """Eight questions starting together make a tick past _FAST_MAX_TOKENS over short caches. With
+    dense weights its linears are matrix products either way, and the lean forward's attention is
+    cheap there, so it runs it; long rows over long caches go to the ragged (SDPA) forward. Without
+    them both forwards run the same int8 mat-vecs, and the lean one takes the tick wherever the C
+    attention takes its rows' lengths (any on the AVX2 code). Counted by which forward ran."""
     from duplex.engine import scheduler as sched
     from duplex.engine.fast_decode import fast_decoder
 
@@ -429,6 +434,7 @@ async def test_a_big_tick_takes_the_lean_forward_only_with_dense_weights_and_lit
     monkeypatch.setattr(sched, "_FAST_MAX_ATTN", {"amx-bf16": attn_limit, "avx512-bf16": attn_limit,
                                                          "avx2": attn_limit})
     monkeypatch.setattr(sched, "fast_decoder", lambda model: Lean())
+    monkeypatch.setattr(sched, "max_query_rows", lambda: kernel_rows)
     monkeypatch.setattr(sched, "ragged_forward", counted_ragged)
     engine = Engine(tiny_lm, scheduler="batched", chunk_tokens=8)
     try:

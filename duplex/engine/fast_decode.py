@@ -50,6 +50,7 @@ from duplex.engine.attention import (
     decode_kernel,
     decode_rows_kernel,
     gqa_decode_attention,
+    max_query_rows,
 )
 from duplex.engine.int8_kernel import q16_isa
 from duplex.engine.kv import GrowableLayer
@@ -73,6 +74,7 @@ MAX_QUERY = 24
 # over 300 cached, 2 threads: 25 tokens 25 against 57 ms, 64 33 against 55, 128 83 against 104,
 # 256 153 against 176, 512 864 against 243; 8 rows x 19 tokens 72 against 87), so it takes them
 AMX_MAX_QUERY = 192
+_BUFFER_STEP = 32  # passes of more than MAX_QUERY tokens share buffers sized in these steps
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -273,13 +275,19 @@ class FastDecoder:
         self._uniform = len(shapes) == 1  # every layer can share one set of activation buffers
         self._buffers: dict[int, _Buffers] = {}
         self._lock = threading.Lock()  # the buffers serve one forward at a time; others take _forward_fused
-        # the most tokens the program pass takes; more go to the dense pass where there is one
-        self.max_query = AMX_MAX_QUERY if self.fused is not None and q16_isa() == "amx-int8" else MAX_QUERY
         # dequantized weights everywhere (duplex.engine.quant.add_dense_weights): passes of many
         # tokens then run op by op on them, the matrix engine's work, not the fused mat-vecs'
         self.dense = all(l.qkv.dense is not None and l.gate_up.dense is not None
                          and getattr(l.o, "weight_dense", None) is not None
                          and getattr(l.down, "weight_dense", None) is not None for l in self.layers)
+        # the most tokens the program pass takes; more go to the dense pass where there is one.
+        # AMX_MAX_QUERY where the int8 mat-vecs run on AMX tiles, and where there are no dense
+        # weights and the attention's C code takes query blocks of any length (its AVX2 code): the
+        # other passes run the same int8 mat-vecs one call at a time, with a cache update and an
+        # attention call per row and layer (eight typed questions at once, ~150 tokens, on an AVX2
+        # EPYC at 2 threads: 364-462 ms in the program pass against 472-565 in the per-op one)
+        long_passes = q16_isa() == "amx-int8" or (not self.dense and max_query_rows() >= AMX_MAX_QUERY)
+        self.max_query = AMX_MAX_QUERY if self.fused is not None and long_passes else MAX_QUERY
 
     batched_attention = True  # one C call per layer for every row's cache write + attention (if caches allow)
 
@@ -346,20 +354,25 @@ class FastDecoder:
         assert ops is not None
         ids, positions, bounds = _layout(rows)
         t = len(ids)
-        buf = self._buffers.get(t)
+        # buffers for exactly t tokens up to MAX_QUERY (the common sizes), else for the next
+        # multiple of _BUFFER_STEP, whose first t rows the programs run over: a few sets of
+        # buffers, not one per size up to max_query
+        size = t if t <= MAX_QUERY else -(-t // _BUFFER_STEP) * _BUFFER_STEP
+        buf = self._buffers.get(size)
         if buf is None:
-            buf = self._buffers[t] = _Buffers(self, t)
-        x = buf.x
+            buf = self._buffers[size] = _Buffers(self, size)
+        x = buf.x[:t]
         torch.index_select(self.embed.weight, 0, torch.tensor(ids, dtype=torch.long), out=x)
         cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
-        buf.cos.copy_(cos[0])
-        buf.sin.copy_(sin[0])
+        buf.cos[:t].copy_(cos[0])
+        buf.sin[:t].copy_(sin[0])
         ops.run(buf.first, t)
         first = self.layers[0]
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
-        q = buf.qkv[:, :nh * d].view(1, t, nh, d).transpose(1, 2)
-        k = buf.qkv[:, nh * d:(nh + nkv) * d].view(1, t, nkv, d).transpose(1, 2)
-        v = buf.qkv[:, (nh + nkv) * d:].view(1, t, nkv, d).transpose(1, 2)
+        qkv = buf.qkv[:t]
+        q = qkv[:, :nh * d].view(1, t, nh, d).transpose(1, 2)
+        k = qkv[:, nh * d:(nh + nkv) * d].view(1, t, nkv, d).transpose(1, 2)
+        v = qkv[:, (nh + nkv) * d:].view(1, t, nkv, d).transpose(1, 2)
         plan = self._rows_plan(rows, bounds, k, v)
         if plan is not None:  # every row's cache write and attention of a layer in one C call
             fn, desc, all_layers = plan

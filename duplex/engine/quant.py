@@ -31,7 +31,12 @@ __all__ = ["DENSE_MIN_ROWS", "Int8WeightOnlyLinear", "add_dense_weights", "decod
 
 log = logging.getLogger(__name__)
 
-_GEMV_MAX_ROWS = 16  # the C mat-vec reuses each loaded weight across up to this many activation rows
+# the exact C mat-vec (PyTorch's arithmetic) takes at most this many activation rows; PyTorch's own
+# kernel, the same bits, takes more. The q16/q8 tiles take any number, 16 rows per sweep of the
+# weights: on an AVX2-only EPYC at one thread they ran 29-33 GMAC/s from 16 to 512 rows against
+# 14-16 for _weight_int8pack_mm (1536 x 576 weights), so many-row passes without a dense copy
+# (prefill, eight questions at once) take them too
+_GEMV_MAX_ROWS = 16
 # from this many activation rows a dense copy of the weights (where present) beats the int8 kernels:
 # over the default model's linears on an AMX Xeon, 8 rows cost the same either way (~17-19 ms),
 # 16 rows 19 ms dense against 32 ms for the C mat-vec, 64 rows 36 ms against 159 ms int8pack
@@ -60,16 +65,17 @@ class Int8WeightOnlyLinear(nn.Module):
 def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor,
                 dense: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ (weight_int8 [N, K] * scales [N]).T`` in ``x``'s dtype. A few tokens (decode
-    steps, batched or not) take the faster mat-vec of duplex.engine.int8_kernel (activations
-    rounded to int16 per row; ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's arithmetic);
-    from :data:`DENSE_MIN_ROWS` rows, ``dense`` (those weights dequantized), where given.
+    steps, batched or not) and, where there is no ``dense``, any number of rows take the faster
+    kernel of duplex.engine.int8_kernel (activations rounded to int16 per row;
+    ``DUPLEX_INT8_KERNEL=exact`` for PyTorch's arithmetic, whose own kernel then takes more than
+    ``_GEMV_MAX_ROWS`` rows); from :data:`DENSE_MIN_ROWS` rows, ``dense`` (those weights
+    dequantized), where given.
     ``weight_int8`` must lie in [-127, 127] (what :class:`Int8WeightOnlyLinear` stores)."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     if dense is not None and rows.shape[0] >= DENSE_MIN_ROWS and dense.dtype == x.dtype:
         return F.linear(x, dense)
-    gemv = _cpu_gemv() if (rows.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.bfloat16
-                           and x.device.type == "cpu") else None
+    gemv = _cpu_gemv(rows.shape[0]) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
     y = gemv(rows, weight_int8, scales) if gemv else torch_int8_mm(rows, weight_int8, scales)
     return y.reshape(*shape[:-1], weight_int8.shape[0])
 
@@ -83,9 +89,11 @@ def torch_int8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tens
     return x @ (weight_int8.to(x.dtype) * scales.to(x.dtype)[:, None]).T
 
 
-def _cpu_gemv() -> Any:
-    from duplex.engine.int8_kernel import int8_gemv
+def _cpu_gemv(rows: int) -> Any:
+    from duplex.engine.int8_kernel import Q_TOLERANCE, int8_gemv, kernel_choice
 
+    if rows > _GEMV_MAX_ROWS and kernel_choice() not in Q_TOLERANCE:
+        return None
     return int8_gemv()
 
 

@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from duplex.engine.attention import gqa_decode_attention
+from duplex.engine.attention import gqa_decode_attention, max_query_rows
 from duplex.engine.kv import GrowableLayer
 
 __all__ = ["RAGGED", "RaggedCache", "Row", "ragged_attention", "ragged_forward", "register", "supports"]
 
 RAGGED = "duplex_ragged"
-_SHORT_QUERY = 16  # up to this many queries per row: the GQA mat-mul kernel; above: SDPA with a mask
+# up to this many queries per row (or what the C kernel takes, attention.max_query_rows: any number
+# on its AVX2 code): the GQA kernel; above: SDPA with a mask
+_SHORT_QUERY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +97,7 @@ def ragged_attention(module: Any, query: torch.Tensor, key: Any, value: Any, att
     outs = []
     for (s, e), k, v in zip(key.bounds, key.parts, value.parts):
         q = query[:, :, s:e]
-        if e - s <= _SHORT_QUERY:
+        if e - s <= max(_SHORT_QUERY, max_query_rows()):
             out, _ = gqa_decode_attention(module, q, k, v, None, scaling=scaling)
         else:
             n = k.shape[-2]
