@@ -147,6 +147,25 @@ static inline int thread_slice(int blocks, int* b0, int* b1) {
     return *b0 < *b1;
 }
 
+static inline int thread_num(void) {
+#ifdef _OPENMP
+    extern int omp_get_thread_num(void);
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int max_threads(void) {
+#ifdef _OPENMP
+    extern int omp_get_max_threads(void);
+    int n = omp_get_max_threads();
+    return n > 0 ? n : 1;
+#else
+    return 1;
+#endif
+}
+
 static inline float hmax8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -835,30 +854,33 @@ static int q16_gemv(const uint16_t* A, int64_t lda, const int8_t* B, const int8_
                     int M, int N, int K, int mode, const uint16_t* aux, float eps, const uint16_t* R) {
     if (M < 1 || N < 1 || K < 1) return -1;
     int64_t kp = (int64_t)((K + 31) / 32) * 32;
+    int threads = max_threads();
     int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kp * M));
     float* dxs = (float*)malloc(sizeof(float) * (size_t)M);
-    uint16_t* act = mode == PRO_NONE ? NULL : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)K);
-    if (!qxs || !dxs || (mode != PRO_NONE && !act)) {
+    uint16_t* acts = mode == PRO_NONE ? NULL : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)K * (size_t)threads);
+    if (!qxs || !dxs || (mode != PRO_NONE && !acts)) {
         free(qxs);
         free(dxs);
-        free(act);
+        free(acts);
         return -2;
     }
-    for (int m = 0; m < M; ++m) {
-        const uint16_t* row = A + (int64_t)m * lda;
-        if (act) {
-            prologue_row(mode, row, K, aux, eps, act);
-            row = act;
-        }
-        dxs[m] = quantize_row_q16(row, K, kp, qxs + kp * m);
-    }
-    free(act);
-    /* contiguous slices of weight rows per thread: each thread streams its slice once, in order */
 #pragma omp parallel
     {
+        uint16_t* act = acts ? acts + (int64_t)K * (thread_num() % threads) : NULL;
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; ++m) { /* rows apart (see duplex_int8_q16_steps) */
+            const uint16_t* row = A + (int64_t)m * lda;
+            if (act) {
+                prologue_row(mode, row, K, aux, eps, act);
+                row = act;
+            }
+            dxs[m] = quantize_row_q16(row, K, kp, qxs + kp * m);
+        } /* implicit barrier */
+        /* contiguous slices of weight rows per thread: each thread streams its slice once, in order */
         int n0, n1;
         if (thread_slice(N, &n0, &n1)) q16_slice(B, Wp, S, C, R, n0, n1, M, N, K, qxs, dxs, kp);
     }
+    free(acts);
     free(qxs);
     free(dxs);
     return 0;
@@ -920,22 +942,26 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
     }
     if (M < 1 || nsteps < 1) return -1;
     int64_t kpmax = (int64_t)((kmax + 31) / 32) * 32;
+    int threads = max_threads();
     int16_t* qxs = (int16_t*)aligned_alloc(32, (size_t)(2 * kpmax * M));
     float* dxs = (float*)malloc(sizeof(float) * (size_t)M);
-    uint16_t* act = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)kmax);
-    if (!qxs || !dxs || !act) {
+    uint16_t* acts = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)kmax * (size_t)threads); /* one row per thread */
+    if (!qxs || !dxs || !acts) {
         free(qxs);
         free(dxs);
-        free(act);
+        free(acts);
         return -2;
     }
 #pragma omp parallel
     {
+        uint16_t* act = acts + (int64_t)kmax * (thread_num() % threads);
         for (int i = 0; i < nsteps; ++i) {
             const q16_step* st = steps + i;
             int K = st->k, N = st->n;
             int64_t kp = (int64_t)((K + 31) / 32) * 32;
-#pragma omp single
+            /* each row's prologue and quantization on its own: a many-token pass (eight questions at
+             * once, ~150 rows) no longer has one thread do them while the others wait */
+#pragma omp for schedule(static)
             for (int m = 0; m < M; ++m) {
                 prologue_row(st->mode, st->a + (int64_t)m * st->lda, K, st->aux, st->eps, act);
                 dxs[m] = quantize_row_q16(act, K, kp, qxs + kp * m);
@@ -953,14 +979,16 @@ int duplex_int8_q16_steps(const q16_step* steps, int nsteps, int M) {
             }
 #pragma omp barrier
             if (st->rope_heads > 0) {
-#pragma omp single
-                duplex_rope_bf16(st->c, M, st->rope_heads, st->head_dim, N, st->cos, st->sin);
+#pragma omp for schedule(static)
+                for (int m = 0; m < M; ++m) /* rows apart: the same operations on each */
+                    duplex_rope_bf16(st->c + (int64_t)m * N, 1, st->rope_heads, st->head_dim, N,
+                                     st->cos + (int64_t)m * st->head_dim, st->sin + (int64_t)m * st->head_dim);
             }
         }
     }
     free(qxs);
     free(dxs);
-    free(act);
+    free(acts);
     return 0;
 }
 
