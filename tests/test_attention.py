@@ -41,10 +41,9 @@ def test_half_precision_inputs_are_attended_in_fp32_on_cpu(q, n, monkeypatch):
         attention._cpu_decode_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130), (6, 6), (6, 300), (11, 200)])
-def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
-    """Blocks of several tokens (a 6-token turn hand-over, 11 tokens: 33 query rows per KV head) run
-    in one call, each token with its own causal bound."""
+@pytest.fixture
+def c_kernel(monkeypatch):
+    """The C decode-attention kernel, built fresh with ``DUPLEX_DECODE_ATTN_KERNEL=c``."""
     from duplex.engine import attention
 
     monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
@@ -53,18 +52,30 @@ def test_c_decode_kernel_matches_fp32_attention(q, n, monkeypatch):
         kernel = attention._cpu_decode_kernel()
         if kernel is None:
             pytest.skip("no C compiler or no AVX2")
-        torch.manual_seed(2)
-        query = torch.randn(1, 6, q, 16).bfloat16()
-        key = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]  # a view into a larger buffer, as the cache
-        value = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]
-        out = kernel(query, key, value, 0.25)
-        assert out is not None and out.shape == (1, q, 6, 16)
-        mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
-        ref = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
-                                                               scale=0.25, enable_gqa=True).transpose(1, 2)
-        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+        yield kernel
     finally:
         attention._cpu_decode_kernel.cache_clear()
+
+
+def _causal_fp32(query, key, value, scale):
+    """fp32 SDPA of the last q positions over n keys, causal: what the kernel must reproduce."""
+    q, n = query.shape[2], key.shape[2]
+    mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
+    return torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
+                                                            scale=scale, enable_gqa=True).transpose(1, 2)
+
+
+@pytest.mark.parametrize("q,n", [(1, 1), (1, 300), (5, 5), (5, 130), (6, 6), (6, 300), (11, 200)])
+def test_c_decode_kernel_matches_fp32_attention(q, n, c_kernel):
+    """Blocks of several tokens (a 6-token turn hand-over, 11 tokens: 33 query rows per KV head) run
+    in one call, each token with its own causal bound."""
+    torch.manual_seed(2)
+    query = torch.randn(1, 6, q, 16).bfloat16()
+    key = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]  # a view into a larger buffer, as the cache
+    value = torch.randn(1, 2, n + 7, 16).bfloat16()[:, :, :n]
+    out = c_kernel(query, key, value, 0.25)
+    assert out is not None and out.shape == (1, q, 6, 16)
+    torch.testing.assert_close(out.float(), _causal_fp32(query, key, value, 0.25), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("q", [1, 6, 11])
@@ -253,37 +264,26 @@ def test_rows_in_one_call_equal_a_call_per_row_bit_for_bit(isa, threads):
 
 
 @pytest.mark.parametrize("q,n", [(17, 40), (64, 300), (150, 150)])
-def test_the_avx2_code_takes_blocks_of_any_length(q, n, monkeypatch):
+def test_the_avx2_code_takes_blocks_of_any_length(q, n, c_kernel):
     """On its AVX2 code the C kernel takes prefill blocks past 16 tokens (a typed question, a 64-token
     piece, a whole short prompt) instead of handing them to the torch path: max_query_rows says so,
     and the result stays that of fp32 attention. The other codes keep the 16-token limit."""
     from duplex.engine import attention
 
-    monkeypatch.setenv("DUPLEX_DECODE_ATTN_KERNEL", "c")
-    attention._cpu_decode_kernel.cache_clear()
+    best = attention.attention_isa()
     try:
-        kernel = attention._cpu_decode_kernel()
-        if kernel is None:
-            pytest.skip("no C compiler or no AVX2")
-        best = attention.attention_isa()
-        try:
-            if best != "avx2":
-                assert attention.max_query_rows() == attention._MAX_SPLIT_TOKENS
-                assert kernel(torch.zeros(1, 9, q, 64).bfloat16(), torch.zeros(1, 3, n, 64).bfloat16(),
-                              torch.zeros(1, 3, n, 64).bfloat16(), 0.125) is None
-            assert attention.set_attention_isa("avx2") == "avx2"
-            assert attention.max_query_rows() >= 1 << 20
-            torch.manual_seed(3)
-            query = torch.randn(1, 9, q, 64).bfloat16()
-            key = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
-            value = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
-            out = kernel(query, key, value, 0.125)
-            assert out is not None and out.shape == (1, q, 9, 64)
-            mask = torch.ones(q, n, dtype=torch.bool).tril(diagonal=n - q)
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                query.float(), key.float(), value.float(), attn_mask=mask, scale=0.125, enable_gqa=True).transpose(1, 2)
-            torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
-        finally:
-            attention.set_attention_isa(best)
+        if best != "avx2":
+            assert attention.max_query_rows() == attention._MAX_SPLIT_TOKENS
+            assert c_kernel(torch.zeros(1, 9, q, 64).bfloat16(), torch.zeros(1, 3, n, 64).bfloat16(),
+                            torch.zeros(1, 3, n, 64).bfloat16(), 0.125) is None
+        assert attention.set_attention_isa("avx2") == "avx2"
+        assert attention.max_query_rows() >= 1 << 20
+        torch.manual_seed(3)
+        query = torch.randn(1, 9, q, 64).bfloat16()
+        key = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+        value = torch.randn(1, 3, n + 5, 64).bfloat16()[:, :, :n]
+        out = c_kernel(query, key, value, 0.125)
+        assert out is not None and out.shape == (1, q, 9, 64)
+        torch.testing.assert_close(out.float(), _causal_fp32(query, key, value, 0.125), rtol=1e-2, atol=1e-2)
     finally:
-        attention._cpu_decode_kernel.cache_clear()
+        attention.set_attention_isa(best)
