@@ -207,9 +207,13 @@ def test_many_rows_without_dense_weights_take_the_tiled_c_kernel(monkeypatch, ki
     ran = []
     real = quant.torch_int8_mm
     monkeypatch.setattr(quant, "torch_int8_mm", lambda *a: ran.append("torch") or real(*a))
-    monkeypatch.setattr(quant, "_cpu_gemv", lambda rows, real_pick=quant._cpu_gemv: (
-        (lambda x, w, s: ran.append("c") or int8_kernel.int8_gemv(kind)(x, w, s))
-        if real_pick(rows) is not None else None))
+    real_pick = quant._cpu_gemv
+
+    def pick(rows):  # the real choice, counted when it runs
+        gemv = real_pick(rows)
+        return None if gemv is None else (lambda *args: ran.append("c") or gemv(*args))
+
+    monkeypatch.setattr(quant, "_cpu_gemv", pick)
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=g)
     scales = (torch.rand(64, generator=g) / 50).bfloat16()

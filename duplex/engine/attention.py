@@ -71,12 +71,16 @@ _MAX_SPLIT_TOKENS = 16  # longer blocks are prefill chunks, for the torch path..
 _AVX2_ISA = 0
 
 
+def _query_limit(kernel: Any) -> int:
+    """The most query tokens one call of ``kernel`` takes on the code it now runs (see above)."""
+    return 1 << 30 if kernel.isa() == _AVX2_ISA else _MAX_SPLIT_TOKENS
+
+
 def max_query_rows() -> int:
-    """The most query rows one C-kernel call takes on the code it now runs (see above)."""
+    """The most query tokens one C-kernel call takes now (0 without the kernel): what the
+    passes that call it (ragged rows, the lean forward's big ticks) may hand it."""
     kernel = _cpu_decode_kernel()
-    if kernel is None:
-        return 0
-    return 1 << 30 if kernel.isa() == _AVX2_ISA else _MAX_SPLIT_TOKENS  # type: ignore[attr-defined]
+    return 0 if kernel is None else _query_limit(kernel)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +121,7 @@ def _cpu_decode_kernel() -> Kernel | None:
         (into ``out``, a contiguous bf16 tensor of that size, if given)."""
         _, h, t, d = query.shape
         kvh, n = key.shape[1], key.shape[2]
-        if t > _MAX_SPLIT_TOKENS and kernel.isa() != _AVX2_ISA:  # type: ignore[attr-defined]
+        if t > _MAX_SPLIT_TOKENS and t > _query_limit(kernel):
             return None  # a long block (chunked prefill): torch mat-muls amortise the cache reads
         if key.dtype != torch.bfloat16 or value.dtype != torch.bfloat16 or key.stride()[2:] != (d, 1) \
                 or value.stride() != key.stride():
