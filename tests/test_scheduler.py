@@ -4,11 +4,14 @@ per tick (the scheduler's trace), never by timing."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
+import torch
 
 from duplex.engine import scheduler as scheduler_module
 from duplex.engine.models import LoadedModel
+from duplex.engine.openmp import runtime
 from duplex.engine.sampling import Sampler, SamplingConfig
 from duplex.engine.sequence import SharedSequence, Speaker
 from duplex.engine.worker import Engine
@@ -157,6 +160,38 @@ async def test_calls_on_one_sequence_keep_their_order(tiny_lm: LoadedModel) -> N
         assert len(seq) == n0 and seq.cache_length == n0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("mode", ["batched", "chunked"])
+async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_one_thread(
+        tiny_lm: LoadedModel, mode: str, monkeypatch) -> None:
+    """Only one thread opens the engine's parallel regions (duplex.engine.openmp): a lone session's
+    job that parks its forward last waits for the scheduler's thread to run it instead of running
+    the tick itself, and job threads run their own torch ops (sampling) on themselves alone."""
+    ran_on: list[str] = []
+    execute = scheduler_module.Scheduler._execute
+
+    def spy(self, plan):
+        ran_on.append(threading.current_thread().name)
+        return execute(self, plan)
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_execute", spy)
+    engine = Engine(tiny_lm, scheduler=mode)
+    try:
+        seq = await engine.start_sequence(PROMPTS[1])  # prefill jobs, one lane: each parks last
+        await engine.run(seq.hand_over, Speaker.AGENT)
+        sampler = _greedy()
+        for _ in range(4):
+            await engine.run_for(seq, seq.step, sampler)  # a job's forward per token
+            await engine.decode(seq, sampler)  # tick steps
+        others = [await engine.start_sequence(p) for p in PROMPTS]
+        await asyncio.gather(*(engine.run(o.add_message, Speaker.USER, "And then?") for o in others))
+        job_threads = await engine.run(torch.get_num_threads)
+    finally:
+        engine.close()
+    assert ran_on and set(ran_on) == {f"{engine.scheduler._name}-scheduler"}
+    if runtime() is not None:
+        assert job_threads == 1
 
 
 async def test_close_refuses_new_work(tiny_lm: LoadedModel) -> None:

@@ -67,6 +67,7 @@ import torch
 
 from duplex.engine.attention import attention_isa, max_query_rows
 from duplex.engine.fast_decode import DecodeRow, FastDecoder, fast_decoder
+from duplex.engine.openmp import serial_thread
 from duplex.engine.pacer import TickPacer
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 from duplex.engine.scheduler_work import (
@@ -231,6 +232,10 @@ class Scheduler:
 
     def _work(self) -> None:
         self._init_thread()
+        if self.mode != "fifo":
+            # only the scheduler's thread runs forwards: a job thread's own OpenMP pool (from
+            # sampling) would make every barrier of the engine's sleep (duplex.engine.openmp)
+            serial_thread()
         self._local.job = True
         while True:
             with self._lock:
@@ -278,20 +283,10 @@ class Scheduler:
             self._add_request(req)
             if job:
                 self._runnable -= 1
-            lead = job and self._runnable == 0 and self._gather_wait() <= 0
-            if not lead:
-                self._tick_cv.notify()
-        if lead:
-            # the last job to park runs the ticks itself (it holds the baton): no thread hand-over
-            # per token for a lone session, which a loaded 2-core machine makes cost milliseconds
-            while not req.event.is_set():
-                with self._lock:
-                    if self._runnable > 0 or self._gather_wait() > 0:
-                        self._tick_cv.notify()  # the scheduler thread runs the tick once they are in
-                        break
-                self._tick()
-            else:
-                return self._result(req)
+            self._tick_cv.notify()
+        # the scheduler's thread runs the tick, also for a job that parks last: a job thread that
+        # ran ticks itself (saving a hand-over) gave the process one more OpenMP pool, and with more
+        # pooled threads than cores every barrier of every forward sleeps (duplex.engine.openmp)
         if job:
             self._baton.release()
         try:
@@ -331,8 +326,8 @@ class Scheduler:
                     return  # closing, nothing left
             with self._baton:
                 with self._lock:
-                    # a job may have run a tick while this thread waited for the baton: decide
-                    # again, or this tick would take whatever arrived since then on its own
+                    # a job may have started (and be running) while this thread waited for the
+                    # baton: decide again, or this tick would leave out what it is about to queue
                     if self._runnable > 0 or (self._pending and self._gather_wait() > 0):
                         continue
                 self._tick()
@@ -360,7 +355,7 @@ class Scheduler:
         the forward's own errors are handled in :meth:`_execute`."""
         with self._lock:
             if not self._pending:
-                return  # a leading job ran them meanwhile
+                return  # nothing left to run
             try:
                 plan = self._plan()
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller

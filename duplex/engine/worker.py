@@ -22,6 +22,7 @@ import torch
 from duplex.cpu import SPEECH_STAGES, llm_borrows_cores, stage_threads
 from duplex.engine.decode_ahead import DecodeLink, submit_step
 from duplex.engine.models import LoadedModel, load_model
+from duplex.engine.openmp import release_pool
 from duplex.engine.sampling import Sampler
 from duplex.engine.scheduler import Scheduler, SchedulerStats
 from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
@@ -78,6 +79,10 @@ class Engine:
             first_words_tokens=_first_words_tokens(),
         )
         self._closed = False
+        if lm.device.type == "cpu":
+            # this thread (the one that loaded the model) runs no forward from now on: its OpenMP
+            # pool must not count against the cores that the scheduler's thread runs them on
+            release_pool()
         if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
 
