@@ -13,7 +13,9 @@ each job thread that had ever run a tick or sampled. On the 2-core EPYC one deco
 given them back (one process, one after the other), and a soak's one-row ticks 20 ms on average
 against 10.7 ms for the engine alone. Here the loading
 thread gives its pool back (:func:`release_pool`), job threads run their torch ops on one thread
-(:func:`serial_thread`), and only the scheduler's thread runs forwards.
+(:func:`serial_thread`), and only the scheduler's thread runs forwards; it gives its own pool back
+after each tick, so that a second engine (translation) adds no idle pool, and no idle thread spins
+between ticks on a core that the event loop wants.
 
 Everything here is a no-op where the process has no GNU OpenMP runtime loaded (another OpenMP, a
 build without it): the engine then runs as before.

@@ -67,7 +67,7 @@ import torch
 
 from duplex.engine.attention import attention_isa, max_query_rows
 from duplex.engine.fast_decode import DecodeRow, FastDecoder, fast_decoder
-from duplex.engine.openmp import serial_thread
+from duplex.engine.openmp import release_pool, serial_thread
 from duplex.engine.pacer import TickPacer
 from duplex.engine.ragged import Row, ragged_forward, register, supports
 from duplex.engine.scheduler_work import (
@@ -331,6 +331,10 @@ class Scheduler:
                     if self._runnable > 0 or (self._pending and self._gather_wait() > 0):
                         continue
                 self._tick()
+            # its pool ends with the tick (a new one starts with the next, in tens of microseconds):
+            # an idle pool's thread spins for milliseconds after the tick, on a core the event loop
+            # wants, and one more engine in the process (translation) would double the pools
+            release_pool()
 
     def _gather_wait(self) -> float:  # under _lock
         """Seconds a tick should still wait: for last tick's decoders to queue their next step, or,
