@@ -167,7 +167,8 @@ async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_on
         tiny_lm: LoadedModel, mode: str, monkeypatch) -> None:
     """Only one thread opens the engine's parallel regions (duplex.engine.openmp): a lone session's
     job that parks its forward last waits for the scheduler's thread to run it instead of running
-    the tick itself, and job threads run their own torch ops (sampling) on themselves alone."""
+    the tick itself, job threads run their own torch ops (sampling) on themselves alone, and the
+    tick thread gives its pool back once the engine is idle."""
     ran_on: list[str] = []
     execute = scheduler_module.Scheduler._execute
 
@@ -176,6 +177,8 @@ async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_on
         return execute(self, plan)
 
     monkeypatch.setattr(scheduler_module.Scheduler, "_execute", spy)
+    released: list[str] = []
+    monkeypatch.setattr(scheduler_module, "release_pool", lambda: released.append(threading.current_thread().name))
     engine = Engine(tiny_lm, scheduler=mode)
     try:
         seq = await engine.start_sequence(PROMPTS[1])  # prefill jobs, one lane: each parks last
@@ -187,9 +190,14 @@ async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_on
         others = [await engine.start_sequence(p) for p in PROMPTS]
         await asyncio.gather(*(engine.run(o.add_message, Speaker.USER, "And then?") for o in others))
         job_threads = await engine.run(torch.get_num_threads)
+        for _ in range(1000):  # the engine is idle now: its tick thread gives its pool back (10 s guard)
+            if released:
+                break
+            await asyncio.sleep(0.01)
     finally:
         engine.close()
     assert ran_on and set(ran_on) == {f"{engine.scheduler._name}-scheduler"}
+    assert released and set(released) == {f"{engine.scheduler._name}-scheduler"}
     if runtime() is not None:
         assert job_threads == 1
 
