@@ -168,7 +168,7 @@ async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_on
     """Only one thread opens the engine's parallel regions (duplex.engine.openmp): a lone session's
     job that parks its forward last waits for the scheduler's thread to run it instead of running
     the tick itself, job threads run their own torch ops (sampling) on themselves alone, and the
-    tick thread gives its pool back once the engine is idle."""
+    tick thread gives its pool back after its ticks."""
     ran_on: list[str] = []
     execute = scheduler_module.Scheduler._execute
 
@@ -190,7 +190,7 @@ async def test_every_forward_runs_on_the_schedulers_thread_and_jobs_sample_on_on
         others = [await engine.start_sequence(p) for p in PROMPTS]
         await asyncio.gather(*(engine.run(o.add_message, Speaker.USER, "And then?") for o in others))
         job_threads = await engine.run(torch.get_num_threads)
-        for _ in range(1000):  # the engine is idle now: its tick thread gives its pool back (10 s guard)
+        for _ in range(1000):  # its tick thread gives its pool back after each tick (10 s guard)
             if released:
                 break
             await asyncio.sleep(0.01)

@@ -14,7 +14,8 @@ given them back (one process, one after the other), and a soak's one-row ticks 2
 against 10.7 ms for the engine alone. Here the loading
 thread gives its pool back (:func:`release_pool`), job threads run their torch ops on one thread
 (:func:`serial_thread`), and only the scheduler's thread runs forwards; it gives its own pool back
-whenever the engine goes idle, so that a second engine (translation) adds no idle pool.
+after each tick, so that a second engine (translation) adds no idle pool, and no idle thread spins
+between ticks on a core that the event loop wants.
 
 Everything here is a no-op where the process has no GNU OpenMP runtime loaded (another OpenMP, a
 build without it): the engine then runs as before.

@@ -101,11 +101,6 @@ _GATHER_TICK_FRACTION = 0.5
 # taking a tick alone and the rest queueing behind it. A lone arrival pays at most the gap.
 _ARRIVAL_GAP_S = 0.003
 _ARRIVAL_MAX_S = 0.015
-# the tick thread gives its OpenMP pool back once no request has come for this long: ticks in a
-# row keep their pool (its worker still spinning when the next starts), an idle engine holds none.
-# Given back after every tick instead, 8 text sessions got 181.6 against 190.4 tokens/s (one run
-# each, bench/results/ab-one-openmp-pool/)
-_POOL_IDLE_S = 0.05
 # a tick of at most this many tokens (decode steps, short prefill pieces) takes the lean forward of
 # duplex.engine.fast_decode; a bigger one the ragged transformers forward (SDPA for long rows)...
 _FAST_MAX_TOKENS = 96
@@ -317,9 +312,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         self._init_thread()
-        pooled = False  # this thread's OpenMP pool is alive: a tick ran since it was given back
         while True:
-            idle = False
             with self._lock:
                 while not (self._closing and not self._lanes and not self._pending):
                     if self._pending and self._runnable == 0:
@@ -327,20 +320,10 @@ class Scheduler:
                         if wait <= 0:
                             break
                         self._tick_cv.wait(wait)
-                    elif pooled and not self._pending:
-                        if not self._tick_cv.wait(_POOL_IDLE_S):
-                            idle = True  # nothing came: give the pool back (below, unlocked)
-                            break
                     else:
                         self._tick_cv.wait()
-                if not idle and not self._pending:
+                if not self._pending:
                     return  # closing, nothing left
-            if idle:
-                # an idle engine keeps no pool: a second engine in the process (translation) then
-                # adds none that would throttle this one's barriers (duplex.engine.openmp)
-                release_pool()
-                pooled = False
-                continue
             with self._baton:
                 with self._lock:
                     # a job may have started (and be running) while this thread waited for the
@@ -348,7 +331,13 @@ class Scheduler:
                     if self._runnable > 0 or (self._pending and self._gather_wait() > 0):
                         continue
                 self._tick()
-                pooled = True
+            # its pool ends with the tick (a new one starts with the next, in tens of microseconds):
+            # an idle pool's thread spins for milliseconds after the tick, on a core the event loop
+            # wants, and one more engine in the process (translation) would double the pools. Kept
+            # until the engine had been idle 50 ms instead, 8 text sessions got 206 and 198 tokens/s
+            # against 241 here and 171 with the pool never given back, back to back: the host's
+            # noise, not a difference (bench/results/ab-one-openmp-pool/)
+            release_pool()
 
     def _gather_wait(self) -> float:  # under _lock
         """Seconds a tick should still wait: for last tick's decoders to queue their next step, or,
