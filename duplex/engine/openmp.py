@@ -42,25 +42,25 @@ def runtime() -> ctypes.CDLL | None:
     """The GNU OpenMP runtime torch loaded (the one the kernels use), or None."""
     torch.get_num_threads()  # torch's own runtime is loaded and initialised by now
     try:
-        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
     except (OSError, AttributeError):  # not loaded (another OpenMP, or none), or no RTLD_NOLOAD
         return None
+    lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+    if hasattr(lib, "omp_pause_resource_all"):  # OpenMP 5.0 and later
+        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        lib.omp_pause_resource_all.restype = ctypes.c_int
+    return lib
 
 
 def release_pool() -> bool:
     """End the calling thread's OpenMP pool (the threads its parallel regions started), so that they
-    no longer count against the CPUs: call it on a thread that ran torch ops once and will not run
-    the engine's forwards (the one that loaded the model). True if a runtime took the request."""
+    no longer count against the CPUs: on the thread that loaded the model, and on the tick thread
+    after each tick (its argument types are set once, in :func:`runtime`: this runs per tick).
+    True if a runtime took the request."""
     lib = runtime()
-    if lib is None:
+    if lib is None or not hasattr(lib, "omp_pause_resource_all"):  # none, or older than OpenMP 5.0
         return False
-    try:
-        fn = lib.omp_pause_resource_all
-    except AttributeError:  # a runtime older than OpenMP 5.0
-        return False
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    ok = fn(_OMP_PAUSE_SOFT) == 0
+    ok = lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
     if not ok:
         log.debug("openmp: omp_pause_resource_all refused (inside a parallel region?)")
     return ok
@@ -74,6 +74,5 @@ def serial_thread() -> bool:
     if lib is None:
         return False
     torch.get_num_threads()  # torch sets a new thread's count on its first call: do that first
-    lib.omp_set_num_threads.argtypes = [ctypes.c_int]
     lib.omp_set_num_threads(1)
     return torch.get_num_threads() == 1
