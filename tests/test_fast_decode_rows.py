@@ -3,6 +3,7 @@ bit-identical to the per-row path (cache ``update`` + attention kernel per row a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -204,3 +205,80 @@ def test_a_long_program_pass_equals_the_per_op_pass_and_shares_bucketed_buffers(
         assert -(-45 // step) * step in fast._buffers and 45 not in fast._buffers and 50 not in fast._buffers
     finally:
         fast.max_query = saved
+
+
+def test_a_cache_keeps_its_row_descriptors_until_its_buffers_change(int8_lm, monkeypatch):
+    """The second pass over a cache takes its descriptors from the first (no per-layer checks);
+    a pass that must grow the buffers, a reset or an eviction's uneven layers build them anew, and
+    the kept descriptors hold no buffer alive: every pass stays equal to the per-row path."""
+    import gc
+    import weakref
+
+    from duplex.engine import fast_decode
+
+    model = int8_lm.model
+    fast = _decoder(model)
+    built = []
+    original = fast_decode._new_descriptors
+
+    def counting(*args):
+        built.append(args[0])
+        return original(*args)
+
+    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    prompts = _prompts(200, [30, 250])
+    new = [[11], [12]]
+    batched = _run(fast, model, prompts, new, [1, 1], True, monkeypatch)
+    assert [id(c) for c in built] == [id(c) for c in batched[1]]  # the second pass reused them
+    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    per_row = _run(fast, model, prompts, new, [1, 1], False, monkeypatch)
+    _assert_same(batched, per_row)
+
+    a, b = batched[1]
+    built.clear()
+    old_buffer = weakref.ref(b.layers[0]._k)
+    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    fast.forward([DecodeRow(a, [5], 32), DecodeRow(b, list(range(3, 10)), 252)])  # b grows past 256
+    assert built == [b]
+    del batched, per_row
+    gc.collect()
+    assert old_buffer() is None  # the descriptors kept for the old buffer do not keep it alive
+    built.clear()
+    b.layers[1].crop(-1)  # layers of uneven length: not taken from the kept descriptors
+    assert not fast_decode._reuse_descriptors(b, b.layers, 0, 1, np.empty((len(b.layers), 6), dtype=np.int64))
+    b.reset()
+    fast.forward([DecodeRow(b, [1, 2], 0)])
+    assert built == [b] and b.get_seq_length() == 2
+
+
+def test_several_rows_get_their_logits_in_their_own_fp32_storage(int8_lm):
+    model = int8_lm.model
+    fast = _decoder(model)
+    prompts = _prompts(200, [6, 9, 12])
+    caches = []
+    for prompt in prompts:
+        cache = new_kv_cache(model.config)
+        _prefill(model, prompt, cache)
+        caches.append(cache)
+    out = fast.forward([DecodeRow(c, [4], len(p), keep=k) for c, p, k in zip(caches, prompts, [1, 0, 2])])
+    assert out[1] is None and out[0].shape == (model.config.vocab_size,) and out[2].shape == (2, model.config.vocab_size)
+    assert out[0].dtype == out[2].dtype == torch.float32
+    assert out[0].untyped_storage().data_ptr() != out[2].untyped_storage().data_ptr()
+    assert out[0].untyped_storage().nbytes() == 4 * model.config.vocab_size  # not a view of the batch
+
+
+def test_the_rotary_table_gives_the_modules_bits_at_any_position(int8_lm):
+    model = int8_lm.model
+    fast = _decoder(model)
+    x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    for t in (1, 5, 24, 70):
+        positions = torch.randint(0, 3000, (t,), generator=g).tolist()
+        cos, sin = fast._rope(x, positions)
+        ref_cos, ref_sin = model.model.rotary_emb(x, torch.tensor([positions]))
+        assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+    assert fast._rope_table is not None and fast._rope_table[0].shape[0] >= 3000
+    out = (torch.empty(2, cos.shape[1], dtype=torch.bfloat16), torch.empty(2, cos.shape[1], dtype=torch.bfloat16))
+    fast._rope(x, [7, 4000], out=out)  # grows the table
+    ref_cos, ref_sin = model.model.rotary_emb(x, torch.tensor([[7, 4000]]))
+    assert torch.equal(out[0], ref_cos[0]) and torch.equal(out[1], ref_sin[0])

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +75,7 @@ MAX_QUERY = 24
 # over 300 cached, 2 threads: 25 tokens 25 against 57 ms, 64 33 against 55, 128 83 against 104,
 # 256 153 against 176, 512 864 against 243; 8 rows x 19 tokens 72 against 87), so it takes them
 AMX_MAX_QUERY = 192
+_ROPE_BLOCK = 256  # positions per call of the rotary module that fills the table of FastDecoder._rope
 _BUFFER_STEP = 32  # passes of more than MAX_QUERY tokens share buffers sized in these steps
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -227,8 +229,12 @@ def _split_logits(rows: Sequence[DecodeRow], logits: torch.Tensor) -> list[torch
     The conversion is done here, once for the tick on its own thread (exact from bf16): the
     sessions' jobs then sample with no torch op of 49k elements each, which opened a parallel
     region on every job thread's own OpenMP team (~0.3 ms a session in a loaded server, in the gap
-    between two batched ticks)."""
-    if logits.dtype != torch.float32 and logits.device.type == "cpu":
+    between two batched ticks). Each row of several is converted into its own storage (a row's
+    logits must not keep the batch's alive): one pass over each, where converting the batch and
+    then cloning each row made two."""
+    convert = logits.device.type == "cpu" and logits.dtype != torch.float32
+    single = len(rows) == 1
+    if single and convert:
         logits = logits.float()
     results: list[torch.Tensor | None] = []
     i = 0
@@ -238,8 +244,8 @@ def _split_logits(rows: Sequence[DecodeRow], logits: torch.Tensor) -> list[torch
             continue
         part = logits[i:i + row.keep]
         i += row.keep
-        if len(rows) > 1:
-            part = part.clone()  # own storage: a row's logits must not keep the batch's alive
+        if not single:
+            part = part.float() if convert else part.clone()  # its own storage either way
         results.append(part[0] if row.keep == 1 else part)
     return results
 
@@ -257,6 +263,68 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _reuse_descriptors(cache: Any, layers: list[Any], s: int, e: int, out: np.ndarray) -> bool:
+    """Fill ``out`` ([layers, 6]: one row's descriptors) from what :func:`_new_descriptors` kept on
+    ``cache``, if its buffers are still the same (living) tensors (none grown, reset or replaced since), every
+    layer holds the same number of positions and the new ones fit: a batched pass's rows then cost
+    a few list passes each, where checking every layer's buffers cost ~5 us a layer (1.3 of a 24 ms
+    8-row forward on the 2-core EPYC)."""
+    kept = getattr(cache, "_duplex_rows_desc", None)
+    if kept is None:
+        return False
+    ks, vs, static, room = kept
+    if len(ks) != len(layers):
+        return False
+    lengths = {layer._length for layer in layers}
+    if len(lengths) != 1:
+        return False
+    length = lengths.pop()
+    if length + e - s > room:
+        return False
+    # a buffer given up since (reset) is None on the layer and dead in the reference: no match
+    if not all(k() is layer._k is not None and v() is layer._v is not None for k, v, layer in zip(ks, vs, layers)):
+        return False
+    out[:, :3] = static
+    out[:, 3], out[:, 4], out[:, 5] = s, e - s, length
+    return True
+
+
+def _new_descriptors(cache: Any, layers: list[Any], s: int, e: int, k: torch.Tensor, v: torch.Tensor, nkv: int,
+                     d: int, out: np.ndarray) -> bool:
+    """Check every layer of one row's cache, grow it up front for the row's ``e - s`` new tokens
+    and fill ``out`` ([layers, 6]); keep the buffers' addresses on ``cache`` for
+    :func:`_reuse_descriptors`. False where the row needs the per-row path."""
+    bf16 = torch.bfloat16
+    n = e - s
+    for i, layer in enumerate(layers):
+        if type(layer) is not GrowableLayer:
+            return False
+        kb = getattr(layer, "_k", None) if layer.is_initialized else None
+        if kb is not None:
+            vb, shape = layer._v, kb.shape
+            if (kb.dtype is not bf16 or vb is None or vb.dtype is not bf16 or not kb.is_cpu or len(shape) != 4
+                    or shape[0] != 1 or shape[1] != nkv or shape[3] != d or vb.shape != shape
+                    or not kb.is_contiguous() or not vb.is_contiguous()):
+                return False
+            if layer._length + n <= shape[2]:
+                out[i] = (kb.data_ptr(), vb.data_ptr(), shape[2] * d, s, n, layer._length)
+                continue
+        elif layer.is_initialized and (getattr(layer, "_v", None) is not None or layer._length):
+            return False
+        # room for the new tokens, grown up front (a new buffer: checked again, pointers taken below)
+        layer.reserve(k[:, :, s:e], v[:, :, s:e], n)
+        kb, vb = layer._k, layer._v
+        if kb.dtype is not bf16 or vb.dtype is not bf16 or not kb.is_cpu or kb.shape[0] != 1:
+            return False
+        out[i] = (kb.data_ptr(), vb.data_ptr(), kb.shape[2] * d, s, n, layer._length)
+    # weak references: a buffer replaced since (grown, reset) is not kept alive, and a new one at the
+    # same address is never taken for it
+    cache._duplex_rows_desc = (tuple(weakref.ref(layer._k) for layer in layers),
+                               tuple(weakref.ref(layer._v) for layer in layers),
+                               out[:, :3].copy(), min(layer._k.shape[2] for layer in layers))
+    return True
+
+
 class FastDecoder:
     """The lean forward of one loaded model (see the module docstring)."""
 
@@ -265,6 +333,10 @@ class FastDecoder:
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
+        # the rotary embedding's cos/sin per position, computed once by the module itself (see _rope)
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        self._rope_static = "dynamic" not in rope_type and rope_type != "longrope"
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.final_norm = inner.norm
         self.head = model.lm_head
         self.layers = [_Layer(layer) for layer in inner.layers]
@@ -289,6 +361,35 @@ class FastDecoder:
         long_passes = q16_isa() == "amx-int8" or (not self.dense and max_query_rows() >= AMX_MAX_QUERY)
         self.max_query = AMX_MAX_QUERY if self.fused is not None and long_passes else MAX_QUERY
 
+    def _rope(self, x: torch.Tensor, positions: list[int],
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's cos and sin ([t, head_dim], x's dtype) at ``positions`` (into
+        ``out`` if given). Where the embedding cannot change at run time (not a dynamic or longrope
+        type), rows of a table that the module computed: the module call (~0.2-0.35 ms in a decode
+        step on the 2-core EPYC, with its decorator, casts and concatenation) becomes one gather.
+        Its values are elementwise functions of the position, computed in blocks small enough to
+        run on one thread with no vector tail, as every call of a forward runs: the same bits."""
+        if not self._rope_static or x.device.type != "cpu":
+            cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long, device=x.device))
+            cos, sin = cos[0].contiguous(), sin[0].contiguous()
+            if out is not None:
+                out[0].copy_(cos)
+                out[1].copy_(sin)
+            return cos, sin
+        table = self._rope_table
+        top = max(positions) + 1
+        if table is None or top > table[0].shape[0] or table[0].dtype != x.dtype:
+            size = -(-max(top, 2 * table[0].shape[0] if table is not None else 0, _ROPE_BLOCK) // _ROPE_BLOCK) * _ROPE_BLOCK
+            blocks = [self.rotary(x[:1], torch.arange(b, b + _ROPE_BLOCK).unsqueeze(0))
+                      for b in range(0, size, _ROPE_BLOCK)]
+            table = self._rope_table = (torch.cat([c[0] for c, _ in blocks]), torch.cat([s[0] for _, s in blocks]))
+        index = torch.tensor(positions, dtype=torch.long)
+        if out is None:
+            return table[0].index_select(0, index), table[1].index_select(0, index)
+        torch.index_select(table[0], 0, index, out=out[0])
+        torch.index_select(table[1], 0, index, out=out[1])
+        return out
+
     batched_attention = True  # one C call per layer for every row's cache write + attention (if caches allow)
 
     def _rows_plan(self, rows: Sequence[DecodeRow], bounds: list[tuple[int, int]],
@@ -307,11 +408,10 @@ class FastDecoder:
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
         if d % 8 or d > 256 or nh % nkv:
             return None
-        n_layers, n_rows = len(self.layers), len(rows)
-        bf16 = torch.bfloat16
+        n_layers = len(self.layers)
         seen: set[int] = set()
         all_layers: list[list[GrowableLayer]] = []
-        desc = [0] * (n_layers * n_rows * 6)  # layer-major: layer i's rows at [i * n_rows * 6, ...)
+        desc = np.empty((n_layers, len(rows), 6), dtype=np.int64)  # layer-major, as the kernel reads it
         for r, (row, (s, e)) in enumerate(zip(rows, bounds)):
             cache = row.cache
             layers = getattr(cache, "layers", None)
@@ -319,32 +419,11 @@ class FastDecoder:
                     or getattr(cache, "offloading", False) or layers is None or len(layers) != n_layers):
                 return None
             seen.add(id(cache))
-            n = e - s
-            for i, layer in enumerate(layers):
-                if type(layer) is not GrowableLayer:
-                    return None
-                kb = getattr(layer, "_k", None) if layer.is_initialized else None
-                if kb is not None:
-                    vb, shape = layer._v, kb.shape
-                    if (kb.dtype is not bf16 or vb is None or vb.dtype is not bf16 or not kb.is_cpu or len(shape) != 4
-                            or shape[0] != 1 or shape[1] != nkv or shape[3] != d or vb.shape != shape
-                            or not kb.is_contiguous() or not vb.is_contiguous()):
-                        return None
-                    if layer._length + n <= shape[2]:
-                        o = (i * n_rows + r) * 6
-                        desc[o:o + 6] = (kb.data_ptr(), vb.data_ptr(), shape[2] * d, s, n, layer._length)
-                        continue
-                elif layer.is_initialized and (getattr(layer, "_v", None) is not None or layer._length):
-                    return None
-                # room for the new tokens, grown up front (a new buffer: checked again, pointers taken below)
-                layer.reserve(k[:, :, s:e], v[:, :, s:e], n)
-                kb, vb = layer._k, layer._v
-                if kb.dtype is not bf16 or vb.dtype is not bf16 or not kb.is_cpu or kb.shape[0] != 1:
-                    return None
-                o = (i * n_rows + r) * 6
-                desc[o:o + 6] = (kb.data_ptr(), vb.data_ptr(), kb.shape[2] * d, s, n, layer._length)
+            if not (_reuse_descriptors(cache, layers, s, e, desc[:, r])
+                    or _new_descriptors(cache, layers, s, e, k, v, nkv, d, desc[:, r])):
+                return None
             all_layers.append(layers)
-        return fn, torch.tensor(desc, dtype=torch.int64), all_layers
+        return fn, torch.from_numpy(desc.reshape(-1)), all_layers
 
     def _forward_program(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         """:meth:`_forward_fused` over preallocated buffers, with each layer's o, gate/up and down
@@ -363,9 +442,7 @@ class FastDecoder:
             buf = self._buffers[size] = _Buffers(self, size)
         x = buf.x[:t]
         torch.index_select(self.embed.weight, 0, torch.tensor(ids, dtype=torch.long), out=x)
-        cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
-        buf.cos[:t].copy_(cos[0])
-        buf.sin[:t].copy_(sin[0])
+        self._rope(x, positions, out=(buf.cos[:t], buf.sin[:t]))
         ops.run(buf.first, t)
         first = self.layers[0]
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
@@ -415,8 +492,7 @@ class FastDecoder:
         first = self.layers[0]
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
         x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
-        cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        cos, sin = self._rope(x, positions)
 
         def qkv_of(layer: _Layer) -> torch.Tensor:
             qkv = F.linear(_rms_norm(layer.norm1, x), layer.qkv.dense)
@@ -472,8 +548,7 @@ class FastDecoder:
         ids, positions, bounds = _layout(rows)
         t = len(ids)
         x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
-        cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long))
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [t, d]
+        cos, sin = self._rope(x, positions)  # [t, d]
         single = len(rows) == 1
         for layer in self.layers:
             d, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv
