@@ -331,13 +331,17 @@ class Scheduler:
                     if self._runnable > 0 or (self._pending and self._gather_wait() > 0):
                         continue
                 self._tick()
-            # its pool ends with the tick (a new one starts with the next, in tens of microseconds):
-            # an idle pool's thread spins for milliseconds after the tick, on a core the event loop
-            # wants, and one more engine in the process (translation) would double the pools. Kept
-            # until the engine had been idle 50 ms instead, 8 text sessions got 206 and 198 tokens/s
-            # against 241 here and 171 with the pool never given back, back to back: the host's
-            # noise, not a difference (bench/results/ab-one-openmp-pool/)
-            release_pool()
+            with self._lock:
+                idle = not self._pending
+            if idle:
+                # the pool ends once nothing is queued (a new one starts with the next tick, in tens
+                # of microseconds): an idle pool's thread spins for milliseconds on a core the event
+                # loop wants, and one more engine in the process (translation) would double the
+                # pools. Not after every tick: the call waits for the worker to end its spin (2.0-2.5
+                # ms on the 2-core EPYC, right after an 8-row forward), and with the next tick's rows
+                # already queued (a batched tick's steps queue their followers before it returns)
+                # that wait sat between every two ticks
+                release_pool()
 
     def _gather_wait(self) -> float:  # under _lock
         """Seconds a tick should still wait: for last tick's decoders to queue their next step, or,
