@@ -377,8 +377,7 @@ class Scheduler:
                 steps = None
                 tick = self.stats.ticks
         if steps is not None:
-            for req in steps:
-                self._finish_step(req)
+            self._finish_steps(steps)
             return
         try:
             self._before_tick()
@@ -393,26 +392,38 @@ class Scheduler:
         with self._lock:
             self._finish_tick(tick, plan, forwards, seconds)
             steps, self._steps_done = self._steps_done, []
-        for req in steps:
-            self._finish_step(req)
+        self._finish_steps(steps)
 
-    def _finish_step(self, req: Request) -> None:
-        """A TickStep's row ran (or failed): its ``finish`` on this thread, its result in its future,
-        then its lane goes on (a follower it queued starts its own row now, for the next tick)."""
-        job = req.step
-        assert job is not None and job.tick is not None
-        try:
-            if req.error is not None:
-                raise req.error
-            result = job.tick.finish(req.result)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
+    def _finish_steps(self, steps: list[Request]) -> None:
+        """The tick's TickStep rows ran (or failed): each one's ``finish`` on this thread (its token
+        taken, the next sampled, its follower queued in its lane), then every lane goes on (the
+        followers' rows are queued for the next tick), and only then the results go to their
+        futures. Handing each result over as it came woke the sessions' event loop, which then took
+        the GIL back and forth with the rest of the finishing: with 8 sessions, 2.9-3.2 ms between
+        two decode ticks (tick log), 1.1-1.3 of them between the first follower's arrival and the
+        last's."""
+        if not steps:
+            return
+        outcomes: list[tuple[Job, Any, BaseException | None]] = []
+        for req in steps:
+            job = req.step
+            assert job is not None and job.tick is not None
+            try:
+                if req.error is not None:
+                    raise req.error
+                outcomes.append((job, job.tick.finish(req.result), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                outcomes.append((job, None, exc))
         with self._lock:
-            self.stats.tick_steps += 1
-            self._next_in_lane(job.lane)
+            for job, _, _ in outcomes:
+                self.stats.tick_steps += 1
+                self._next_in_lane(job.lane)
             self._tick_cv.notify()
+        for job, result, exc in outcomes:
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(result)
 
     def _plan(self) -> list[tuple[Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up
