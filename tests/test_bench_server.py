@@ -4,7 +4,11 @@ Structure and counts only; no timing is asserted."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 
+import duplex
 from duplex.bench.server import ServerBenchConfig, bench_server
 
 
@@ -24,6 +28,9 @@ async def test_the_server_sweep_counts_every_reply_and_the_prefill_case():
         assert not math.isnan(level["ttft_ms_p50"]) and level["aggregate_tokens_per_s"] > 0
         assert level["decode_rows_per_tick"] is not None  # read from the server's /healthz counters
         assert level["server_rss_mib"] > 0
+        # the server ran this checkout's package (its /healthz says which), not another on the path
+        assert level["server_code"]["package"] == str(Path(duplex.__file__).resolve().parent)
+        assert level["server_code"]["git_commit"] == result["git_commit"]
     floors = result["ttft_floor"]["levels"]
     assert [f["sessions"] for f in floors] == [1, 2] and all(f["ms_max"] >= f["ms_p50"] > 0 for f in floors)
     prefill = mode["prefill"]
@@ -45,3 +52,17 @@ async def test_the_ttft_floor_takes_every_question_in_one_tick(tiny_engine):
     # the system messages, the three rounds' hand-overs and the turn ends: always all four together
     assert set(prefills) - {0} == {4} and prefills.count(4) >= 7
     assert sum(1 for t in ticks if sum(1 for r in t.rows if r.decode) == 4) >= 3  # the first steps
+
+
+def test_a_served_subprocess_imports_the_benchs_own_package_first(monkeypatch, tmp_path):
+    """An A/B run of a clone (``PYTHONPATH=clone``) started from another checkout served that
+    checkout's code: ``python -m`` put the working directory first on the path."""
+    from duplex.bench.servers import ServeOptions, serve_env
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    env = serve_env()
+    root = str(Path(duplex.__file__).resolve().parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, str(tmp_path)]
+    argv = ServeOptions().argv(8000)
+    assert argv[:4] == [sys.executable, "-P", "-m", "duplex.cli.main"] if sys.version_info >= (3, 11) else argv[:3] == [
+        sys.executable, "-m", "duplex.cli.main"]

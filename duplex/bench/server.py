@@ -212,6 +212,7 @@ async def _level(url: str, n: int, rounds: int, max_tokens: int, pid: int) -> di
         "inter_token_ms_p50": round(_pct(gaps, 0.5), 1), "inter_token_ms_p95": round(_pct(gaps, 0.95), 1),
         "server_rss_mib": round(rss, 1), "decode_rows_per_tick": _rows_per_tick(before, after),
         "server_kernels": after.get("kernels") or {},  # what ran the forwards (Engine.describe)
+        "server_code": after.get("code") or {},  # which code served (its package and commit)
     }
 
 

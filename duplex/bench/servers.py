@@ -50,13 +50,28 @@ class ServeOptions:
     type: str = "serve_options"
 
     def argv(self, port: int) -> list[str]:
-        args = [sys.executable, "-m", "duplex.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        # -P (Python 3.11+): the working directory does not go first on the server's path, so a
+        # checkout there cannot replace the code this bench runs (see serve_env)
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        args = [sys.executable, *safe_path, "-m", "duplex.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
         for flag, value in (("--model", self.model), ("--device", self.device), ("--dtype", self.dtype),
                             ("--quantize", self.quantize), ("--policy", self.policy), ("--tts", self.tts),
                             ("--asr-model", self.asr_model), ("--auth-token", self.auth_token)):
             if value is not None:
                 args += [flag, value]
         return args + list(self.extra_args)
+
+
+def serve_env() -> dict[str, str]:
+    """The environment of a ``duplex serve`` this bench starts: its ``duplex`` package first on the
+    path, so that the server runs the code the bench runs. (``python -m`` put the working directory
+    first: an A/B run of a clone with ``PYTHONPATH=clone`` from the main checkout served the main
+    checkout's code, and only its own JSON named the clone's commit.)"""
+    import duplex
+
+    root = str(Path(duplex.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def read_rss_kib(pid: int) -> int | None:
@@ -149,7 +164,7 @@ async def serve_process(options: ServeOptions, log_dir: str | Path | None = None
     log.info("starting %s (log: %s)", " ".join(argv), log_path)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                env=serve_env(),
                                 preexec_fn=die_with_parent())  # noqa: PLW1509 - one prctl call, resolved before the fork
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", options.startup_timeout_s, proc, log_path)

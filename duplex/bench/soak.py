@@ -427,6 +427,7 @@ async def bench_soak(cfg: SoakConfig) -> dict[str, Any]:
     # how the engine spent the soak (the server's /healthz counters; empty for an older server)
     result["engine_during_soak"] = engine
     result["server_kernels"] = health_end.get("kernels") or {}  # what ran the forwards (Engine.describe)
+    result["server_code"] = health_end.get("code") or {}  # which code served (its package and commit)
     tick_log = os.environ.get("DUPLEX_TICK_LOG", "").strip()
     if tick_log and Path(tick_log).is_file():  # the server (started with this environment) logged its ticks
         _progress(f"reading the tick log {tick_log}")

@@ -14,8 +14,9 @@ given them back (one process, one after the other), and a soak's one-row ticks 2
 against 10.7 ms for the engine alone. Here the loading
 thread gives its pool back (:func:`release_pool`), job threads run their torch ops on one thread
 (:func:`serial_thread`), and only the scheduler's thread runs forwards; it gives its own pool back
-after each tick, so that a second engine (translation) adds no idle pool, and no idle thread spins
-between ticks on a core that the event loop wants.
+whenever nothing is queued, so that a second engine (translation) adds no idle pool, and no idle
+thread spins on a core that the event loop wants. (Not after every tick: the call waits for the
+worker to end its spin, ~2 ms, which then sat between every two ticks.)
 
 Everything here is a no-op where the process has no GNU OpenMP runtime loaded (another OpenMP, a
 build without it): the engine then runs as before.
@@ -55,7 +56,7 @@ def runtime() -> ctypes.CDLL | None:
 def release_pool() -> bool:
     """End the calling thread's OpenMP pool (the threads its parallel regions started), so that they
     no longer count against the CPUs: on the thread that loaded the model, and on the tick thread
-    after each tick (its argument types are set once, in :func:`runtime`: this runs per tick).
+    once the engine is idle (its argument types are set once, in :func:`runtime`: this runs often).
     True if a runtime took the request."""
     lib = runtime()
     if lib is None or not hasattr(lib, "omp_pause_resource_all"):  # none, or older than OpenMP 5.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import http
 import importlib.resources
 import json
@@ -71,6 +72,17 @@ CLOSE_SEND_OVERFLOW = 1008  # policy violation: the client reads too slowly
 CLOSE_TAKEN_OVER = 4001  # the session was resumed on another connection
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a client-chosen id for a new session (?session_id=)
 _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".json", ".wav"})
+
+
+@functools.lru_cache(maxsize=1)
+def served_code() -> dict[str, str | None]:
+    """This server's ``duplex`` package directory and the git commit checked out there (None
+    outside a checkout), for ``/healthz``."""
+    import duplex
+    from duplex.eval.runner import git_commit
+
+    package = Path(duplex.__file__).resolve().parent
+    return {"package": str(package), "git_commit": git_commit(package)}
 
 
 def _web_dir() -> Path:
@@ -420,13 +432,14 @@ class DuplexServer:
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: sessions held, the cap, the engine scheduler's counters (ticks,
         express ticks, rows, prefill tokens since start), so a load run can see how the engine
-        spent its ticks without a debugger, and what runs the forwards (``kernels``:
-        :meth:`~duplex.engine.worker.Engine.describe`)."""
+        spent its ticks without a debugger, what runs the forwards (``kernels``:
+        :meth:`~duplex.engine.worker.Engine.describe`) and which code serves (``code``: its package
+        directory and git commit, so a benchmark can tell which side of an A/B it measured)."""
         stats = getattr(self.engine, "stats", None)
         engine = {k: v for k, v in dataclasses.asdict(stats).items() if k != "type"} if dataclasses.is_dataclass(stats) else {}
         describe = getattr(self.engine, "describe", None)
         return {"status": "ok", "sessions": len(self.sessions), "max_sessions": self.admission.max_sessions,
-                "engine": engine, "kernels": describe() if callable(describe) else {}}
+                "engine": engine, "kernels": describe() if callable(describe) else {}, "code": served_code()}
 
     def _static(self, path: str) -> Response:
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
