@@ -49,6 +49,29 @@ def test_first_words_chains_are_cut_from_the_urgent_rows_and_name_the_prefill_th
     assert summarize_tick_log(path, since=1.32)["ticks"] == 3  # a window by the ticks' end times
 
 
+def test_decode_ticks_split_the_gap_before_them_by_their_rows_arrivals(tmp_path) -> None:
+    # six 2-row decode ticks of 20 ms, each starting 3 ms after the one before ended: its rows
+    # arrived 2.0 and 1.5 ms before it started (1 ms after the last tick, then 0.5 ms apart);
+    # a prefill tick and a lone 1-row tick are left out (too few of their size)
+    lines, ended = [], 1.0
+    for n in range(6):
+        start = ended + 0.003
+        ended = start + 0.02
+        lines.append(_tick(n, ended, 0.02, [[1, 1, 10 + n, 1, 0, 0.002], [2, 1, 30 + n, 1, 0, 0.0015]]))
+    lines.append(_tick(6, ended + 0.05, 0.04, [[3, 12, 0, 0, 1, 0.0]]))
+    lines.append(_tick(7, ended + 0.07, 0.01, [[1, 1, 16, 1, 0, 0.0]]))
+    path = tmp_path / "ticks.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    decode = summarize_tick_log(path)["decode_ticks"]
+    assert list(decode) == ["2"]
+    two = decode["2"]
+    assert two["ticks"] == 6 and two["tick_ms_p50"] == 20.0
+    assert two["gap_before_ms_p50"] == 3.0  # the first tick has no tick before it: 5 gaps
+    assert two["gap_until_first_row_ms_p50"] == 1.0
+    assert two["gap_rows_arriving_ms_p50"] == 0.5
+    assert two["gap_after_last_row_ms_p50"] == 1.5
+
+
 async def test_the_scheduler_logs_every_tick_with_its_rows(tiny_lm: LoadedModel, tmp_path, monkeypatch) -> None:
     path = tmp_path / "ticks.jsonl"
     monkeypatch.setenv("DUPLEX_TICK_LOG", str(path))

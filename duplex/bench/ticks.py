@@ -83,6 +83,7 @@ def summarize_tick_log(path: str | Path, since: float | None = None, until: floa
                     "p99": _ms(percentile(seconds, 0.99)), "max": _ms(max(seconds))},
         "tick_ms_mean_by_tokens": {k: {"ticks": len(v), "mean_ms": _ms(mean(v))}
                                    for k, v in sorted(by_tokens.items(), key=lambda kv: int(kv[0][:-1]))},
+        "decode_ticks": _decode_ticks(ticks),
         "first_words_chains": {
             "definition": "a session's urgent rows from its turn's prefill through the reply's urgent decode "
                           "steps; span = the first row's arrival to the end of the last one's tick",
@@ -100,6 +101,35 @@ def summarize_tick_log(path: str | Path, since: float | None = None, until: floa
             },
         },
     }
+
+
+def _decode_ticks(ticks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ticks of speaking sessions only (every row one decode token), by row count: the median tick,
+    and the median gap before it (the engine idle since the tick before ended), split by the rows'
+    arrival stamps into the time until the first row arrived (the last tick's finishing work),
+    while the rows arrived, and after the last one (handing results over, planning). With N
+    sessions speaking, N-row ticks and their gaps are the whole cycle of a token."""
+    by_rows: dict[int, list[tuple[float, float | None, list[float]]]] = {}
+    for before, tick in zip([None, *ticks], ticks):
+        rows = tick["rows"]
+        if not rows or not all(r[3] and r[1] == 1 for r in rows):
+            continue
+        gap = None if before is None else tick["ended"] - tick["seconds"] - before["ended"]
+        by_rows.setdefault(len(rows), []).append((tick["seconds"], gap, sorted(r[5] for r in rows)))
+    out: dict[str, Any] = {}
+    for n, entries in sorted(by_rows.items()):
+        if len(entries) < 5:
+            continue  # a few stray ticks of this size say nothing
+        gaps = [(g, w) for _, g, w in entries if g is not None and g >= 0]
+        out[str(n)] = {
+            "ticks": len(entries),
+            "tick_ms_p50": _ms(percentile([s for s, _, _ in entries], 0.5)),
+            "gap_before_ms_p50": _ms(percentile([g for g, _ in gaps], 0.5)),
+            "gap_until_first_row_ms_p50": _ms(percentile([max(0.0, g - w[-1]) for g, w in gaps], 0.5)),
+            "gap_rows_arriving_ms_p50": _ms(percentile([w[-1] - w[0] for _, w in gaps], 0.5)),
+            "gap_after_last_row_ms_p50": _ms(percentile([w[0] for _, w in gaps], 0.5)),
+        }
+    return out
 
 
 def _chains(ticks: list[dict[str, Any]]) -> list[_Chain]:
