@@ -369,7 +369,7 @@ class FastDecoder:
         step on the 2-core EPYC, with its decorator, casts and concatenation) becomes one gather.
         Its values are elementwise functions of the position, computed in blocks small enough to
         run on one thread with no vector tail, as every call of a forward runs: the same bits."""
-        if not self._rope_static or x.device.type != "cpu":
+        if not self._rope_static or x.device.type != "cpu" or not positions:
             cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long, device=x.device))
             cos, sin = cos[0].contiguous(), sin[0].contiguous()
             if out is not None:

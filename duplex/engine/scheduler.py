@@ -414,16 +414,18 @@ class Scheduler:
                 outcomes.append((job, job.tick.finish(req.result), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
                 outcomes.append((job, None, exc))
-        with self._lock:
-            for job, _, _ in outcomes:
-                self.stats.tick_steps += 1
-                self._next_in_lane(job.lane)
-            self._tick_cv.notify()
-        for job, result, exc in outcomes:
-            if exc is not None:
-                job.future.set_exception(exc)
-            else:
-                job.future.set_result(result)
+        try:
+            with self._lock:
+                for job, _, _ in outcomes:
+                    self.stats.tick_steps += 1
+                    self._next_in_lane(job.lane)
+                self._tick_cv.notify()
+        finally:  # every caller hears of its step, even if a lane could not go on
+            for job, result, exc in outcomes:
+                if exc is not None:
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(result)
 
     def _plan(self) -> list[tuple[Request, int, int]]:
         """(request, tokens, offset) rows: every decode request, every short prefill (whole, up

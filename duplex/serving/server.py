@@ -76,13 +76,13 @@ _STATIC_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".ico", ".png", ".
 
 @functools.lru_cache(maxsize=1)
 def served_code() -> dict[str, str | None]:
-    """This server's ``duplex`` package directory and the git commit checked out there (None
-    outside a checkout), for ``/healthz``."""
+    """This server's ``duplex`` version and the git commit checked out where its package lies
+    (None outside a checkout), for ``/healthz``: not the directory itself, which would tell any
+    client that can reach the port where the server is installed."""
     import duplex
     from duplex.eval.runner import git_commit
 
-    package = Path(duplex.__file__).resolve().parent
-    return {"package": str(package), "git_commit": git_commit(package)}
+    return {"version": duplex.__version__, "git_commit": git_commit(Path(duplex.__file__).resolve().parent)}
 
 
 def _web_dir() -> Path:
@@ -433,8 +433,8 @@ class DuplexServer:
         """``GET /healthz``: sessions held, the cap, the engine scheduler's counters (ticks,
         express ticks, rows, prefill tokens since start), so a load run can see how the engine
         spent its ticks without a debugger, what runs the forwards (``kernels``:
-        :meth:`~duplex.engine.worker.Engine.describe`) and which code serves (``code``: its package
-        directory and git commit, so a benchmark can tell which side of an A/B it measured)."""
+        :meth:`~duplex.engine.worker.Engine.describe`) and which code serves (``code``: its version and
+        git commit, so a benchmark can tell which side of an A/B it measured)."""
         stats = getattr(self.engine, "stats", None)
         engine = {k: v for k, v in dataclasses.asdict(stats).items() if k != "type"} if dataclasses.is_dataclass(stats) else {}
         describe = getattr(self.engine, "describe", None)
