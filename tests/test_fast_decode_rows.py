@@ -219,25 +219,25 @@ def test_a_cache_keeps_its_row_descriptors_until_its_buffers_change(int8_lm, mon
     model = int8_lm.model
     fast = _decoder(model)
     built = []
-    original = fast_decode._new_descriptors
+    original = fast_decode.new_descriptors
 
     def counting(*args):
         built.append(args[0])
         return original(*args)
 
-    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    monkeypatch.setattr(fast_decode, "new_descriptors", counting)
     prompts = _prompts(200, [30, 250])
     new = [[11], [12]]
     batched = _run(fast, model, prompts, new, [1, 1], True, monkeypatch)
     assert [id(c) for c in built] == [id(c) for c in batched[1]]  # the second pass reused them
-    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    monkeypatch.setattr(fast_decode, "new_descriptors", counting)
     per_row = _run(fast, model, prompts, new, [1, 1], False, monkeypatch)
     _assert_same(batched, per_row)
 
     a, b = batched[1]
     built.clear()
     old_buffer = weakref.ref(b.layers[0]._k)
-    monkeypatch.setattr(fast_decode, "_new_descriptors", counting)
+    monkeypatch.setattr(fast_decode, "new_descriptors", counting)
     fast.forward([DecodeRow(a, [5], 32), DecodeRow(b, list(range(3, 10)), 252)])  # b grows past 256
     assert built == [b]
     del batched, per_row
@@ -245,7 +245,7 @@ def test_a_cache_keeps_its_row_descriptors_until_its_buffers_change(int8_lm, mon
     assert old_buffer() is None  # the descriptors kept for the old buffer do not keep it alive
     built.clear()
     b.layers[1].crop(-1)  # layers of uneven length: not taken from the kept descriptors
-    assert not fast_decode._reuse_descriptors(b, b.layers, 0, 1, np.empty((len(b.layers), 6), dtype=np.int64))
+    assert not fast_decode.reuse_descriptors(b, b.layers, 0, 1, np.empty((len(b.layers), 6), dtype=np.int64))
     b.reset()
     fast.forward([DecodeRow(b, [1, 2], 0)])
     assert built == [b] and b.get_seq_length() == 2
