@@ -30,15 +30,18 @@ log = logging.getLogger(__name__)
 
 def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+                         window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query [b, h, q, d]; key/value [b, kvh, n, d] (the q new positions are the last q of n).
-    Returns [b, q, h, d] like transformers' other attention functions."""
+    Returns [b, q, h, d] like transformers' other attention functions. ``window``: a sliding-window
+    layer's size (Gemma 3): a query sees itself and the ``window - 1`` positions before it, as
+    transformers' sliding-window mask has it (keys before that are masked out)."""
     b, h, q, d = query.shape
     kvh, n = key.shape[1], key.shape[2]
     g = h // kvh
     scale = scaling if scaling is not None else d ** -0.5
     out_dtype = query.dtype
-    if b == 1 and out_dtype == torch.bfloat16 and query.device.type == "cpu":
+    windowed = window is not None and n > window  # the last query's window starts inside the keys
+    if b == 1 and out_dtype == torch.bfloat16 and query.device.type == "cpu" and not windowed:
         kernel = _cpu_decode_kernel()
         if kernel is not None:
             out = kernel(query, key, value, scale)
@@ -51,11 +54,13 @@ def gqa_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
         query, key, value = query.float(), key.float(), value.float()
     qg = query.reshape(b, kvh, g * q, d)  # head index = kv_head * g + j, as repeat_kv lays it out
     scores = torch.matmul(qg, key.transpose(-1, -2)) * scale  # [b, kvh, g*q, n]
-    if q > 1:
+    if q > 1 or windowed:
         i = torch.arange(q, device=query.device).unsqueeze(1)
         j = torch.arange(n, device=query.device).unsqueeze(0)
-        future = j > (n - q + i)  # [q, n]: keys after each query's own position
-        scores = scores.masked_fill(future.repeat(g, 1), float("-inf"))
+        hidden = j > (n - q + i)  # [q, n]: keys after each query's own position
+        if windowed:
+            hidden |= j < (n - q + i) - window + 1  # and keys that left its window
+        scores = scores.masked_fill(hidden.repeat(g, 1), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [b, kvh, g*q, d]
     return out.reshape(b, h, q, d).transpose(1, 2).to(out_dtype).contiguous(), None

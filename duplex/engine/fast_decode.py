@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from duplex.engine.attention import (
     decode_kernel,
@@ -330,6 +331,13 @@ class FastDecoder:
         return out
 
     batched_attention = True  # one C call per layer for every row's cache write + attention (if caches allow)
+    direct_max_query = MAX_QUERY  # the most tokens of a sequence's own call (SharedSequence.forward_direct)
+
+    @staticmethod
+    def accepts(cache: Any) -> bool:
+        """True if the forward takes ``cache``: plain appending layers (no sliding window)."""
+        layers = getattr(cache, "layers", None)
+        return layers is not None and all(type(layer) in (GrowableLayer, DynamicLayer) for layer in layers)
 
     def _rows_plan(self, rows: Sequence[DecodeRow], bounds: list[tuple[int, int]],
                    k: torch.Tensor, v: torch.Tensor) -> tuple[Any, torch.Tensor, list[list[GrowableLayer]]] | None:
@@ -627,16 +635,21 @@ def _supported(model: nn.Module) -> str | None:
 def fast_decoder(model: nn.Module) -> FastDecoder | None:
     """The lean forward for ``model`` (built once; fuses its projections in place), or None when
     the model is not one it reproduces, or with ``DUPLEX_FAST_DECODE=0``. On CUDA it pays too: a
-    decode step there is bound by kernel launches, and fusing cuts them."""
+    decode step there is bound by kernel launches, and fusing cuts them. Gemma 3 text models get
+    :class:`~duplex.engine.gemma_decode.GemmaDecoder` (same ``forward``, ``accepts`` and limits)."""
     if model in _decoders:
         return _decoders[model]
-    decoder: FastDecoder | None = None
+    from duplex.engine.gemma_decode import GemmaDecoder, gemma_supported
+
+    decoder: Any = None
     device = next(model.parameters()).device
+    gemma = getattr(getattr(model, "config", None), "model_type", None) == "gemma3_text"
     why = "off ($DUPLEX_FAST_DECODE=0)" if os.environ.get("DUPLEX_FAST_DECODE", "1") == "0" else (
-        f"device {device.type}" if device.type not in ("cpu", "cuda") else _supported(model))
+        f"device {device.type}" if device.type not in ("cpu", "cuda") else
+        gemma_supported(model) if gemma else _supported(model))
     if why is None:
         try:
-            decoder = FastDecoder(model)
+            decoder = GemmaDecoder(model) if gemma else FastDecoder(model)
         except (TypeError, AttributeError) as exc:
             why = str(exc)
     if decoder is None:

@@ -551,29 +551,46 @@ class Scheduler:
         attn = sum(self._pacer.attn(len(row.ids), row.start_pos) for row in rows)
         return fast if attn <= _FAST_MAX_ATTN.get(attention_isa() or "avx2", 0) else None
 
+    def _batchable(self, cache: Any) -> bool:
+        """Can this cache's row share the tick's one forward: the ragged forward takes it, or the
+        lean forward does (Gemma 3's sliding-window layers: the lean forward only)."""
+        if not self._batching:
+            return False
+        if supports(self.model, cache):
+            return True
+        fast = fast_decoder(self.model)
+        return fast is not None and fast.accepts(cache)
+
     def _execute(self, plan: list[tuple[Request, int, int]]) -> int:
-        """Run the planned rows (baton held, _lock not): one ragged forward, or one by one."""
-        batch = [(r, n) for r, n, _ in plan if self._batching and supports(self.model, r.cache)]
-        single = [(r, n) for r, n, _ in plan if not (self._batching and supports(self.model, r.cache))]
+        """Run the planned rows (baton held, _lock not): one batched forward, or one by one."""
+        shared = [self._batchable(r.cache) for r, _, _ in plan]
+        batch = [(r, n) for (r, n, _), s in zip(plan, shared) if s]
+        single = [(r, n) for (r, n, _), s in zip(plan, shared) if not s]
         forwards = 0
         if batch:
             rows = [Row(r.cache, tuple(r.ids[r.done:r.done + n]), r.start_pos + r.done,
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
             try:  # choosing the pass is inside: an error there must not stop the tick thread either
                 fast = self._lean_forward(rows)
-                outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
-                        if fast is not None else ragged_forward(self.model, rows))
+                if fast is None and not all(supports(self.model, row.cache) for row in rows):
+                    outs = None  # rows that only the lean forward takes, and it declined them
+                else:
+                    outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
+                            if fast is not None else ragged_forward(self.model, rows))
             except Exception:
                 log.warning("batched forward failed for %s; running sessions one by one from now on",
                             type(self.model).__name__, exc_info=True)
                 self._batching = False
                 single = batch + single
             else:
-                forwards += 1
-                for (r, n), out in zip(batch, outs):
-                    r.done += n
-                    if r.done == len(r.ids):
-                        r.result = out
+                if outs is None:  # one by one, below
+                    single = batch + single
+                else:
+                    forwards += 1
+                    for (r, n), out in zip(batch, outs):
+                        r.done += n
+                        if r.done == len(r.ids):
+                            r.result = out
         for r, n in single:
             final = r.done + n == len(r.ids)
             try:

@@ -19,11 +19,9 @@ from enum import Enum
 from typing import Any, Protocol
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
-from duplex.engine.fast_decode import MAX_QUERY as FAST_MAX_QUERY
 from duplex.engine.fast_decode import DecodeRow, fast_decoder
-from duplex.engine.kv import GrowableLayer, compact_rotated
+from duplex.engine.kv import compact_rotated
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler
 from duplex.engine.template import TurnTemplate
@@ -547,11 +545,6 @@ class SharedSequence:
         finally:
             self._ids = saved
 
-    def _fast_cache(self) -> bool:
-        """The cache takes the lean decode forward: plain appending layers (no sliding window)."""
-        layers = getattr(self._cache, "layers", None)
-        return layers is not None and all(type(layer) in (GrowableLayer, DynamicLayer) for layer in layers)
-
     def _new_cache(self) -> Any:
         from duplex.engine.kv import new_kv_cache
 
@@ -594,7 +587,9 @@ class SharedSequence:
     def forward_direct(self, ids: list[int], start_pos: int, keep: int = 1) -> torch.Tensor | None:
         """:meth:`_forward` as one model call of this sequence alone (the scheduler's fallback)."""
         device = self.lm.device
-        fast = fast_decoder(self.lm.model) if len(ids) <= FAST_MAX_QUERY and self._fast_cache() else None
+        fast = fast_decoder(self.lm.model)
+        if fast is not None and (len(ids) > fast.direct_max_query or not fast.accepts(self._cache)):
+            fast = None
         if fast is not None:  # decode steps and hand-overs: the lean forward (same arithmetic)
             out = fast.forward([DecodeRow(self._cache, ids, start_pos, keep)])[0]
             assert out is not None or keep == 0
