@@ -164,3 +164,32 @@ def test_the_scheduler_batches_gemma_sessions_into_one_forward_per_tick(tiny_lm)
         engine.close()
     assert both[0] == alone[0]
     assert shared and all(t.forwards == 1 for t in shared)
+
+
+def test_the_c_norm_is_gemmas_norm_but_for_rare_last_bit_differences():
+    """``FusedOps.gemma_norm`` (one C call for the module's eight torch ops) against
+    ``Gemma3RMSNorm`` itself: the mean's summation order differs, so a bf16 result may differ in its
+    last bit, rarely; with a residual, the decoder layer's bf16 add."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from duplex.engine.int8_kernel import fused_ops
+
+    ops = fused_ops()
+    if ops is None:
+        pytest.skip("no C helpers here (no compiler or no AVX2)")
+    gen = torch.Generator().manual_seed(0)
+    differing = total = 0
+    for trial in range(60):
+        d, rows = (640, 256, 24, 37)[trial % 4], 1 + trial % 5
+        module = Gemma3RMSNorm(d, eps=1e-6)
+        module.weight.data = torch.randn(d, generator=gen) * 0.3
+        module = module.to(torch.bfloat16)
+        x = (torch.randn(rows, d, generator=gen) * (0.1 + trial % 9)).to(torch.bfloat16)
+        residual = torch.randn(rows, d, generator=gen).to(torch.bfloat16)
+        scale = 1.0 + module.weight.float()
+        for got, ref in ((ops.gemma_norm(x, scale, 1e-6), module(x)),
+                         (ops.gemma_norm(x, scale, 1e-6, residual=residual), residual + module(x))):
+            torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=1e-6)  # at most a last bit apart
+            differing += int((got != ref).sum())
+            total += ref.numel()
+    assert differing <= total // 1000

@@ -99,9 +99,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from duplex.bench.server import bench_server_cli
 
         result = bench_server_cli(args)
+    elif what == "translate":
+        from duplex.bench.translate import bench_translate_cli
+
+        result = bench_translate_cli(args)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {what}")
-    if isinstance(args.json, str) and what != "server":  # bench server writes its own file and plot
+    if isinstance(args.json, str) and what not in ("server", "translate"):  # these write their own file
         from pathlib import Path
 
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -225,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="send one message, print the reply, exit")
 
     p = add("bench", _cmd_bench, "benchmarks (JSON on stdout)")
-    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime", "openai", "soak"],
+    p.add_argument("what", choices=["decode", "ttft", "bargein", "asr", "tts", "server", "realtime", "openai", "soak",
+                                      "translate"],
                    help="openai: first SSE chunk of /v1/chat/completions vs the first /ws text delta (--n trials)")
     _add_model_args(p)
     p.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
@@ -256,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     from duplex.bench.server import add_server_bench_args
 
     add_server_bench_args(p)
+    from duplex.bench.translate import add_translate_bench_args
+
+    add_translate_bench_args(p)
     s = p.add_argument_group("soak", "duplex bench soak: N text clients for T minutes that talk, interrupt, drop and "
                                      "resume, read slowly and flood (--url, --auth-token, --seed above apply; "
                                      "--json FILE also writes the JSON there and the RSS plot next to it)")

@@ -912,6 +912,48 @@ int duplex_rope_bf16(uint16_t* x, int t, int heads, int d, int64_t row_stride, c
     return 0;
 }
 
+/* ---- Gemma 3's RMS norm (duplex.engine.gemma_decode) ---------------------------------------- */
+
+/* For rows r < rows of d bf16 values (x + r * x_stride): transformers' Gemma3RMSNorm, whose
+ * roundings differ from Llama's: h = x * 1/sqrt(mean(x^2) + eps) and h * scale in fp32 (scale = 1 +
+ * weight, fp32; scale_rows rows of d, row r takes row r % scale_rows: q and k heads normed in one
+ * call), rounded to bf16 once. With residual (+ r * r_stride): the bf16 sum residual + that, rounded
+ * again (the decoder layer's residual add). out (+ r * out_stride) may be x or residual. */
+int duplex_gemma_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t out_stride, int rows, int d,
+                           const float* scale, int scale_rows, float eps, const uint16_t* residual, int64_t r_stride) {
+    if (rows < 0 || d < 1 || scale_rows < 1) return -1;
+    int d8 = d & ~7;
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t* a = x + (int64_t)r * x_stride;
+        uint16_t* o = out + (int64_t)r * out_stride;
+        const uint16_t* res = residual ? residual + (int64_t)r * r_stride : NULL;
+        const float* sc = scale + (int64_t)(r % scale_rows) * d;
+        __m256 acc = _mm256_setzero_ps();
+        float ss = 0.0f;
+        for (int k = 0; k < d8; k += 8) {
+            __m256 v = load_bf16x8(a + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        for (int k = d8; k < d; ++k) {
+            float v = bf16_to_f32(a[k]);
+            ss += v * v;
+        }
+        ss += hsum(acc);
+        __m256 rv = _mm256_set1_ps(1.0f / sqrtf(ss / (float)d + eps));
+        for (int k = 0; k < d8; k += 8) {
+            __m256 h = round_bf16(_mm256_mul_ps(_mm256_mul_ps(load_bf16x8(a + k), rv), _mm256_loadu_ps(sc + k)));
+            if (res) h = round_bf16(_mm256_add_ps(load_bf16x8(res + k), h));
+            store_bf16x8(o + k, h);
+        }
+        float rs = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int k = d8; k < d; ++k) {
+            float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(a[k]) * rs * sc[k]));
+            o[k] = res ? f32_to_bf16(bf16_to_f32(res[k]) + h) : f32_to_bf16(h);
+        }
+    }
+    return 0;
+}
+
 /* ---- a sequence of fused q16 mat-vecs in one parallel region -------------------------------- */
 
 /* One step: c [M, n] = (r +) prologue(a [M, lda]) @ (w [n, k] * s).T, then, if rope_heads > 0,

@@ -249,6 +249,11 @@ class FusedOps:
         self._rope = lib.duplex_rope_bf16
         self._rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
         self._rope.restype = ctypes.c_int
+        self._gemma_norm = lib.duplex_gemma_norm_bf16
+        self._gemma_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
+                                     ctypes.c_int64]
+        self._gemma_norm.restype = ctypes.c_int
         self._steps = lib.duplex_int8_q16_steps
         self._steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._steps.restype = ctypes.c_int
@@ -315,6 +320,23 @@ class FusedOps:
                         packed.data_ptr() if packed is not None else None)
         if rc != 0:
             raise MemoryError("int8 fused mat-vec failed")
+        return out
+
+    def gemma_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' Gemma3RMSNorm over the last dim of x [rows, d] bf16 (unit column stride), with
+        ``scale`` = 1 + weight in fp32: [d], or [h, d] for rows that cycle through h heads (q and k
+        heads in one call). With ``residual`` [rows, d]: ``residual + norm(x)`` (bf16 add). ``out``
+        may be x or residual; new storage if None."""
+        rows, d = x.shape
+        if out is None:
+            out = torch.empty(rows, d, dtype=torch.bfloat16)
+        scale_rows = 1 if scale.dim() == 1 else scale.shape[0]
+        rc = self._gemma_norm(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), rows, d, scale.data_ptr(),
+                              scale_rows, eps, residual.data_ptr() if residual is not None else None,
+                              residual.stride(0) if residual is not None else 0)
+        if rc != 0:
+            raise ValueError(f"gemma_norm: bad shape {tuple(x.shape)}")
         return out
 
     def rope(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
