@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from duplex.bench.servers import ServeOptions, serve_process, server_health
+from duplex.bench.soak_report import percentile
 from duplex.serving.client import DuplexClient
 from duplex.serving.client_translate import translate_settings
 
@@ -74,12 +75,8 @@ def _progress(msg: str) -> None:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return round(values[lo] + (values[hi] - values[lo]) * (k - lo), 1)
+    value = percentile(values, q)
+    return None if value is None else round(value, 1)
 
 
 async def _translate_client(url: str, texts: list[str], cfg: TranslateBenchConfig) -> _Run:

@@ -59,7 +59,7 @@ from duplex.engine.kv import GrowableLayer
 from duplex.engine.quant import Int8WeightOnlyLinear, int8_matmul
 from duplex.engine.row_descriptors import new_descriptors, reuse_descriptors
 
-__all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
+__all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder", "forward_restoring", "rope_table"]
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,8 @@ class FastDecoder:
         table = self._rope_table
         top = max(positions) + 1
         if table is None or top > table[0].shape[0] or table[0].dtype != x.dtype:
-            size = -(-max(top, 2 * table[0].shape[0] if table is not None else 0, _ROPE_BLOCK) // _ROPE_BLOCK) * _ROPE_BLOCK
-            blocks = [self.rotary(x[:1], torch.arange(b, b + _ROPE_BLOCK).unsqueeze(0))
-                      for b in range(0, size, _ROPE_BLOCK)]
-            table = self._rope_table = (torch.cat([c[0] for c, _ in blocks]), torch.cat([s[0] for _, s in blocks]))
+            table = self._rope_table = rope_table(self.rotary, x, top, table if table is not None
+                                                  and table[0].dtype == x.dtype else None)
         index = torch.tensor(positions, dtype=torch.long)
         if out is None:
             return table[0].index_select(0, index), table[1].index_select(0, index)
@@ -533,15 +531,7 @@ class FastDecoder:
         """Append every row's ids to its cache; per row the logits of its last ``keep`` positions
         ([vocab] for keep 1, [keep, vocab] above, None for 0). On an error the caches are cropped
         back to each row's start and the error re-raised."""
-        try:
-            return self._forward(rows)
-        except BaseException:
-            for row in rows:
-                for layer in getattr(row.cache, "layers", ()):
-                    extra = int(layer.get_seq_length()) - row.start_pos
-                    if extra > 0:
-                        layer.crop(-extra)
-            raise
+        return forward_restoring(self._forward, rows)
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         many = self.dense and sum(len(row.ids) for row in rows) > self.max_query
@@ -593,6 +583,33 @@ class FastDecoder:
         h = _rms_norm(self.final_norm, x[:, wanted])
         logits = self.head(h)[0]  # [len(wanted), vocab]
         return _split_logits(rows, logits)
+
+
+def forward_restoring(forward: Any, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
+    """``forward(rows)``; on an error every row's cache is cropped back to the row's start (a pass
+    may have written some layers) and the error re-raised: a failed tick leaves no half-written row."""
+    try:
+        return forward(rows)
+    except BaseException:
+        for row in rows:
+            for layer in getattr(row.cache, "layers", ()):
+                extra = int(layer.get_seq_length()) - row.start_pos
+                if extra > 0:
+                    layer.crop(-extra)
+        raise
+
+
+def rope_table(rotary: Any, x: torch.Tensor, top: int, table: tuple[torch.Tensor, torch.Tensor] | None,
+               *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rotary module's cos/sin for positions 0..at least ``top`` - 1 (doubling ``table``'s size when
+    it grows), computed by the module itself (``rotary(x, positions, *args)``) in blocks of
+    ``_ROPE_BLOCK`` positions: small enough to run on one thread with no vector tail, as every call
+    of a forward runs, so each position gets the bits a forward's call gives it (tested)."""
+    have = table[0].shape[0] if table is not None else 0
+    size = -(-max(top, 2 * have, _ROPE_BLOCK) // _ROPE_BLOCK) * _ROPE_BLOCK
+    blocks = [rotary(x[:1], torch.arange(b, b + _ROPE_BLOCK, device=x.device).unsqueeze(0), *args)
+              for b in range(0, size, _ROPE_BLOCK)]
+    return torch.cat([c[0] for c, _ in blocks]), torch.cat([s[0] for _, s in blocks])
 
 
 def _fused_ops() -> Any:

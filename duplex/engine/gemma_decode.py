@@ -29,14 +29,21 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from duplex.engine.attention import gqa_decode_attention
-from duplex.engine.fast_decode import MAX_QUERY, DecodeRow, _Fused, _fused_ops, _layout, _split_logits
+from duplex.engine.fast_decode import (
+    DecodeRow,
+    _Fused,
+    _fused_ops,
+    _layout,
+    _split_logits,
+    forward_restoring,
+    rope_table,
+)
 from duplex.engine.kv import GrowableLayer
 from duplex.engine.quant import Int8WeightOnlyLinear
 
 __all__ = ["GemmaDecoder", "gemma_supported"]
 
 _MODEL_TYPES = ("gemma3_text",)
-_ROPE_BLOCK = 256  # positions per rotary-module call that fills a table (see FastDecoder._rope)
 _CACHE_LAYERS = (GrowableLayer, DynamicLayer, DynamicSlidingWindowLayer)
 
 
@@ -161,12 +168,8 @@ class GemmaDecoder:
             with self._tables_lock:
                 table = self._tables.get(rope_type)
                 if table is None or top > table[0].shape[0] or table[0].dtype != x.dtype:
-                    have = table[0].shape[0] if table is not None else 0
-                    size = -(-max(top, 2 * have, _ROPE_BLOCK) // _ROPE_BLOCK) * _ROPE_BLOCK
-                    blocks = [self.rotary(x[:1], torch.arange(b, b + _ROPE_BLOCK, device=x.device).unsqueeze(0), rope_type)
-                              for b in range(0, size, _ROPE_BLOCK)]
-                    table = (torch.cat([c[0] for c, _ in blocks]), torch.cat([s[0] for _, s in blocks]))
-                    self._tables[rope_type] = table
+                    keep = table if table is not None and table[0].dtype == x.dtype else None
+                    table = self._tables[rope_type] = rope_table(self.rotary, x, top, keep, rope_type)
         index = torch.tensor(positions, dtype=torch.long, device=x.device)
         return table[0].index_select(0, index), table[1].index_select(0, index)
 
@@ -175,15 +178,7 @@ class GemmaDecoder:
         """Append every row's ids to its cache; per row the logits of its last ``keep`` positions
         ([vocab] for keep 1, [keep, vocab] above, None for 0). On an error the caches are cropped
         back to each row's start and the error re-raised."""
-        try:
-            return self._forward(rows)
-        except BaseException:
-            for row in rows:
-                for layer in getattr(row.cache, "layers", ()):
-                    extra = int(layer.get_seq_length()) - row.start_pos
-                    if extra > 0:
-                        layer.crop(-extra)
-            raise
+        return forward_restoring(self._forward, rows)
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         device = self.embed.weight.device

@@ -791,6 +791,22 @@ static inline void store_bf16x8(uint16_t* p, __m256 v) { /* v already rounded to
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(lo, hi));
 }
 
+/* the sum of a[0:K]^2 (bf16 values) in fp32, in the order both RMS norms here use */
+static inline float sum_squares_bf16(const uint16_t* a, int K) {
+    int k8 = K & ~7;
+    __m256 acc = _mm256_setzero_ps();
+    float ss = 0.0f;
+    for (int k = 0; k < k8; k += 8) {
+        __m256 v = load_bf16x8(a + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    for (int k = k8; k < K; ++k) {
+        float v = bf16_to_f32(a[k]);
+        ss += v * v;
+    }
+    return ss + hsum(acc);
+}
+
 /* The activation row a kernel multiplies, built from its inputs with the bf16 roundings of
  * transformers' modules (so the fused call equals the module sequence up to summation order):
  * PRO_NONE: a [K] itself; PRO_RMSNORM: LlamaRMSNorm(a [K]) with weight aux [K] and eps;
@@ -798,18 +814,7 @@ static inline void store_bf16x8(uint16_t* p, __m256 v) { /* v already rounded to
 static void prologue_row(int mode, const uint16_t* a, int K, const uint16_t* aux, float eps, uint16_t* act) {
     int k8 = K & ~7;
     if (mode == PRO_RMSNORM) {
-        __m256 acc = _mm256_setzero_ps();
-        float ss = 0.0f;
-        for (int k = 0; k < k8; k += 8) {
-            __m256 v = load_bf16x8(a + k);
-            acc = _mm256_fmadd_ps(v, v, acc);
-        }
-        for (int k = k8; k < K; ++k) {
-            float v = bf16_to_f32(a[k]);
-            ss += v * v;
-        }
-        ss += hsum(acc);
-        float r = 1.0f / sqrtf(ss / (float)K + eps);
+        float r = 1.0f / sqrtf(sum_squares_bf16(a, K) / (float)K + eps);
         __m256 rv = _mm256_set1_ps(r);
         for (int k = 0; k < k8; k += 8)
             store_bf16x8(act + k, round_bf16(_mm256_mul_ps(round_bf16(_mm256_mul_ps(load_bf16x8(a + k), rv)),
@@ -928,24 +933,13 @@ int duplex_gemma_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out, i
         uint16_t* o = out + (int64_t)r * out_stride;
         const uint16_t* res = residual ? residual + (int64_t)r * r_stride : NULL;
         const float* sc = scale + (int64_t)(r % scale_rows) * d;
-        __m256 acc = _mm256_setzero_ps();
-        float ss = 0.0f;
-        for (int k = 0; k < d8; k += 8) {
-            __m256 v = load_bf16x8(a + k);
-            acc = _mm256_fmadd_ps(v, v, acc);
-        }
-        for (int k = d8; k < d; ++k) {
-            float v = bf16_to_f32(a[k]);
-            ss += v * v;
-        }
-        ss += hsum(acc);
-        __m256 rv = _mm256_set1_ps(1.0f / sqrtf(ss / (float)d + eps));
+        float rs = 1.0f / sqrtf(sum_squares_bf16(a, d) / (float)d + eps);
+        __m256 rv = _mm256_set1_ps(rs);
         for (int k = 0; k < d8; k += 8) {
             __m256 h = round_bf16(_mm256_mul_ps(_mm256_mul_ps(load_bf16x8(a + k), rv), _mm256_loadu_ps(sc + k)));
             if (res) h = round_bf16(_mm256_add_ps(load_bf16x8(res + k), h));
             store_bf16x8(o + k, h);
         }
-        float rs = 1.0f / sqrtf(ss / (float)d + eps);
         for (int k = d8; k < d; ++k) {
             float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(a[k]) * rs * sc[k]));
             o[k] = res ? f32_to_bf16(bf16_to_f32(res[k]) + h) : f32_to_bf16(h);
