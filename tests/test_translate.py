@@ -430,3 +430,37 @@ def test_translator_forwards_per_step(tiny_lm: LoadedModel, monkeypatch: pytest.
     tr.read(["is"])
     tr.next_word()
     assert calls[0][1] == 0 and calls[1] == (header + len(word.ids), 1)  # word; header + confirmed in ONE forward
+
+
+async def test_translation_sessions_forwards_share_the_engines_ticks(tiny_engine) -> None:
+    """Two live translations at once: their forwards go through the engine's scheduler, each session
+    in its own lane, so their rows share ticks (one forward for both). Before, each session's steps
+    ran their forwards on a job thread of their own, one session after the other."""
+    from duplex.session.events import TextInput, TurnEnded
+    from duplex.translate.session import TranslateConfig, TranslateSession
+
+    sessions = [TranslateSession(tiny_engine, TranslateConfig(policy="wait-k", k=1)) for _ in range(2)]
+    for session in sessions:
+        await session.start()
+    try:
+        owners = {id(session.translator.seq) for session in sessions}
+        tiny_engine.scheduler.trace.clear()
+        for word in ["where", "is", "the", "old", "station"]:
+            for session in sessions:
+                session.submit(TextInput(word + " ", final=False))
+        for session in sessions:
+            session.submit(TextInput("", final=True))
+
+        async def until_done(session: TranslateSession) -> None:
+            async for ev in session.events():
+                if isinstance(ev, TurnEnded) and ev.speaker == "agent":
+                    return
+
+        await asyncio.wait_for(asyncio.gather(*(until_done(s) for s in sessions)), 60)
+    finally:
+        for session in sessions:
+            await session.close()
+    ticks = list(tiny_engine.scheduler.trace)
+    assert {r.owner for t in ticks for r in t.rows} == owners  # every forward went through the ticks
+    shared = [t for t in ticks if {r.owner for r in t.rows} == owners]
+    assert shared and all(t.forwards == 1 for t in shared)

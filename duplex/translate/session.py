@@ -121,7 +121,11 @@ class TranslateSession(SessionLifecycle):
         self.state = "listening"
         self.translator: TranslationModel | None = None
         # (lm, prompt) -> model; tests pass a fake
-        self._translator_factory = translator_factory or functools.partial(SimulTranslator, layout=self.config.layout)
+        # the real translator's forwards go through the engine's scheduler: on its tick thread (with
+        # its threads; a job thread runs torch on one) and batched with other sessions' rows. Before,
+        # they ran on the job's own thread, one session after another in the engine's shared lane
+        self._translator_factory = translator_factory or functools.partial(
+            SimulTranslator, layout=self.config.layout, runner=engine.scheduler)
         self._inputs: collections.deque[Any] = collections.deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -247,7 +251,7 @@ class TranslateSession(SessionLifecycle):
             self._source.append(word)
             self._emit(UserTranscript(self._user_turn, " ".join(self._source), True, self.clock.now()))
             await self._wait_decode_release()
-            out, hypothesis = await self.engine.run(self._step_sync, word, len(self._source))
+            out, hypothesis = await self.engine.run_for(self._lane(), self._step_sync, word, len(self._source))
             self._write(out, hypothesis)
             if word.endswith(_SENTENCE_END) or len(self._source) >= self.config.max_source_words:
                 await self._finish()
@@ -256,7 +260,7 @@ class TranslateSession(SessionLifecycle):
         if self._agent_turn is None:
             return
         await self._wait_decode_release()
-        out, _ = await self.engine.run(self._step_sync, None, len(self._source))
+        out, _ = await self.engine.run_for(self._lane(), self._step_sync, None, len(self._source))
         self._write(out, [])
         now = self.clock.now()
         source, target = " ".join(self._source), " ".join(self._target)
@@ -276,6 +280,12 @@ class TranslateSession(SessionLifecycle):
         self._emit(TurnStarted("user", self._user_turn, now))
         self._emit(TurnStarted("agent", self._agent_turn, now))
         self._set_state("speaking")
+
+    def _lane(self) -> Any:
+        """The engine lane of this session's steps: its translator's sequence (sessions' steps then
+        interleave at forwards, and their rows share ticks), or the shared lane for a translator
+        without one (test fakes)."""
+        return getattr(self.translator, "seq", None)
 
     def _step_sync(self, word: str | None, n_read: int) -> tuple[list[tuple[str, int]], list[str]]:
         """Worker thread: read one word (None: the source ended) and let the policy write."""

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from duplex.engine.models import LoadedModel
 from duplex.engine.sampling import Sampler, SamplingConfig
-from duplex.engine.sequence import SequenceConfig, SharedSequence, Speaker, Status
+from duplex.engine.sequence import ForwardRunner, SequenceConfig, SharedSequence, Speaker, Status
 from duplex.engine.template import RoleMarkers, TurnTemplate
 from duplex.translate.prompt import LAYOUTS, TranslationPrompt
 
@@ -114,7 +114,11 @@ class SimulTranslator(TranslationModel):
     """The real model behind the policies: one shared sequence per translation session."""
 
     def __init__(self, lm: LoadedModel, prompt: TranslationPrompt, max_word_tokens: int = 12,
-                 max_target_ratio: float = 3.0, layout: str = "reencode") -> None:
+                 max_target_ratio: float = 3.0, layout: str = "reencode", runner: ForwardRunner | None = None) -> None:
+        """``runner``: where the sequence's forwards run, the engine's scheduler in a server (then every
+        call of this translator must run as a job of that engine, in the sequence's lane: its
+        forwards join the ticks, batched with other sessions' on the engine's tick thread); None:
+        on the calling thread (the offline evaluation, the CLI)."""
         if layout not in LAYOUTS:
             raise ValueError(f"unknown translation layout {layout!r}; available: {', '.join(LAYOUTS)}")
         self.layout = layout
@@ -124,7 +128,8 @@ class SimulTranslator(TranslationModel):
         self._interleaved = layout == "interleaved"
         self._header = tuple(lm.tokenizer.encode(prompt.target_header, add_special_tokens=False))
         self._source_header = tuple(lm.tokenizer.encode(prompt.source_header, add_special_tokens=False))
-        self.seq = SharedSequence(lm, self.template, SequenceConfig(max_tokens=8192, keep_recent_tokens=4096))
+        self.seq = SharedSequence(lm, self.template, SequenceConfig(max_tokens=8192, keep_recent_tokens=4096),
+                                  runner=runner)
         self._sampler = Sampler(SamplingConfig(temperature=0.0))
         self.max_word_tokens = max_word_tokens
         self.max_target_ratio = max_target_ratio
