@@ -97,3 +97,26 @@ async def test_the_scheduler_logs_every_tick_with_its_rows(tiny_lm: LoadedModel,
     rows = [r for e in logged for r in e["rows"]]
     assert any(r[4] and not r[3] for r in rows)  # the urgent hand-over
     assert sum(1 for r in rows if r[3]) >= 3  # the decode steps
+
+
+def test_two_engines_in_one_process_log_to_two_files(tmp_path):
+    """A translation engine beside the chat engine: the second log gets FILE.2, so neither buffered
+    writer cuts the other's lines; the path is free again once closed."""
+    import json as _json
+
+    from duplex.engine.scheduler_work import RowRecord, TickLog, TickRecord
+
+    path = str(tmp_path / "ticks.jsonl")
+    first, second = TickLog(path), TickLog(path)
+    try:
+        assert first.path == path and second.path == path + ".2"
+        for log, tick in ((first, 1), (second, 2)):
+            log.add(TickRecord(tick, (RowRecord(7, 1, 10, True, 0),), 1, 0.01))
+    finally:
+        first.close()
+        second.close()
+    assert [_json.loads(line)["tick"] for line in open(path)] == [1]
+    assert [_json.loads(line)["tick"] for line in open(path + ".2")] == [2]
+    third = TickLog(path)
+    third.close()
+    assert third.path == path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -121,9 +122,22 @@ class TickLog:
     tick's thread (buffered, flushed about once a second); a failed write turns it off with a
     warning rather than failing the tick."""
 
+    _open_paths: set[str] = set()  # paths a TickLog of this process writes (under _paths_lock)
+    _paths_lock = threading.Lock()
+
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._file: Any = open(path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - kept open
+        # a second engine in the process (translation beside chat) gets a file of its own, FILE.2 ...:
+        # two buffered writers on one file would cut each other's lines
+        with TickLog._paths_lock:
+            n, chosen = 1, path
+            while os.path.abspath(chosen) in TickLog._open_paths:
+                n += 1
+                chosen = f"{path}.{n}"
+            TickLog._open_paths.add(os.path.abspath(chosen))
+        if chosen != path:
+            logging.getLogger(__name__).info("tick log: another engine writes %s; this one writes %s", path, chosen)
+        self.path = chosen
+        self._file: Any = open(chosen, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - kept open
         self._flushed = time.monotonic()
 
     def add(self, tick: TickRecord) -> None:
@@ -145,6 +159,8 @@ class TickLog:
     def close(self) -> None:
         if self._file is not None:
             file, self._file = self._file, None
+            with TickLog._paths_lock:
+                TickLog._open_paths.discard(os.path.abspath(self.path))
             try:
                 file.close()
             except OSError:
