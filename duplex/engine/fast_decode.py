@@ -38,7 +38,6 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,10 +55,18 @@ from duplex.engine.attention import (
 )
 from duplex.engine.int8_kernel import q16_isa
 from duplex.engine.kv import GrowableLayer
-from duplex.engine.quant import Int8WeightOnlyLinear, int8_matmul
+from duplex.engine.lean_rows import (
+    DecodeRow,
+    LayerProjections,
+    LeanForward,
+    layout_rows,
+    rope_table,
+    split_logits,
+)
+from duplex.engine.quant import Int8WeightOnlyLinear
 from duplex.engine.row_descriptors import new_descriptors, reuse_descriptors
 
-__all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder", "forward_restoring", "rope_table"]
+__all__ = ["AMX_MAX_QUERY", "MAX_QUERY", "DecodeRow", "FastDecoder", "fast_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -77,86 +84,18 @@ MAX_QUERY = 24
 # over 300 cached, 2 threads: 25 tokens 25 against 57 ms, 64 33 against 55, 128 83 against 104,
 # 256 153 against 176, 512 864 against 243; 8 rows x 19 tokens 72 against 87), so it takes them
 AMX_MAX_QUERY = 192
-_ROPE_BLOCK = 256  # positions per call of the rotary module that fills the table of FastDecoder._rope
 _BUFFER_STEP = 32  # passes of more than MAX_QUERY tokens share buffers sized in these steps
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeRow:
-    """One sequence's part of a pass: ``ids`` at positions ``start_pos``.. appended to ``cache``;
-    logits wanted for the last ``keep`` positions (0: none)."""
-
-    cache: Any
-    ids: Sequence[int]
-    start_pos: int
-    keep: int = 1
-
-
-class _Fused:
-    """One projection over concatenated weights (int8 + scales, or a float matrix)."""
-
-    def __init__(self, parts: list[nn.Module]) -> None:
-        self.dense: torch.Tensor | None = None  # dequantized int8 weights for many-row inputs
-        if all(isinstance(p, Int8WeightOnlyLinear) for p in parts):
-            self.int8 = True
-            self.weight = torch.cat([p.weight_int8 for p in parts]).contiguous()
-            self.scales = torch.cat([p.scales for p in parts]).contiguous()
-            if all(p.weight_dense is not None for p in parts):
-                self.dense = torch.cat([p.weight_dense for p in parts]).contiguous()
-            offset = 0
-            for p in parts:  # the modules keep views: one copy of the weights in memory
-                n = p.weight_int8.shape[0]
-                p.weight_int8 = self.weight[offset:offset + n]
-                p.scales = self.scales[offset:offset + n]
-                if self.dense is not None:
-                    p.weight_dense = self.dense[offset:offset + n]
-                offset += n
-        elif all(type(p) is nn.Linear for p in parts):
-            self.int8 = False
-            self.weight = torch.cat([p.weight.data for p in parts]).contiguous()
-            self.scales = None
-            offset = 0
-            for p in parts:
-                n = p.weight.shape[0]
-                p.weight.data = self.weight[offset:offset + n]
-                offset += n
-        else:
-            raise TypeError("mixed projection types")
-        biases = [getattr(p, "bias", None) for p in parts]
-        if any(b is not None for b in biases):
-            if any(b is None for b in biases):
-                raise TypeError("some projections have a bias, some not")
-            self.bias: torch.Tensor | None = torch.cat([b.data for b in biases if b is not None])
-        else:
-            self.bias = None
-        self.sizes = [p.weight_int8.shape[0] if self.int8 else p.weight.shape[0] for p in parts]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8:
-            assert self.scales is not None
-            y = int8_matmul(x, self.weight, self.scales.to(x.dtype), self.dense)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-
-class _Layer:
+class _Layer(LayerProjections):
     def __init__(self, layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        self.attn = attn
-        self.index = int(attn.layer_idx)
-        self.head_dim = int(attn.head_dim)
-        self.scaling = float(attn.scaling)
-        self.qkv = _Fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = attn.o_proj
-        self.gate_up = _Fused([mlp.gate_proj, mlp.up_proj])
-        self.down = mlp.down_proj
+        super().__init__(layer)
         self.norm1 = layer.input_layernorm
         self.norm2 = layer.post_attention_layernorm
-        self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
-        self.k_norm = getattr(attn, "k_norm", None)
-        nq, nk, nv = self.qkv.sizes
-        self.n_heads, self.n_kv = nq // self.head_dim, nk // self.head_dim
+        self.q_norm = getattr(self.attn, "q_norm", None)  # Qwen3
+        self.k_norm = getattr(self.attn, "k_norm", None)
+        _, nk, nv = self.qkv.sizes
         self.fusable = (self.qkv.int8 and self.gate_up.int8 and isinstance(self.o, Int8WeightOnlyLinear)
                         and isinstance(self.down, Int8WeightOnlyLinear) and self.o.bias is None
                         and self.down.bias is None and self.qkv.bias is None and self.gate_up.bias is None
@@ -213,45 +152,6 @@ class _Buffers:
         return views
 
 
-def _layout(rows: Sequence[DecodeRow]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """The rows laid out flat: token ids, their positions, and each row's [start, end) in them."""
-    ids: list[int] = []
-    positions: list[int] = []
-    bounds: list[tuple[int, int]] = []
-    for row in rows:
-        bounds.append((len(ids), len(ids) + len(row.ids)))
-        ids.extend(row.ids)
-        positions.extend(range(row.start_pos, row.start_pos + len(row.ids)))
-    return ids, positions, bounds
-
-
-def _split_logits(rows: Sequence[DecodeRow], logits: torch.Tensor) -> list[torch.Tensor | None]:
-    """[sum of keeps, vocab] -> per row [vocab] (keep 1), [keep, vocab], or None (keep 0), in fp32.
-
-    The conversion is done here, once for the tick on its own thread (exact from bf16): the
-    sessions' jobs then sample with no torch op of 49k elements each, which opened a parallel
-    region on every job thread's own OpenMP team (~0.3 ms a session in a loaded server, in the gap
-    between two batched ticks). Each row of several is converted into its own storage (a row's
-    logits must not keep the batch's alive): one pass over each, where converting the batch and
-    then cloning each row made two."""
-    convert = logits.device.type == "cpu" and logits.dtype != torch.float32
-    single = len(rows) == 1
-    if single and convert:
-        logits = logits.float()
-    results: list[torch.Tensor | None] = []
-    i = 0
-    for row in rows:
-        if row.keep == 0:
-            results.append(None)
-            continue
-        part = logits[i:i + row.keep]
-        i += row.keep
-        if not single:
-            part = part.float() if convert else part.clone()  # its own storage either way
-        results.append(part[0] if row.keep == 1 else part)
-    return results
-
-
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm, op for op."""
     dtype = x.dtype
@@ -265,7 +165,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class FastDecoder:
+class FastDecoder(LeanForward):
     """The lean forward of one loaded model (see the module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -376,7 +276,7 @@ class FastDecoder:
         layer, that call, the cache update and the attention kernel."""
         ops = self.fused
         assert ops is not None
-        ids, positions, bounds = _layout(rows)
+        ids, positions, bounds = layout_rows(rows)
         t = len(ids)
         # buffers for exactly t tokens up to MAX_QUERY (the common sizes), else for the next
         # multiple of _BUFFER_STEP, whose first t rows the programs run over: a few sets of
@@ -432,7 +332,7 @@ class FastDecoder:
         per layer. None (nothing done) where the batched kernel cannot take the rows' caches."""
         ops = self.fused
         assert ops is not None
-        ids, positions, bounds = _layout(rows)
+        ids, positions, bounds = layout_rows(rows)
         t = len(ids)
         first = self.layers[0]
         d, nh, nkv = first.head_dim, first.n_heads, first.n_kv
@@ -481,7 +381,7 @@ class FastDecoder:
         h = x[wanted] if len(wanted) < t else x
         logits = ops.gemv(h, self.head.weight_int8, self.head.scales, ops.RMSNORM, self.final_norm.weight,
                           self.final_norm.variance_epsilon)  # [len(wanted), vocab], new storage
-        return _split_logits(rows, logits)
+        return split_logits(rows, logits)
 
     def _forward_fused(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         """:meth:`_forward` for int8 weights and bf16 activations on a CPU with the C helpers: each
@@ -490,7 +390,7 @@ class FastDecoder:
         buffer updated in place. Only the cache updates and attention stay torch calls."""
         ops = self.fused
         assert ops is not None
-        ids, positions, bounds = _layout(rows)
+        ids, positions, bounds = layout_rows(rows)
         t = len(ids)
         x = self.embed(torch.tensor(ids, dtype=torch.long))  # [t, hidden] bf16, our own buffer
         cos, sin = self._rope(x, positions)  # [t, d]
@@ -524,14 +424,7 @@ class FastDecoder:
         h = x[wanted] if len(wanted) < t else x
         logits = ops.gemv(h, self.head.weight_int8, self.head.scales, ops.RMSNORM, self.final_norm.weight,
                           self.final_norm.variance_epsilon)  # [len(wanted), vocab]
-        return _split_logits(rows, logits)
-
-    @torch.inference_mode()
-    def forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-        """Append every row's ids to its cache; per row the logits of its last ``keep`` positions
-        ([vocab] for keep 1, [keep, vocab] above, None for 0). On an error the caches are cropped
-        back to each row's start and the error re-raised."""
-        return forward_restoring(self._forward, rows)
+        return split_logits(rows, logits)
 
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         many = self.dense and sum(len(row.ids) for row in rows) > self.max_query
@@ -548,7 +441,7 @@ class FastDecoder:
                     self._lock.release()
             return self._forward_fused(rows)
         device = self.embed.weight.device
-        ids, positions, bounds = _layout(rows)
+        ids, positions, bounds = layout_rows(rows)
         x = self.embed(torch.tensor([ids], dtype=torch.long, device=device))  # [1, T, hidden]
         cos, sin = self.rotary(x, torch.tensor([positions], dtype=torch.long, device=device))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, d]
@@ -582,34 +475,7 @@ class FastDecoder:
             return [None] * len(rows)
         h = _rms_norm(self.final_norm, x[:, wanted])
         logits = self.head(h)[0]  # [len(wanted), vocab]
-        return _split_logits(rows, logits)
-
-
-def forward_restoring(forward: Any, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-    """``forward(rows)``; on an error every row's cache is cropped back to the row's start (a pass
-    may have written some layers) and the error re-raised: a failed tick leaves no half-written row."""
-    try:
-        return forward(rows)
-    except BaseException:
-        for row in rows:
-            for layer in getattr(row.cache, "layers", ()):
-                extra = int(layer.get_seq_length()) - row.start_pos
-                if extra > 0:
-                    layer.crop(-extra)
-        raise
-
-
-def rope_table(rotary: Any, x: torch.Tensor, top: int, table: tuple[torch.Tensor, torch.Tensor] | None,
-               *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A rotary module's cos/sin for positions 0..at least ``top`` - 1 (doubling ``table``'s size when
-    it grows), computed by the module itself (``rotary(x, positions, *args)``) in blocks of
-    ``_ROPE_BLOCK`` positions: small enough to run on one thread with no vector tail, as every call
-    of a forward runs, so each position gets the bits a forward's call gives it (tested)."""
-    have = table[0].shape[0] if table is not None else 0
-    size = -(-max(top, 2 * have, _ROPE_BLOCK) // _ROPE_BLOCK) * _ROPE_BLOCK
-    blocks = [rotary(x[:1], torch.arange(b, b + _ROPE_BLOCK, device=x.device).unsqueeze(0), *args)
-              for b in range(0, size, _ROPE_BLOCK)]
-    return torch.cat([c[0] for c, _ in blocks]), torch.cat([s[0] for _, s in blocks])
+        return split_logits(rows, logits)
 
 
 def _fused_ops() -> Any:

@@ -29,14 +29,15 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from duplex.engine.attention import gqa_decode_attention
-from duplex.engine.fast_decode import (
+from duplex.engine.int8_kernel import fused_ops
+from duplex.engine.lean_rows import (
     DecodeRow,
-    _Fused,
-    _fused_ops,
-    _layout,
-    _split_logits,
-    forward_restoring,
+    FusedProjection,
+    LayerProjections,
+    LeanForward,
+    layout_rows,
     rope_table,
+    split_logits,
 )
 from duplex.engine.kv import GrowableLayer
 from duplex.engine.quant import Int8WeightOnlyLinear
@@ -95,26 +96,17 @@ class _Norm:
         return (h * self.scale).to(x.dtype).view(x.shape)
 
 
-class _Layer:
+class _Layer(LayerProjections):
     def __init__(self, layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        self.attn = attn
-        self.index = int(attn.layer_idx)
-        self.head_dim = int(attn.head_dim)
-        self.scaling = float(attn.scaling)
+        super().__init__(layer)
+        attn = layer.self_attn
         self.window = int(attn.sliding_window) if getattr(attn, "sliding_window", None) else None
         self.rope_type = str(attn.layer_type)
-        self.qkv = _Fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = attn.o_proj
-        self.gate_up = _Fused([mlp.gate_proj, mlp.up_proj])
-        self.act = mlp.act_fn
-        self.down = mlp.down_proj
+        self.act = layer.mlp.act_fn
         self.norm_in = _Norm(layer.input_layernorm)
         self.norm_attn = _Norm(layer.post_attention_layernorm)
         self.norm_pre_mlp = _Norm(layer.pre_feedforward_layernorm)
         self.norm_post_mlp = _Norm(layer.post_feedforward_layernorm)
-        nq, nk, nv = self.qkv.sizes
-        self.n_heads, self.n_kv = nq // self.head_dim, nk // self.head_dim
         # q and k heads normed in one pass: each head's row scaled by its own norm's 1 + weight
         q_norm, k_norm = _Norm(attn.q_norm), _Norm(attn.k_norm)
         if q_norm.eps != k_norm.eps:
@@ -123,7 +115,7 @@ class _Layer:
         self.qk_norm.scale = torch.cat([q_norm.scale.expand(self.n_heads, -1), k_norm.scale.expand(self.n_kv, -1)])
 
 
-class GemmaDecoder:
+class GemmaDecoder(LeanForward):
     """The lean forward of one loaded Gemma 3 text model (see the module docstring); the same
     ``forward(rows)`` as :class:`~duplex.engine.fast_decode.FastDecoder`."""
 
@@ -146,7 +138,7 @@ class GemmaDecoder:
         self.head = model.lm_head
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.layers = [_Layer(layer) for layer in inner.layers]
-        self._ops = _fused_ops() if self.embed.weight.dtype == torch.bfloat16 else None  # C rope, bf16 only
+        self._ops = fused_ops() if self.embed.weight.dtype == torch.bfloat16 else None  # C rope, bf16 only
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tables_lock = threading.Lock()
 
@@ -173,16 +165,9 @@ class GemmaDecoder:
         index = torch.tensor(positions, dtype=torch.long, device=x.device)
         return table[0].index_select(0, index), table[1].index_select(0, index)
 
-    @torch.inference_mode()
-    def forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
-        """Append every row's ids to its cache; per row the logits of its last ``keep`` positions
-        ([vocab] for keep 1, [keep, vocab] above, None for 0). On an error the caches are cropped
-        back to each row's start and the error re-raised."""
-        return forward_restoring(self._forward, rows)
-
     def _forward(self, rows: Sequence[DecodeRow]) -> list[torch.Tensor | None]:
         device = self.embed.weight.device
-        ids, positions, bounds = _layout(rows)
+        ids, positions, bounds = layout_rows(rows)
         t = len(ids)
         x = self.embed(torch.tensor(ids, dtype=torch.long, device=device))  # [t, hidden], scaled
         ropes = {kind: self._rope(x, kind, positions) for kind in {layer.rope_type for layer in self.layers}}
@@ -190,7 +175,7 @@ class GemmaDecoder:
         ops = self._ops if x.dtype == torch.bfloat16 and device.type == "cpu" else None
         if ops is not None:  # the C mat-vecs without the modules' per-call casts (same kernel)
             def mm(h: torch.Tensor, proj: Any) -> torch.Tensor:
-                if isinstance(proj, _Fused):
+                if isinstance(proj, FusedProjection):
                     return ops.gemv(h, proj.weight, proj.scales) if proj.int8 and proj.bias is None else proj(h)
                 if isinstance(proj, Int8WeightOnlyLinear) and proj.bias is None:
                     return ops.gemv(h, proj.weight_int8, proj.scales)
@@ -240,4 +225,4 @@ class GemmaDecoder:
         logits = mm(h, self.head)  # [len(wanted), vocab]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return _split_logits(rows, logits)
+        return split_logits(rows, logits)

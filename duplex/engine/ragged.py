@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from duplex.engine.attention import gqa_decode_attention, max_query_rows
 from duplex.engine.kv import GrowableLayer
+from duplex.engine.lean_rows import split_logits
 
 __all__ = ["RAGGED", "RaggedCache", "Row", "ragged_attention", "ragged_forward", "register", "supports"]
 
@@ -175,14 +176,4 @@ def ragged_forward(model: Any, rows: Sequence[Row]) -> list[torch.Tensor | None]
     except BaseException:
         _restore(rows)
         raise
-    logits = out.logits[0]  # [len(wanted), vocab]
-    results: list[torch.Tensor | None] = []
-    k = 0
-    for row in rows:
-        if row.keep == 0:
-            results.append(None)
-            continue
-        part = logits[k:k + row.keep]
-        k += row.keep
-        results.append(part[0].clone() if row.keep == 1 else part.clone())  # own storage, not a view of the batch
-    return results
+    return split_logits(rows, out.logits[0])  # [len(wanted), vocab]: each row's own fp32 storage

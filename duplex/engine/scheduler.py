@@ -541,6 +541,8 @@ class Scheduler:
     def _lean_forward(self, rows: list[Row]) -> FastDecoder | None:
         """The lean forward for these rows, or None for the ragged one: see ``_FAST_MAX_TOKENS``."""
         fast = fast_decoder(self.model)
+        if fast is not None and not all(supports(self.model, row.cache) for row in rows):
+            return fast  # rows the ragged forward cannot take (sliding-window caches): the lean one only
         if fast is None or sum(len(row.ids) for row in rows) <= max(_FAST_MAX_TOKENS, fast.max_query):
             return fast  # (its program pass takes up to max_query tokens: more where the AMX tiles run)
         if not fast.dense:
@@ -572,25 +574,19 @@ class Scheduler:
                         r.keep if r.done + n == len(r.ids) else 0) for r, n in batch]
             try:  # choosing the pass is inside: an error there must not stop the tick thread either
                 fast = self._lean_forward(rows)
-                if fast is None and not all(supports(self.model, row.cache) for row in rows):
-                    outs = None  # rows that only the lean forward takes, and it declined them
-                else:
-                    outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
-                            if fast is not None else ragged_forward(self.model, rows))
+                outs = (fast.forward([DecodeRow(row.cache, row.ids, row.start_pos, row.keep) for row in rows])
+                        if fast is not None else ragged_forward(self.model, rows))
             except Exception:
                 log.warning("batched forward failed for %s; running sessions one by one from now on",
                             type(self.model).__name__, exc_info=True)
                 self._batching = False
                 single = batch + single
             else:
-                if outs is None:  # one by one, below
-                    single = batch + single
-                else:
-                    forwards += 1
-                    for (r, n), out in zip(batch, outs):
-                        r.done += n
-                        if r.done == len(r.ids):
-                            r.result = out
+                forwards += 1
+                for (r, n), out in zip(batch, outs):
+                    r.done += n
+                    if r.done == len(r.ids):
+                        r.result = out
         for r, n in single:
             final = r.done + n == len(r.ids)
             try:
